@@ -1,0 +1,78 @@
+"""The ``dmdiff`` command line: one subcommand per job, each a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dmdiff.errors import DmdiffError
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a metalens dataset (DMDiff folder layout)")
+    p.add_argument("--images", default=None, help="folder of clean images (default: bundled photos + procedural images)")
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="YAML file overriding the simulation/lens defaults")
+    p.add_argument("--smoke", action="store_true", help="a tiny dataset for quick checks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.data.simulate import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (print ratios against a baseline run in the same process)")
+    which = p.add_subparsers(dest="which", required=True)
+    o = which.add_parser("optics", help="PSF-grid build time; spatially varying blur vs deepinv")
+    o.add_argument("--size", type=int, default=1024, help="image side for the blur benchmark (px)")
+    o.add_argument("--repeats", type=int, default=3)
+
+    def run_optics(a: argparse.Namespace) -> int:
+        from dmdiff.bench.optics import main
+
+        return main(a)
+
+    o.set_defaults(func=run_optics)
+
+
+def _add_repro(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repro", help="run the notebook study headlessly through papermill")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--smoke", action="store_true", help="CI-sized run")
+    p.add_argument("--out", default="runs/repro", help="run folder (ignored by git)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra notebook parameter (repeatable)")
+    p.add_argument("--resume", action="store_true", help="skip notebooks already done with the same parameters")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.repro import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_simulate, _add_bench, _add_repro):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DmdiffError as e:
+        print(f"dmdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
