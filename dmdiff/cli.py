@@ -57,10 +57,28 @@ def _add_repro(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain-backbone",
+                       help="pretrain the tiny backbone (VAE, then UNet as a one-step denoiser) on training images")
+    p.add_argument("--out", default=None, help="backbone folder to write (default: the shipped dmdiff/assets/tiny_backbone)")
+    p.add_argument("--vae-minutes", type=float, default=None, help="wall-clock budget of the VAE stage (default 10)")
+    p.add_argument("--unet-minutes", type=float, default=None, help="wall-clock budget of the UNet stage (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps on tiny crops, for quick checks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing backbone folder")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.model.pretrain import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_bench, _add_repro):
+    for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain):
         add(sub)
     return parser
 

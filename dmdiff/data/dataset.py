@@ -1,0 +1,263 @@
+"""``PairedFolderDataset``: aligned (LR, GT) image pairs from a dataset folder, for torch.
+
+Layouts read (see docs/architecture.md):
+
+- the simulated layout of ``dmdiff simulate``: ``gt_<split>/``, ``lr_<split>/``, optionally
+  ``gt_blur_<split>/`` and ``maps/<name>.npy`` (7, G, G);
+- folders of real captures: only ``gt_<split>/`` and ``lr_<split>/`` (no maps, no gt_blur);
+- plain pairs: ``gt/`` and ``lr/`` (optionally ``gt_blur/``), used when ``gt_<split>/`` is absent.
+
+Pairs are matched by file stem (``astronaut_003.png`` ↔ ``astronaut_003.png``, or ``.jpg``). The
+folder is validated **before** use: missing or empty folders, names that do not match between gt
+and lr (the first few listed), pairs whose sizes differ, missing or malformed maps, or a crop larger
+than an image all raise :class:`dmdiff.errors.DmdiffError` with the reason.
+
+Random crops use the same window for every image of a pair, and the maps are resampled to the
+window: the crop's G × G nodes (at the node positions of the crop, see the conventions) take the
+bilinear interpolation of the full image's node values (clamped beyond the outer nodes), so maps
+stay ``(7, G, G)``. Flips flip the maps too. Randomness derives from ``(seed, epoch, index)`` only,
+so it is reproducible and identical across DataLoader workers; call :meth:`set_epoch` for new crops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmdiff.errors import DmdiffError
+from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
+
+__all__ = ["PairedFolderDataset", "crop_maps", "read_lens"]
+
+
+def _first(items, n: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    out: dict[str, Path] = {}
+    for p in files:
+        if p.stem in out:
+            raise DmdiffError(f"{folder}: two images share the name {p.stem!r} ({out[p.stem].name}, {p.name}); "
+                              "names must be unique per folder")
+        out[p.stem] = p
+    return out
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # noqa: BLE001 - let read_image give the precise reason
+        return read_image(path).shape[:2]
+
+
+def crop_maps(maps: np.ndarray, image_hw: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """Resample degradation maps ``(C, G, G)`` of a full image to a crop window, keeping ``(C, G, G)``.
+
+    Args:
+        maps: values at the full image's nodes ``y_i = (i + 0.5)·H/G − 0.5`` (same for x).
+        image_hw: (H, W) of the full image.
+        window: (y0, x0, h, w) of the crop.
+
+    Returns:
+        float32 ``(C, G, G)``: bilinear interpolation (clamped beyond the outer nodes) at the crop's
+        own nodes ``y0 + (i + 0.5)·h/G − 0.5``.
+    """
+    from dmdiff.optics.blur import node_weights
+
+    maps = np.asarray(maps, dtype=np.float64)
+    _, gy, gx = maps.shape
+    height, width = image_hw
+    y0, x0, h, w = window
+    wy = node_weights(y0 + (np.arange(gy) + 0.5) * h / gy - 0.5, height, gy)  # (G source, G new)
+    wx = node_weights(x0 + (np.arange(gx) + 0.5) * w / gx - 0.5, width, gx)
+    return np.einsum("ia,cij,jb->cab", wy, maps, wx).astype(np.float32)
+
+
+def read_lens(root: str | Path) -> dict | None:
+    """The dataset's ``lens.json`` as a dict (None when absent). ``MetalensSpec.from_dict(d["spec"])``
+    rebuilds the lens."""
+    path = Path(root) / "lens.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DmdiffError(f"{path}: unreadable lens.json ({e})") from None
+
+
+class PairedFolderDataset(torch.utils.data.Dataset):
+    """Aligned LR/GT pairs (plus gt_blur and maps when present) from a dataset folder.
+
+    Args:
+        root: the dataset folder.
+        split: ``"train"`` or ``"test"`` (any ``<split>`` with ``gt_<split>/``); plain ``gt/`` + ``lr/``
+            folders are used when ``gt_<split>/`` does not exist.
+        crop_px: side of the random square crop (same window for all images of a pair); None: whole
+            images (then batching needs equal sizes).
+        seed: base seed of the crops and flips.
+        flips: random horizontal flips (and vertical ones with ``vflips``), maps flipped alike.
+        vflips: random vertical flips.
+        use_maps: load ``maps/<name>.npy`` when the folder has them (False ignores them).
+
+    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``) float32 tensors ``(3, h, w)`` sRGB in ``[0, 1]``,
+    ``maps`` float32 ``(7, G, G)`` when present, ``name`` (str).
+
+    Raises:
+        DmdiffError: the folder fails validation (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", crop_px: int | None = None, seed: int = 0,
+                 *, flips: bool = False, vflips: bool = False, use_maps: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.crop_px = crop_px
+        self.seed = int(seed)
+        self.flips = bool(flips)
+        self.vflips = bool(vflips)
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise DmdiffError(f"dataset folder not found: {self.root}")
+        if crop_px is not None and (isinstance(crop_px, bool) or not isinstance(crop_px, int) or crop_px < 1):
+            raise DmdiffError(f"crop_px must be a positive integer or None, got {crop_px!r}")
+        gt_dir, lr_dir, blur_dir = self._folders()
+        gt, lr = _images_by_stem(gt_dir), _images_by_stem(lr_dir)
+        if not gt:
+            raise DmdiffError(f"{gt_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not lr:
+            raise DmdiffError(f"{lr_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self._check_same_names(gt_dir, gt, lr_dir, lr)
+        blur = None
+        if blur_dir is not None:
+            blur = _images_by_stem(blur_dir)
+            self._check_same_names(gt_dir, gt, blur_dir, blur)
+        self.names = sorted(gt)
+        self.gt_paths = [gt[n] for n in self.names]
+        self.lr_paths = [lr[n] for n in self.names]
+        self.gt_blur_paths = [blur[n] for n in self.names] if blur is not None else None
+        self.map_paths = self._map_paths() if use_maps else None
+        self.sizes = self._check_sizes()
+        if crop_px is not None:
+            too_small = [f"{n} ({w}×{h} px)" for n, (h, w) in zip(self.names, self.sizes) if min(h, w) < crop_px]
+            if too_small:
+                raise DmdiffError(f"crop_px = {crop_px} is larger than {len(too_small)} image(s) of {gt_dir}: "
+                                  f"{_first(too_small)}; use a smaller crop_px or crop_px=None")
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    def _folders(self) -> tuple[Path, Path, Path | None]:
+        split = self.split
+        gt_dir, lr_dir, blur_dir = (self.root / f"{p}_{split}" for p in ("gt", "lr", "gt_blur"))
+        if not gt_dir.is_dir() and not lr_dir.is_dir() and (self.root / "gt").is_dir():
+            gt_dir, lr_dir, blur_dir = self.root / "gt", self.root / "lr", self.root / "gt_blur"
+        if not gt_dir.is_dir() or not lr_dir.is_dir():
+            missing = [d.name for d in (gt_dir, lr_dir) if not d.is_dir()]
+            present = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
+            raise DmdiffError(
+                f"{self.root}: missing folder(s) {', '.join(m + '/' for m in missing)} for split {split!r} "
+                f"(found: {', '.join(present) or 'no folders'}); expected gt_{split}/ + lr_{split}/ "
+                "(as written by `dmdiff simulate`) or gt/ + lr/")
+        return gt_dir, lr_dir, blur_dir if blur_dir.is_dir() else None
+
+    @staticmethod
+    def _check_same_names(a_dir: Path, a: dict, b_dir: Path, b: dict) -> None:
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        if only_a or only_b:
+            parts = []
+            if only_a:
+                parts.append(f"{len(only_a)} only in {a_dir.name}/ ({_first(only_a)})")
+            if only_b:
+                parts.append(f"{len(only_b)} only in {b_dir.name}/ ({_first(only_b)})")
+            raise DmdiffError(f"{a_dir.parent}: image names of {a_dir.name}/ and {b_dir.name}/ do not match: "
+                              + "; ".join(parts))
+
+    def _map_paths(self) -> list[Path] | None:
+        folder = self.root / "maps"
+        if not folder.is_dir():
+            return None
+        paths = [folder / f"{n}.npy" for n in self.names]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise DmdiffError(f"{folder}: {len(missing)} map file(s) missing: {_first(missing)} "
+                              "(remove maps/ to use the pairs without maps)")
+        shapes = set()
+        for p in paths:
+            try:
+                arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DmdiffError(f"{p}: unreadable map file ({e})") from None
+            if arr.ndim != 3 or arr.shape[0] != 7 or arr.shape[1] < 1 or arr.shape[2] < 1:
+                raise DmdiffError(f"{p}: maps must have shape (7, G, G), got {arr.shape}")
+            shapes.add(arr.shape)
+        if len(shapes) > 1:
+            raise DmdiffError(f"{folder}: maps of different shapes {sorted(shapes)}; a dataset has one grid size")
+        return paths
+
+    def _check_sizes(self) -> list[tuple[int, int]]:
+        sizes, bad = [], []
+        for i, name in enumerate(self.names):
+            hw = _image_size(self.gt_paths[i])
+            others = [("lr", self.lr_paths[i])] + ([("gt_blur", self.gt_blur_paths[i])] if self.gt_blur_paths else [])
+            for label, path in others:
+                other = _image_size(path)
+                if other != hw:
+                    bad.append(f"{name} (gt {hw[1]}×{hw[0]}, {label} {other[1]}×{other[0]} px)")
+            sizes.append(hw)
+        if bad:
+            raise DmdiffError(f"{self.root}: {len(bad)} pair(s) with different image sizes: {_first(bad)}")
+        return sizes
+
+    # ---- items ---------------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random crops/flips (they depend on seed, epoch and index)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        index = index % len(self)
+        images = {"lr": read_image(self.lr_paths[index]), "gt": read_image(self.gt_paths[index])}
+        if self.gt_blur_paths is not None:
+            images["gt_blur"] = read_image(self.gt_blur_paths[index])
+        maps = np.load(self.map_paths[index], allow_pickle=False) if self.map_paths is not None else None
+        height, width = images["gt"].shape[:2]
+        for key, img in images.items():
+            if img.shape[:2] != (height, width):
+                raise DmdiffError(f"{self.names[index]}: {key} is {img.shape[1]}×{img.shape[0]} px, gt is "
+                                  f"{width}×{height} px (the files changed after the dataset was opened?)")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.crop_px is not None:
+            c = self.crop_px
+            y0, x0 = int(rng.integers(0, height - c + 1)), int(rng.integers(0, width - c + 1))
+            images = {k: v[y0:y0 + c, x0:x0 + c] for k, v in images.items()}
+            if maps is not None:
+                maps = crop_maps(maps, (height, width), (y0, x0, c, c))
+        hflip = self.flips and rng.uniform() < 0.5
+        vflip = self.vflips and rng.uniform() < 0.5
+        if hflip:
+            images = {k: v[:, ::-1] for k, v in images.items()}
+            maps = maps[:, :, ::-1] if maps is not None else None
+        if vflip:
+            images = {k: v[::-1] for k, v in images.items()}
+            maps = maps[:, ::-1] if maps is not None else None
+        item = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1), dtype=np.float32))
+                for k, v in images.items()}
+        if maps is not None:
+            item["maps"] = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+        item["name"] = self.names[index]
+        return item

@@ -1,0 +1,512 @@
+"""``dmdiff simulate``: build a paired metalens dataset in the DMDiff folder layout.
+
+::
+
+    DATASET/
+      gt_train/ lr_train/ gt_blur_train/     aligned PNG names, e.g. astronaut_003.png
+      gt_test/  lr_test/  gt_blur_test/
+      maps/<name>.npy                        float32 (7, G, G) in MetalensCamera.MAP_CHANNELS order
+      lens.json                              spec, simulation settings, per-image record, provenance
+
+For each clean image ``gt`` (8-bit sRGB, ``spec.image_size_px`` square): ``lr`` is
+:meth:`MetalensCamera.capture` of it (blur, haze, noise, ISP), ``gt_blur`` is
+:meth:`MetalensCamera.ideal` (the diffraction-limited neutral-path target), ``maps`` the capture's
+degradation maps.
+
+Sources:
+
+- default: random crops (random position, a log-uniform random scale, random flips) of the bundled
+  photos, resized to the sensor; training photos plus procedural dead-leaves images for the train
+  split, the test photos only for the test split (never seen in training);
+- ``--images DIR``: every image file in DIR (not recursive), split by a fixed hash of the file name
+  (``test_fraction`` of them, at least one per split when there are two or more); unreadable files
+  are skipped with a warning that lists them; images smaller than the sensor are upscaled with a
+  warning (or rejected, ``small_images: reject``).
+
+Reproducible: every image's randomness derives from ``(seed, name)`` only, so the same seed gives
+byte-identical image and map files (lens.json differs only in its ``provenance`` block: time, versions, git revision, duration). Atomic:
+the dataset is built in a temporary folder beside ``--out`` and renamed into place at the end; on
+any failure nothing half-written remains. An existing dataset is replaced only with
+``--overwrite`` (and a folder that is not a dmdiff dataset never is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dmdiff.config import load_config, merge, to_dict
+from dmdiff.errors import ConfigError, DmdiffError, ImageReadError
+from dmdiff.optics.spec import MetalensSpec
+
+__all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", "SMOKE", "DATASET_FOLDERS",
+           "resize_image", "random_crop", "centre_square"]
+
+DATASET_FOLDERS = ("gt_train", "lr_train", "gt_blur_train", "gt_test", "lr_test", "gt_blur_test", "maps")
+FORMAT_VERSION = 1
+
+
+class SimulationWarning(UserWarning):
+    """Something in the input was skipped or changed (unreadable file, upscaled image...)."""
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of ``dmdiff simulate`` (YAML keys of ``--config``; unknown keys are errors).
+
+    Attributes:
+        crops_per_train_photo: crops taken from each training photo (or training file of --images).
+        crops_per_test_photo: crops taken from each test photo (or test file).
+        dead_leaves_train: procedural dead-leaves images added to the train split (bundled source
+            only; they can be added to --images with ``dead_leaves_with_images``).
+        dead_leaves_with_images: also add ``dead_leaves_train`` dead-leaves images with --images.
+        crop_scale: (min, max) crop side as a fraction of the photo's shorter side, drawn
+            log-uniformly; never below the sensor size (crops are downscaled to it, never upscaled).
+        hflip, vflip: random horizontal / vertical flips (probability 1/2 each).
+        test_fraction: --images: fraction of files held out for the test split (by name hash).
+        small_images: --images: what to do with images smaller than the sensor: "upscale" (warn) or
+            "reject" (skip, listed in a warning).
+        raw_bits: raw A/D bit depth of the camera.
+        haze: add the unfocused light as a veil (see dmdiff.optics.camera).
+        shot_range: (min, max) shot-noise variance factor λ_shot (Brooks et al. 2019 by default);
+            read noise follows from it.
+        spec: the MetalensSpec (any of its fields may be overridden, e.g. ``spec: {grid_size: 5}``).
+    """
+
+    crops_per_train_photo: int = 8
+    crops_per_test_photo: int = 4
+    dead_leaves_train: int = 40
+    dead_leaves_with_images: bool = False
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    hflip: bool = True
+    vflip: bool = False
+    test_fraction: float = 0.2
+    small_images: Literal["upscale", "reject"] = "upscale"
+    raw_bits: int = 10
+    haze: bool = True
+    shot_range: tuple[float, float] = (1e-4, 1.2e-2)
+    spec: MetalensSpec = field(default_factory=MetalensSpec)
+
+    def validate(self) -> "SimulationConfig":
+        """Raise ConfigError on out-of-range values; return self."""
+        for name in ("crops_per_train_photo", "crops_per_test_photo", "dead_leaves_train"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if not 1 <= self.raw_bits <= 16:
+            raise ConfigError(f"raw_bits must be in [1, 16], got {self.raw_bits}")
+        if not 0 < self.shot_range[0] <= self.shot_range[1] < 1:
+            raise ConfigError(f"shot_range must satisfy 0 < min <= max < 1, got {list(self.shot_range)}")
+        return self
+
+
+#: What --smoke changes (a config file's values still win over these).
+SMOKE = {
+    "crops_per_train_photo": 1,
+    "crops_per_test_photo": 1,
+    "dead_leaves_train": 2,
+    "spec": {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2},
+}
+SMOKE_MAX_FILES = 3  # --smoke with --images: at most this many files per split
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    """The YAML mapping of a config file (ConfigError when missing or invalid)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
+def _normalise(data: Mapping[str, Any]) -> dict:
+    """YAML gives lists where the spec wants tuples (``bands_m``): convert before the strict merge."""
+    data = dict(data)
+    spec = data.get("spec")
+    if isinstance(spec, Mapping) and isinstance(spec.get("bands_m"), list):
+        spec = dict(spec)
+        spec["bands_m"] = tuple(tuple(b) if isinstance(b, list) else b for b in spec["bands_m"])
+        data["spec"] = spec
+    return data
+
+
+def resolve_config(config: str | os.PathLike | Mapping | SimulationConfig | None = None,
+                   smoke: bool = False) -> SimulationConfig:
+    """The simulation settings: defaults (or the smoke settings), with ``config`` laid over them."""
+    if isinstance(config, SimulationConfig):
+        return config.validate()
+    data = {} if config is None else dict(config) if isinstance(config, Mapping) else _read_yaml(config)
+    data = _normalise(data)
+    if smoke:
+        base = merge(SimulationConfig(), _normalise(SMOKE))
+        return merge(base, data).validate()
+    return load_config(SimulationConfig, data).validate()
+
+
+# ---- image helpers ------------------------------------------------------------------------------
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a float (H, W, 3) image with Lanczos filtering (area-aware when shrinking), clipped."""
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image.astype(np.float32, copy=True)
+    out = np.empty((height, width, 3), dtype=np.float32)
+    for c in range(3):
+        channel = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32), mode="F")
+        out[:, :, c] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS))
+    return np.clip(out, 0.0, 1.0)
+
+
+def centre_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The largest centred square of ``image``, resized to ``size`` × ``size`` (float32 sRGB)."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    y, x = (height - side) // 2, (width - side) // 2
+    return resize_image(np.asarray(image, dtype=np.float32)[y:y + side, x:x + side], size, size)
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float],
+                hflip: bool, vflip: bool) -> tuple[np.ndarray, dict]:
+    """A random square crop resized to ``size``: side log-uniform in ``scale`` × the shorter side
+    (at least ``size``), random position, optional random flips. The image must be >= ``size``.
+
+    Returns:
+        (crop float32 (size, size, 3), record {"crop": [y, x, side], "hflip": bool, "vflip": bool}).
+    """
+    height, width = image.shape[:2]
+    short = min(height, width)
+    lo = max(float(size), scale[0] * short)
+    hi = max(lo, scale[1] * short)
+    side = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))) if hi > lo else int(round(lo))
+    side = max(size, min(side, short))
+    y = int(rng.integers(0, height - side + 1))
+    x = int(rng.integers(0, width - side + 1))
+    crop = resize_image(image[y:y + side, x:x + side], size, size)
+    flip_h = bool(hflip and rng.uniform() < 0.5)
+    flip_v = bool(vflip and rng.uniform() < 0.5)
+    if flip_h:
+        crop = crop[:, ::-1]
+    if flip_v:
+        crop = crop[::-1]
+    return np.ascontiguousarray(crop), {"crop": [y, x, side], "hflip": flip_h, "vflip": flip_v}
+
+
+def _upscale_to(image: np.ndarray, size: int) -> np.ndarray:
+    """Upscale so the shorter side is ``size`` (aspect kept)."""
+    height, width = image.shape[:2]
+    f = size / min(height, width)
+    return resize_image(image, max(size, int(round(height * f))), max(size, int(round(width * f))))
+
+
+def _safe_name(stem: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)
+    return keep or "image"
+
+
+def _hash_unit(name: str) -> float:
+    """A fixed number in [0, 1) from a file name (the --images split)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """A clean image to crop from: a bundled photo, a user file, or a dead-leaves generator."""
+
+    name: str  # output name prefix
+    split: str
+    kind: str  # "photo", "file", "deadleaves"
+    path: Path | None = None
+    crops: int = 1
+
+
+def _bundled_sources(cfg: SimulationConfig) -> list[_Source]:
+    from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
+
+    out = [_Source(p, "train", "photo", crops=cfg.crops_per_train_photo) for p in TRAIN_PHOTOS]
+    out += [_Source(p, "test", "photo", crops=cfg.crops_per_test_photo) for p in TEST_PHOTOS]
+    return out
+
+
+def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> list[_Source]:
+    """Check every image file of ``folder`` and split them by a hash of the file name."""
+    from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
+
+    if not folder.is_dir():
+        raise DmdiffError(f"--images {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    ignored = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if not candidates:
+        raise DmdiffError(f"--images {folder}: no image files there (looked for {', '.join(IMAGE_EXTENSIONS)}"
+                          + (f"; found only {_first(ignored)}" if ignored else "") + ")")
+    size = cfg.spec.image_size_px
+    readable, bad, small = [], [], []
+    for p in tqdm(candidates, desc="checking images", unit="img", leave=False, disable=len(candidates) < 50):
+        try:
+            img = read_image(p)
+        except ImageReadError as e:
+            bad.append(f"{p.name} ({e.reason})")
+            continue
+        h, w = img.shape[:2]
+        if min(h, w) < size and (cfg.small_images == "reject" or min(h, w) < 16):
+            small.append(f"{p.name} ({w}×{h} px)")
+            continue
+        if min(h, w) < size:
+            warnings.warn(f"{p.name} is {w}×{h} px, smaller than the {size} px sensor: upscaled "
+                          "(its crops are softer than the sensor's resolution)", SimulationWarning, stacklevel=3)
+        readable.append(p)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}: {_first(bad, 10)}",
+                      SimulationWarning, stacklevel=3)
+    if small:
+        why = "smaller than the sensor" if cfg.small_images == "reject" else "smaller than 16 px"
+        warnings.warn(f"skipped {len(small)} image(s) {why} ({size} px): {_first(small, 10)}",
+                      SimulationWarning, stacklevel=3)
+    if not readable:
+        raise DmdiffError(f"--images {folder}: none of the {len(candidates)} image file(s) could be used"
+                          + (f"; unreadable: {_first(bad, 5)}" if bad else "")
+                          + (f"; too small: {_first(small, 5)}" if small else ""))
+    # names: unique, filesystem-safe stems
+    names, seen = {}, set()
+    for p in readable:
+        base = _safe_name(p.stem)
+        name = base if base not in seen else _safe_name(p.name)
+        k = 1
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        seen.add(name)
+        names[p] = name
+    units = {p: _hash_unit(p.name) for p in readable}
+    test = [p for p in readable if units[p] < cfg.test_fraction]
+    train = [p for p in readable if units[p] >= cfg.test_fraction]
+    if len(readable) >= 2 and cfg.test_fraction > 0:
+        if not test:  # keep at least one image out of training
+            test = [min(train, key=units.get)]
+            train.remove(test[0])
+        if not train:
+            train = [max(test, key=units.get)]
+            test.remove(train[0])
+    elif cfg.test_fraction > 0:
+        warnings.warn(f"only one usable image in {folder}: it goes to the train split, the test split "
+                      "is empty", SimulationWarning, stacklevel=3)
+        train, test = readable, []
+    if smoke:
+        train, test = train[:SMOKE_MAX_FILES], test[:SMOKE_MAX_FILES]
+    out = [_Source(names[p], "train", "file", p, cfg.crops_per_train_photo) for p in train]
+    out += [_Source(names[p], "test", "file", p, cfg.crops_per_test_photo) for p in test]
+    return out
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# ---- the simulation ----------------------------------------------------------------------------
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing dataset without --overwrite, or anything else at all."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise DmdiffError(f"--out {out} exists and is not a folder; choose another --out")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    looks_like_dataset = (out / "lens.json").is_file() or any((out / d).is_dir() for d in DATASET_FOLDERS)
+    if not looks_like_dataset:
+        raise DmdiffError(f"--out {out} is a non-empty folder that is not a dmdiff dataset; refusing to "
+                          "replace it (choose a new or empty folder)")
+    if not overwrite:
+        raise DmdiffError(f"--out {out} already holds a dataset; pass --overwrite to replace it, "
+                          "or choose another --out")
+
+
+def simulate_dataset(out: str | os.PathLike, seed: int = 0,
+                     config: str | os.PathLike | Mapping | SimulationConfig | None = None,
+                     images: str | os.PathLike | None = None, smoke: bool = False, overwrite: bool = False,
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Simulate a dataset into ``out`` (see the module docstring); returns the dataset path.
+
+    Args:
+        out: dataset folder to create.
+        seed: the seed; the same seed (and settings, inputs, package versions) gives the same files.
+        config: YAML file, mapping or :class:`SimulationConfig` laid over the defaults.
+        images: folder of clean images (default: bundled photos + dead leaves).
+        smoke: a tiny dataset (:data:`SMOKE`) for quick checks.
+        overwrite: replace an existing dataset at ``out``.
+        cache_dir: PSF cache folder (default: the optics default, ``$DMDIFF_CACHE``).
+        progress: show progress bars.
+
+    Raises:
+        DmdiffError: bad settings, unusable inputs, or an existing ``out`` (see ``overwrite``).
+    """
+    from dmdiff.runinfo import provenance, write_json
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    cfg = resolve_config(config, smoke)
+    out = Path(out)
+    _check_out(out, overwrite)
+    sources = _user_sources(Path(images), cfg, smoke) if images is not None else _bundled_sources(cfg)
+    n_dead = cfg.dead_leaves_train if images is None or cfg.dead_leaves_with_images else 0
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        record = _build(tmp, cfg, seed, sources, n_dead, cache_dir, progress)
+        meta = {
+            "format": "dmdiff-dataset",
+            "format_version": FORMAT_VERSION,
+            "spec": cfg.spec.to_dict(),
+            "simulation": {k: v for k, v in to_dict(cfg).items() if k != "spec"},
+            "seed": seed,
+            "smoke": bool(smoke),
+            "source": "bundled" if images is None else "images",
+            **record,
+            "provenance": provenance(config=to_dict(cfg), seed=seed, command="dmdiff simulate",
+                                     images=None if images is None else str(Path(images).resolve()),
+                                     elapsed_s=round(time.perf_counter() - t0, 1)),
+        }
+        write_json(tmp / "lens.json", meta)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished dataset into place (replacing an old one only at the last moment)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source], n_dead: int,
+           cache_dir, progress: bool) -> dict:
+    """Write all image pairs and maps into ``root``; return the lens.json record parts."""
+    from dmdiff.data.sources import dead_leaves, load_photo, named_rng, photo_palette
+    from dmdiff.imageio import read_image, write_png
+    from dmdiff.optics.camera import MAP_CHANNELS, MetalensCamera
+    from dmdiff.optics.sensor import quantize
+
+    size = cfg.spec.image_size_px
+    camera = MetalensCamera(cfg.spec, cache_dir=cache_dir, raw_bits=cfg.raw_bits, haze=cfg.haze,
+                            shot_range=cfg.shot_range, progress=progress).prepare()
+    for d in DATASET_FOLDERS:
+        (root / d).mkdir()
+    jobs = [(s, k) for s in sources for k in range(s.crops)]
+    jobs += [(_Source(f"deadleaves_{k:03d}", "train", "deadleaves"), 0) for k in range(n_dead)]
+    images: dict[str, dict] = {}
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    palette = photo_palette() if n_dead else None
+    current = (None, None)  # the source image last loaded, reused for its crops
+    bar = tqdm(jobs, desc="simulating", unit="img", disable=not progress)
+    for source, k in bar:
+        if source.kind == "deadleaves":
+            name = source.name
+            clean = dead_leaves(size, named_rng(seed, name), palette=palette)
+            entry: dict[str, Any] = {"source": "dead_leaves"}
+        else:
+            name = f"{source.name}_{k:03d}"
+            if current[0] is not source:
+                full = load_photo(source.name) if source.kind == "photo" else read_image(source.path)
+                if min(full.shape[:2]) < size:
+                    full = _upscale_to(full, size)
+                current = (source, full)
+            clean, entry = random_crop(current[1], size, named_rng(seed, name), cfg.crop_scale,
+                                       cfg.hflip, cfg.vflip)
+            entry = {"source": source.name if source.kind == "photo" else source.path.name, **entry}
+        gt = quantize(clean, 8)  # the capture is of exactly what is stored as GT
+        cap = camera.capture(gt, seed=_capture_seed(seed, name))
+        split = source.split
+        write_png(root / f"gt_{split}" / f"{name}.png", gt)
+        write_png(root / f"lr_{split}" / f"{name}.png", cap.image)
+        write_png(root / f"gt_blur_{split}" / f"{name}.png", camera.ideal(gt))
+        with open(root / "maps" / f"{name}.npy", "wb") as f:
+            np.save(f, cap.maps.astype(np.float32), allow_pickle=False)
+        entry.update(split=split, noise=[cap.noise[0], cap.noise[1]])
+        images[name] = entry
+        splits[split].append(name)
+    bar.close()
+    return {
+        "camera": {
+            "raw_bits": cfg.raw_bits, "haze": cfg.haze, "haze_diameter_px": camera.haze_diameter_px,
+            "wb_gains": [float(g) for g in camera.wb_gains], "map_channels": list(MAP_CHANNELS),
+            "image_size_px": size,
+        },
+        "counts": {split: len(names) for split, names in splits.items()},
+        "splits": {split: sorted(names) for split, names in splits.items()},
+        "images": images,
+    }
+
+
+def _capture_seed(seed: int, name: str) -> np.random.SeedSequence:
+    digest = hashlib.sha256(f"{name}/capture".encode("utf-8")).digest()
+    return np.random.SeedSequence([int(seed), *(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))])
+
+
+def main(args) -> int:
+    """Entry point of ``dmdiff simulate`` (args: images, out, seed, config, smoke, overwrite)."""
+    start = time.perf_counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"dmdiff simulate: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SimulationWarning)
+        warnings.showwarning = show
+        out = simulate_dataset(args.out, seed=args.seed, config=args.config, images=args.images,
+                               smoke=args.smoke, overwrite=args.overwrite)
+    import json
+
+    meta = json.loads((out / "lens.json").read_text())
+    counts = meta["counts"]
+    total = sum(counts.values())
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"dmdiff simulate: wrote {total} pairs ({counts['train']} train, {counts['test']} test, "
+          f"{meta['spec']['image_size_px']} px) to {out} ({size / 1e6:.1f} MB) in "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0

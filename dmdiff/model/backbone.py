@@ -1,0 +1,339 @@
+"""The diffusion backbone (UNet, VAE, CLIP text encoder, tokenizer, noise schedule) and its presets.
+
+Presets (see :func:`load_backbone`):
+
+``tiny``            small configs, random init (or the shipped ``dmdiff/assets/tiny_backbone/``
+                    when present); same classes and code paths as SD-Turbo; runs on a 2-core CPU.
+``sd-turbo``        the real ``stabilityai/sd-turbo`` weights from a local folder or the hub cache.
+``sd-turbo-shape``  SD-Turbo's exact architecture with random init (~1.3 B parameters, ~5 GB in
+                    fp32), for speed/memory benchmarks without the weights. Its tokenizer is the
+                    package's small one (ids < 1000 of the 49408 embeddings), which is fine for
+                    timing but means prompts are not SD-Turbo's token ids.
+
+Folders use the diffusers layout of SD-Turbo: ``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``; weights are read and written as safetensors only.
+Nothing is downloaded unless the caller passes ``allow_download=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.model.tokenizer import MAX_LENGTH, build_tokenizer
+from dmdiff.runinfo import write_json
+
+PRESETS = ("tiny", "sd-turbo", "sd-turbo-shape")
+SD_TURBO_HUB_ID = "stabilityai/sd-turbo"
+TINY_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_backbone"
+WEIGHTED = ("unet", "vae", "text_encoder")
+COMPONENTS = (*WEIGHTED, "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# SD-Turbo's noise schedule (SD 2.x training betas); DDPMScheduler reads it from SD-Turbo's
+# scheduler/ folder too (that file names EulerDiscreteScheduler; the betas are what we use).
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                 steps_offset=1, timestep_spacing="trailing")
+
+TINY_UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),      # diffusers reads this as the head count: 16 channels per head
+    use_linear_projection=True,     # as SD-Turbo: proj_in/proj_out are Linear layers
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    mid_block_add_attention=False,  # ~40 % faster steps, same quality at this size (DESIGN §4)
+    sample_size=128, scaling_factor=0.18215,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                 vocab_size=1000, max_position_embeddings=MAX_LENGTH, hidden_act="gelu",
+                 projection_dim=32)
+
+# SD-Turbo = SD 2.1 architecture (published diffusers configs of stabilityai/sd-turbo).
+SD_TURBO_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+    downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
+)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215,
+)
+SD_TURBO_TEXT = dict(  # OpenCLIP ViT-H/14 text tower without its last layer (SD 2.x uses layer 23)
+    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+    vocab_size=49408, max_position_embeddings=MAX_LENGTH, hidden_act="gelu", layer_norm_eps=1e-5,
+    projection_dim=1024,  # read only by CLIPTextModelWithProjection, not by CLIPTextModel
+)
+RANDOM_INIT = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT),
+               "sd-turbo-shape": (SD_TURBO_UNET, SD_VAE, SD_TURBO_TEXT)}
+
+MODEL_INDEX = {  # what diffusers' StableDiffusionPipeline.from_pretrained expects
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+DOWNLOAD_HELP = (
+    f"dmdiff never downloads weights on its own. Get SD-Turbo ({SD_TURBO_HUB_ID}, about 5 GB of fp32 "
+    "safetensors: the folders unet/ vae/ text_encoder/ tokenizer/ scheduler/ and model_index.json) "
+    "once, on a machine with internet access:\n"
+    f"    hf download {SD_TURBO_HUB_ID} --local-dir models/sd-turbo --include 'model_index.json' "
+    "--include 'unet/*' --include 'vae/*' --include 'text_encoder/*' --include 'tokenizer/*' "
+    "--include 'scheduler/*' --exclude '*.fp16.*'\n"
+    "then pass that folder: `--model-path models/sd-turbo` on the command line, or "
+    "load_backbone('sd-turbo', path='models/sd-turbo') in Python. "
+    "Alternatively load_backbone('sd-turbo', allow_download=True) fetches it into the Hugging Face cache."
+)
+
+
+@dataclass
+class Backbone:
+    """The frozen-text-encoder diffusion backbone that DMDiff adapts with LoRA.
+
+    Modules are in eval mode; the text encoder's parameters are frozen (``requires_grad=False``),
+    the UNet's and VAE's are left trainable for the adapter code to decide.
+    """
+
+    unet: UNet2DConditionModel      # latents (B, 4, h, w), timestep, text (B, 77, D) -> eps (B, 4, h, w)
+    vae: AutoencoderKL              # images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/f, W/f)
+    text_encoder: CLIPTextModel     # token ids (B, 77) -> hidden states (B, 77, D)
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler        # only its alphas_cumprod are used (one step at t = 999)
+    preset: str
+    source: str                     # the folder the weights came from, or "random-init"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks are (that of the UNet's first parameter)."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each axis: 2 ** (VAE blocks − 1); 2 for tiny, 8 for SD-Turbo."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides should be multiples of this many pixels: VAE factor × UNet downsampling.
+
+        4 for tiny (2 × 2), 64 for SD-Turbo (8 × 8).
+        """
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def alpha_bar(self, t: int | torch.Tensor) -> torch.Tensor:
+        """ᾱ_t = Π_{s≤t} (1 − β_s) of the training noise schedule; float32 of t's shape, on the
+        backbone's device. ᾱ_999 ≈ 0.0047 for SD-Turbo's schedule."""
+        index = torch.as_tensor(t, dtype=torch.long).cpu()
+        return self.scheduler.alphas_cumprod[index].to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``(N, 77, D)`` (D = 32 tiny, 1024 SD-Turbo) of N prompts, without grad.
+
+        Prompts are padded/truncated to 77 tokens; the embedding is the encoder's last hidden state
+        (what SD-Turbo's UNet cross-attends to), in the text encoder's dtype.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.text_encoder.config.max_position_embeddings).input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: ``{"unet", "vae", "text_encoder", "total"}``."""
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in WEIGHTED}
+        return {**counts, "total": sum(counts.values())}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Backbone:
+        """Move/cast the three networks in place; returns ``self``."""
+        for name in WEIGHTED:   # nn.Module.to: diffusers' override warns on every dtype argument
+            torch.nn.Module.to(getattr(self, name), device=device, dtype=dtype)
+        return self
+
+
+def load_backbone(preset: str = "tiny", path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", seed: int = 0, *, pretrained: bool = True,
+                  allow_download: bool = False) -> Backbone:
+    """Build or load a backbone.
+
+    Args:
+        preset: ``"tiny"``, ``"sd-turbo"`` or ``"sd-turbo-shape"`` (module docstring).
+        path: ``sd-turbo``: a local folder in the diffusers layout, or a hub id (default
+            ``stabilityai/sd-turbo``) looked up in the Hugging Face cache only. ``tiny``: a folder
+            holding a saved tiny backbone (overrides the shipped one). Not used by ``sd-turbo-shape``.
+        dtype, device: what the networks are cast/moved to (they are built or loaded on the CPU).
+        seed: random init seed (random-init presets only; same seed → identical weights).
+        pretrained: ``tiny`` only: load ``dmdiff/assets/tiny_backbone/`` when it exists; False
+            forces random init.
+        allow_download: ``sd-turbo`` with a hub id: fetch missing files from the hub.
+
+    Raises:
+        ConfigError: unknown preset, or a ``path`` the preset does not take.
+        DmdiffError: weights missing (the message says what to download and how to pass it),
+            pickle-only weights, an incomplete folder.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown backbone preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset == "sd-turbo":
+        backbone = _load_folder(_resolve_sd_turbo(str(path or SD_TURBO_HUB_ID), allow_download), preset)
+    elif preset == "tiny" and path is not None:
+        backbone = _load_folder(Path(path), preset)
+    elif preset == "tiny" and pretrained and (TINY_ASSETS / "model_index.json").is_file():
+        backbone = _load_folder(TINY_ASSETS, preset)
+    elif path is not None:
+        raise ConfigError(f"preset {preset!r} is random-init and takes no path (got {str(path)!r})")
+    else:
+        backbone = _random_init(preset, seed)
+    return backbone.to(device, dtype)
+
+
+def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write ``backbone`` to ``folder`` in SD-Turbo's diffusers layout (safetensors), atomically.
+
+    The folder loads back with ``load_backbone("sd-turbo", path=folder)`` and with diffusers'
+    ``StableDiffusionPipeline.from_pretrained(folder)``. The tokenizer folder holds ``vocab.json``
+    and ``merges.txt`` (as SD-Turbo's) besides transformers' ``tokenizer.json``. Adapters injected
+    into the networks are saved as part of them; save LoRA weights separately.
+    """
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise DmdiffError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        backbone.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        backbone.text_encoder.save_pretrained(tmp / "text_encoder")   # transformers: safetensors only
+        backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+        backbone.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+        backbone.scheduler.save_pretrained(tmp / "scheduler")
+        write_json(tmp / "model_index.json", {**MODEL_INDEX, "_diffusers_version": diffusers.__version__})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run the block with torch's CPU generator seeded, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_init(preset: str, seed: int) -> Backbone:
+    """Build a random-init preset on the CPU in fp32; each network seeded on its own."""
+    unet_config, vae_config, text_config = RANDOM_INIT[preset]
+    tokenizer = build_tokenizer()
+    text_config = {**text_config, "bos_token_id": tokenizer.bos_token_id,   # the built tokenizer's
+                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    with _seeded(seed):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    with _seeded(seed + 1):
+        vae = AutoencoderKL.from_config(vae_config)
+    with _seeded(seed + 2):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    return _assemble(unet, vae, text_encoder, tokenizer, DDPMScheduler.from_config(SCHEDULER),
+                     preset, "random-init")
+
+
+def _assemble(unet, vae, text_encoder, tokenizer, scheduler, preset: str, source: str) -> Backbone:
+    """Common finishing of loaded and built backbones: eval mode, frozen text encoder."""
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    text_encoder.requires_grad_(False)
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler, preset, source)
+
+
+def _resolve_sd_turbo(path: str, allow_download: bool) -> Path:
+    """A local folder for ``path``: the folder itself, or the hub snapshot of a hub id.
+
+    A hub id is looked up in the Hugging Face cache with ``local_files_only=True`` (no network
+    access at all) unless ``allow_download``.
+    """
+    folder = Path(path).expanduser()
+    if folder.exists():
+        return folder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise DmdiffError(f"no SD-Turbo folder at {path!r}. {DOWNLOAD_HELP}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=not allow_download,
+                                      allow_patterns=["model_index.json", *(f"{c}/*" for c in COMPONENTS)],
+                                      ignore_patterns=["*.fp16.*", *(f"*{s}" for s in PICKLE_SUFFIXES)]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        what = (f"downloading it from the hub failed ({err})" if allow_download else
+                "as a hub id it is not in the local Hugging Face cache (nothing was downloaded)")
+        raise DmdiffError(f"{path!r} is not a local folder, and {what}. {DOWNLOAD_HELP}") from err
+
+
+def _weights_variant(subfolder: Path) -> str | None:
+    """``None`` for full-precision safetensors, ``"fp16"`` when only the fp16 variant is present.
+
+    Raises a DmdiffError for pickle-only weights (never unpickled: pickle files can run code) and
+    for a folder without weights.
+    """
+    names = [p.name for p in subfolder.iterdir()]
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    if any(not n.endswith(".fp16.safetensors") for n in safetensors):
+        return None
+    if safetensors:
+        return "fp16"
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise DmdiffError(
+            f"{subfolder} holds only pickle weights ({', '.join(sorted(pickles))}); dmdiff loads "
+            "safetensors only, because unpickling can run arbitrary code. Download the .safetensors "
+            "files of the model instead, or convert these once, in a trusted environment, with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), ...).")
+    raise DmdiffError(f"{subfolder} holds no weights (*.safetensors). {DOWNLOAD_HELP}")
+
+
+def _load_folder(folder: Path, preset: str) -> Backbone:
+    """Load a backbone from a folder in the diffusers layout, safetensors only, no network."""
+    missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise DmdiffError(f"{folder} is not a complete backbone folder: missing {', '.join(missing)}. "
+                          f"{DOWNLOAD_HELP}")
+    offline = dict(local_files_only=True)
+    weights = {c: dict(offline, use_safetensors=True, variant=_weights_variant(folder / c)) for c in WEIGHTED}
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights["unet"])
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights["vae"])
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights["text_encoder"])
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **offline)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **offline)
+    return _assemble(unet, vae, text_encoder, tokenizer, scheduler, preset, str(folder.resolve()))

@@ -1,0 +1,351 @@
+"""DMDiff: one-step, degradation-modulated, multipath diffusion restoration (DESIGN §2).
+
+Design note
+-----------
+One denoising step at ``t = config.timestep`` (999) of the backbone, as SD-Turbo:
+
+    z   = vae.encode(2·x − 1).latent_dist.mode() · scaling      (LoRA-modulated VAE encoder)
+    eps = unet(z, t, text_emb[path])                            (LoRA-modulated UNet, conv_in trained)
+    z0  = (z − sqrt(1 − ᾱ_t) · eps) / sqrt(ᾱ_t)                  (the DDPM x0 prediction)
+    y   = (vae.decode(z0 / scaling).sample + 1) / 2            (frozen, unmodulated decoder)
+
+The *path* (``"positive"``, ``"neutral"``, ``"negative"``) only selects the text embedding the UNet
+cross-attends to; the three prompts (:class:`Prompts`) are encoded once by the frozen text encoder
+and kept as buffers. The degradation modulation comes from SVDA on the input image and its optics
+maps, through one :class:`~dmdiff.model.lora.ModulationMLP` per part (VAE encoder, UNet); with
+``config.svda=False`` there is no SVDA, no MLPs and no degradation input: plain LoRA (the ablation).
+
+Any ``H × W`` works: the input is padded (reflect, centred; replicate when the image is smaller than
+the padding) to a multiple of ``backbone.latent_multiple`` and the output cropped back. SVDA sees
+the unpadded image; in spatial mode the LoRA layers lay the modulation grid over the padded input,
+which shifts grid nodes by at most half the padding (< latent_multiple / 2 px).
+
+Tunable decoding: :meth:`DMDiff.restore` runs the neutral and positive paths in one batched UNet
+call on one VAE encoding, then decodes ``z(α) = (1 − α) · z_neutral + α · z_positive``. With
+``return_latents=True`` it also returns both latents (:class:`RestoreLatents`), and
+:meth:`DMDiff.decode` re-decodes them for another α with the VAE decoder only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.model.backbone import PRESETS, Backbone, _seeded, load_backbone
+from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
+from dmdiff.model.svda import SVDA
+
+ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
+
+
+@dataclass
+class Prompts:
+    """The text of each path (ours; the paper's are not published)."""
+
+    positive: str = ("a sharp, detailed, high-quality photo with crisp edges, clean fine textures, "
+                     "natural vivid colours and good exposure")
+    neutral: str = "a plain, balanced, faithful photo with natural colours and contrast, true to the scene"
+    negative: str = ("a blurry, hazy, low-contrast capture through a flat metalens, with chromatic fringes, "
+                     "colour haze, soft edges and sensor noise")
+
+
+@dataclass
+class DMDiffConfig:
+    """What a DMDiff model is made of (docs/architecture.md, "dmdiff.model").
+
+    preset: backbone preset (``"tiny"``, ``"sd-turbo"``, ``"sd-turbo-shape"``).
+    model_path: ``sd-turbo``: its folder or hub id (None: ``stabilityai/sd-turbo`` in the HF cache);
+        ``tiny``: a saved tiny backbone folder (None: the shipped one, else random init).
+    unet_rank, vae_rank: LoRA ranks (None: ``lora.RANKS[preset]``).
+    svda: degradation-modulated LoRA through SVDA; False: plain LoRA, no degradation input.
+    svda_spatial: one modulation per grid cell instead of one per image.
+    svda_dim: SVDA token / embedding width (multiple of 4).
+    grid_size: SVDA grid G (cells per side).
+    timestep: the one denoising step's timestep t (0 … 999).
+    prompts: the text of each path.
+    seed: random init of SVDA and the MLPs, and of random-init backbones built from this config.
+    """
+
+    preset: str = "tiny"
+    model_path: str | None = None
+    unet_rank: int | None = None
+    vae_rank: int | None = None
+    svda: bool = True
+    svda_spatial: bool = False
+    svda_dim: int = 128
+    grid_size: int = 7
+    timestep: int = 999
+    prompts: Prompts = field(default_factory=Prompts)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: unknown backbone preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not 0 <= self.timestep <= 999:
+            raise ConfigError(f"timestep must be in [0, 999], got {self.timestep}")
+        if self.svda_spatial and not self.svda:
+            raise ConfigError("svda_spatial=True needs svda=True (there is no modulation without SVDA)")
+        if self.svda_dim <= 0 or self.svda_dim % 4:
+            raise ConfigError(f"svda_dim must be a positive multiple of 4, got {self.svda_dim}")
+        if self.grid_size < 1:
+            raise ConfigError(f"grid_size must be at least 1, got {self.grid_size}")
+        for name in ("unet_rank", "vae_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer or None, got {getattr(self, name)}")
+
+
+@dataclass
+class RestoreLatents:
+    """The cached two-path latents of :meth:`DMDiff.restore`, for re-decoding at another α.
+
+    z_neutral, z_positive: ``(B, 4, h, w)`` x0 predictions of the padded image (``h = H_pad / f``,
+        f = ``backbone.vae_scale_factor``).
+    size: ``(H, W)`` of the input image, in pixels.
+    pad: ``(left, right, top, bottom)`` padding added to it, in pixels.
+    """
+
+    z_neutral: torch.Tensor
+    z_positive: torch.Tensor
+    size: tuple[int, int]
+    pad: tuple[int, int, int, int]
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float if it is a finite number in ``ALPHA_RANGE``, else a ConfigError."""
+    lo, hi = ALPHA_RANGE
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not lo <= alpha <= hi:
+        raise ConfigError(f"alpha must be a number in [{lo}, {hi}] (0: fidelity, 1: perceptual, up to "
+                          f"{hi}: slight extrapolation), got {alpha!r}")
+    return float(alpha)
+
+
+class DMDiff(nn.Module):
+    """The DMDiff model: a LoRA-adapted one-step backbone, SVDA and the modulation MLPs.
+
+    Args:
+        config: the model description; its ``preset`` must match ``backbone``'s.
+        backbone: a loaded backbone to adapt **in place** (None: ``load_backbone(config.preset,
+            config.model_path, seed=config.seed)``). It must not carry a DMDiff adapter yet.
+
+    The backbone networks are sub-modules (``unet``, ``vae``, ``text_encoder``), so ``.to()`` moves
+    everything; ``backbone`` (tokenizer, scheduler, sizes) stays reachable as an attribute. The
+    model starts in eval mode. Images are ``(B, 3, H, W)`` sRGB in ``[0, 1]``, any ``H × W``;
+    ``maps`` are ``(B, 7, G', G')`` optics maps (``MAP_CHANNELS``) or None.
+    """
+
+    PATHS = ("positive", "neutral", "negative")
+
+    def __init__(self, config: DMDiffConfig = DMDiffConfig(), backbone: Backbone | None = None):
+        super().__init__()
+        if backbone is None:
+            backbone = load_backbone(config.preset, config.model_path, seed=config.seed)
+        elif backbone.preset != config.preset:
+            raise ConfigError(f"config.preset is {config.preset!r} but the backbone is a {backbone.preset!r} one")
+        self.config, self.backbone = config, backbone
+        self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
+        self.unet_lora, self.vae_lora = add_modulated_lora(backbone, config.unet_rank, config.vae_rank)
+        self.svda, self.mlp = None, None
+        if config.svda:
+            loras = {"vae": self.vae_lora, "unet": self.unet_lora}
+            with _seeded(config.seed):
+                self.svda = SVDA({part: lora.state.n_blocks for part, lora in loras.items()},
+                                 dim=config.svda_dim, grid_size=config.grid_size, spatial=config.svda_spatial)
+                self.mlp = nn.ModuleDict({part: ModulationMLP(lora.state.n_blocks, config.svda_dim, lora.rank)
+                                          for part, lora in loras.items()})
+            self.to(backbone.device, self.dtype)
+        prompts = [getattr(config.prompts, path) for path in self.PATHS]
+        self.register_buffer("text_embeddings", backbone.encode_prompt(prompts), persistent=False)  # (3, 77, D)
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------ training interface
+
+    def forward(self, x: torch.Tensor, maps: torch.Tensor | None = None,
+                path: str | Sequence[str] = "positive") -> torch.Tensor:
+        """One differentiable step along ``path``: ``(B, 3, H, W)`` → ``(B, 3, H, W)``, about [0, 1] (not clamped).
+
+        ``path`` is one path for the whole batch or a sequence of B paths, one per sample (still one
+        VAE-encoder and one UNet call: each sample cross-attends to its own prompt).
+        """
+        paths = [path] * len(x) if isinstance(path, str) else list(path)
+        if len(paths) != len(x):
+            raise ValueError(f"got {len(paths)} paths for a batch of {len(x)} images")
+        z0, geometry = self._z0(x, maps, [self._path_index(p) for p in paths], copies=1)
+        return self._decode(z0, *geometry)
+
+    def latents(self, x: torch.Tensor, maps: torch.Tensor | None = None,
+                paths: Sequence[str] = ("neutral", "positive")) -> dict[str, torch.Tensor]:
+        """x0 latents ``(B, 4, h, w)`` of the padded image per path, from one VAE encoding and one
+        UNet call on the ``len(paths) · B`` stacked latents (differentiable)."""
+        paths = tuple(paths)
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"paths must be distinct, got {paths}")
+        index = [self._path_index(p) for p in paths for _ in range(len(x))]
+        z0, _ = self._z0(x, maps, index, copies=len(paths))
+        return dict(zip(paths, z0.chunk(len(paths))))
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """What training updates, named as in ``named_parameters()``: LoRA A/B of the UNet and VAE
+        encoder (``unet.…lora_A.dmdiff.weight``), ``unet.conv_in.*``, ``svda.*``, ``mlp.{unet,vae}.*``."""
+        modules = {"svda": self.svda, "mlp": self.mlp} if self.svda is not None else {}
+        return trainable_parameters([self.unet_lora, self.vae_lora], modules)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights as one flat ``str → Tensor`` dict (safetensors-ready, contiguous; the
+        tensors share memory with the parameters, as ``nn.Module.state_dict``'s do).
+
+        Keys: ``unet.<peft LoRA key>`` (adapter name stripped, as ``get_peft_model_state_dict``),
+        ``unet.conv_in.{weight,bias}``, ``vae.<peft LoRA key>``, ``svda.*``, ``mlp.{unet,vae}.*``.
+        """
+        state = {f"{lora.part}.{k}": v for lora in (self.unet_lora, self.vae_lora) for k, v in lora.state_dict().items()}
+        if self.svda is not None:
+            state.update({f"svda.{k}": v for k, v in self.svda.state_dict().items()})
+            state.update({f"mlp.{k}": v for k, v in self.mlp.state_dict().items()})
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict`; strict (DmdiffError on missing, unexpected or
+        misshapen entries, e.g. weights of a model with other ranks or without SVDA)."""
+        parts = {"unet": {}, "vae": {}, **({"svda": {}, "mlp": {}} if self.svda is not None else {})}
+        unexpected = []
+        for key, value in state_dict.items():
+            head, _, rest = key.partition(".")
+            if head in parts:
+                parts[head][rest] = value
+            else:
+                unexpected.append(key)
+        if unexpected:
+            raise DmdiffError(f"trainable weights do not fit this model (svda={self.config.svda}): unexpected "
+                              f"keys {sorted(unexpected)[:3]}{' …' if len(unexpected) > 3 else ''}")
+        try:
+            self.unet_lora.load_state_dict(parts["unet"])
+            self.vae_lora.load_state_dict(parts["vae"])
+            if self.svda is not None:
+                self.svda.load_state_dict(parts["svda"])
+                self.mlp.load_state_dict(parts["mlp"])
+        except RuntimeError as err:     # torch's strict-loading / size-mismatch errors
+            raise DmdiffError(f"trainable weights do not fit this model: {err}") from err
+
+    # ------------------------------------------------------------------ inference
+
+    def restore(self, lr: torch.Tensor, maps: torch.Tensor | None = None, alpha: float = 1.0,
+                return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, RestoreLatents]:
+        """Restore captures: ``(B, 3, H, W)`` → ``(B, 3, H, W)`` in ``[0, 1]`` (clamped), no grad, eval mode.
+
+        Args:
+            lr: the captures, sRGB in ``[0, 1]``.
+            maps: their optics maps ``(B, 7, G', G')`` or None.
+            alpha: in ``[0, 1.2]``; decodes ``(1 − α) · z_neutral + α · z_positive``.
+            return_latents: also return the :class:`RestoreLatents` for :meth:`decode`.
+        """
+        alpha = check_alpha(alpha)
+        with self._inference():
+            index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
+            z0, geometry = self._z0(lr, maps, index, copies=2)
+            latents = RestoreLatents(*z0.chunk(2), *geometry)
+            images = self._mix(latents, alpha)
+        return (images, latents) if return_latents else images
+
+    def decode(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
+        """Re-decode cached latents at another ``alpha`` (VAE decoder only): ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        Bit-identical to ``restore(..., alpha=alpha)`` on the same device.
+        """
+        alpha = check_alpha(alpha)
+        with self._inference():
+            return self._mix(latents, alpha)
+
+    def degrade(self, gt: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """The negative path, GT → metalens-like capture: ``(B, 3, H, W)`` → ``(B, 3, H, W)`` in
+        ``[0, 1]`` (clamped), no grad, eval mode. ``maps`` describe the lens to imitate."""
+        with self._inference():
+            z0, geometry = self._z0(gt, maps, [self._path_index("negative")] * len(gt), copies=1)
+            return self._decode(z0, *geometry).clamp(0, 1)
+
+    # ------------------------------------------------------------------ internals
+
+    def _path_index(self, path: str) -> int:
+        if path not in self.PATHS:
+            raise ConfigError(f"unknown path {path!r}; choose one of {', '.join(self.PATHS)}")
+        return self.PATHS.index(path)
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """no_grad and eval mode for the block; every sub-module's train/eval flag restored after."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Pad ``(B, 3, H, W)`` to multiples of ``latent_multiple``, centred; returns the image and
+        the padding ``(left, right, top, bottom)``."""
+        m = self.backbone.latent_multiple
+        H, W = x.shape[-2:]
+        ph, pw = -H % m, -W % m
+        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        if not any(pad):
+            return x, pad
+        reflect = max(pad[:2]) < W and max(pad[2:]) < H
+        return F.pad(x, pad, mode="reflect" if reflect else "replicate"), pad
+
+    def _z0(self, x: torch.Tensor, maps: torch.Tensor | None, text_index: Sequence[int],
+            copies: int) -> tuple[torch.Tensor, tuple]:
+        """The x0 latents of ``copies`` stacked copies of the batch, copy ``k`` of sample ``b`` (row
+        ``k·B + b``) cross-attending to prompt ``text_index[k·B + b]``.
+
+        Returns ``(copies·B, 4, h, w)`` latents and the geometry ``((H, W), pad)`` for decoding.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB tensors in [0, 1], got shape {tuple(x.shape)}")
+        x = x.to(self.device, self.dtype)
+        if self.svda is not None:
+            degradation = self.svda(x, maps)
+            vae_m, unet_m = (self.mlp[part](degradation.embeddings[part]) for part in ("vae", "unet"))
+        else:
+            vae_m = unet_m = None
+        padded, pad = self._pad(x)
+        scaling = self.vae.config.scaling_factor
+        with self.vae_lora.state.using(vae_m):
+            z = self.vae.encode(padded * 2 - 1).latent_dist.mode() * scaling
+        z = z.repeat(copies, 1, 1, 1)
+        text = self.text_embeddings[torch.as_tensor(text_index, device=self.device)]
+        with self.unet_lora.state.using(unet_m, repeat=copies):
+            eps = self.unet(z, self.config.timestep, encoder_hidden_states=text).sample
+        alpha_bar = self.backbone.alpha_bar(self.config.timestep)
+        z0 = (z - (1 - alpha_bar).sqrt().to(z.dtype) * eps) / alpha_bar.sqrt().to(z.dtype)
+        return z0, (tuple(x.shape[-2:]), pad)
+
+    def _decode(self, z0: torch.Tensor, size: tuple[int, int], pad: tuple[int, int, int, int]) -> torch.Tensor:
+        """Frozen VAE decoder, ``[-1, 1] → [0, 1]``, cropped to ``size``: ``(B, 3, H, W)``, not clamped."""
+        y = (self.vae.decode(z0 / self.vae.config.scaling_factor).sample + 1) / 2
+        left, _, top, _ = pad
+        return y[..., top:top + size[0], left:left + size[1]]
+
+    def _mix(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
+        z = (1 - alpha) * latents.z_neutral + alpha * latents.z_positive
+        return self._decode(z, latents.size, latents.pad).clamp(0, 1)
+
+
+def num_parameters(model: DMDiff) -> dict[str, int]:
+    """Counts of the model: ``{"trainable", "total"}`` (text encoder included)."""
+    trainable = sum(p.numel() for p in model.trainable_parameters().values())
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

@@ -1,0 +1,377 @@
+"""``dmdiff pretrain-backbone``: pretrain the tiny backbone once, the analogue of SD-Turbo's pretraining.
+
+The ``tiny`` preset has no published weights. This module trains them, on a CPU in minutes, from
+the bundled *training* photos (:data:`dmdiff.data.sources.TRAIN_PHOTOS`) and freshly generated
+dead-leaves images only; the *test* photos are used for evaluation and never for training.
+
+Stage A, VAE as an autoencoder: random crops ``x`` (64–96 px, random scale, flips) in ``[-1, 1]``,
+``x̂ = decode(sample(encode(x)))``, loss ``L1(x̂, x) + edge_weight · L1(∇x̂, ∇x) +
+kl_weight · KL`` (KL per latent element, ``kl_weight`` = 1e-6 as in Stable Diffusion's VAE), AdamW
+with a short warm-up and cosine decay over the wall-clock budget. Afterwards the VAE's
+``scaling_factor`` is set to 1 / std of its latents on training crops (how SD's 0.18215 was
+chosen), so that scaled latents have unit variance.
+
+Stage B, UNet as a one-step denoiser at t = 999 (how DMDiff uses it), VAE frozen:
+``z = scaling · mode(encode(x_in))`` with ``x_in`` the clean crop or a mildly degraded one
+(Gaussian blur, Gaussian noise), ``ẑ0 = (z − sqrt(1 − ᾱ) · unet(z, 999, text)) / sqrt(ᾱ)`` with
+ᾱ = ᾱ_999, loss ``MSE(ẑ0, scaling · mode(encode(x_clean)))``. With random init ẑ0 is amplified
+garbage (sqrt(ᾱ_999) ≈ 0.068); after this stage the UNet starts DMDiff near a restoring identity
+map. The text is the empty prompt half of the time, else a few random prompt words, so that the
+map does not depend on the prompt (DMDiff's LoRA learns that dependence).
+
+The text encoder keeps its random init (seeded, frozen): the tiny CLIP is never trained here, the
+UNet learns to work with whatever embeddings it produces.
+
+The result is saved with :func:`dmdiff.model.backbone.save_backbone` (SD-Turbo's diffusers layout,
+safetensors) plus ``pretrain_report.json`` (settings, wall times, PSNRs before/after, versions),
+built in a temporary folder and renamed into place. The number of steps depends on the machine's
+speed (the stages are time-boxed), so two runs agree in quality, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dmdiff.data.sources import TEST_PHOTOS, bundled_photos, dead_leaves, named_rng, photo_palette
+from dmdiff.errors import DmdiffError
+from dmdiff.model.backbone import TINY_ASSETS, Backbone, load_backbone, save_backbone
+from dmdiff.model.tokenizer import WORDS
+from dmdiff.runinfo import provenance, write_json
+
+T_ONE_STEP = 999            # DMDiff's single denoising timestep
+REPORT_NAME = "pretrain_report.json"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Settings of :func:`pretrain_backbone`. Sizes in pixels, times in minutes."""
+
+    vae_minutes: float = 10.0
+    unet_minutes: float = 6.0
+    max_steps: int | None = None        # per stage; None: only the wall-clock budget stops a stage
+    seed: int = 0
+    batch_size: int = 8
+    crop_min_px: int = 64               # training crop sides are drawn in [crop_min_px, crop_max_px]
+    crop_max_px: int = 96
+    dead_leaves_fraction: float = 0.5   # share of each batch that is fresh dead-leaves images
+    vae_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    warmup_steps: int = 20
+    edge_weight: float = 0.5
+    kl_weight: float = 1e-6
+    degrade_prob: float = 0.5           # stage B: share of inputs that are blurred/noisy
+    max_blur_sigma_px: float = 1.5
+    max_noise_std: float = 0.03         # in [0, 1] image units
+    bf16: bool | None = None            # train under bfloat16 autocast; None: where the CPU has bf16 units
+    eval_px: int = 128                  # evaluation crop side
+    eval_crops_per_photo: int = 4
+
+
+SMOKE = dict(vae_minutes=1.0, unet_minutes=1.0, max_steps=2, batch_size=2, crop_min_px=32,
+             crop_max_px=32, eval_px=32, eval_crops_per_photo=1)
+
+
+class CropSampler:
+    """Random training images: crops of the TRAIN photos and fresh dead-leaves images.
+
+    A photo crop takes a square window of ``size · 2**u`` px (``u`` uniform in [-0.5, 1], clipped to
+    the photo), resizes it to ``size`` (bilinear, antialiased) and flips it at random. Dead-leaves
+    images are generated at ``size`` directly (they are scale invariant), coloured from the
+    training photos' palette.
+    """
+
+    def __init__(self, seed: int, dead_leaves_fraction: float):
+        self.photos = bundled_photos("train")
+        leaked = set(self.photos) & set(TEST_PHOTOS)
+        assert not leaked, f"test photos in the pretraining set: {sorted(leaked)}"
+        self.names = sorted(self.photos)
+        self.dead_leaves_fraction = dead_leaves_fraction
+        self.palette = photo_palette()
+        self.rng = named_rng(seed, "pretrain/crops")
+
+    def _photo_crop(self, size: int) -> torch.Tensor:
+        image = self.photos[self.names[self.rng.integers(len(self.names))]]
+        h, w, _ = image.shape
+        side = min(h, w, round(size * 2 ** self.rng.uniform(-0.5, 1.0)))
+        y, x = self.rng.integers(0, h - side + 1), self.rng.integers(0, w - side + 1)
+        crop = torch.from_numpy(np.ascontiguousarray(image[y:y + side, x:x + side])).permute(2, 0, 1)
+        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+        flips = [d for d, p in ((1, 0.5), (2, 0.5)) if self.rng.uniform() < p]
+        return crop.flip(flips) if flips else crop
+
+    def batch(self, n: int, size: int) -> torch.Tensor:
+        """``(n, 3, size, size)`` float32 sRGB in [0, 1]."""
+        images = []
+        for _ in range(n):
+            if self.rng.uniform() < self.dead_leaves_fraction:
+                images.append(torch.from_numpy(dead_leaves(size, self.rng, palette=self.palette)).permute(2, 0, 1))
+            else:
+                images.append(self._photo_crop(size))
+        return torch.stack(images).clamp(0, 1)
+
+
+def eval_crops(split: str, size: int, per_photo: int, seed: int = 0) -> torch.Tensor:
+    """Fixed ``size``² crops at native scale of the bundled photos of ``split`` ("train" / "test").
+
+    Returns ``(n_photos · per_photo, 3, size, size)`` float32 sRGB in [0, 1]; positions depend only
+    on ``(seed, photo name)``.
+    """
+    crops = []
+    for name, image in bundled_photos(split).items():
+        rng = named_rng(seed, f"pretrain/eval/{name}")
+        h, w, _ = image.shape
+        for _ in range(per_photo):
+            y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            crops.append(torch.from_numpy(np.ascontiguousarray(image[y:y + size, x:x + size])).permute(2, 0, 1))
+    return torch.stack(crops)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) between ``(B, 3, H, W)`` images in [0, 1] (clamped)."""
+    mse = (a.clamp(0, 1) - b.clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+def encode(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``(B, 4, H/f, W/f)`` = scaling · mode of the posterior of ``x`` ((B, 3, H, W) in [0, 1])."""
+    return backbone.vae.encode(x * 2 - 1).latent_dist.mode() * backbone.vae.config.scaling_factor
+
+
+def decode(backbone: Backbone, z: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] (clamped) from scaled latents."""
+    return ((backbone.vae.decode(z / backbone.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+
+
+def one_step(backbone: Backbone, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """DMDiff's one-step prediction ẑ0 = (z − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ) at t = 999; ``z`` scaled latents."""
+    alpha_bar = backbone.alpha_bar(T_ONE_STEP)
+    t = torch.full((z.shape[0],), T_ONE_STEP, device=z.device, dtype=torch.long)
+    eps = backbone.unet(z, t, text).sample.float()   # fp32 even under autocast: 1/sqrt(ᾱ) ≈ 15 amplifies rounding
+    return (z.float() - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def degrade(x: torch.Tensor, cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Mild degradation of ``(B, 3, H, W)`` images in [0, 1]: with probability ``cfg.degrade_prob``
+    each image gets a Gaussian blur (σ uniform in [0, max_blur_sigma_px]) and Gaussian noise (std
+    uniform in [0, max_noise_std]); the others stay clean."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    out = []
+    for image in x:
+        if rng.uniform() < cfg.degrade_prob:
+            sigma = rng.uniform(0, cfg.max_blur_sigma_px)
+            if sigma > 0.2:
+                image = gaussian_blur(image, kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=sigma)
+            noise = torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))
+            image = (image + rng.uniform(0, cfg.max_noise_std) * noise).clamp(0, 1)
+        out.append(image)
+    return torch.stack(out)
+
+
+def random_prompts(n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` prompts: empty with probability 1/2, else 1–8 random words of the tokenizer's word list."""
+    words = WORDS.split()
+    return ["" if rng.uniform() < 0.5 else " ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(n)]
+
+
+def _autocast(cfg: PretrainConfig) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the CPU (AMX/AVX512-BF16 make convs ~1.5× faster), or nothing."""
+    use = torch.ops.mkldnn._is_mkldnn_bf16_supported() if cfg.bf16 is None else cfg.bf16
+    return torch.autocast("cpu", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def _timeboxed(minutes: float, max_steps: int | None, desc: str, progress: bool) -> Iterator[tuple[int, float]]:
+    """Yield ``(step, elapsed fraction of the budget)`` until the wall-clock budget or ``max_steps``
+    is used up, with a tqdm bar in seconds."""
+    budget = minutes * 60.0
+    start = time.monotonic()
+    step = 0
+    with tqdm(total=round(budget), desc=desc, unit="s", disable=not progress, leave=False) as bar:
+        while (elapsed := time.monotonic() - start) < budget and (max_steps is None or step < max_steps):
+            bar.update(round(elapsed) - bar.n)
+            yield step, elapsed / budget
+            step += 1
+
+
+def _lr(base: float, step: int, frac: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 over the time budget."""
+    return base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _random_size(rng: np.random.Generator, cfg: PretrainConfig, multiple: int) -> int:
+    return multiple * int(rng.integers(cfg.crop_min_px // multiple, cfg.crop_max_px // multiple + 1))
+
+
+def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def train_vae(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Stage A: train ``backbone.vae`` in place as an autoencoder (module docstring).
+
+    Returns ``{"steps", "seconds", "final_loss"}`` (loss averaged over the last 20 steps).
+    """
+    vae = backbone.vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = named_rng(cfg.seed, "pretrain/vae")
+    losses, start = [], time.monotonic()
+    for step, frac in _timeboxed(cfg.vae_minutes, cfg.max_steps, "pretrain VAE", progress):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(cfg.vae_lr, step, frac, cfg.warmup_steps)
+        x = sampler.batch(cfg.batch_size, _random_size(rng, cfg, backbone.vae_scale_factor)) * 2 - 1
+        with _autocast(cfg):
+            posterior = vae.encode(x).latent_dist
+            y = vae.decode(posterior.sample()).sample.float()
+        edge = sum(F.l1_loss(gy, gx) for gy, gx in zip(_gradients(y), _gradients(x)))
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.l1_loss(y, x) + cfg.edge_weight * edge + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    vae.eval().requires_grad_(False)
+    return {"steps": len(losses), "seconds": round(time.monotonic() - start, 1),
+            "final_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+@torch.no_grad()
+def set_scaling_factor(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig) -> float:
+    """Set the VAE's ``scaling_factor`` to 1 / std of its (unscaled, mode) latents on 4 batches of
+    ``crop_max_px`` training crops, so that scaled latents have unit variance; returns the factor."""
+    x = sampler.batch(4 * cfg.batch_size, cfg.crop_max_px)
+    std = float(backbone.vae.encode(x * 2 - 1).latent_dist.mode().std())
+    backbone.vae.register_to_config(scaling_factor=1.0 / std)
+    return 1.0 / std
+
+
+def train_unet(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Stage B: train ``backbone.unet`` in place as a one-step denoiser at t = 999, VAE frozen.
+
+    Returns ``{"steps", "seconds", "final_loss"}`` (latent MSE averaged over the last 20 steps).
+    """
+    unet = backbone.unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    rng = named_rng(cfg.seed, "pretrain/unet")
+    losses, start = [], time.monotonic()
+    for step, frac in _timeboxed(cfg.unet_minutes, cfg.max_steps, "pretrain UNet", progress):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(cfg.unet_lr, step, frac, cfg.warmup_steps)
+        x = sampler.batch(cfg.batch_size, _random_size(rng, cfg, backbone.latent_multiple))
+        with torch.no_grad():
+            target = encode(backbone, x)
+            z = encode(backbone, degrade(x, cfg, rng))
+            text = backbone.encode_prompt(random_prompts(len(x), rng))
+        with _autocast(cfg):
+            z0 = one_step(backbone, z, text)
+        loss = F.mse_loss(z0, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    unet.eval().requires_grad_(False)
+    return {"steps": len(losses), "seconds": round(time.monotonic() - start, 1),
+            "final_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+@torch.no_grad()
+def evaluate(backbone: Backbone, cfg: PretrainConfig) -> dict:
+    """PSNRs (dB) on fixed ``eval_px``² crops of the train and the held-out (TEST) photos.
+
+    ``vae_*``: ``decode(encode(x))`` vs ``x`` (mode of the posterior); ``unet_identity_*``: the
+    one-step map with the empty prompt on a clean input, ``decode(ẑ0(encode(x)))`` vs ``x``;
+    ``unet_identity_heldout_prompted`` the same with the prompt "a sharp, high quality photo".
+    """
+    out = {}
+    texts = {"": backbone.encode_prompt(""), "_prompted": backbone.encode_prompt("a sharp, high quality photo")}
+    for split, key in (("train", "train"), ("test", "heldout")):
+        x = eval_crops(split, cfg.eval_px, cfg.eval_crops_per_photo, cfg.seed)
+        z = encode(backbone, x)
+        out[f"vae_{key}"] = psnr(decode(backbone, z), x)
+        for suffix, text in texts.items():
+            if key == "heldout" or not suffix:
+                z0 = one_step(backbone, z, text.expand(len(x), -1, -1))
+                out[f"unet_identity_{key}{suffix}"] = psnr(decode(backbone, z0), x)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = PretrainConfig(), *,
+                      overwrite: bool = False, progress: bool = True) -> dict:
+    """Pretrain the tiny backbone from random init (stage A then stage B) and save it to ``out``.
+
+    ``out`` receives SD-Turbo's diffusers layout (safetensors) plus ``pretrain_report.json``; it is
+    built in a temporary sibling folder and renamed into place, so readers never see a half-written
+    folder. Loads back with ``load_backbone("tiny", path=out)`` (or with no path when ``out`` is the
+    shipped :data:`~dmdiff.model.backbone.TINY_ASSETS`).
+
+    Returns:
+        the report (also written to the folder): settings, per-stage steps/seconds/loss, PSNRs (dB)
+        of the random-init and of the pretrained backbone, the scaling factor, provenance.
+
+    Raises:
+        DmdiffError: ``out`` exists, is not empty and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DmdiffError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    start = time.monotonic()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone = load_backbone("tiny", pretrained=False, seed=cfg.seed)
+        sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction)
+        before = evaluate(backbone, cfg)
+        vae_stats = train_vae(backbone, sampler, cfg, progress)
+        scaling = set_scaling_factor(backbone, sampler, cfg)
+        unet_stats = train_unet(backbone, sampler, cfg, progress)
+        after = evaluate(backbone, cfg)
+    report = provenance(asdict(cfg), cfg.seed, stage_vae=vae_stats, stage_unet=unet_stats,
+                        scaling_factor=round(scaling, 5), psnr_db_random_init=before, psnr_db=after,
+                        total_seconds=round(time.monotonic() - start, 1),
+                        torch_threads=torch.get_num_threads(), parameters=backbone.num_parameters(),
+                        data={"train": sorted(sampler.names) + ["dead leaves (fresh, seeded)"],
+                              "heldout_eval_only": list(TEST_PHOTOS)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        folder = save_backbone(backbone, staging / out.name)
+        write_json(folder / REPORT_NAME, report)
+        old = staging / "old"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(folder, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: ``dmdiff pretrain-backbone [--out DIR] [--vae-minutes M] [--unet-minutes M]
+    [--seed S] [--smoke] [--overwrite]``; prints the PSNRs."""
+    cfg = PretrainConfig(seed=args.seed)
+    if args.smoke:
+        cfg = replace(cfg, **SMOKE)
+    cfg = replace(cfg, **{k: v for k, v in (("vae_minutes", args.vae_minutes),
+                                              ("unet_minutes", args.unet_minutes)) if v is not None})
+    out = Path(args.out) if args.out else TINY_ASSETS
+    report = pretrain_backbone(out, cfg, overwrite=args.overwrite)
+    print(f"wrote {out} in {report['total_seconds']:.0f} s "
+          f"(VAE {report['stage_vae']['steps']} steps, UNet {report['stage_unet']['steps']} steps)")
+    for key, value in report["psnr_db"].items():
+        print(f"  {key:34s} {value:6.2f} dB   (random init {report['psnr_db_random_init'][key]:6.2f} dB)")
+    return 0

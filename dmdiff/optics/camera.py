@@ -1,0 +1,381 @@
+"""The simulated metalens camera: a clean sRGB image in, a realistic capture and its degradation maps out.
+
+Pipeline of :meth:`MetalensCamera.capture` (DESIGN §3), in this order:
+
+1. sRGB → linear light (:func:`~dmdiff.optics.sensor.srgb_to_linear`).
+2. Spatially varying blur with the PSF grid (:class:`~dmdiff.optics.blur.SpatiallyVaryingBlur`,
+   reflect padding: the scene continues beyond the sensor's edge).
+3. Unfocused haze. A PSF window holds the fraction ``Σ h`` of the light entering the aperture
+   that lands within ``K // 2`` pixels of the image point; the rest, ``1 − Σ h`` (mostly the
+   zero diffraction order, which a diffractive lens leaves undeflected where the wrapped phase
+   does not match the wavelength, efficiency ``sinc²(1 − λ0/λ)``), is added back as a veil. The
+   zero order of a plane wave at any field angle passes the aperture straight and lands on the
+   sensor (which is parallel to the lens, at distance ``f``) as a uniformly lit copy of the aperture:
+   a disc of diameter ``D`` centred on the chief ray, i.e. on the image point. So each source pixel
+   ``q`` spreads its lost fraction ``η(q) = 1 − Σ h_q`` (interpolated between grid nodes like the
+   PSFs) over a uniform disc of diameter ``D / pitch`` pixels: ``veil = disc * (η ⊙ x)``. This
+   lumps all unfocused light into the zero order (higher orders and the rare light spilled past a
+   window are spread differently) and keeps the energy of every source pixel (``Σ h_q + η(q) = 1``).
+4. Sensor noise: heteroscedastic Gaussian, variance ``λ_shot·x + λ_read``, levels drawn as Brooks
+   et al. (2019) from the seed unless given.
+5. Clip and quantise to ``raw_bits`` (10-bit raw by default).
+6. White balance with :attr:`MetalensCamera.wb_gains`: the inverse of each channel's throughput,
+   measured as a camera maker does, on a uniform white scene through the noise-free optics (the
+   PSF window energy, plus the veil, less light moved across the sensor's border). With the haze on
+   the gains are within a few per cent of 1; with ``haze=False`` they undo the per-channel loss of
+   the unfocused light. Then the sRGB gamma and 8-bit quantisation.
+
+:meth:`MetalensCamera.ideal` is the neutral-path target: the same scene through an aberration-free
+lens of the same aperture and focal length (diffraction-limited, on-axis Airy PSF integrated over
+each channel's band and over the pixels), no noise, no quantisation.
+
+Degradation maps ``(7, G, G)`` in :attr:`MetalensCamera.MAP_CHANNELS` order: PSF FWHM and 80 %
+encircled-energy radius per channel (pixels, :func:`dmdiff.optics.grid.sharpness_maps`), and the
+noise std at mid grey (0.5 linear) in ``[0, 1]`` units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmdiff.errors import DmdiffError
+from dmdiff.optics.sensor import (
+    SHOT_RANGE, add_sensor_noise, isp, linear_to_srgb, noise_std, quantize, sample_noise_levels,
+    srgb_to_linear,
+)
+from dmdiff.optics.spec import MetalensSpec
+
+__all__ = ["MetalensCamera", "Capture", "CameraInputError", "MAP_CHANNELS", "disc_kernel"]
+
+MAP_CHANNELS = ("fwhm_r", "fwhm_g", "fwhm_b", "ee80_r", "ee80_g", "ee80_b", "noise")
+
+
+class CameraInputError(DmdiffError, ValueError):
+    """An image handed to the camera has the wrong shape, size, type or values."""
+
+
+@dataclass
+class Capture:
+    """What :meth:`MetalensCamera.capture` returns.
+
+    Attributes:
+        image: (H, W, 3) float32 sRGB, quantised to 8 bits.
+        maps: (7, G, G) float32 in ``MAP_CHANNELS`` order: PSF widths in pixels, noise = std of the
+            sensor noise at mid grey (0.5 linear), in [0, 1] units.
+        noise: (shot, read) variance factors used.
+    """
+
+    image: np.ndarray
+    maps: np.ndarray
+    noise: tuple[float, float]
+
+
+def disc_kernel(diameter_px: float, supersample: int = 8) -> np.ndarray:
+    """A uniform disc of the given diameter, anti-aliased by pixel coverage, summing to 1.
+
+    Returns a float64 ``(n, n)`` kernel, ``n`` odd, centred at ``n // 2``.
+    """
+    radius = max(float(diameter_px) / 2, 0.5)
+    half = int(math.ceil(radius - 0.5))
+    n = 2 * half + 1
+    s = supersample
+    sub = (np.arange(n * s) + 0.5) / s - 0.5 - half
+    inside = (sub[:, None] ** 2 + sub[None, :] ** 2) <= radius**2
+    kernel = inside.reshape(n, s, n, s).mean(axis=(1, 3))
+    return kernel / kernel.sum()
+
+
+def _seed_streams(seed) -> tuple[np.random.Generator, np.random.Generator]:
+    """Two independent generators (noise levels, pixel noise) from an int / SeedSequence / Generator."""
+    if isinstance(seed, np.random.Generator):
+        return seed, seed
+    if isinstance(seed, np.random.SeedSequence):
+        ss = seed
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise CameraInputError(f"seed must be a non-negative integer, a numpy SeedSequence or a "
+                                   f"Generator, got {seed!r}")
+        ss = np.random.SeedSequence(int(seed))
+    children = [np.random.SeedSequence(ss.entropy, spawn_key=tuple(ss.spawn_key) + (k,)) for k in (0, 1)]
+    return np.random.default_rng(children[0]), np.random.default_rng(children[1])
+
+
+class MetalensCamera:
+    """A metalens in front of a noisy sensor with a simple ISP (see the module docstring).
+
+    Args:
+        spec: the lens and sensor (default ``MetalensSpec()``).
+        cache_dir: PSF cache folder (default: ``dmdiff.optics.grid.default_cache_dir()``); the PSF
+            grid and the ideal-lens PSF are computed once and cached there.
+        raw_bits: bit depth of the raw A/D conversion.
+        haze: add the unfocused light as a veil (True, physical) or drop it (False, an ablation).
+        shot_range: range of λ_shot when noise levels are drawn (Brooks et al. by default).
+        progress: show a progress bar while a PSF grid is computed.
+
+    The PSF grid, blur operator, sharpness maps and ideal-lens kernel are built lazily on first use.
+    """
+
+    MAP_CHANNELS = MAP_CHANNELS
+
+    def __init__(self, spec: MetalensSpec | None = MetalensSpec(), cache_dir: str | os.PathLike | None = None,
+                 *, raw_bits: int = 10, haze: bool = True,
+                 shot_range: tuple[float, float] = SHOT_RANGE, progress: bool = True):
+        if spec is None:
+            spec = MetalensSpec()
+        if not isinstance(spec, MetalensSpec):
+            raise CameraInputError(f"spec must be a MetalensSpec, got {type(spec).__name__}")
+        if not isinstance(raw_bits, int) or not 1 <= raw_bits <= 16:
+            raise CameraInputError(f"raw_bits must be an integer in [1, 16], got {raw_bits!r}")
+        self.spec = spec
+        self.cache_dir = cache_dir
+        self.raw_bits = raw_bits
+        self.haze = bool(haze)
+        self.shot_range = tuple(shot_range)
+        self.progress = progress
+        self._grid = None
+        self._blur = None
+        self._sharpness = None
+        self._ideal_kernel = None
+        self._pixel_weights = None
+        self._throughput = None
+        self._veil_setup = None
+
+    def __repr__(self) -> str:
+        return (f"MetalensCamera(image_size_px={self.spec.image_size_px}, grid_size={self.spec.grid_size}, "
+                f"psf_size_px={self.spec.psf_size_px}, raw_bits={self.raw_bits}, haze={self.haze})")
+
+    def prepare(self) -> "MetalensCamera":
+        """Build (or load from the cache) everything lazily made: PSF grid, maps, ideal-lens kernel."""
+        self.grid, self.blur, self.sharpness, self.ideal_kernel, self.throughput  # noqa: B018
+        return self
+
+    # ---- optics, built lazily ---------------------------------------------------------------------
+
+    @property
+    def grid(self):
+        """The :class:`dmdiff.optics.grid.PSFGrid` of the spec (computed or loaded from the cache)."""
+        if self._grid is None:
+            from dmdiff.optics.grid import psf_grid
+
+            self._grid = psf_grid(self.spec, cache_dir=self.cache_dir, progress=self.progress)
+        return self._grid
+
+    @property
+    def blur(self):
+        """The :class:`SpatiallyVaryingBlur` over the PSF grid."""
+        if self._blur is None:
+            from dmdiff.optics.blur import SpatiallyVaryingBlur
+
+            self._blur = SpatiallyVaryingBlur(self.grid.psfs)
+        return self._blur
+
+    @property
+    def haze_fraction(self) -> np.ndarray:
+        """(3, G, G) float64: the fraction ``1 − Σ h`` of the light missing from each PSF window."""
+        return np.clip(1.0 - self.grid.psfs.astype(np.float64).sum(axis=(-2, -1)), 0.0, 1.0)
+
+    @property
+    def haze_diameter_px(self) -> float:
+        """Diameter of the zero-order disc on the sensor: the aperture, ``D / pitch`` pixels."""
+        return self.spec.aperture_diameter_m / self.spec.pitch_m
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """Node weights over the sensor's rows and columns, each (G, N) (see ``blur.node_weights``)."""
+        if self._pixel_weights is None:
+            from dmdiff.optics.blur import node_weights
+
+            n, g = self.spec.image_size_px, self.spec.grid_size
+            w = node_weights(np.arange(n), n, g)
+            self._pixel_weights = (w, w)
+        return self._pixel_weights
+
+    @property
+    def throughput(self) -> np.ndarray:
+        """(3,) float64: mean sensor response of each channel to a uniform white scene (flat field).
+
+        The noise-free optics (:meth:`optics_linear`) applied to an all-ones image, averaged over the
+        sensor: the PSF window energy, plus the veil with ``haze=True``, less what the spatially
+        varying PSFs move across the border or redistribute. A camera is white-balanced on such a
+        uniform white target; with the haze on, all light is kept and the gains stay close to 1.
+        """
+        if self._throughput is None:
+            n = self.spec.image_size_px
+            flat = self.optics_linear(np.ones((n, n, 3), np.float32))
+            self._throughput = flat.astype(np.float64).mean(axis=(0, 1))
+        return self._throughput
+
+    @property
+    def wb_gains(self) -> np.ndarray:
+        """(3,) white-balance gains ``1 / throughput``: a uniform white scene comes out white."""
+        return 1.0 / np.maximum(self.throughput, 1e-6)
+
+    def optics_linear(self, x_linear: np.ndarray) -> np.ndarray:
+        """The noise-free sensor irradiance: blur with the PSF grid plus the unfocused veil.
+
+        Args:
+            x_linear: (H, W, 3) linear-light image with H = W = ``spec.image_size_px``.
+
+        Returns:
+            (H, W, 3) float32 linear values (not clipped).
+        """
+        import torch
+
+        n = self.spec.image_size_px
+        if np.shape(x_linear) != (n, n, 3):
+            raise CameraInputError(f"optics_linear takes a ({n}, {n}, 3) linear image, got shape {np.shape(x_linear)}")
+        x = np.ascontiguousarray(np.asarray(x_linear, dtype=np.float32).transpose(2, 0, 1))
+        with torch.no_grad():
+            y = self.blur(torch.from_numpy(x)[None], padding="reflect")[0].numpy().astype(np.float64)
+        if self.haze:
+            y += self._veil(x.astype(np.float64))
+        return np.ascontiguousarray(y.transpose(1, 2, 0), dtype=np.float32)
+
+    def _veil(self, x: np.ndarray) -> np.ndarray:
+        """``disc * (η ⊙ x)`` for a (3, H, W) linear image, reflect-padded (module docstring, step 3)."""
+        import scipy.signal
+
+        if self._veil_setup is None:
+            wy, wx = self._weights()
+            eta = np.einsum("in,cij,jm->cnm", wy, self.haze_fraction, wx)  # (3, H, W) lost fraction
+            self._veil_setup = (eta, disc_kernel(self.haze_diameter_px)[None])
+        eta, kernel = self._veil_setup
+        half = kernel.shape[-1] // 2
+        source = np.pad(eta * x, ((0, 0), (half, half), (half, half)), mode="reflect")
+        return scipy.signal.fftconvolve(source, kernel, mode="valid", axes=(1, 2))
+
+    # ---- maps ---------------------------------------------------------------------------------
+
+    @property
+    def sharpness(self) -> np.ndarray:
+        """(6, G, G) float32: FWHM R, G, B then EE80 radius R, G, B, in pixels (cached)."""
+        if self._sharpness is None:
+            from dmdiff.optics.grid import sharpness_maps
+
+            s = sharpness_maps(self.grid)
+            self._sharpness = np.concatenate([s["fwhm_px"], s["ee80_px"]]).astype(np.float32)
+        return self._sharpness
+
+    def maps(self, noise: tuple[float, float]) -> np.ndarray:
+        """(7, G, G) float32 degradation maps for the given (shot, read) noise levels."""
+        g = self.spec.grid_size
+        level = float(noise_std(0.5, *noise))
+        return np.concatenate([self.sharpness, np.full((1, g, g), level, np.float32)])
+
+    # ---- capture ------------------------------------------------------------------------------
+
+    def _check_image(self, image) -> np.ndarray:
+        n = self.spec.image_size_px
+        a = np.asarray(image)
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise CameraInputError(f"the camera takes an (H, W, 3) RGB image, got an array of shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CameraInputError(f"the camera takes float sRGB values in [0, 1], got dtype {a.dtype} "
+                                   "(for 8-bit data divide by 255, or use dmdiff.imageio.read_image)")
+        if a.shape[:2] != (n, n):
+            raise CameraInputError(
+                f"image is {a.shape[1]}×{a.shape[0]} px but this camera's sensor is {n}×{n} px "
+                f"(spec.image_size_px = {n}); resize or crop it first, e.g. "
+                f"skimage.transform.resize(image, ({n}, {n}, 3), anti_aliasing=True)")
+        if not np.all(np.isfinite(a)):
+            raise CameraInputError("image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise CameraInputError(f"image values span [{lo:.4g}, {hi:.4g}]; expected sRGB values in [0, 1]")
+        return np.clip(a.astype(np.float32), 0.0, 1.0)
+
+    def capture(self, image: np.ndarray, seed, noise: tuple[float, float] | None = None) -> Capture:
+        """Photograph ``image`` through the metalens (see the module docstring for the pipeline).
+
+        Args:
+            image: (H, W, 3) float sRGB in [0, 1], H = W = ``spec.image_size_px``.
+            seed: int (or ``numpy.random.SeedSequence`` / ``Generator``); the same seed gives the
+                same capture, bit for bit.
+            noise: (shot, read) variance factors; None draws them from the seed (Brooks et al.).
+
+        Returns:
+            :class:`Capture` (8-bit sRGB image, (7, G, G) maps, the noise levels used).
+
+        Raises:
+            CameraInputError: wrong shape or size (the message gives the sensor size), dtype or values.
+        """
+        x = self._check_image(image)
+        level_rng, pixel_rng = _seed_streams(seed)
+        if noise is None:
+            noise = sample_noise_levels(level_rng, self.shot_range)
+        shot, read = (float(v) for v in noise)
+        if not (shot >= 0 and read >= 0 and math.isfinite(shot) and math.isfinite(read)):
+            raise CameraInputError(f"noise levels must be finite and >= 0, got {noise!r}")
+        irradiance = self.optics_linear(srgb_to_linear(x))
+        raw = quantize(add_sensor_noise(irradiance, shot, read, pixel_rng), self.raw_bits)
+        out = isp(raw, self.wb_gains, bits=8)
+        return Capture(image=out, maps=self.maps((shot, read)), noise=(shot, read))
+
+    # ---- ideal lens ---------------------------------------------------------------------------
+
+    @property
+    def ideal_kernel(self) -> np.ndarray:
+        """(3, k, k) float64 ideal-lens PSFs, each normalised to sum 1 (cached on disk).
+
+        ``k`` (odd) covers four Airy first-zero radii of the reddest wavelength, at least 5 pixels
+        and at most ``spec.psf_size_px``.
+        """
+        if self._ideal_kernel is None:
+            spec = self.spec
+            airy_px = 1.22 * max(hi for _, hi in spec.bands_m) * spec.f_number / spec.pitch_m
+            size = min(spec.psf_size_px, max(5, 2 * int(math.ceil(4 * airy_px)) + 1))
+            kernel = self._cached(f"idealpsf-k{size}", (3, size, size), lambda: self._ideal_psf(size))
+            kernel = kernel.astype(np.float64)
+            self._ideal_kernel = kernel / kernel.sum(axis=(1, 2), keepdims=True)
+        return self._ideal_kernel
+
+    def _ideal_psf(self, size: int) -> np.ndarray:
+        from dmdiff.optics.grid import ideal_psf_rgb
+
+        return np.asarray(ideal_psf_rgb(self.spec, size), dtype=np.float32)
+
+    def _cached(self, name: str, shape: tuple, compute) -> np.ndarray:
+        """An array cached as ``<cache>/<name>-<spec.cache_key()>.npy`` (atomic write, checked shape)."""
+        from dmdiff.optics.grid import default_cache_dir
+
+        path = Path(self.cache_dir or default_cache_dir()) / f"{name}-{self.spec.cache_key()}.npy"
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == shape and np.all(np.isfinite(arr)):
+                return arr
+        except (OSError, ValueError):
+            pass
+        arr = compute()
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache is not fatal: the array is just recomputed next time
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        return arr
+
+    def ideal(self, image: np.ndarray) -> np.ndarray:
+        """The neutral-path target: ``image`` through an aberration-free lens of the same aperture.
+
+        sRGB → linear → each channel convolved with its (normalised) diffraction-limited PSF
+        (mirror borders) → sRGB. No noise, no quantisation.
+
+        Returns:
+            (H, W, 3) float32 sRGB in [0, 1].
+        """
+        import scipy.ndimage
+
+        x = srgb_to_linear(self._check_image(image)).astype(np.float64)
+        out = np.empty_like(x)
+        for c in range(3):
+            out[:, :, c] = scipy.ndimage.convolve(x[:, :, c], self.ideal_kernel[c], mode="mirror")
+        return np.clip(linear_to_srgb(np.clip(out, 0.0, 1.0)), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,241 @@
+"""A grid of band-integrated metalens PSFs over the sensor, disk-cached, and its sharpness maps.
+
+Nodes follow docs/architecture.md: node (i, j) of an H × W sensor sits at pixel
+``(y_i, x_j) = ((i + 0.5)·H/G − 0.5, (j + 0.5)·W/G − 0.5)``. Its sensor position relative to the
+optical axis is ``(x, y) = (x_j − (W−1)/2, y_i − (H−1)/2)·pitch`` (y grows downwards, like rows),
+its field angle ``θ = atan(r / f)`` with ``r = hypot(x, y)`` and its azimuth ``atan2(y, x)``.
+
+The lens is rotationally symmetric, so PSFs are computed once per distinct radius with the field
+along +x, averaged over the channel's wavelengths (equal weights) on the fine simulation grid, then
+rotated to each node's azimuth (bilinear interpolation on the fine grid, which over-samples the
+intensity), binned to pixels and rescaled so rotation does not change the energy in the window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from dmdiff.optics.propagation import LensSpectrum, bin_pixels
+from dmdiff.optics.spec import OPTICS_MODEL_VERSION, MetalensSpec
+
+FWHM_OVERSAMPLE = 8       # bilinear sub-samples per pixel side when measuring the half-max area
+EE_BIN_PX = 0.02          # radial bin (pixels) of the encircled-energy curve
+EE_OVERSAMPLE = 5         # uniform sub-samples per pixel side for the encircled energy
+
+
+@dataclass
+class PSFGrid:
+    """PSFs on the G × G node grid.
+
+    Attributes:
+        psfs: float32 (3, G, G, K, K): channel (R, G, B), node row i, node column j, kernel rows,
+            kernel columns; centred at (K//2, K//2), each kernel sums to <= 1 (the fraction of the
+            light entering the aperture that falls in the window).
+        field_deg: float64 (G, G, 2): the node's field angle θ split along the sensor axes,
+            ``(θ·cos(azimuth), θ·sin(azimuth))`` in degrees (x right, y down); ``hypot`` gives θ.
+        spec: the lens and sensor.
+    """
+
+    psfs: np.ndarray
+    field_deg: np.ndarray
+    spec: MetalensSpec
+
+
+def node_offsets_px(spec: MetalensSpec) -> np.ndarray:
+    """Node offsets from the sensor centre along one axis, ``x_j − (W−1)/2``, float64 (G,) px."""
+    g, w = spec.grid_size, spec.image_size_px
+    return (2 * np.arange(g) + 1 - g) * w / (2 * g)
+
+
+def node_field_deg(spec: MetalensSpec) -> np.ndarray:
+    """Field angles of the nodes as in :attr:`PSFGrid.field_deg`, float64 (G, G, 2) degrees."""
+    off = node_offsets_px(spec) * spec.pitch_m
+    x, y = np.meshgrid(off, off)                       # x varies along columns j, y along rows i
+    r = np.hypot(x, y)
+    theta = np.degrees(np.arctan(r / spec.focal_length_m))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos_az, sin_az = np.where(r > 0, x / r, 1.0), np.where(r > 0, y / r, 0.0)
+    return np.stack([theta * cos_az, theta * sin_az], axis=-1)
+
+
+def default_cache_dir() -> Path:
+    """``$DMDIFF_CACHE`` if set, else ``~/.cache/dmdiff/psf``."""
+    env = os.environ.get("DMDIFF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "dmdiff" / "psf"
+
+
+def psf_grid(spec: MetalensSpec, cache_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> PSFGrid:
+    """The band-integrated PSF grid of ``spec``, loaded from the disk cache or computed and cached.
+
+    The cache file is ``<cache_dir>/psfgrid-<spec.cache_key()>.safetensors`` (``cache_dir``
+    defaults to :func:`default_cache_dir`), written atomically. ``progress`` shows a tqdm bar.
+    """
+    g, k = spec.grid_size, spec.psf_size_px
+    path = Path(cache_dir or default_cache_dir()) / f"psfgrid-{spec.cache_key()}.safetensors"
+    data = _read(path, {"psfs": (3, g, g, k, k), "field_deg": (g, g, 2)})
+    if data is None:
+        data = {"psfs": _compute_psfs(spec, progress), "field_deg": node_field_deg(spec)}
+        _write(path, data, spec)
+    return PSFGrid(data["psfs"].astype(np.float32), data["field_deg"].astype(np.float64), spec)
+
+
+def _compute_psfs(spec: MetalensSpec, progress: bool) -> np.ndarray:
+    """float32 (3, G, G, K, K) PSFs; see the module docstring for the method."""
+    g, size = spec.grid_size, spec.psf_size_px
+    off = node_offsets_px(spec)
+    # squared radius in units of (W / 2G)²: exact integers, so equal radii are found exactly
+    units = 2 * np.arange(g) + 1 - g
+    r2_units = units[None, :] ** 2 + units[:, None] ** 2
+    radii_units, node_radius = np.unique(r2_units, return_inverse=True)
+    node_radius = node_radius.reshape(g, g)
+    radii_m = np.sqrt(radii_units) * (spec.image_size_px / (2 * g)) * spec.pitch_m
+    fields = np.degrees(np.arctan(radii_m / spec.focal_length_m))
+    x, y = np.meshgrid(off, off)
+    r = np.hypot(x, y)
+    out = np.empty((3, g, g, size, size), np.float32)
+    n_lam = spec.wavelengths_per_channel
+    with tqdm(total=3 * n_lam * len(fields), desc="PSF grid", unit="psf", disable=not progress) as bar:
+        for c in range(3):
+            fine, k = None, 1
+            for lam in spec.wavelengths(c):
+                lens = LensSpectrum(spec, lam, size, spec.pitch_m)
+                k = lens.k
+                if fine is None:
+                    fine = np.zeros((len(fields), lens.n_win, lens.n_win))
+                for ri, field in enumerate(fields):
+                    fine[ri] += lens.intensity(field) / n_lam
+                    bar.update()
+            for i in range(g):
+                for j in range(g):
+                    base = fine[node_radius[i, j]]
+                    cos_az, sin_az = (x[i, j] / r[i, j], y[i, j] / r[i, j]) if r[i, j] > 0 else (1, 0)
+                    out[c, i, j] = _rotated_binned(base, cos_az, sin_az, k)
+    return out
+
+
+def _rotated_binned(fine: np.ndarray, cos_az: float, sin_az: float, k: int) -> np.ndarray:
+    """Rotate a fine-sampled PSF (field along +x) so +x points to the azimuth, then bin k × k.
+
+    The result is rescaled to the energy of the unrotated window.
+    """
+    if (cos_az, sin_az) == (1, 0):
+        return bin_pixels(fine, k)
+    n = fine.shape[0]
+    centre = (n - 1) / 2
+    v, u = np.mgrid[0:n, 0:n] - centre                  # output row / column offsets
+    src_col = u * cos_az + v * sin_az + centre
+    src_row = -u * sin_az + v * cos_az + centre
+    rotated = ndimage.map_coordinates(fine, [src_row, src_col], order=1, mode="constant", cval=0.0)
+    binned = bin_pixels(rotated, k)
+    total = binned.sum()
+    return binned * (fine.sum() / total) if total > 0 else binned
+
+
+def ideal_psf_rgb(spec: MetalensSpec, size_px: int) -> np.ndarray:
+    """Band-integrated, on-axis PSFs of the aberration-free lens (same D, f), float32 (3, K, K).
+
+    Each channel averages :func:`dmdiff.optics.propagation.ideal_psf` over the channel's
+    wavelengths (equal weights) at the sensor pitch; ``K = size_px`` (odd). Not cached: a few
+    seconds for the default spec (one lens spectrum and one propagation per wavelength).
+    """
+    out = np.zeros((3, size_px, size_px))
+    for c in range(3):
+        lams = spec.wavelengths(c)
+        for lam in lams:
+            out[c] += LensSpectrum(spec, lam, size_px, spec.pitch_m, ideal=True).psf() / len(lams)
+    return out.astype(np.float32)
+
+
+# ---- sharpness ---------------------------------------------------------------------------------
+
+def sharpness_maps(grid: PSFGrid) -> dict[str, np.ndarray]:
+    """PSF widths per channel and node, in sensor pixels.
+
+    Returns ``{"fwhm_px": (3, G, G), "ee80_px": (3, G, G)}`` float32:
+
+    * ``fwhm_px``: diameter of the disc whose area equals the area where the pixel-integrated PSF
+      is at least half its maximum, the area measured on a bilinear ×8 interpolation of the pixels
+      (equals the FWHM for a round spot; counts every region above half max).
+    * ``ee80_px``: radius around the PSF centroid that encloses 80 % of the energy inside the
+      window, each pixel's energy spread uniformly over its area.
+    """
+    psfs = np.asarray(grid.psfs, np.float64)
+    shape = psfs.shape[:3]
+    flat = psfs.reshape(-1, *psfs.shape[3:])
+    fwhm = np.array([_fwhm_px(p) for p in flat]).reshape(shape)
+    ee80 = np.array([_encircled_radius_px(p, 0.8) for p in flat]).reshape(shape)
+    return {"fwhm_px": fwhm.astype(np.float32), "ee80_px": ee80.astype(np.float32)}
+
+
+def _fwhm_px(p: np.ndarray) -> float:
+    """Equivalent-disc diameter (px) of the region where the bilinear-interpolated p >= max/2."""
+    s = FWHM_OVERSAMPLE
+    n = p.shape[0]
+    coords = (np.arange(n * s) + 0.5) / s - 0.5
+    rows, cols = np.meshgrid(coords, coords, indexing="ij")
+    fine = ndimage.map_coordinates(p, [rows, cols], order=1, mode="nearest")
+    area = np.count_nonzero(fine >= 0.5 * p.max()) / s**2
+    return 2 * math.sqrt(area / math.pi)
+
+
+def _encircled_radius_px(p: np.ndarray, fraction: float) -> float:
+    """Radius (px) around the centroid of p enclosing ``fraction`` of p's sum (pixels uniform)."""
+    n, s = p.shape[0], EE_OVERSAMPLE
+    total = p.sum()
+    idx = np.arange(n)
+    cy, cx = (p.sum(axis=1) @ idx) / total, (p.sum(axis=0) @ idx) / total
+    sub = (np.arange(n * s) + 0.5) / s - 0.5                       # sub-sample centres, px
+    d = np.hypot(sub[:, None] - cy, sub[None, :] - cx)
+    weights = np.repeat(np.repeat(p, s, axis=0), s, axis=1) / s**2
+    bins = (d / EE_BIN_PX).astype(np.int64).ravel()
+    cumulative = np.cumsum(np.bincount(bins, weights=weights.ravel()))
+    b = int(np.searchsorted(cumulative, fraction * total))
+    below = cumulative[b - 1] if b > 0 else 0.0
+    step = cumulative[b] - below
+    return EE_BIN_PX * (b + ((fraction * total - below) / step if step > 0 else 0.0))
+
+
+# ---- cache -------------------------------------------------------------------------------------
+
+def _read(path: Path, shapes: dict[str, tuple]) -> dict[str, np.ndarray] | None:
+    """Arrays of the cache file at ``path``; None when it is absent or unreadable (warned)."""
+    if not path.exists():
+        return None
+    try:
+        data = load_file(str(path))
+        for name, shape in shapes.items():
+            if data[name].shape != shape:
+                raise ValueError(f"{name} has shape {data[name].shape}, expected {shape}")
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        warnings.warn(f"ignoring unreadable PSF cache {path} ({exc}); recomputing", stacklevel=3)
+        return None
+    return data
+
+
+def _write(path: Path, arrays: dict[str, np.ndarray], spec: MetalensSpec) -> None:
+    """Save ``arrays`` as safetensors (with the spec as metadata) via a temp file + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    metadata = {"spec": json.dumps(spec.to_dict(), sort_keys=True),
+                "optics_model_version": str(OPTICS_MODEL_VERSION)}
+    try:
+        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

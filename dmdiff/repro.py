@@ -1,0 +1,192 @@
+"""`dmdiff repro`: the whole study, headless, through papermill.
+
+Runs the numbered notebooks in ``notebooks/`` in order with shared parameters (seed, preset, smoke,
+data and run folders), each into ``RUN/notebooks/``, and gathers their figures and metrics (each
+notebook writes into ``RUN/<notebook stem>/``) into one run folder with
+
+* ``manifest.json`` — parameters, seed, package versions, git revision, per-step status, duration,
+  and for a failed notebook the failing cell and error;
+* ``report.md`` — every notebook's figures and metrics in one page.
+
+A failing notebook stops the study (later notebooks depend on earlier outputs); the job exits
+non-zero and keeps everything that succeeded. ``--resume`` skips steps already done with the same
+parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dmdiff.errors import DmdiffError
+from dmdiff.runinfo import atomic_write_text, provenance, write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The study's notebooks in order: ``NN_name.ipynb`` sorted by number."""
+    found = sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise DmdiffError(f"no notebooks found in {directory}")
+    return found
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` → dict, values parsed as JSON when possible (``3``, ``true``, ``"x"``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise DmdiffError(f"-p expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def declared_parameters(path: Path) -> dict[str, dict]:
+    """The parameters a notebook declares in its ``parameters`` cell (papermill's inspection)."""
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+@dataclass
+class StepResult:
+    """What happened to one step of the study."""
+
+    name: str
+    status: str  # "ok", "failed", "skipped (resumed)", "not run"
+    seconds: float = 0.0
+    parameters: dict = field(default_factory=dict)
+    error: dict | None = None
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _failure_details(exc: BaseException, executed: Path) -> dict:
+    """The failing cell's source and the error, from papermill's exception and executed notebook."""
+    details: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ename = getattr(exc, "ename", None)
+    if ename:
+        details["error"] = f"{ename}: {getattr(exc, 'evalue', '')}"
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(executed), as_version=4)
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+                details["cell_index"] = index
+                details["cell_source"] = cell.source[:2000]
+                break
+    except Exception:  # the executed notebook may not exist if papermill failed before writing
+        pass
+    return details
+
+
+def run_notebook(path: Path, executed: Path, params: dict, cwd: Path) -> None:
+    """Execute one notebook with papermill (kernel ``python3``), writing the executed copy."""
+    import papermill
+
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(path), str(executed), parameters=params, kernel_name="python3", cwd=str(cwd),
+        progress_bar=False, request_save_on_cell_execute=True,
+    )
+
+
+def _report(run_dir: Path, results: list[StepResult]) -> str:
+    """A markdown page with each step's status, figures and metrics."""
+    lines = ["# dmdiff study report", "", "| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r.name} | {r.status} | {r.seconds:.1f} |" for r in results]
+    for r in results:
+        folder = run_dir / r.name
+        if not folder.is_dir():
+            continue
+        lines += ["", f"## {r.name}", ""]
+        for metrics in sorted(folder.glob("*.md")):
+            lines += [metrics.read_text().strip(), ""]
+        for metrics in sorted(folder.glob("*.json")):
+            lines += [f"`{metrics.name}`:", "", "```json", metrics.read_text().strip()[:4000], "```", ""]
+        for fig in sorted(folder.glob("*.png")):
+            lines.append(f"![{fig.stem}]({fig.relative_to(run_dir).as_posix()})")
+        if r.error:
+            lines += ["", f"**failed** in cell {r.error.get('cell_index')}: `{r.error['error']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
+              extra: dict | None = None, resume: bool = False,
+              notebook_paths: list[Path] | None = None) -> list[StepResult]:
+    """Run every notebook in order; returns the per-step results (also written to the manifest)."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    previous = {}
+    if resume and manifest_path.is_file():
+        previous = {s["name"]: s for s in json.loads(manifest_path.read_text()).get("steps", [])}
+
+    shared = {"seed": seed, "preset": preset, "smoke": smoke,
+              "data_dir": str(out / "data"), "run_dir": str(out), **(extra or {})}
+    paths = notebook_paths or notebooks()
+    results: list[StepResult] = []
+    failed = False
+    for path in tqdm(paths, desc="dmdiff repro", unit="notebook"):
+        name = path.stem
+        if failed:
+            results.append(StepResult(name, "not run"))
+            continue
+        declared = declared_parameters(path)
+        params = {k: v for k, v in shared.items() if k in declared}
+        params["out_dir"] = str(out / name)
+        digest = _params_hash(params)
+        done = previous.get(name)
+        if done and done["status"] == "ok" and done.get("params_hash") == digest:
+            results.append(StepResult(name, "skipped (resumed)", done.get("seconds", 0.0), params))
+            continue
+        executed = out / "notebooks" / path.name
+        start = time.perf_counter()
+        try:
+            run_notebook(path, executed, params, cwd=path.parent)
+            results.append(StepResult(name, "ok", time.perf_counter() - start, params))
+        except Exception as exc:  # papermill raises PapermillExecutionError; anything else is a failure too
+            results.append(StepResult(name, "failed", time.perf_counter() - start, params,
+                                      _failure_details(exc, executed)))
+            failed = True
+        _write_manifest(out, shared, results)
+    _write_manifest(out, shared, results)
+    atomic_write_text(out / "report.md", _report(out, results))
+    return results
+
+
+def _write_manifest(out: Path, shared: dict, results: list[StepResult]) -> None:
+    steps = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "parameters": r.parameters,
+              "params_hash": _params_hash(r.parameters) if r.parameters else None, "error": r.error}
+             for r in results]
+    write_json(out / "manifest.json", provenance(config=shared, seed=shared["seed"], steps=steps))
+
+
+def main(args) -> int:
+    extra = parse_params(args.param)
+    seed = int(extra.pop("seed", 0))
+    results = run_study(Path(args.out), preset=args.preset, smoke=args.smoke, seed=seed, extra=extra,
+                        resume=args.resume)
+    for r in results:
+        print(f"{r.name:32s} {r.status:18s} {r.seconds:8.1f} s")
+        if r.error:
+            print(f"    failing cell {r.error.get('cell_index')}: {r.error['error']}")
+    print(f"run folder: {Path(args.out).resolve()}  (manifest.json, report.md)")
+    return 0 if all(r.status != "failed" for r in results) else 1

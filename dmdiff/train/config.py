@@ -1,0 +1,253 @@
+"""Settings of ``dmdiff train``: one dataclass tree, laid over by a YAML file (:mod:`dmdiff.config`).
+
+``load_train_config("configs/tiny.yaml")`` merges strictly (unknown keys and wrong types raise
+:class:`~dmdiff.errors.ConfigError` naming the key) and then checks ranges and the recipe's stage
+overrides, so a bad config fails before any data or model is touched. The resolved config is
+written to ``RUN/config.yaml`` and reloads to the same object.
+
+Units: sizes in pixels, learning rates per optimizer step, ``steps`` counts optimizer steps (each
+one ``grad_accum`` micro-batches of ``batch_size`` images per process).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from dmdiff.config import load_config, merge
+from dmdiff.errors import ConfigError
+from dmdiff.model.dmdiff import DMDiffConfig
+
+#: The three paths, in the order of :class:`PathProbs` and of the integer path ids in batches.
+PATHS = ("positive", "neutral", "negative")
+
+
+@dataclass
+class PathProbs:
+    """How often each path is trained (weights; normalised to sum 1, so ``1, 0, 0`` is fine).
+
+    positive: LR → GT (restoration, perceptual); neutral: LR → ideal-lens image (fidelity);
+    negative: GT → LR (the forward degradation, DESIGN §2).
+    """
+
+    positive: float = 0.7
+    neutral: float = 0.2
+    negative: float = 0.1
+
+    def normalised(self) -> tuple[float, float, float]:
+        """``(positive, neutral, negative)`` summing to 1, in :data:`PATHS` order."""
+        values = (self.positive, self.neutral, self.negative)
+        total = sum(values)
+        return tuple(v / total for v in values)
+
+
+@dataclass
+class LossConfig:
+    """``mse · MSE(out, target) + lpips · LPIPS(out, target)`` (DESIGN §2: 2 and 5, VGG trunk).
+
+    LPIPS needs its trunk's ImageNet weights (:func:`dmdiff.metrics.lpips_status`); when they are
+    absent, the ``lpips`` weight goes to ``lpips_substitute`` instead, with a warning that LPIPS is
+    not being used: ``"gradient-l1"`` (L1 between the images' horizontal and vertical finite
+    differences, an edge-fidelity term) or ``"none"`` (the term is dropped).
+    """
+
+    mse: float = 2.0
+    lpips: float = 5.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_substitute: Literal["gradient-l1", "none"] = "gradient-l1"
+
+
+@dataclass
+class PseudoConfig:
+    """The pseudo-pair step of the two-stage recipe (``dmdiff pseudo``).
+
+    count: clean images to degrade with the stage-1 model.
+    dead_leaves_fraction: share of them that are dead-leaves images; the rest are random crops of
+        the bundled *training* photos (never the test photos), with names and seeds distinct from
+        the dataset's.
+    noise_strength: scale of the sensor-noise augmentation (``pseudo_noise_augment``; 0: none).
+    size_px: side of the pseudo images (None: the dataset's sensor size).
+    batch_size: images per ``DMDiff.degrade`` call.
+    seed: seed of the clean images and the noise.
+    """
+
+    count: int = 64
+    dead_leaves_fraction: float = 0.5
+    noise_strength: float = 1.0
+    size_px: int | None = None
+    batch_size: int = 8
+    seed: int = 1
+
+
+#: What each recipe stage changes before its own overrides: stage 1 trains the negative path only.
+STAGE_BASE = {"stage1": {"path_probs": {"positive": 0.0, "neutral": 0.0, "negative": 1.0}}, "stage2": {}}
+
+
+@dataclass
+class RecipeConfig:
+    """The two-stage pseudo-data recipe (``dmdiff train --recipe``; DESIGN §2).
+
+    stage1, stage2: overrides laid over the rest of this config for each stage (same keys as the
+        top level, checked as strictly; nested keys merge). Stage 1 first sets ``path_probs`` to
+        the negative path only (:data:`STAGE_BASE`), stage 2 keeps the top-level ``path_probs``
+        (0.7 / 0.2 / 0.1 by default); stage 2 trains on ``data`` + ``extra_data`` + the pseudo
+        pairs.
+    stage2_init: ``"base"`` (stage 2 starts from the untrained adapters, as a separate model) or
+        ``"stage1"`` (from stage 1's weights; optimizer state fresh).
+    pseudo: the pseudo-pair step.
+    simulate: when set and ``data`` does not exist yet, the recipe first simulates the dataset
+        there with these :class:`~dmdiff.data.simulate.SimulationConfig` settings (e.g. ``{}``
+        for the defaults); None: the dataset must exist.
+    simulate_seed: seed of that simulation.
+    """
+
+    stage1: dict[str, Any] = field(default_factory=dict)
+    stage2: dict[str, Any] = field(default_factory=dict)
+    stage2_init: Literal["base", "stage1"] = "base"
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    simulate: dict[str, Any] | None = None
+    simulate_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on (besides the data and the code).
+
+    data: dataset folder (``dmdiff simulate`` layout; ``gt_train/`` + ``lr_train/`` at least).
+    extra_data: more dataset folders whose train split joins ``data``'s (e.g. pseudo pairs).
+    crop_px: side of the random square training crops (same window for LR, GT, gt_blur; maps
+        resampled to it).
+    flips: random horizontal flips of the crops.
+    batch_size: images per micro-batch per process.
+    grad_accum: micro-batches per optimizer step.
+    steps: optimizer steps in total.
+    lr, weight_decay, adam_betas: AdamW settings; ``warmup_steps``: linear warm-up of the lr.
+    grad_clip: max global gradient norm (None: no clipping).
+    ema_decay: keep an exponential moving average of the trained weights with this decay (e.g.
+        0.999); it is what validation sees and what ``model.safetensors`` holds. None: no EMA.
+    mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 needs CUDA).
+    path_probs: how often each path is trained.
+    path_sampling: ``"batch"``: one path per micro-batch (the paper); ``"sample"``: one per image.
+    loss: loss weights.
+    checkpoint_every: steps between checkpoints (the last step always gets one).
+    keep_last: checkpoints kept (older ones are deleted once a newer one is complete).
+    validate_every: steps between validations (0: only at the end; with ``val_images = 0``: never).
+    val_images: test-split pairs of ``data`` used for validation (the first ones by name).
+    val_crop_px: centre crop of the validation images (None: whole images).
+    log_every: steps between loss lines in ``metrics.jsonl``.
+    num_workers: DataLoader worker processes (0: load in the training process).
+    init_weights: a run folder or ``*.safetensors`` file whose trained weights start this run
+        (fine-tuning; the optimizer starts fresh). None: the adapters' own initialisation.
+    seed: seeds the model initialisation, the data order, the crops/flips and the path choice.
+    model: the DMDiff model (backbone preset, LoRA ranks, SVDA, prompts).
+    recipe: the two-stage recipe (used by ``--recipe`` only).
+    """
+
+    data: str = "data/generated/tiny"
+    extra_data: tuple[str, ...] = ()
+    crop_px: int = 64
+    flips: bool = True
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    path_probs: PathProbs = field(default_factory=PathProbs)
+    path_sampling: Literal["batch", "sample"] = "batch"
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    validate_every: int = 100
+    val_images: int = 4
+    val_crop_px: int | None = 128
+    log_every: int = 10
+    num_workers: int = 0
+    init_weights: str | None = None
+    seed: int = 0
+    model: DMDiffConfig = field(default_factory=DMDiffConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` on out-of-range values or bad recipe stage overrides; return self."""
+        self.validate_fields()
+        self._validate_recipe()
+        return self
+
+    def validate_fields(self) -> None:
+        """The range checks of :meth:`validate`, without the recipe."""
+        positive = ["crop_px", "batch_size", "grad_accum", "steps", "checkpoint_every", "keep_last", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "validate_every", "val_images", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
+        if self.val_crop_px is not None and self.val_crop_px < 1:
+            raise ConfigError(f"val_crop_px must be >= 1 or null, got {self.val_crop_px}")
+        probs = (self.path_probs.positive, self.path_probs.neutral, self.path_probs.negative)
+        if any(p < 0 or not math.isfinite(p) for p in probs) or sum(probs) <= 0:
+            raise ConfigError(f"path_probs must be non-negative with a positive sum, got "
+                              f"positive={probs[0]}, neutral={probs[1]}, negative={probs[2]}")
+        if self.loss.mse < 0 or self.loss.lpips < 0 or self.loss.mse + self.loss.lpips <= 0:
+            raise ConfigError(f"loss weights must be >= 0 and not all 0, got mse={self.loss.mse}, "
+                              f"lpips={self.loss.lpips}")
+
+    def _validate_recipe(self) -> None:
+        p = self.recipe.pseudo
+        if p.count < 1 or p.batch_size < 1:
+            raise ConfigError(f"recipe.pseudo.count and batch_size must be >= 1, got {p.count}, {p.batch_size}")
+        if not 0 <= p.dead_leaves_fraction <= 1:
+            raise ConfigError(f"recipe.pseudo.dead_leaves_fraction must lie in [0, 1], got {p.dead_leaves_fraction}")
+        if p.noise_strength < 0:
+            raise ConfigError(f"recipe.pseudo.noise_strength must be >= 0, got {p.noise_strength}")
+        if p.size_px is not None and p.size_px < 8:
+            raise ConfigError(f"recipe.pseudo.size_px must be >= 8 or null, got {p.size_px}")
+        for stage in ("stage1", "stage2"):
+            overrides = getattr(self.recipe, stage)
+            if "recipe" in overrides:
+                raise ConfigError(f"recipe.{stage} may not override 'recipe'")
+            stage_config(self, stage)
+
+
+def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
+    """``cfg`` with :data:`STAGE_BASE` and then ``cfg.recipe.<stage>`` (``"stage1"`` / ``"stage2"``)
+    laid over it, checked.
+
+    Raises:
+        ConfigError: an override names an unknown key or has the wrong type / range; the message
+            names the stage.
+    """
+    try:
+        out = merge(merge(cfg, STAGE_BASE[stage]), getattr(cfg.recipe, stage))
+        out.validate_fields()
+    except ConfigError as e:
+        raise ConfigError(f"recipe.{stage}: {e}") from None
+    return out
+
+
+def load_train_config(source: str | Path | Mapping | None = None, **overrides: Any) -> TrainConfig:
+    """:class:`TrainConfig` from defaults + a YAML file or mapping + keyword overrides, validated.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown key, wrong type or out-of-range value.
+    """
+    if source is not None and not isinstance(source, Mapping):
+        source = Path(source)
+    return load_config(TrainConfig, source, **overrides).validate()

@@ -1,0 +1,171 @@
+"""MetalensCamera: the capture pipeline, the ideal-lens target and the degradation maps (small spec)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dmdiff.errors import DmdiffError
+from dmdiff.optics.camera import MAP_CHANNELS, Capture, MetalensCamera, disc_kernel
+from dmdiff.optics.sensor import srgb_to_linear
+from dmdiff.optics.spec import MetalensSpec
+
+SPEC = MetalensSpec(image_size_px=64, psf_size_px=15, grid_size=3, wavelengths_per_channel=2)
+
+
+@pytest.fixture(scope="module")
+def camera(psf_cache):
+    return MetalensCamera(SPEC, cache_dir=psf_cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A detailed natural 64×64 scene (a downscaled bundled training photo)."""
+    from dmdiff.data.simulate import resize_image
+    from dmdiff.data.sources import load_photo
+
+    photo = load_photo("astronaut")[100:356, 150:406]
+    return resize_image(photo, 64, 64)
+
+
+def psnr(a, b):
+    return 10 * math.log10(1.0 / float(np.mean((np.asarray(a, np.float64) - b) ** 2)))
+
+
+def gradient_energy(img):
+    img = np.asarray(img, np.float64)
+    return float(np.mean(np.diff(img, axis=0) ** 2) + np.mean(np.diff(img, axis=1) ** 2))
+
+
+def test_capture_shapes_and_quantisation(camera, scene):
+    cap = camera.capture(scene, seed=0)
+    assert isinstance(cap, Capture)
+    assert cap.image.shape == (64, 64, 3) and cap.image.dtype == np.float32
+    assert cap.image.min() >= 0 and cap.image.max() <= 1
+    np.testing.assert_allclose(cap.image * 255, np.round(cap.image * 255), atol=1e-4)  # 8-bit levels
+    assert cap.maps.shape == (7, 3, 3) and cap.maps.dtype == np.float32
+    assert MetalensCamera.MAP_CHANNELS == MAP_CHANNELS == (
+        "fwhm_r", "fwhm_g", "fwhm_b", "ee80_r", "ee80_g", "ee80_b", "noise")
+    shot, read = cap.noise
+    assert 1e-4 <= shot <= 1.2e-2 and read > 0
+
+
+def test_capture_is_deterministic_per_seed(camera, scene):
+    a, b, c = camera.capture(scene, seed=3), camera.capture(scene, seed=3), camera.capture(scene, seed=4)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.maps, b.maps)
+    assert a.noise == b.noise
+    assert a.noise != c.noise and not np.array_equal(a.image, c.image)
+    # the same noise levels with another seed: different pixels, same maps
+    d = camera.capture(scene, seed=5, noise=a.noise)
+    assert d.noise == a.noise and not np.array_equal(d.image, a.image)
+    np.testing.assert_array_equal(d.maps, a.maps)
+    # a SeedSequence can be reused: it is not consumed
+    ss = np.random.SeedSequence(11)
+    np.testing.assert_array_equal(camera.capture(scene, ss).image, camera.capture(scene, ss).image)
+
+
+def test_capture_is_blurrier_and_ideal_is_close(camera, scene):
+    clean = camera.capture(scene, seed=0, noise=(0.0, 0.0)).image
+    assert gradient_energy(clean) < 0.6 * gradient_energy(scene)
+    noisy = camera.capture(scene, seed=0, noise=(1e-3, 1e-6)).image
+    ideal = camera.ideal(scene)
+    assert ideal.shape == scene.shape and ideal.dtype == np.float32
+    assert psnr(ideal, scene) > 35
+    assert psnr(ideal, scene) > psnr(noisy, scene) + 12
+    assert psnr(clean, scene) < 25  # the metalens degrades the image a lot
+
+
+def test_noise_level_shows_in_capture_and_map(camera):
+    grey = np.full((64, 64, 3), 0.5, np.float32)
+    low = camera.capture(grey, seed=1, noise=(1e-4, 1e-7))
+    high = camera.capture(grey, seed=1, noise=(1e-2, 1e-4))
+    assert high.image.std() > 3 * low.image.std()
+    assert high.maps[6, 0, 0] == pytest.approx(math.sqrt(0.5 * 1e-2 + 1e-4), rel=1e-5)
+    assert np.all(high.maps[6] == high.maps[6, 0, 0])
+
+
+def test_white_stays_white_and_grey_stays_grey(camera):
+    """The flat-field white balance: a uniform scene keeps its colour and (on average) its level."""
+    grey = np.full((64, 64, 3), 0.6, np.float32)
+    out = camera.capture(grey, seed=0, noise=(0.0, 0.0)).image
+    np.testing.assert_allclose(out.mean(axis=(0, 1)), 0.6, atol=3 / 255)
+    gains = camera.wb_gains
+    assert gains.shape == (3,) and np.all(np.abs(gains - 1) < 0.1)
+
+
+def test_maps_are_physical(camera):
+    maps = camera.capture(np.zeros((64, 64, 3), np.float32), seed=0).maps
+    fwhm, ee80 = maps[:3], maps[3:6]
+    k = SPEC.psf_size_px
+    assert np.all(fwhm >= 0.5) and np.all(fwhm <= k)
+    assert np.all(ee80 > 0.3) and np.all(ee80 <= k / math.sqrt(2))
+    centre = SPEC.grid_size // 2
+    # chromatic aberration: the lens is designed for green, red and blue are defocused
+    assert fwhm[1, centre, centre] < fwhm[0, centre, centre]
+    assert fwhm[1, centre, centre] < fwhm[2, centre, centre]
+    # rotational symmetry of the lens: the four corners agree
+    np.testing.assert_allclose(maps[:6, 0, 0], maps[:6, -1, -1], rtol=1e-3)
+    np.testing.assert_allclose(maps[:6, 0, -1], maps[:6, -1, 0], rtol=1e-3)
+
+
+def test_haze_is_a_broad_aperture_sized_veil(psf_cache, camera):
+    """A point source: with the haze its lost light lands up to D/2 away, without it nowhere there."""
+    n = SPEC.image_size_px
+    point = np.zeros((n, n, 3), np.float32)
+    point[n // 2, n // 2] = 1.0
+    hazy = camera.optics_linear(point)
+    clear = MetalensCamera(SPEC, cache_dir=psf_cache, haze=False, progress=False).optics_linear(point)
+    half_k = SPEC.psf_size_px // 2
+    radius = camera.haze_diameter_px / 2
+    ring = (half_k * math.sqrt(2) + 1, radius - 2)  # beyond the square PSF window, inside the disc
+    assert ring[1] > ring[0] + 5
+    y, x = np.mgrid[0:n, 0:n] - n // 2
+    r = np.hypot(y, x)
+    sel = (r > ring[0]) & (r < ring[1])
+    assert np.all(np.abs(clear[sel]) < 1e-7)  # zero up to FFT round-off
+    expected = camera.haze_fraction[:, 1, 1] / (math.pi * radius**2)  # centre node's lost light, spread
+    np.testing.assert_allclose(np.median(hazy[sel], axis=0), expected, rtol=0.1)
+    # the veil holds the light missing from the PSF window: total energy is kept
+    np.testing.assert_allclose(hazy.sum(axis=(0, 1)), 1.0, atol=2e-3)
+    assert np.all(clear.sum(axis=(0, 1)) < 0.999)
+
+
+def test_disc_kernel():
+    k = disc_kernel(20.0)
+    assert k.shape == (21, 21) and k.sum() == pytest.approx(1.0)
+    assert k[10, 10] == pytest.approx(k[10, 5])  # uniform inside
+    assert k[0, 0] == 0 and k[10, 0] > 0
+    assert disc_kernel(0.2).shape == (1, 1)
+
+
+def test_bad_inputs_are_clear_errors(camera, scene):
+    with pytest.raises(DmdiffError, match=r"100×80 px .* 64×64 px.*resize") as e:
+        camera.capture(np.zeros((80, 100, 3), np.float32), seed=0)
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(DmdiffError, match=r"\(H, W, 3\)"):
+        camera.capture(np.zeros((64, 64), np.float32), seed=0)
+    with pytest.raises(DmdiffError, match="divide by 255"):
+        camera.capture((scene * 255).astype(np.uint8), seed=0)
+    bad = scene.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(DmdiffError, match="NaN"):
+        camera.ideal(bad)
+    with pytest.raises(DmdiffError, match=r"\[0, 1\]"):
+        camera.capture(scene * 2, seed=0)
+    with pytest.raises(DmdiffError, match="seed"):
+        camera.capture(scene, seed=-1)
+
+
+def test_ideal_keeps_flat_fields_and_linear_light(camera):
+    flat = np.full((64, 64, 3), 0.3, np.float32)
+    np.testing.assert_allclose(camera.ideal(flat), 0.3, atol=1e-5)
+    k = camera.ideal_kernel
+    assert k.shape[0] == 3 and k.shape[1] % 2 == 1
+    np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0)
+    # an edge is blurred in linear light: the midpoint of a black/white edge is brighter than 0.5 sRGB
+    edge = np.zeros((64, 64, 3), np.float32)
+    edge[:, 32:] = 1.0
+    out = camera.ideal(edge)
+    lin = srgb_to_linear(out[32, 30:34, 1])
+    assert np.all(np.diff(lin) >= -1e-6)

@@ -1,0 +1,61 @@
+"""YAML-over-dataclass configs: strict keys and types, nested merging, provenance."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from dmdiff.config import load_config, to_dict
+from dmdiff.errors import ConfigError
+from dmdiff.runinfo import provenance
+
+
+@dataclass
+class Inner:
+    rank: int = 4
+    scale: float = 1.0
+
+
+@dataclass
+class Outer:
+    name: str = "tiny"
+    steps: int = 10
+    probs: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    inner: Inner = field(default_factory=Inner)
+    path: str | None = None
+
+
+def test_yaml_overrides_defaults_and_nests(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 20\ninner:\n  scale: 2\nprobs: [0.5, 0.3, 0.2]\n")
+    cfg = load_config(Outer, f)
+    assert cfg.steps == 20 and cfg.inner.scale == 2.0 and cfg.inner.rank == 4
+    assert cfg.probs == (0.5, 0.3, 0.2) and cfg.name == "tiny"
+    assert to_dict(cfg)["inner"] == {"rank": 4, "scale": 2.0}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("stepz: 3\n", "stepz"),
+    ("steps: ten\n", "steps"),
+    ("inner:\n  rank: 1.5\n", "inner.rank"),
+    ("probs: [1, 2]\n", "probs"),
+    ("- a\n- b\n", "mapping"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Outer, f)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(Outer, bad)
+
+
+def test_provenance_records_versions_and_seed():
+    record = provenance(config={"a": 1}, seed=7)
+    assert record["seed"] == 7 and record["versions"]["numpy"] and record["config"] == {"a": 1}

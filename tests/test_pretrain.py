@@ -1,0 +1,56 @@
+"""Pretraining of the tiny backbone: the smoke run of the CLI, and the quality of the shipped weights."""
+
+import json
+
+import pytest
+import torch
+
+from dmdiff.cli import main as cli_main
+from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
+from dmdiff.model.backbone import TINY_ASSETS, load_backbone
+from dmdiff.model.pretrain import REPORT_NAME, CropSampler, decode, encode, eval_crops, one_step, psnr
+
+
+def test_sampler_uses_training_photos_only():
+    sampler = CropSampler(seed=0, dead_leaves_fraction=0.5)
+    assert sorted(sampler.photos) == sorted(TRAIN_PHOTOS)
+    assert not set(sampler.photos) & set(TEST_PHOTOS)
+    x = sampler.batch(4, 36)
+    assert x.shape == (4, 3, 36, 36) and x.dtype == torch.float32
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_smoke_pretrain_writes_a_loadable_backbone(tmp_path, capsys):
+    out = tmp_path / "tiny_backbone"
+    assert cli_main(["pretrain-backbone", "--smoke", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["stage_vae"]["steps"] == report["stage_unet"]["steps"] == 2
+    assert report["data"]["heldout_eval_only"] == list(TEST_PHOTOS)
+    assert not set(report["data"]["train"]) & set(TEST_PHOTOS)
+    assert not list(tmp_path.glob(".*staging*")), "the staging folder was left behind"
+
+    backbone = load_backbone("tiny", path=out)
+    assert backbone.vae.config.scaling_factor == pytest.approx(report["scaling_factor"], rel=1e-4)
+    with torch.no_grad():
+        z = encode(backbone, torch.rand(1, 3, 16, 16))
+        z0 = one_step(backbone, z, backbone.encode_prompt(""))
+    assert z0.shape == z.shape == (1, 4, 8, 8) and torch.isfinite(z0).all()
+
+    assert cli_main(["pretrain-backbone", "--smoke", "--out", str(out)]) == 2   # no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (TINY_ASSETS / "model_index.json").is_file(), reason="no shipped tiny backbone")
+def test_shipped_backbone_reconstructs_heldout_photos():
+    """The shipped VAE reconstructs crops of the held-out (test) photos far better than random
+    init, and the shipped UNet's one-step map at t = 999 is close to the identity on them."""
+    x = eval_crops("test", size=64, per_photo=1)
+    shipped, random_init = load_backbone("tiny"), load_backbone("tiny", pretrained=False)
+    assert shipped.source == str(TINY_ASSETS)
+    with torch.no_grad():
+        scores = {name: psnr(decode(b, encode(b, x)), x) for name, b in (("shipped", shipped), ("random", random_init))}
+        z = encode(shipped, x)
+        identity = psnr(decode(shipped, one_step(shipped, z, shipped.encode_prompt("").expand(len(x), -1, -1))), x)
+    assert scores["shipped"] >= 28.0 and scores["shipped"] >= scores["random"] + 10, scores
+    assert identity >= 20.0, identity

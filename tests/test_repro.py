@@ -1,0 +1,61 @@
+"""The papermill study runner: manifest, failure reporting, resume — on small synthetic notebooks."""
+
+import json
+
+import nbformat
+import pytest
+
+from dmdiff.repro import parse_params, run_study
+from dmdiff.errors import DmdiffError
+
+
+def _notebook(path, body: str, fail: bool = False):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('seed: int = 0  # random seed\nout_dir: str = "out"  # outputs\n'
+                                       'smoke: bool = False  # CI-sized run')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    if fail:
+        nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('made to fail')"))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+BODY = ("import json, pathlib\npathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)\n"
+        "pathlib.Path(out_dir, 'metrics.json').write_text(json.dumps({'seed': seed, 'smoke': smoke}))")
+
+
+def test_study_runs_in_order_and_writes_manifest(tmp_path):
+    nbs = [_notebook(tmp_path / "00_a.ipynb", BODY), _notebook(tmp_path / "01_b.ipynb", BODY)]
+    results = run_study(tmp_path / "run", seed=3, smoke=True, notebook_paths=nbs)
+    assert [r.status for r in results] == ["ok", "ok"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["versions"]["torch"]
+    assert [s["name"] for s in manifest["steps"]] == ["00_a", "01_b"]
+    assert json.loads((tmp_path / "run" / "00_a" / "metrics.json").read_text()) == {"seed": 3, "smoke": True}
+    assert "00_a" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_failure_is_reported_with_cell_and_later_steps_not_run(tmp_path):
+    nbs = [_notebook(tmp_path / "00_a.ipynb", BODY, fail=True), _notebook(tmp_path / "01_b.ipynb", BODY)]
+    results = run_study(tmp_path / "run", notebook_paths=nbs)
+    assert [r.status for r in results] == ["failed", "not run"]
+    assert "made to fail" in results[0].error["error"]
+    assert "raise RuntimeError" in results[0].error["cell_source"]
+    assert (tmp_path / "run" / "00_a" / "metrics.json").exists()  # work done before the failure is kept
+
+
+def test_resume_skips_done_steps_with_same_parameters(tmp_path):
+    nbs = [_notebook(tmp_path / "00_a.ipynb", BODY)]
+    run_study(tmp_path / "run", notebook_paths=nbs)
+    again = run_study(tmp_path / "run", notebook_paths=nbs, resume=True)
+    assert again[0].status == "skipped (resumed)"
+    changed = run_study(tmp_path / "run", notebook_paths=nbs, resume=True, seed=1)
+    assert changed[0].status == "ok"
+
+
+def test_parse_params():
+    assert parse_params(["a=3", "b=true", "c=hello"]) == {"a": 3, "b": True, "c": "hello"}
+    with pytest.raises(DmdiffError):
+        parse_params(["novalue"])
