@@ -56,6 +56,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             item_tp = args[0] if args else Any
             items = [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if tp in (tuple, list):  # bare annotation: YAML lists become (nested) tuples / lists as is
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return _nested_tuple(value) if tp is tuple else list(value)
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -81,6 +85,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _nested_tuple(value: Any) -> Any:
+    return tuple(_nested_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def merge(base: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
     """Return a copy of dataclass instance ``base`` with ``overrides`` applied (strictly checked)."""
     if not isinstance(overrides, Mapping):
@@ -99,21 +107,25 @@ def merge(base: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
     return dataclasses.replace(base, **changes)
 
 
+def read_yaml(path: str | Path) -> dict:
+    """The top-level mapping of a YAML file; ConfigError when missing, invalid or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
 def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None, **overrides: Any) -> T:
     """Build ``cls()`` then lay a YAML file (or mapping) and keyword overrides over it."""
     cfg = cls()
     if source is not None:
-        if isinstance(source, Mapping):
-            data = source
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        cfg = merge(cfg, data)
+        cfg = merge(cfg, source if isinstance(source, Mapping) else read_yaml(source))
     if overrides:
         cfg = merge(cfg, overrides)
     return cfg

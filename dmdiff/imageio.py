@@ -10,8 +10,9 @@ the file's own encoding (for ordinary photos that is sRGB: no colour management,
   stored (sRGB) values, ``out = a·c + (1 − a)``, as image viewers and browsers on a white page show
   them. White rather than black because transparent regions of photos and scans are usually "paper"
   or "background", and a black fill would add false dark edges around anti-aliased borders;
-- 16-bit PNGs (grayscale, RGB, with or without alpha): divided by 65535 with full 16-bit precision
-  (decoded here; Pillow alone would drop 16-bit colour PNGs to 8 bits);
+- 16-bit PNGs (grayscale, RGB, with alpha or ``tRNS`` transparency, interlaced or not): divided by
+  65535 with full 16-bit precision, decoded and encoded with ``pypng`` (Pillow alone would drop
+  16-bit colour PNGs to 8 bits); with an ``sBIT`` chunk, values are scaled from its bit depth;
 - TIFFs (8/16-bit integers, or float32/float64 with values in ``[0, 1]``) through ``tifffile``;
 - CMYK, YCbCr, LAB...: converted to RGB by Pillow; EXIF orientation is applied.
 
@@ -35,6 +36,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import png
 
 from dmdiff.errors import DmdiffError, ImageReadError
 
@@ -84,7 +86,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     image = None
     if head.startswith(_PNG_SIGNATURE):
-        image = _read_png16(path)  # None unless it is a (non-interlaced) 16-bit PNG
+        image = _read_png16(path)  # None unless it is a 16-bit PNG
     elif head[:4] in _TIFF_MAGICS:
         image = _read_tiff(path)  # None when tifffile cannot decode it: Pillow gets a try
     if image is None:
@@ -229,123 +231,56 @@ def _read_tiff(path: Path) -> np.ndarray | None:
     return a
 
 
-# ---- 16-bit PNG decoding (Pillow reduces 16-bit colour PNGs to 8 bits) ------------------------
+# ---- 16-bit PNG decoding through pypng (Pillow reduces 16-bit colour PNGs to 8 bits) ----------
 
-
-def _png_chunks(path: Path, data: bytes):
-    """Yield (type, payload) of each PNG chunk, checking lengths and CRCs."""
-    pos = len(_PNG_SIGNATURE)
-    while pos < len(data):
-        if pos + 8 > len(data):
-            raise ImageReadError(path, "corrupt or truncated PNG (incomplete chunk header)")
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        end = pos + 8 + length + 4
-        if end > len(data):
-            raise ImageReadError(path, f"truncated PNG (chunk {kind!r} runs past the end of the file)")
-        payload = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[end - 4:end])
-        if zlib.crc32(kind + payload) & 0xFFFFFFFF != crc:
-            raise ImageReadError(path, f"corrupt PNG (checksum error in chunk {kind!r})")
-        yield kind, payload
-        if kind == b"IEND":
-            return
-        pos = end
-    raise ImageReadError(path, "truncated PNG (no IEND chunk)")
+# What pypng (and zlib / struct underneath it) raises on a damaged file.
+_PNG_DECODE_ERRORS = (png.Error, zlib.error, EOFError, struct.error, ValueError, IndexError,
+                      TypeError, AttributeError, OverflowError, MemoryError)
 
 
 def _read_png16(path: Path) -> np.ndarray | None:
-    """Decode a 16-bit, non-interlaced PNG exactly; None for other PNGs (Pillow reads those)."""
+    """Decode a 16-bit PNG with pypng (any colour type, tRNS, interlaced); None for other PNGs.
+
+    PNGs of other bit depths return None: Pillow reads those exactly.
+    """
     data = path.read_bytes()
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise ImageReadError(path, "corrupt PNG (missing IHDR header)")
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    if depth != 16:
+    if data[24] != 16:  # IHDR bit depth
         return None
-    if interlace:
-        warnings.warn(f"{path}: interlaced 16-bit PNG is read with 8-bit precision", stacklevel=3)
-        return None
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
-    if channels is None:
-        raise ImageReadError(path, f"corrupt PNG (colour type {colour} is invalid with 16 bits)")
-    if width == 0 or height == 0:
-        raise ImageReadError(path, f"image has zero size ({width}×{height} px)")
-    idat, trns = [], None
-    for kind, payload in _png_chunks(path, data):
-        if kind == b"IDAT":
-            idat.append(payload)
-        elif kind == b"tRNS":
-            trns = payload
-    if not idat:
-        raise ImageReadError(path, "corrupt PNG (no image data)")
-    bpp = 2 * channels
-    stride = width * bpp
     try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as e:
-        raise ImageReadError(path, f"corrupt or truncated PNG image data ({e})") from None
-    if len(raw) < height * (stride + 1):
-        raise ImageReadError(path, "truncated PNG (image data shorter than the image size)")
-    rows = np.frombuffer(raw, dtype=np.uint8, count=height * (stride + 1)).reshape(height, stride + 1)
-    filters = rows[:, 0]
-    if filters.max() > 4:
-        raise ImageReadError(path, f"corrupt PNG (unknown row filter type {int(filters.max())})")
-    pixels = _unfilter(rows[:, 1:].reshape(height, width, bpp), filters)
-    samples = pixels.reshape(height, width * bpp).view(">u2").reshape(height, width, channels)
-    a = samples.astype(np.float64) / 65535.0
-    if channels == 1:
-        alpha = None
-        if trns is not None and len(trns) >= 2:
-            alpha = (samples[:, :, 0] != struct.unpack(">H", trns[:2])[0]).astype(np.float64)
-        return _to_rgb(path, a[:, :, 0], alpha)
-    if channels == 2:
+        reader = png.Reader(bytes=data)
+        reader.preamble()
+        width, height = reader.width, reader.height
+        if width == 0 or height == 0:
+            raise ImageReadError(path, f"image has zero size ({width}×{height} px)")
+        # asDirect: tRNS → a synthesised alpha plane; sBIT → values scaled to that bit depth
+        _, _, rows, info = reader.asDirect()
+        planes, depth = int(info["planes"]), int(info["bitdepth"])
+        samples = np.empty((height, width * planes), dtype=np.uint16)
+        count = 0
+        for row in rows:
+            if count < height:
+                values = np.asarray(row, dtype=np.uint16)
+                if values.shape != (width * planes,):
+                    raise ImageReadError(path, "corrupt or truncated PNG (an image row has the wrong "
+                                               "length)")
+                samples[count] = values
+            count += 1
+    except ImageReadError:
+        raise
+    except _PNG_DECODE_ERRORS as e:
+        raise ImageReadError(path, f"corrupt or truncated PNG ({type(e).__name__}: {e})") from None
+    if count < height:
+        raise ImageReadError(path, f"truncated PNG (image data holds {count} of {height} rows)")
+    a = samples.reshape(height, width, planes).astype(np.float64) / float((1 << depth) - 1)
+    if planes == 1:
+        return _to_rgb(path, a[:, :, 0], None)
+    if planes == 2:
         return _to_rgb(path, a[:, :, 0], a[:, :, 1])
-    if channels == 4:
-        return _to_rgb(path, a[:, :, :3], a[:, :, 3])
-    alpha = None
-    if trns is not None and len(trns) >= 6:
-        key = np.array(struct.unpack(">HHH", trns[:6]))
-        alpha = np.any(samples != key, axis=2).astype(np.float64)
-    return _to_rgb(path, a, alpha)
-
-
-def _unfilter(f: np.ndarray, filters: np.ndarray) -> np.ndarray:
-    """Undo PNG row filters; ``f`` (H, W, bpp) uint8 filtered bytes → reconstructed bytes.
-
-    None/Sub/Up rows are vectorised along the row (Sub is a cumulative sum mod 256 per byte lane).
-    Average and Paeth depend on the reconstructed left neighbour; when any row uses them, the whole
-    image is reconstructed along anti-diagonals (a wavefront: H + W numpy steps, not H·W).
-    """
-    height, width, bpp = f.shape
-    out = np.zeros((height, width, bpp), dtype=np.uint8)
-    if filters.max() <= 2:
-        prev = np.zeros((width, bpp), dtype=np.uint8)
-        for r in range(height):
-            t = filters[r]
-            if t == 0:
-                out[r] = f[r]
-            elif t == 1:
-                out[r] = (np.cumsum(f[r], axis=0, dtype=np.uint64) % 256).astype(np.uint8)
-            else:
-                out[r] = f[r] + prev  # uint8 arithmetic wraps mod 256
-            prev = out[r]
-        return out
-    # wavefront over anti-diagonals d = r + x, with a zero border row/column for a, b, c
-    rec = np.zeros((height + 1, width + 1, bpp), dtype=np.int32)
-    fi = f.astype(np.int32)
-    types = filters.astype(np.int32)
-    for d in range(height + width - 1):
-        r = np.arange(max(0, d - width + 1), min(height, d + 1))
-        x = d - r
-        a = rec[r + 1, x]  # left (reconstructed already: previous diagonal)
-        b = rec[r, x + 1]  # up
-        c = rec[r, x]  # up-left
-        t = types[r][:, None]
-        p = a + b - c
-        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        pred = np.select([t == 0, t == 1, t == 2, t == 3], [0, a, b, (a + b) // 2], paeth)
-        rec[r + 1, x + 1] = (fi[r, x] + pred) & 0xFF
-    return rec[1:, 1:].astype(np.uint8)
+    if planes == 3:
+        return _to_rgb(path, a, None)
+    return _to_rgb(path, a[:, :, :3], a[:, :, 3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,21 +306,13 @@ def _quantise(image: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _png16_bytes(samples: np.ndarray) -> bytes:
-    """Encode uint16 (H, W, C) samples (C = 1 or 3) as a PNG; every row uses the Up filter."""
+    """Encode uint16 (H, W, C) samples (C = 1 or 3) as a 16-bit PNG with pypng."""
     height, width, channels = samples.shape
-    raw = np.ascontiguousarray(samples.astype(">u2")).view(np.uint8).reshape(height, width * 2 * channels)
-    up = raw.copy()
-    up[1:] -= raw[:-1]  # Up filter: byte minus the byte above, mod 256
-    rows = np.concatenate([np.full((height, 1), 2, dtype=np.uint8), up], axis=1)
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-
-    colour = 0 if channels == 1 else 2
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    return (_PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + chunk(b"IEND", b""))
+    writer = png.Writer(width, height, greyscale=channels == 1, bitdepth=16, compression=6)
+    rows = np.ascontiguousarray(samples.astype(">u2")).view(np.uint8).reshape(height, -1)
+    buf = io.BytesIO()
+    writer.write_packed(buf, (row.tobytes() for row in rows))  # rows already big-endian bytes
+    return buf.getvalue()
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path:

@@ -59,3 +59,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_provenance_records_versions_and_seed():
     record = provenance(config={"a": 1}, seed=7)
     assert record["seed"] == 7 and record["versions"]["numpy"] and record["config"] == {"a": 1}
+
+
+@dataclass
+class WithBareTuple:
+    bands: tuple = ((1.0, 2.0), (3.0, 4.0))
+
+
+def test_bare_tuple_fields_take_yaml_lists(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("bands: [[5, 6], [7, 8]]\n")
+    assert load_config(WithBareTuple, f).bands == ((5, 6), (7, 8))
+    f.write_text("bands: 3\n")
+    with pytest.raises(ConfigError, match="bands"):
+        load_config(WithBareTuple, f)

@@ -4,6 +4,7 @@ import struct
 import zlib
 
 import numpy as np
+import png
 import pytest
 from PIL import Image
 
@@ -84,6 +85,53 @@ def test_16bit_rgba_alpha_over_white(tmp_path):
     np.testing.assert_allclose(y[0, 0], [1, 1, 1], atol=1e-6)  # transparent -> white
     np.testing.assert_allclose(y[0, 1], [1, 0, 0], atol=1e-6)
     np.testing.assert_allclose(y[1, 0], [1, 0.5, 0.5], atol=1e-4)
+
+
+@pytest.mark.parametrize("greyscale", [False, True])
+def test_16bit_interlaced_png_full_precision(tmp_path, greyscale):
+    rng = np.random.default_rng(5)
+    planes = 1 if greyscale else 3
+    samples = rng.integers(0, 65536, size=(13, 11, planes)).astype(np.uint16)
+    with open(tmp_path / "i.png", "wb") as f:
+        png.Writer(11, 13, greyscale=greyscale, bitdepth=16, interlace=True).write(
+            f, samples.reshape(13, -1).tolist())
+    y = read_image(tmp_path / "i.png")
+    expect = np.repeat(samples, 3, axis=2) if greyscale else samples
+    np.testing.assert_array_equal(np.round(y.astype(np.float64) * 65535), expect)
+
+
+@pytest.mark.parametrize("greyscale", [False, True])
+def test_16bit_trns_colour_key_is_transparent_white(tmp_path, greyscale):
+    samples = np.full((2, 3, 1 if greyscale else 3), 1000, np.uint16)
+    samples[0, 1] = 40000
+    key = (1000,) if greyscale else (1000, 1000, 1000)
+    with open(tmp_path / "t.png", "wb") as f:
+        png.Writer(3, 2, greyscale=greyscale, bitdepth=16, transparent=key).write(
+            f, samples.reshape(2, -1).tolist())
+    y = read_image(tmp_path / "t.png")
+    np.testing.assert_allclose(y[0, 0], [1, 1, 1], atol=1e-7)  # the key colour -> white
+    np.testing.assert_allclose(y[1, 2], [1, 1, 1], atol=1e-7)
+    np.testing.assert_allclose(y[0, 1], [40000 / 65535] * 3, atol=1e-7)
+
+
+def test_16bit_png_bad_crc_and_short_data_are_clean_errors(tmp_path):
+    x = np.random.default_rng(6).random((8, 8, 3))
+    good = write_png(tmp_path / "g.png", x, bits=16).read_bytes()
+    bad = bytearray(good)
+    bad[good.index(b"IDAT") + 10] ^= 0xFF  # payload byte: the chunk checksum no longer matches
+    (tmp_path / "crc.png").write_bytes(bytes(bad))
+    with pytest.raises(ImageReadError) as e:
+        read_image(tmp_path / "crc.png")
+    _assert_clean_error(e, tmp_path / "crc.png", "corrupt or truncated PNG")
+    assert "hecksum" in e.value.reason
+    rows = np.zeros((3, 1 + 8 * 6), np.uint8)  # 3 of the 8 rows the header promises
+    header = struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0)
+    (tmp_path / "short.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + _chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError) as e:
+        read_image(tmp_path / "short.png")
+    _assert_clean_error(e, tmp_path / "short.png", "truncated")
 
 
 def test_grayscale_8_and_16_bit_replicated(tmp_path):

@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from dmdiff.config import load_config, merge, to_dict
+from dmdiff.config import load_config, merge, read_yaml, to_dict
 from dmdiff.errors import ConfigError, DmdiffError, ImageReadError
 from dmdiff.optics.spec import MetalensSpec
 
@@ -126,42 +126,14 @@ SMOKE = {
 SMOKE_MAX_FILES = 3  # --smoke with --images: at most this many files per split
 
 
-def _read_yaml(path: str | os.PathLike) -> dict:
-    """The YAML mapping of a config file (ConfigError when missing or invalid)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return dict(data)
-
-
-def _normalise(data: Mapping[str, Any]) -> dict:
-    """YAML gives lists where the spec wants tuples (``bands_m``): convert before the strict merge."""
-    data = dict(data)
-    spec = data.get("spec")
-    if isinstance(spec, Mapping) and isinstance(spec.get("bands_m"), list):
-        spec = dict(spec)
-        spec["bands_m"] = tuple(tuple(b) if isinstance(b, list) else b for b in spec["bands_m"])
-        data["spec"] = spec
-    return data
-
-
 def resolve_config(config: str | os.PathLike | Mapping | SimulationConfig | None = None,
                    smoke: bool = False) -> SimulationConfig:
     """The simulation settings: defaults (or the smoke settings), with ``config`` laid over them."""
     if isinstance(config, SimulationConfig):
         return config.validate()
-    data = {} if config is None else dict(config) if isinstance(config, Mapping) else _read_yaml(config)
-    data = _normalise(data)
+    data = {} if config is None else dict(config) if isinstance(config, Mapping) else read_yaml(config)
     if smoke:
-        base = merge(SimulationConfig(), _normalise(SMOKE))
+        base = merge(SimulationConfig(), SMOKE)
         return merge(base, data).validate()
     return load_config(SimulationConfig, data).validate()
 

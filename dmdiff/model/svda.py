@@ -79,7 +79,7 @@ def image_statistics(image: torch.Tensor, grid_size: int = 7) -> torch.Tensor:
         image: ``(B, 3, H, W)`` sRGB in ``[0, 1]``, any ``H, W ≥ grid_size``.
 
     Returns:
-        ``(B, 7, G, G)``: brightness (mean luma), contrast (std of luma), gradient energy
+        ``(B, 7, G, G)``: brightness (mean luma), contrast (population std of luma), gradient energy
         ``mean(|∇I|²)`` of R, G, B (per pixel², finite differences), Laplacian energy of luma, and
         the noise std of luma ``median|Immerkær(Y)| / (0.6745 · 6)``; all in ``[0, 1]`` intensity units.
     """
@@ -90,7 +90,7 @@ def image_statistics(image: torch.Tensor, grid_size: int = 7) -> torch.Tensor:
     noise = _cells(_filter(luma, NOISE_KERNEL).abs(), grid_size).median(dim=-1).values / (MAD_TO_STD * 6)
     return torch.cat([
         luma_cells.mean(dim=-1),
-        luma_cells.std(dim=-1),
+        luma_cells.std(dim=-1, correction=0),          # population std: 0, not NaN, for 1-px cells
         _cells(gx ** 2 + gy ** 2, grid_size).mean(dim=-1),
         _cells(_filter(luma, LAPLACIAN_KERNEL) ** 2, grid_size).mean(dim=-1),
         noise,

@@ -6,9 +6,13 @@ optical axis is ``(x, y) = (x_j − (W−1)/2, y_i − (H−1)/2)·pitch`` (y gr
 its field angle ``θ = atan(r / f)`` with ``r = hypot(x, y)`` and its azimuth ``atan2(y, x)``.
 
 The lens is rotationally symmetric, so PSFs are computed once per distinct radius with the field
-along +x, averaged over the channel's wavelengths (equal weights) on the fine simulation grid, then
-rotated to each node's azimuth (bilinear interpolation on the fine grid, which over-samples the
-intensity), binned to pixels and rescaled so rotation does not change the energy in the window.
+along +x (:class:`dmdiff.optics.propagation.LensSpectrum`, one lens spectrum per wavelength),
+averaged over the channel's wavelengths (equal weights) on the fine simulation grid, rotated to
+each node's azimuth (bilinear interpolation on the fine grid, which over-samples the intensity),
+binned to pixels and rescaled so rotation does not change the energy in the window.
+
+Grids are cached as safetensors files named by :meth:`MetalensSpec.cache_key` (which includes
+the optics model version) in ``cache_dir``, ``$DMDIFF_CACHE`` or ``~/.cache/dmdiff/psf``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,36 +98,38 @@ def psf_grid(spec: MetalensSpec, cache_dir: str | os.PathLike | None = None,
 
 def _compute_psfs(spec: MetalensSpec, progress: bool) -> np.ndarray:
     """float32 (3, G, G, K, K) PSFs; see the module docstring for the method."""
-    g, size = spec.grid_size, spec.psf_size_px
-    off = node_offsets_px(spec)
-    # squared radius in units of (W / 2G)²: exact integers, so equal radii are found exactly
+    g = spec.grid_size
+    # squared node radius in units of (W / 2G) px: exact integers, so equal radii match exactly
     units = 2 * np.arange(g) + 1 - g
-    r2_units = units[None, :] ** 2 + units[:, None] ** 2
-    radii_units, node_radius = np.unique(r2_units, return_inverse=True)
+    radii2, node_radius = np.unique(units[None, :] ** 2 + units[:, None] ** 2, return_inverse=True)
     node_radius = node_radius.reshape(g, g)
-    radii_m = np.sqrt(radii_units) * (spec.image_size_px / (2 * g)) * spec.pitch_m
+    radii_m = np.sqrt(radii2) * spec.image_size_px / (2 * g) * spec.pitch_m
     fields = np.degrees(np.arctan(radii_m / spec.focal_length_m))
-    x, y = np.meshgrid(off, off)
-    r = np.hypot(x, y)
-    out = np.empty((3, g, g, size, size), np.float32)
-    n_lam = spec.wavelengths_per_channel
-    with tqdm(total=3 * n_lam * len(fields), desc="PSF grid", unit="psf", disable=not progress) as bar:
+    x, y = np.meshgrid(units, units)                     # node direction, x right, y down
+    out = np.empty((3, g, g, spec.psf_size_px, spec.psf_size_px), np.float32)
+    total = 3 * spec.wavelengths_per_channel * len(fields)
+    with tqdm(total=total, desc="PSF grid", unit="psf", disable=not progress) as bar:
         for c in range(3):
-            fine, k = None, 1
-            for lam in spec.wavelengths(c):
-                lens = LensSpectrum(spec, lam, size, spec.pitch_m)
-                k = lens.k
-                if fine is None:
-                    fine = np.zeros((len(fields), lens.n_win, lens.n_win))
-                for ri, field in enumerate(fields):
-                    fine[ri] += lens.intensity(field) / n_lam
-                    bar.update()
-            for i in range(g):
-                for j in range(g):
-                    base = fine[node_radius[i, j]]
-                    cos_az, sin_az = (x[i, j] / r[i, j], y[i, j] / r[i, j]) if r[i, j] > 0 else (1, 0)
-                    out[c, i, j] = _rotated_binned(base, cos_az, sin_az, k)
+            fine, k = _radial_intensities(spec, c, fields, bar)
+            for i, j in np.ndindex(g, g):
+                r = math.hypot(x[i, j], y[i, j])
+                cos_az, sin_az = (x[i, j] / r, y[i, j] / r) if r > 0 else (1.0, 0.0)
+                out[c, i, j] = _rotated_binned(fine[node_radius[i, j]], cos_az, sin_az, k)
     return out
+
+
+def _radial_intensities(spec: MetalensSpec, c: int, fields: np.ndarray, bar) -> tuple[np.ndarray, int]:
+    """Channel-averaged fine intensities for fields along +x, (len(fields), n_win, n_win), and k."""
+    lams = spec.wavelengths(c)
+    acc = None
+    for lam in lams:
+        lens = LensSpectrum(spec, lam, spec.psf_size_px, spec.pitch_m)   # same k for all bands
+        if acc is None:
+            acc = np.zeros((len(fields), lens.n_win, lens.n_win))
+        for ri, field in enumerate(fields):
+            acc[ri] += lens.intensity(field) / len(lams)
+            bar.update()
+    return acc, lens.k
 
 
 def _rotated_binned(fine: np.ndarray, cos_az: float, sin_az: float, k: int) -> np.ndarray:
@@ -228,14 +234,13 @@ def _read(path: Path, shapes: dict[str, tuple]) -> dict[str, np.ndarray] | None:
 def _write(path: Path, arrays: dict[str, np.ndarray], spec: MetalensSpec) -> None:
     """Save ``arrays`` as safetensors (with the spec as metadata) via a temp file + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     metadata = {"spec": json.dumps(spec.to_dict(), sort_keys=True),
                 "optics_model_version": str(OPTICS_MODEL_VERSION)}
     try:
-        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, tmp,
+        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
                   metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

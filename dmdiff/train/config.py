@@ -20,6 +20,10 @@ from dmdiff.config import load_config, merge
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiffConfig
 
+class TrainWarning(UserWarning):
+    """Something about the training setup the user should know (a fallback in effect)."""
+
+
 #: The three paths, in the order of :class:`PathProbs` and of the integer path ids in batches.
 PATHS = ("positive", "neutral", "negative")
 
@@ -79,6 +83,21 @@ class PseudoConfig:
     size_px: int | None = None
     batch_size: int = 8
     seed: int = 1
+
+    def validate(self, prefix: str = "") -> "PseudoConfig":
+        """Raise :class:`ConfigError` (keys named with ``prefix``) on out-of-range values; return self."""
+        for name in ("count", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dead_leaves_fraction <= 1:
+            raise ConfigError(f"{prefix}dead_leaves_fraction must lie in [0, 1], got {self.dead_leaves_fraction}")
+        if self.noise_strength < 0:
+            raise ConfigError(f"{prefix}noise_strength must be >= 0, got {self.noise_strength}")
+        if self.size_px is not None and self.size_px < 8:
+            raise ConfigError(f"{prefix}size_px must be >= 8 or null, got {self.size_px}")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}seed must be >= 0, got {self.seed}")
+        return self
 
 
 #: What each recipe stage changes before its own overrides: stage 1 trains the negative path only.
@@ -210,15 +229,7 @@ class TrainConfig:
                               f"lpips={self.loss.lpips}")
 
     def _validate_recipe(self) -> None:
-        p = self.recipe.pseudo
-        if p.count < 1 or p.batch_size < 1:
-            raise ConfigError(f"recipe.pseudo.count and batch_size must be >= 1, got {p.count}, {p.batch_size}")
-        if not 0 <= p.dead_leaves_fraction <= 1:
-            raise ConfigError(f"recipe.pseudo.dead_leaves_fraction must lie in [0, 1], got {p.dead_leaves_fraction}")
-        if p.noise_strength < 0:
-            raise ConfigError(f"recipe.pseudo.noise_strength must be >= 0, got {p.noise_strength}")
-        if p.size_px is not None and p.size_px < 8:
-            raise ConfigError(f"recipe.pseudo.size_px must be >= 8 or null, got {p.size_px}")
+        self.recipe.pseudo.validate("recipe.pseudo.")
         for stage in ("stage1", "stage2"):
             overrides = getattr(self.recipe, stage)
             if "recipe" in overrides:

@@ -1,0 +1,163 @@
+"""Training batches as a pure function of ``(seed, micro-batch index)``, and the validation pairs.
+
+Nothing here keeps iteration state, so a resumed run sees exactly the batches the interrupted
+one would have seen. Global micro-batch ``m`` (optimizer step ``m // grad_accum``) of process
+``rank`` among ``world`` holds the sample *slots* ``p = (m · world + rank) · batch_size + i``:
+
+- **order**: slot ``p`` takes pair ``perm_e[p mod N]`` with ``e = p // N`` (the epoch) and
+  ``perm_e`` a permutation drawn from ``(seed, e)``: every pair once per epoch, reshuffled per epoch;
+- **crops/flips**: :class:`~dmdiff.data.dataset.PairedFolderDataset` with ``set_epoch(p)``, i.e.
+  drawn from ``(seed, p, index)``;
+- **path**: ``"batch"`` sampling draws one path per micro-batch from ``(seed, m)`` (the same on
+  every process); ``"sample"`` one per slot from ``(seed, p)``.
+
+Targets (DESIGN §2): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
+where a dataset has none); negative ``gt → lr``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dmdiff.data.dataset import PairedFolderDataset, crop_maps
+from dmdiff.errors import DmdiffError
+from dmdiff.train.config import PATHS, TrainConfig, TrainWarning
+
+_ORDER, _PATH_BATCH, _PATH_SAMPLE = 1, 2, 3   # stream tags of the seed sequences
+
+
+def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
+    """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening).
+
+    Maps are used only when every dataset has them (else none are, with a warning); a dataset
+    without ``gt_blur_train/`` makes the neutral path fall back to its GT (warning), when the
+    neutral path is trained at all.
+
+    Raises:
+        DmdiffError: a folder is missing, empty, has mismatched pairs or images smaller than
+            ``crop_px`` (the dataset's own checks).
+    """
+    roots = [cfg.data, *cfg.extra_data]
+    sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips)
+            for root in roots]
+    with_maps = [ds.map_paths is not None for ds in sets]
+    if any(with_maps) and not all(with_maps):
+        without = [str(ds.root) for ds, m in zip(sets, with_maps) if not m]
+        warnings.warn(f"training without degradation maps: {', '.join(without)} has none (maps/), so the "
+                      "maps of the other datasets are not used either", TrainWarning, stacklevel=2)
+        sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips,
+                                    use_maps=False) for root in roots]
+    if cfg.path_probs.normalised()[1] > 0:
+        no_blur = [str(ds.root) for ds in sets if ds.gt_blur_paths is None]
+        if no_blur:
+            warnings.warn(f"{', '.join(no_blur)}: no gt_blur_train/ (ideal-lens images); the neutral path "
+                          "uses the GT image as its target there", TrainWarning, stacklevel=2)
+    return sets
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Micro-batch ``m`` → batch dict (module docstring). Use with ``DataLoader(batch_size=None)``.
+
+    Items: ``input``, ``target`` float32 ``(B, 3, h, w)`` sRGB in ``[0, 1]``; ``path`` int64 ``(B,)``
+    (index into :data:`PATHS`); ``maps`` float32 ``(B, 7, G, G)`` when the data has maps;
+    ``index`` int64 ``(B,)`` (pair index into the concatenated datasets).
+    """
+
+    def __init__(self, sets: Sequence[PairedFolderDataset], cfg: TrainConfig, n_micro: int,
+                 rank: int = 0, world: int = 1):
+        self.sets = list(sets)
+        self.offsets = np.cumsum([0] + [len(ds) for ds in self.sets])
+        self.n_pairs = int(self.offsets[-1])
+        self.cfg, self.n_micro, self.rank, self.world = cfg, n_micro, rank, world
+        self.probs = np.asarray(cfg.path_probs.normalised())
+
+    def __len__(self) -> int:
+        return self.n_micro
+
+    def slots(self, m: int) -> np.ndarray:
+        """Global sample slots of micro-batch ``m`` on this process."""
+        b = self.cfg.batch_size
+        start = (m * self.world + self.rank) * b
+        return np.arange(start, start + b)
+
+    def pair_index(self, slot: int) -> int:
+        """The pair (index into the concatenated datasets) that fills ``slot``."""
+        epoch, pos = divmod(int(slot), self.n_pairs)
+        perm = np.random.default_rng([self.cfg.seed, _ORDER, epoch]).permutation(self.n_pairs)
+        return int(perm[pos])
+
+    def paths(self, m: int, slots: np.ndarray) -> np.ndarray:
+        """Path ids ``(B,)`` of micro-batch ``m``."""
+        seed = self.cfg.seed
+        if self.cfg.path_sampling == "batch":
+            path = np.random.default_rng([seed, _PATH_BATCH, m]).choice(len(PATHS), p=self.probs)
+            return np.full(len(slots), path, dtype=np.int64)
+        return np.array([np.random.default_rng([seed, _PATH_SAMPLE, int(p)]).choice(len(PATHS), p=self.probs)
+                         for p in slots], dtype=np.int64)
+
+    def item(self, slot: int, index: int) -> dict:
+        """The cropped pair for ``slot``."""
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        ds = self.sets[k]
+        ds.set_epoch(slot)
+        return ds[index - int(self.offsets[k])]
+
+    def __getitem__(self, m: int) -> dict:
+        if not 0 <= m < self.n_micro:
+            raise IndexError(m)
+        slots = self.slots(m)
+        paths = self.paths(m, slots)
+        indices = [self.pair_index(p) for p in slots]
+        inputs, targets, maps = [], [], []
+        for slot, index, path in zip(slots, indices, paths):
+            pair = self.item(int(slot), index)
+            name = PATHS[path]
+            if name == "negative":
+                inputs.append(pair["gt"])
+                targets.append(pair["lr"])
+            else:
+                inputs.append(pair["lr"])
+                targets.append(pair.get("gt_blur", pair["gt"]) if name == "neutral" else pair["gt"])
+            if "maps" in pair:
+                maps.append(pair["maps"])
+        batch = {"input": torch.stack(inputs), "target": torch.stack(targets),
+                 "path": torch.from_numpy(paths), "index": torch.tensor(indices, dtype=torch.int64)}
+        if maps:
+            batch["maps"] = torch.stack(maps)
+        return batch
+
+
+def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
+    """The first ``cfg.val_images`` test pairs of ``cfg.data`` (by name), centre-cropped to
+    ``val_crop_px`` (when smaller than the image): dicts of ``lr``, ``gt`` ``(3, h, w)``, ``maps``
+    ``(7, G, G)`` when present and ``use_maps``, ``name``.
+
+    Raises:
+        DmdiffError: validation is on but ``data`` has no usable test split.
+    """
+    if cfg.val_images == 0:
+        return []
+    root = Path(cfg.data)
+    try:
+        ds = PairedFolderDataset(root, "test", use_maps=use_maps)
+    except DmdiffError as e:
+        raise DmdiffError(f"validation needs the test split of {root}: {e} (set val_images: 0 to "
+                          "train without validation)") from None
+    out = []
+    for i in range(min(cfg.val_images, len(ds))):
+        pair = ds[i]
+        h, w = pair["gt"].shape[-2:]
+        c = cfg.val_crop_px
+        if c is not None and c < min(h, w):
+            y0, x0 = (h - c) // 2, (w - c) // 2
+            pair = {k: v[:, y0:y0 + c, x0:x0 + c] if k in ("lr", "gt", "gt_blur") else v for k, v in pair.items()}
+            if "maps" in pair:
+                pair["maps"] = torch.from_numpy(crop_maps(pair["maps"].numpy(), (h, w), (y0, x0, c, c)))
+        out.append(pair)
+    return out
+

@@ -1,0 +1,270 @@
+"""``dmdiff pseudo``: pseudo pairs from a stage-1 (negative-path) model (DESIGN §2, stage 2 data).
+
+For each clean image ``gt`` (8-bit sRGB, ``size × size``): ``lr = pseudo_noise_augment(
+DMDiff.degrade(gt, maps))`` — the learned GT → metalens-capture mapping, then signal-dependent shot
+noise and low-frequency blotchy noise (stronger in the dark; :func:`dmdiff.optics.sensor.
+pseudo_noise_augment`). Written in the dataset layout so ``PairedFolderDataset(out, "train")``
+reads it and stage 2 can add it to the real pairs::
+
+    OUT/
+      gt_train/pseudo_<name>.png   lr_train/pseudo_<name>.png
+      gt_blur_train/pseudo_<name>.png    ideal-lens target, when the dataset has lens.json + gt_blur
+      maps/pseudo_<name>.npy             when the dataset has maps (see below)
+      pseudo.json                        settings, model run, names, provenance
+
+Clean images: ``--images DIR`` (every image file, a random ``size`` crop of each, upscaled first
+when smaller), or by default ``count`` bundled ones: dead-leaves images and random crops of the
+*training* photos, named ``pseudo_*`` so their random streams differ from the dataset's crops of
+the same photos even under the same seed; the test photos are never used.
+
+Maps: every image of a simulated dataset covers the same sensor field, so its PSF-width channels
+are the same for all pairs; a pseudo pair gets the element-wise median of the dataset's training
+maps (the noise channel is thus the dataset's median noise level, not that of the pseudo noise).
+The same maps describe the lens to ``degrade``. A dataset without maps gives pairs without maps.
+
+Reproducible (same model, settings and seed → same files); atomic (built in a temporary folder
+beside ``OUT`` and renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dmdiff.config import to_dict
+from dmdiff.errors import DmdiffError
+from dmdiff.train.config import PseudoConfig, load_train_config
+
+RECORD = "pseudo.json"
+
+
+def load_trained(run: str | Path):
+    """The DMDiff model of a finished training run (``RUN/config.yaml`` + ``RUN/model.safetensors``)
+    and its :class:`~dmdiff.train.config.TrainConfig`.
+
+    Raises:
+        DmdiffError: not a run folder, or the run has no final weights yet.
+    """
+    from safetensors.torch import load_file
+
+    from dmdiff.model.dmdiff import DMDiff
+    from dmdiff.train.rundir import CONFIG, MODEL
+
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise DmdiffError(f"--model {run}: not a training run folder (no {CONFIG})")
+    if not (run / MODEL).is_file():
+        raise DmdiffError(f"--model {run}: the run has no final weights ({MODEL}); finish it first "
+                          "(dmdiff train ... --resume latest)")
+    cfg = load_train_config(run / CONFIG)
+    model = DMDiff(cfg.model)
+    model.load_trainable_state_dict(load_file(str(run / MODEL)))
+    return model, cfg
+
+
+def _lens_size(dataset: Path) -> int:
+    """The dataset's sensor side (lens.json), else its first training image's shorter side."""
+    from dmdiff.data.dataset import PairedFolderDataset, read_lens
+
+    lens = read_lens(dataset)
+    if lens and "camera" in lens:
+        return int(lens["camera"]["image_size_px"])
+    return int(min(PairedFolderDataset(dataset, "train").sizes[0]))
+
+
+def dataset_maps(dataset: Path) -> np.ndarray | None:
+    """Median of the training maps ``(7, G, G)`` float32 of ``dataset``; None when it has no maps."""
+    from dmdiff.data.dataset import PairedFolderDataset
+
+    ds = PairedFolderDataset(dataset, "train")
+    if ds.map_paths is None:
+        return None
+    return np.median(np.stack([np.load(p, allow_pickle=False) for p in ds.map_paths]), axis=0).astype(np.float32)
+
+
+def _ideal_lens(dataset: Path):
+    """``MetalensCamera`` of the dataset's lens when it has lens.json and gt_blur images, else None."""
+    from dmdiff.data.dataset import read_lens
+    from dmdiff.optics.camera import MetalensCamera
+    from dmdiff.optics.spec import MetalensSpec
+
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens or not (dataset / "gt_blur_train").is_dir():
+        return None
+    return MetalensCamera(MetalensSpec.from_dict(lens["spec"]), progress=False)
+
+
+def _square_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    from dmdiff.data.simulate import random_crop, resize_image
+
+    h, w = image.shape[:2]
+    if min(h, w) < size:
+        f = size / min(h, w)
+        image = resize_image(image, max(size, round(h * f)), max(size, round(w * f)))
+    return random_crop(image, size, rng, (0.3, 1.0), hflip=True, vflip=False)[0]
+
+
+def bundled_clean_images(count: int, size: int, seed: int, dead_leaves_fraction: float
+                         ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, float32 (size, size, 3) sRGB)``: dead leaves first, then crops of the training photos
+    in turn (``pseudo_<photo>_<k>``); names start with ``pseudo_``."""
+    from dmdiff.data.sources import TRAIN_PHOTOS, dead_leaves, load_photo, named_rng, photo_palette
+
+    n_dead = int(round(count * dead_leaves_fraction))
+    palette = photo_palette() if n_dead else None
+    for k in range(n_dead):
+        name = f"pseudo_deadleaves_{k:03d}"
+        yield name, dead_leaves(size, named_rng(seed, name), palette=palette)
+    photos = {}
+    for k in range(count - n_dead):
+        photo = TRAIN_PHOTOS[k % len(TRAIN_PHOTOS)]
+        name = f"pseudo_{photo}_{k // len(TRAIN_PHOTOS):03d}"
+        if photo not in photos:
+            photos[photo] = load_photo(photo)
+        yield name, _square_crop(photos[photo], size, named_rng(seed, name))
+
+
+def folder_clean_images(folder: Path, size: int, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Every image file of ``folder`` (sorted), a random ``size`` crop each, named ``pseudo_<stem>``.
+
+    Raises:
+        DmdiffError: not a folder, or no image files in it.
+    """
+    from dmdiff.data.sources import named_rng
+    from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
+
+    if not folder.is_dir():
+        raise DmdiffError(f"--images {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DmdiffError(f"--images {folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    seen = set()
+    for p in files:
+        stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in p.stem)
+        name, k = f"pseudo_{stem}", 1
+        while name in seen:
+            name, k = f"pseudo_{stem}_{k}", k + 1
+        seen.add(name)
+        yield name, _square_crop(read_image(p), size, named_rng(seed, name))
+
+
+def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Path | None = None,
+                      images: str | Path | None = None, settings: PseudoConfig = PseudoConfig(),
+                      overwrite: bool = False, progress: bool = True) -> Path:
+    """Write pseudo pairs (module docstring) into ``out``; returns ``out``.
+
+    Args:
+        model_run: a finished (stage-1) training run folder.
+        out: the folder to create.
+        dataset: the real dataset whose lens the pairs imitate (maps, size, ideal lens); None: the
+            run's ``data``.
+        images: a folder of clean images; None: bundled images (``settings.count`` of them).
+        settings: count, dead-leaves share, noise strength, size, batch size, seed.
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar.
+
+    Raises:
+        DmdiffError: unusable model run, dataset or image folder, or an existing ``out``.
+    """
+    from dmdiff.data.sources import named_rng
+    from dmdiff.imageio import write_png
+    from dmdiff.optics.sensor import pseudo_noise_augment, quantize
+    from dmdiff.runinfo import provenance, write_json
+
+    settings.validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DmdiffError(f"--out {out} already exists; pass --overwrite to replace it")
+    model, run_cfg = load_trained(model_run)
+    dataset = Path(dataset if dataset is not None else run_cfg.data)
+    size = settings.size_px or _lens_size(dataset)
+    maps = dataset_maps(dataset)
+    camera = _ideal_lens(dataset)
+    clean = (folder_clean_images(Path(images), size, settings.seed) if images is not None
+             else bundled_clean_images(settings.count, size, settings.seed, settings.dead_leaves_fraction))
+    total = None if images is not None else settings.count
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    t0 = time.perf_counter()
+    names = []
+    try:
+        folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if camera else []) + (["maps"] if maps is not None else [])
+        for d in folders:
+            (tmp / d).mkdir()
+        bar = tqdm(total=total, desc="pseudo pairs", unit="img", disable=not progress, file=sys.stderr)
+        while True:
+            chunk = [(n, quantize(img, 8)) for n, img in _take(clean, settings.batch_size)]
+            if not chunk:
+                break
+            gt = torch.from_numpy(np.stack([img for _, img in chunk]).transpose(0, 3, 1, 2).copy())
+            m = None if maps is None else torch.from_numpy(maps)[None].expand(len(chunk), -1, -1, -1)
+            lr = model.degrade(gt, m).float().permute(0, 2, 3, 1).cpu().numpy()
+            for (name, g), degraded in zip(chunk, lr):
+                noisy = pseudo_noise_augment(degraded, named_rng(settings.seed, f"{name}/noise"), settings.noise_strength)
+                write_png(tmp / "gt_train" / f"{name}.png", g)
+                write_png(tmp / "lr_train" / f"{name}.png", noisy)
+                if camera:
+                    write_png(tmp / "gt_blur_train" / f"{name}.png", camera.ideal(g))
+                if maps is not None:
+                    with open(tmp / "maps" / f"{name}.npy", "wb") as f:
+                        np.save(f, maps, allow_pickle=False)
+                names.append(name)
+            bar.update(len(chunk))
+        bar.close()
+        settings = replace(settings, size_px=size, count=len(names))
+        write_json(tmp / RECORD, {
+            "format": "dmdiff-pseudo-pairs", "model_run": str(Path(model_run).resolve()),
+            "dataset": str(dataset.resolve()), "images": None if images is None else str(Path(images).resolve()),
+            "settings": to_dict(settings), "maps": maps is not None, "gt_blur": camera is not None,
+            "names": names,
+            "provenance": provenance(config=to_dict(settings), seed=settings.seed, command="dmdiff pseudo",
+                                     elapsed_s=round(time.perf_counter() - t0, 1)),
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for item in it:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def main(args) -> int:
+    """Entry point of ``dmdiff pseudo`` (args: model, out, images, dataset, count, seed,
+    noise_strength, size, overwrite)."""
+    from dmdiff.config import merge
+    from dmdiff.train.loop import show_warnings
+
+    changes = {k: v for k, v in (("count", args.count), ("seed", args.seed), ("noise_strength", args.noise_strength),
+                                 ("size_px", args.size)) if v is not None}
+    settings = merge(PseudoConfig(), changes).validate()
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warnings("dmdiff pseudo")
+        out = make_pseudo_pairs(args.model, args.out, dataset=args.dataset, images=args.images, settings=settings,
+                                overwrite=args.overwrite)
+    record = json.loads((out / RECORD).read_text())
+    print(f"dmdiff pseudo: wrote {len(record['names'])} pseudo pairs ({record['settings']['size_px']} px) to {out}")
+    return 0

@@ -1,0 +1,118 @@
+"""The run folder of ``dmdiff train``: what it holds, starting/resuming checks, the metrics log.
+
+::
+
+    RUN/
+      config.yaml          the resolved TrainConfig (reloads with load_train_config)
+      run.json             provenance (seed, versions, git revision, command) and resume records
+      metrics.jsonl        one JSON object per line: {"step", "kind": "train", "loss", terms, "lr",
+                           "paths", "step_time_s"} and {"step", "kind": "val", "psnr", "ssim", ...}
+      checkpoint-N/        see dmdiff.train.checkpoint (the newest keep_last)
+      model.safetensors    the final trained weights (EMA ones with EMA), DMDiff.trainable_state_dict()
+      train_report.json    written last: steps done, timings, final validation, loss notes
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dmdiff.config import to_dict
+from dmdiff.errors import DmdiffError
+from dmdiff.runinfo import atomic_write_text, provenance, write_json
+from dmdiff.train.checkpoint import list_checkpoints
+from dmdiff.train.config import TrainConfig, load_train_config
+
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+REPORT = "train_report.json"
+
+#: Settings that may change when a run is resumed: they do not change the trained weights
+#: (``steps`` extends or shortens the run).
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "validate_every", "val_images", "val_crop_px",
+                     "log_every", "num_workers", "recipe"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "recipe":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs, except :data:`RESUMABLE_CHANGES`."""
+    fa, fb = _flat(to_dict(a)), _flat(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys()
+                  if fa.get(k) != fb.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES)
+
+
+def is_complete(run: str | Path, steps: int | None = None) -> bool:
+    """Whether ``run`` finished (its ``train_report.json`` says so, for ``steps`` steps if given)."""
+    path = Path(run) / REPORT
+    if not path.is_file() or not (Path(run) / MODEL).is_file():
+        return False
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(report.get("completed")) and (steps is None or report.get("steps") == steps)
+
+
+def start_run(run: Path, cfg: TrainConfig, resume: str | None, command: str) -> None:
+    """Check ``run`` against the request and write ``config.yaml`` / ``run.json`` (main process only).
+
+    Raises:
+        DmdiffError: ``run`` already holds checkpoints or a model and ``resume`` is None; or, when
+            resuming, the run's config differs from ``cfg`` in settings that change the weights (the
+            keys are listed).
+    """
+    existing = run / CONFIG
+    if run.exists() and not run.is_dir():
+        raise DmdiffError(f"--out {run} exists and is not a folder")
+    if resume is None and (list_checkpoints(run) or (run / MODEL).is_file()):
+        raise DmdiffError(f"{run} already holds a training run; pass --resume latest to continue it, "
+                          "or choose another --out")
+    info = {}
+    if resume is not None and existing.is_file():
+        old = load_train_config(existing)
+        diff = config_differences(old, cfg)
+        if diff:
+            raise DmdiffError(f"{run}: the config differs from the run's {CONFIG} in {', '.join(diff)}; "
+                              "these change the trained weights, so the run cannot be resumed with them "
+                              "(choose another --out)")
+        if (run / RUN_INFO).is_file():
+            info = json.loads((run / RUN_INFO).read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(existing, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    record = provenance(config=to_dict(cfg), seed=cfg.seed, command=command)
+    if info:
+        info.setdefault("resumes", []).append(record)
+    else:
+        info = record
+    write_json(run / RUN_INFO, info)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` writer (main process); on resume, lines past the resumed step
+    (written by the interrupted run after its last checkpoint) are dropped first."""
+
+    def __init__(self, run: Path, resumed_step: int):
+        self.path = run / METRICS
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        """Append one record as a JSON line."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
