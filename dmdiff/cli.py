@@ -39,6 +39,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     o.set_defaults(func=run_optics)
 
+    m = which.add_parser("model", help="DMDiff restore latency/memory (tiny, CPU), α re-decode ratio, "
+                                       "sd-turbo-shape UNet call; the fp16 GPU restore when CUDA is there")
+    m.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides of the tiny restore (px)")
+    m.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is kept)")
+    m.add_argument("--threads", type=int, default=1, help="CPU threads (1: the most stable figures on a shared box)")
+    m.add_argument("--no-sd-turbo-shape", dest="sd_turbo_shape", action="store_false",
+                   help="skip the SD-Turbo-shape measurements (a ~5 GB model)")
+
+    def run_model(a: argparse.Namespace) -> int:
+        from dmdiff.bench.model import main
+
+        return main(a)
+
+    m.set_defaults(func=run_model)
+
 
 def _add_repro(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repro", help="run the notebook study headlessly through papermill")
@@ -75,10 +90,52 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train DMDiff (multipath, on accelerate); --recipe runs the two-stage "
+                                     "pseudo-data recipe")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", default=None, help="YAML training config (one training run)")
+    what.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                      help="run stage 1 → pseudo pairs → stage 2 with configs/NAME.yaml (e.g. tiny) or a YAML file")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the newest checkpoint of --out, or from a checkpoint folder "
+                        "(--recipe always resumes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.train.loop import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
+def _add_pseudo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pseudo", help="make pseudo pairs with a stage-1 (GT → capture) model")
+    p.add_argument("--model", required=True, help="finished training run folder (stage 1)")
+    p.add_argument("--out", required=True, help="folder to write (dataset layout: gt_train/, lr_train/, ...)")
+    p.add_argument("--images", default=None,
+                   help="folder of clean images (default: bundled dead leaves + training-photo crops)")
+    p.add_argument("--dataset", default=None, help="real dataset whose lens maps/size to use (default: the run's data)")
+    p.add_argument("--count", type=int, default=None, help="number of bundled clean images (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the clean images and the noise (default 1)")
+    p.add_argument("--noise-strength", type=float, default=None, help="sensor-noise augmentation scale (default 1)")
+    p.add_argument("--size", type=int, default=None, help="image side in px (default: the dataset's sensor size)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.train.pseudo import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain):
+    for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain, _add_train, _add_pseudo):
         add(sub)
     return parser
 

@@ -270,7 +270,9 @@ def _read_png16(path: Path) -> np.ndarray | None:
     except ImageReadError:
         raise
     except _PNG_DECODE_ERRORS as e:
-        raise ImageReadError(path, f"corrupt or truncated PNG ({type(e).__name__}: {e})") from None
+        # str() of a png.Error already starts with its class name
+        detail = str(e) if isinstance(e, png.Error) else f"{type(e).__name__}: {e}"
+        raise ImageReadError(path, f"corrupt or truncated PNG ({detail})") from None
     if count < height:
         raise ImageReadError(path, f"truncated PNG (image data holds {count} of {height} rows)")
     a = samples.reshape(height, width, planes).astype(np.float64) / float((1 << depth) - 1)

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Order of MetalensCamera.MAP_CHANNELS and of the dataset's maps/*.npy (docs/architecture.md).
-MAP_CHANNELS = ("fwhm_r", "fwhm_g", "fwhm_b", "ee80_r", "ee80_g", "ee80_b", "noise")
+from dmdiff.optics.camera import MAP_CHANNELS  # order of the optics maps and of maps/*.npy
+
 IMAGE_STAT_CHANNELS = ("brightness", "contrast", "gradient_r", "gradient_g", "gradient_b", "laplacian", "noise")
 FEATURE_CHANNELS = (*MAP_CHANNELS, "maps_missing", *(f"image_{c}" for c in IMAGE_STAT_CHANNELS))
 BLOCKS = {"vae": 6, "unet": 10}       # block ids per backbone part (DESIGN §2), as in dmdiff.model.lora

@@ -1,0 +1,254 @@
+"""``dmdiff bench model``: DMDiff restore latency and memory, and what tunable decoding saves.
+
+One run prints:
+
+- the ``tiny`` preset (``DMDiffConfig()`` defaults, batch 1, fp32, CPU): the latency of a full
+  :meth:`~dmdiff.model.dmdiff.DMDiff.restore` (both paths) and of an α-change re-decode
+  (:meth:`~dmdiff.model.dmdiff.DMDiff.decode`) at each size, their ratio (target ≤ 0.35 at 512²),
+  where the restore time goes (SVDA, VAE encoder, UNet, VAE decoder), and the peak memory of a restore;
+- ``sd-turbo-shape``: one plain UNet call at 512² (latent 64×64, batch 1, fp32, CPU), SD-Turbo's
+  architecture with random weights;
+- with CUDA: the ``sd-turbo-shape`` restore at 512² in fp16 on the GPU (a figure, not a test).
+
+Times are medians over ``repeats`` calls (restore and re-decode interleaved, so both see the same
+load), after a warm-up restore at 64². Each measurement runs in a fresh process, so that memory
+freed by an earlier one and kept by the allocator does not hide this one's. Peak memory is the
+resident set size (RSS) of that process during its first restore at the size, above the RSS just
+before: the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) on Linux,
+else psutil RSS sampled every millisecond. On CUDA it is ``torch.cuda.max_memory_allocated`` above
+the memory allocated before. On a shared machine, one CPU thread (the default) gives the most stable figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import statistics
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import torch
+
+from dmdiff.errors import DmdiffError
+
+RATIO_TARGET = 0.35
+RATIO_SIZE = 512
+WARMUP_SIZE = 64
+STAGES = ("svda", "vae encoder", "unet", "vae decoder")
+_HWM_RESET = Path("/proc/self/clear_refs")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory (bytes) used during a ``with`` block above the usage at entry: ``.bytes``.
+
+    CPU: process RSS (kernel high-water mark reset at entry where Linux allows it, else sampled
+    every millisecond in a thread). CUDA: ``torch.cuda.max_memory_allocated`` of ``device``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        process = psutil.Process()
+        self._start = process.memory_info().rss
+        self._samples, self._stop = [self._start], threading.Event()
+        try:
+            _HWM_RESET.write_text("5")          # VmHWM := current RSS
+            self._sampler = None
+        except OSError:
+            self._sampler = threading.Thread(target=self._sample, args=(process,), daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self, process: psutil.Process) -> None:
+        while not self._stop.wait(0.001):
+            self._samples.append(process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._sampler is None:
+            status = Path("/proc/self/status").read_text().splitlines()
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        else:
+            self._stop.set()
+            self._sampler.join()
+            peak = max(self._samples)
+        self.bytes = max(peak - self._start, 0)
+
+
+class StageTimes:
+    """Wall time spent in each of ``modules`` (forward hooks), summed per call of the whole model:
+    call :meth:`lap` after each model call; ``.laps`` is a list of ``{stage: seconds}``."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device):
+        self.modules, self.device = modules, device
+        self.laps: list[dict[str, float]] = []
+        self._current = dict.fromkeys(modules, 0.0)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[StageTimes]:
+        handles = []
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_pre_hook(lambda *_: self._start()))
+            handles.append(module.register_forward_hook(lambda *_, name=name: self._stop(name)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _start(self) -> None:
+        _synchronize(self.device)
+        self._started = time.perf_counter()
+
+    def _stop(self, name: str) -> None:
+        _synchronize(self.device)
+        self._current[name] += time.perf_counter() - self._started
+
+    def lap(self) -> None:
+        self.laps.append(self._current)
+        self._current = dict.fromkeys(self.modules, 0.0)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Wall time (s) of ``fn()`` with the device synchronised before and after, and its result."""
+    _synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    _synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device: str = "cpu",
+                      half: bool = False) -> dict:
+    """Time DMDiff restore and α re-decode of one ``size × size`` image (run it in a fresh process).
+
+    Returns:
+        ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "stages_s"}``:
+        medians over ``repeats`` (seconds), the backbone's source, the peak memory of the first
+        restore at this size (bytes), and the median time per stage of a restore.
+    """
+    from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    start = time.perf_counter()
+    model = DMDiff(DMDiffConfig(preset=preset)).to(device, torch.float16 if half else torch.float32)
+    build_s = time.perf_counter() - start
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
+    model.restore(x[..., :WARMUP_SIZE, :WARMUP_SIZE])
+    with PeakMemory(device) as memory:
+        model.restore(x)
+    stages = StageTimes({"svda": model.svda, "vae encoder": model.vae.encoder, "unet": model.unet,
+                         "vae decoder": model.vae.decoder}, device)
+    restore_s, decode_s = [], []
+    for _ in range(repeats):
+        with stages.active():
+            seconds, (_, latents) = _timed(lambda: model.restore(x, return_latents=True), device)
+        stages.lap()
+        restore_s.append(seconds)
+        decode_s.append(_timed(lambda: model.decode(latents, 0.5), device)[0])
+    restore, decode = statistics.median(restore_s), statistics.median(decode_s)
+    return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
+            "ratio": decode / restore, "peak_bytes": memory.bytes,
+            "stages_s": {s: statistics.median(lap[s] for lap in stages.laps) for s in STAGES}}
+
+
+def unet_benchmark(size: int, repeats: int, threads: int) -> dict:
+    """One call of SD-Turbo's UNet (random init, fp32, CPU, batch 1) at image size ``size``
+    (latent ``size / 8``); run it in a fresh process.
+
+    Returns:
+        ``{"params", "build_s", "first_s", "call_s", "peak_bytes"}``: parameter count, build time,
+        the first call's time, the median of ``repeats`` later calls (seconds), and the peak RSS of
+        the first call above the RSS after the build (bytes).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from dmdiff.model.backbone import SD_TURBO_UNET
+
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    start = time.perf_counter()
+    unet = UNet2DConditionModel.from_config(SD_TURBO_UNET).eval()
+    build_s = time.perf_counter() - start
+    latent = torch.randn(1, 4, size // 8, size // 8)
+    text = torch.randn(1, 77, SD_TURBO_UNET["cross_attention_dim"])
+    with torch.no_grad():
+        with PeakMemory(cpu) as memory:
+            first_s, _ = _timed(lambda: unet(latent, 999, text), cpu)
+        calls = [_timed(lambda: unet(latent, 999, text), cpu)[0] for _ in range(repeats)]
+    return {"params": sum(p.numel() for p in unet.parameters()), "build_s": build_s, "first_s": first_s,
+            "call_s": statistics.median(calls), "peak_bytes": memory.bytes}
+
+
+def in_fresh_process(fn: Callable, *args) -> dict:
+    """``fn(*args)`` in a new (spawned) Python process; its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.0f} MiB"
+
+
+def format_tiny(sizes: list[int], results: list[dict], repeats: int, threads: int) -> str:
+    """The tiny-preset part of the report."""
+    lines = [f"tiny preset, DMDiffConfig() defaults, backbone: {results[0]['backbone']}; batch 1, fp32, CPU, "
+             f"{threads} thread(s), medians of {repeats}",
+             f"  {'size':<10}{'restore':>10}{'re-decode':>11}{'ratio':>8}{'peak RSS':>11}   restore time by stage",
+             ]
+    for size, r in zip(sizes, results):
+        stages = ", ".join(f"{s} {r['stages_s'][s]:.2f}" for s in STAGES)
+        lines.append(f"  {f'{size}×{size}':<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
+                     f"{_mib(r['peak_bytes']):>11}   {stages} s")
+    if RATIO_SIZE in sizes:
+        ratio = results[sizes.index(RATIO_SIZE)]["ratio"]
+        verdict = "met" if ratio <= RATIO_TARGET else "NOT met"
+        lines.append(f"  α re-decode / full restore at {RATIO_SIZE}²: {ratio:.3f} (target ≤ {RATIO_TARGET}: {verdict})")
+    lines.append("  (peak RSS: first restore at that size in a fresh process, above the RSS before it)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark: ``args.sizes`` (px), ``args.repeats``, ``args.threads``, ``args.sd_turbo_shape``."""
+    if args.repeats < 1 or args.threads < 1:
+        raise DmdiffError(f"--repeats and --threads must be at least 1, got {args.repeats} and {args.threads}")
+    if min(args.sizes) < WARMUP_SIZE:
+        raise DmdiffError(f"--sizes must be at least {WARMUP_SIZE} px, got {args.sizes}")
+    print(f"dmdiff bench model  (torch {torch.__version__}, {psutil.cpu_count()} CPUs)", flush=True)
+    tiny = [in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads) for size in args.sizes]
+    print(format_tiny(args.sizes, tiny, args.repeats, args.threads), flush=True)
+    if args.sd_turbo_shape:
+        u = in_fresh_process(unet_benchmark, RATIO_SIZE, args.repeats, args.threads)
+        print(f"sd-turbo-shape UNet ({u['params'] / 1e6:.0f} M parameters, random init, built in {u['build_s']:.1f} s): "
+              f"one call at {RATIO_SIZE}² (latent {RATIO_SIZE // 8}×{RATIO_SIZE // 8}), batch 1, fp32, CPU, "
+              f"{args.threads} thread(s): {u['call_s']:.2f} s (median of {args.repeats}; first call "
+              f"{u['first_s']:.2f} s, peak RSS +{_mib(u['peak_bytes'])})", flush=True)
+    if not torch.cuda.is_available():
+        print("CUDA: not available, so no sd-turbo-shape fp16 GPU restore figure")
+    elif args.sd_turbo_shape:
+        r = in_fresh_process(restore_benchmark, "sd-turbo-shape", RATIO_SIZE, args.repeats, args.threads, "cuda", True)
+        stages = ", ".join(f"{s} {1e3 * r['stages_s'][s]:.1f}" for s in STAGES)
+        print(f"sd-turbo-shape restore at {RATIO_SIZE}², fp16, {torch.cuda.get_device_name()}: "
+              f"{1e3 * r['restore_s']:.1f} ms, α re-decode {1e3 * r['decode_s']:.1f} ms (ratio {r['ratio']:.3f}), "
+              f"peak +{_mib(r['peak_bytes'])} allocated; by stage: {stages} ms (median of {args.repeats})")
+    return 0

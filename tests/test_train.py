@@ -1,0 +1,373 @@
+"""`dmdiff train` / `dmdiff pseudo`: end-to-end tiny runs, exact resume, checkpoints, early errors."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dmdiff.cli import main as cli_main
+from dmdiff.config import to_dict
+from dmdiff.data.dataset import PairedFolderDataset
+from dmdiff.data.sources import TEST_PHOTOS
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.imageio import write_png
+from dmdiff.optics.spec import MetalensSpec
+from dmdiff.train import checkpoint as ckpt_io
+from dmdiff.train.config import PATHS, PseudoConfig, load_train_config, stage_config
+from dmdiff.train.data import StepBatches, open_train_sets
+from dmdiff.train.loop import train
+from dmdiff.train.pseudo import make_pseudo_pairs
+
+SIZE = 48
+SPEC = MetalensSpec(image_size_px=SIZE, psf_size_px=15, grid_size=3, wavelengths_per_channel=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from intra-op threads, and lose a lot on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_pairs(root: Path, split: str, names: list[str], seed: int, maps: bool = True, blur: bool = True) -> None:
+    """Tiny aligned pairs: smooth random GT, a blurred + noisy LR, a slightly blurred gt_blur."""
+    import scipy.ndimage
+
+    rng = np.random.default_rng(seed)
+    for name in names:
+        gt = scipy.ndimage.gaussian_filter(rng.uniform(size=(SIZE, SIZE, 3)), (2, 2, 0))
+        gt = (gt - gt.min()) / (gt.max() - gt.min())
+        lr = np.clip(scipy.ndimage.gaussian_filter(gt, (1.5, 1.5, 0)) + rng.normal(0, 0.02, gt.shape), 0, 1)
+        write_png(root / f"gt_{split}" / f"{name}.png", gt)
+        write_png(root / f"lr_{split}" / f"{name}.png", lr)
+        if blur:
+            write_png(root / f"gt_blur_{split}" / f"{name}.png", scipy.ndimage.gaussian_filter(gt, (0.5, 0.5, 0)))
+        if maps:
+            (root / "maps").mkdir(exist_ok=True)
+            np.save(root / "maps" / f"{name}.npy", rng.uniform(1, 3, (7, 3, 3)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data") / "data"
+    write_pairs(root, "train", [f"img_{i:02d}" for i in range(6)], seed=0)
+    write_pairs(root, "test", ["val_00", "val_01"], seed=1)
+    (root / "lens.json").write_text(json.dumps({"spec": SPEC.to_dict(), "camera": {"image_size_px": SIZE}}))
+    return root
+
+
+def tiny(data: Path, **changes) -> dict:
+    """A training config mapping small enough for a few CPU seconds."""
+    cfg = dict(data=str(data), crop_px=32, batch_size=2, grad_accum=2, steps=6, lr=1e-3, checkpoint_every=2,
+               keep_last=2, validate_every=3, val_images=2, val_crop_px=32, log_every=2, seed=3,
+               path_sampling="sample", ema_decay=0.9)
+    cfg.update(changes)
+    return cfg
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def run_a(dataset, tmp_path_factory, psf_cache):
+    """One uninterrupted reference run (per-sample paths, grad accumulation, EMA)."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = train(load_train_config(tiny(dataset)), out, progress=False)
+    return out, report, [str(w.message) for w in caught]
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"stepz": 3}, "unknown config key 'stepz'"),
+    ({"batch_size": "4"}, "batch_size: expected an integer"),
+    ({"loss": {"lpips_substitute": "ssim"}}, "lpips_substitute"),
+    ({"path_probs": {"positive": 0, "neutral": 0, "negative": 0}}, "path_probs"),
+    ({"path_sampling": "image"}, "path_sampling"),
+    ({"model": {"preset": "huge"}}, "preset"),
+    ({"recipe": {"stage1": {"crop": 64}}}, "recipe.stage1: unknown config key 'crop'"),
+    ({"recipe": {"stage2": {"lr": -1.0}}}, "recipe.stage2: lr must be a positive number"),
+    ({"recipe": {"pseudo": {"count": 0}}}, "recipe.pseudo.count"),
+])
+def test_bad_config_is_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(bad)
+
+
+def test_config_file_errors_and_stages(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\nmodel: {unet_rank: two}\n")
+    with pytest.raises(ConfigError, match="model.unet_rank"):
+        load_train_config(path)
+    cfg = load_train_config({"recipe": {"stage1": {"steps": 7}, "stage2": {"path_probs": {"neutral": 0.0}}}})
+    s1, s2 = stage_config(cfg, "stage1"), stage_config(cfg, "stage2")
+    assert s1.path_probs.normalised() == (0, 0, 1) and s1.steps == 7
+    assert s2.path_probs.normalised() == pytest.approx((0.7 / 0.8, 0, 0.1 / 0.8)) and s2.steps == cfg.steps
+    assert cli_main(["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def test_batches_are_a_function_of_seed_and_index(dataset):
+    cfg = load_train_config(tiny(dataset, path_probs={"positive": 1, "neutral": 1, "negative": 1}))
+    sets = open_train_sets(cfg)
+    a, b = StepBatches(sets, cfg, 40), StepBatches(sets, cfg, 40)
+    later, first = a[7], b[0]
+    again = b[7]
+    assert all(torch.equal(later[k], again[k]) for k in later)
+    assert not torch.equal(first["input"], later["input"])
+    # every pair once per epoch
+    slots = np.arange(len(a.sets[0]))
+    assert sorted(a.pair_index(p) for p in slots) == list(range(len(a.sets[0])))
+    # per-sample paths, with the training targets of each path
+    batches = [a[m] for m in range(40)]
+    assert set(np.concatenate([b["path"].numpy() for b in batches])) == {0, 1, 2}
+    for m, b in enumerate(batches[:6]):
+        for k, (path, index) in enumerate(zip(b["path"].tolist(), b["index"].tolist())):
+            pair = a.item(int(a.slots(m)[k]), index)
+            source, target = {"positive": ("lr", "gt"), "neutral": ("lr", "gt_blur"), "negative": ("gt", "lr")}[PATHS[path]]
+            assert torch.equal(b["input"][k], pair[source]) and torch.equal(b["target"][k], pair[target])
+
+
+def test_batch_path_sampling_is_shared_and_mixed_maps_dropped(dataset, tmp_path):
+    nomaps = tmp_path / "nomaps"
+    write_pairs(nomaps, "train", ["x_00", "x_01"], seed=5, maps=False, blur=False)
+    cfg = load_train_config(tiny(dataset, path_sampling="batch", extra_data=[str(nomaps)]))
+    with pytest.warns(UserWarning) as caught:
+        sets = open_train_sets(cfg)
+    text = " ".join(str(w.message) for w in caught)
+    assert "without degradation maps" in text and "uses the GT image" in text
+    batches = StepBatches(sets, cfg, 20)
+    assert all(len(set(batches[m]["path"].tolist())) == 1 for m in range(20))
+    assert "maps" not in batches[0]
+
+
+@pytest.mark.parametrize("breakage, match", [
+    ("missing", "dataset folder not found"),
+    ("empty", "missing folder"),
+    ("unpaired", "do not match"),
+    ("no_test", "validation needs the test split"),
+    ("small", "crop_px = 64 is larger"),
+])
+def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
+    root = tmp_path / "data"
+    changes = {}
+    if breakage == "empty":
+        root.mkdir()
+    elif breakage == "unpaired":
+        shutil.copytree(dataset, root)
+        (root / "lr_train" / "img_03.png").unlink()
+    elif breakage == "no_test":
+        write_pairs(root, "train", ["a", "b"], seed=2)
+    elif breakage == "small":
+        shutil.copytree(dataset, root)
+        changes = {"crop_px": 64}
+    out = tmp_path / "run"
+    with pytest.raises(DmdiffError, match=match):
+        train(load_train_config(tiny(root, **changes)), out, progress=False)
+    assert not out.exists()
+
+
+# ---- training runs ----------------------------------------------------------------------------
+
+
+def test_tiny_run_writes_checkpoints_metrics_and_config(run_a, dataset):
+    out, report, messages = run_a
+    assert report["completed"] and report["steps"] == 6 and report["step_time_s"]["median"] > 0
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [4, 6]          # keep_last = 2
+    state = json.loads((out / "checkpoint-6" / "state.json").read_text())
+    assert state["step"] == 6 and state["samples_seen"] == 6 * 2 * 2
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "ema.safetensors",
+            "rng-0.safetensors", "rng-0.json"} <= set(state["files"])
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin")) and not list(out.glob(".*"))
+    cfg = load_train_config(out / "config.yaml")
+    assert to_dict(cfg) == to_dict(load_train_config(tiny(dataset)))
+    info = json.loads((out / "run.json").read_text())
+    assert info["seed"] == 3 and info["versions"]["torch"] and info["versions"]["accelerate"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    val_lines = [r for r in lines if r["kind"] == "val"]
+    assert [r["step"] for r in train_lines] == [2, 4, 6] and [r["step"] for r in val_lines] == [3, 6]
+    assert all(np.isfinite(r["loss"]) and sum(r["paths"].values()) == 2 * 2 * 2 for r in train_lines)
+    assert val_lines[-1]["path"] == "positive" and np.isfinite(val_lines[-1]["psnr"])
+    assert report["val"]["psnr"] == val_lines[-1]["psnr"]
+    # the perceptual term: LPIPS with its real weights, or a loud substitute under its own name
+    from dmdiff.metrics import lpips_status
+
+    if lpips_status("vgg")[0]:
+        assert report["perceptual_term"] == "lpips_vgg" and "lpips_vgg" in train_lines[0]
+    else:
+        assert report["perceptual_term"] == "gradient_l1" and "gradient_l1" in train_lines[0]
+        assert "lpips_vgg" not in train_lines[0]
+        assert any("LPIPS is NOT being used" in m for m in messages)
+    # the exported weights load into a fresh model
+    from dmdiff.model.dmdiff import DMDiff
+
+    model = DMDiff(cfg.model)
+    model.load_trainable_state_dict(weights(out))
+
+
+def test_resume_after_stop_is_bit_identical(run_a, dataset, tmp_path):
+    out_a = run_a[0]
+    cfg = load_train_config(tiny(dataset))
+    out = tmp_path / "b"
+    assert train(cfg, out, progress=False, stop_at_step=5) == {"completed": False, "steps": 5}
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [2, 4] and not (out / "model.safetensors").exists()
+    report = train(cfg, out, "latest", progress=False)
+    assert report["resumed_from_step"] == 4
+    assert same_weights(out_a, out)
+    strip = [{k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+             for line in (out_a / "metrics.jsonl").read_text().splitlines()]
+    again = [{k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+             for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == strip
+
+
+def test_killed_process_resumes_bit_identical(run_a, dataset, tmp_path):
+    """SIGKILL a CLI run once its first checkpoint exists; `--resume latest` ends where run A did."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny(dataset, steps=6)))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dmdiff.cli", "train", "--config", str(config), "--out", str(out),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "model.safetensors").exists()
+    report = train(load_train_config(config), out, "latest", progress=False)
+    assert report["resumed_from_step"] in (2, 4)
+    assert same_weights(run_a[0], out)
+
+
+def test_broken_checkpoints_are_ignored(run_a, dataset, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(run_a[0], out)
+    (out / "model.safetensors").unlink()
+    (out / "train_report.json").unlink()
+    (out / ".checkpoint-8.partial").mkdir()                           # an interrupted write
+    (out / ".checkpoint-8.partial" / "model.safetensors").write_bytes(b"half")
+    (out / "checkpoint-9").mkdir()                                    # no state.json: not complete
+    newest = out / "checkpoint-6" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])                     # corrupted after the fact
+    with pytest.warns(ckpt_io.CheckpointWarning, match="checkpoint-6"):
+        found = ckpt_io.find_checkpoint(out, "latest")
+    assert found.step == 4
+    with pytest.warns(ckpt_io.CheckpointWarning):
+        report = train(load_train_config(tiny(dataset)), out, "latest", progress=False)
+    assert report["resumed_from_step"] == 4 and not (out / ".checkpoint-8.partial").exists()
+    assert same_weights(run_a[0], out)
+
+
+def test_checkpoint_shape_mismatch_and_existing_run(run_a, dataset, tmp_path):
+    out = tmp_path / "d"
+    shutil.copytree(run_a[0], out)
+    with pytest.raises(DmdiffError, match="already holds a training run"):
+        train(load_train_config(tiny(dataset)), out, progress=False)
+    with pytest.raises(DmdiffError, match="differs from the run's config.yaml in lr"):
+        train(load_train_config(tiny(dataset, lr=5e-4)), out, "latest", progress=False)
+    with pytest.raises(DmdiffError, match="does not fit this model"):
+        train(load_train_config(tiny(dataset, model={"unet_rank": 2}, steps=8)), tmp_path / "e",
+              str(out / "checkpoint-6"), progress=False)
+    with pytest.raises(DmdiffError, match="no such checkpoint folder"):
+        ckpt_io.find_checkpoint(out, str(out / "checkpoint-99"))
+
+
+def test_optimizer_and_rng_state_round_trip():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    tensors, meta = ckpt_io.flatten_optimizer(opt.state_dict())
+    json.dumps(meta)
+    back = ckpt_io.unflatten_optimizer(tensors, json.loads(json.dumps(meta)))
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    opt2.load_state_dict(back)
+    assert all(torch.equal(opt.state_dict()["state"][0][k], opt2.state_dict()["state"][0][k])
+               for k in ("exp_avg", "exp_avg_sq", "step"))
+    tensors, js = ckpt_io.rng_state()
+    expected = (torch.rand(3), np.random.rand(), __import__("random").random())
+    ckpt_io.restore_rng({"tensors": tensors, "json": json.loads(json.dumps(js))})
+    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
+    assert __import__("random").random() == expected[2]
+
+
+# ---- pseudo pairs and the recipe ------------------------------------------------------------------
+
+
+def test_pseudo_pairs_layout(run_a, dataset, tmp_path, psf_cache):
+    out = make_pseudo_pairs(run_a[0], tmp_path / "pseudo", settings=PseudoConfig(count=3, batch_size=2),
+                            progress=False)
+    names = sorted(p.stem for p in (out / "gt_train").iterdir())
+    assert len(names) == 3 and all(n.startswith("pseudo_") for n in names)
+    assert not any(photo in n for n in names for photo in TEST_PHOTOS)
+    for folder in ("lr_train", "gt_blur_train"):
+        assert sorted(p.stem for p in (out / folder).iterdir()) == names
+    assert sorted(p.stem for p in (out / "maps").iterdir()) == names
+    maps = np.load(out / "maps" / f"{names[0]}.npy", allow_pickle=False)
+    assert maps.shape == (7, 3, 3)
+    item = PairedFolderDataset(out, "train")[0]
+    assert set(item) == {"lr", "gt", "gt_blur", "maps", "name"} and item["lr"].shape == (3, SIZE, SIZE)
+    assert not torch.equal(item["lr"], item["gt"])
+    record = json.loads((out / "pseudo.json").read_text())
+    assert sorted(record["names"]) == names and record["settings"]["size_px"] == SIZE
+    # a user image folder, through the CLI
+    images = tmp_path / "clean"
+    write_png(images / "a photo.png", np.full((20, 30, 3), 0.5))
+    write_png(images / "b.png", np.random.default_rng(0).uniform(size=(64, 80, 3)))
+    (images / "notes.txt").write_text("not an image")
+    assert cli_main(["pseudo", "--model", str(run_a[0]), "--images", str(images), "--out", str(tmp_path / "p2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "p2" / "lr_train").iterdir()) == ["pseudo_a_photo.png", "pseudo_b.png"]
+    assert cli_main(["pseudo", "--model", str(run_a[0]), "--out", str(tmp_path / "p2")]) == 2     # exists
+    assert cli_main(["pseudo", "--model", str(tmp_path), "--out", str(tmp_path / "p3")]) == 2     # not a run
+
+
+def test_recipe_runs_stages_and_skips_finished_ones(dataset, tmp_path, psf_cache):
+    recipe = tiny(dataset, steps=2, checkpoint_every=2, validate_every=2, val_images=1, grad_accum=1,
+                  ema_decay=None, recipe={"stage1": {"steps": 3}, "pseudo": {"count": 2, "batch_size": 2},
+                                          "stage2_init": "stage1"})
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "r"
+    assert cli_main(["train", "--recipe", str(config), "--out", str(out), "--no-progress"]) == 0
+    s1 = load_train_config(out / "stage1" / "config.yaml")
+    s2 = load_train_config(out / "stage2" / "config.yaml")
+    assert s1.path_probs.normalised() == (0, 0, 1) and s1.steps == 3 and s2.steps == 2
+    assert s2.extra_data == (str(out / "pseudo"),) and s2.init_weights == str(out / "stage1")
+    val1 = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val1[-1]["path"] == "negative"
+    lines2 = [json.loads(x) for x in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["paths"]["negative"] + r["paths"]["positive"] + r["paths"]["neutral"]
+               for r in lines2 if r["kind"] == "train") == 2 * 2
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["stages"]["stage1"]["completed"] and record["pseudo"]["settings"]["count"] == 2
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "stage1" / "model.safetensors", out / "pseudo" / "pseudo.json",
+                                                out / "stage2" / "model.safetensors")}
+    assert cli_main(["train", "--recipe", str(config), "--out", str(out), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
