@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import png
 
 from dmdiff.errors import DmdiffError, ImageReadError
+from dmdiff.runinfo import atomic_write_bytes
 
 __all__ = ["read_image", "write_png", "check_min_size", "ImageSizeError", "IMAGE_EXTENSIONS"]
 
@@ -350,17 +350,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path
         payload = buf.getvalue()
     else:
         payload = _png16_bytes(samples if samples.ndim == 3 else samples[:, :, None])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, payload)
 
 
 def check_min_size(image: np.ndarray, min_px: int, what: str = "crop", path=None) -> None:

@@ -18,10 +18,7 @@ Nothing is downloaded unless the caller passes ``allow_download=True``.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.tokenizer import MAX_LENGTH, build_tokenizer
-from dmdiff.runinfo import write_json
+from dmdiff.runinfo import atomic_directory, write_json
 
 PRESETS = ("tiny", "sd-turbo", "sd-turbo-shape")
 SD_TURBO_HUB_ID = "stabilityai/sd-turbo"
@@ -227,8 +224,7 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise DmdiffError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_directory(folder, replace=True) as tmp:
         backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         backbone.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         backbone.text_encoder.save_pretrained(tmp / "text_encoder")   # transformers: safetensors only
@@ -236,12 +232,6 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
         backbone.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
         backbone.scheduler.save_pretrained(tmp / "scheduler")
         write_json(tmp / "model_index.json", {**MODEL_INDEX, "_diffusers_version": diffusers.__version__})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
