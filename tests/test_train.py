@@ -1,6 +1,8 @@
 """`dmdiff train` / `dmdiff pseudo`: end-to-end tiny runs, exact resume, checkpoints, early errors."""
 
 import json
+import os
+import random
 import shutil
 import signal
 import subprocess
@@ -78,7 +80,7 @@ def tiny(data: Path, **changes) -> dict:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
+    return load_file(str(run / "pipeline" / "dmdiff_trainable.safetensors"))
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -223,11 +225,12 @@ def test_tiny_run_writes_checkpoints_metrics_and_config(run_a, dataset):
         assert report["perceptual_term"] == "gradient_l1" and "gradient_l1" in train_lines[0]
         assert "lpips_vgg" not in train_lines[0]
         assert any("LPIPS is NOT being used" in m for m in messages)
-    # the exported weights load into a fresh model
-    from dmdiff.model.dmdiff import DMDiff
+    # the exported pipeline loads, with the weights of the final EMA
+    from dmdiff.model.pipeline import DMDiffPipeline
 
-    model = DMDiff(cfg.model)
-    model.load_trainable_state_dict(weights(out))
+    model = DMDiffPipeline.from_pretrained(out / "pipeline").model
+    ema = load_file(str(out / "checkpoint-6" / "ema.safetensors"))
+    assert all(torch.equal(p.detach(), ema[k]) for k, p in model.trainable_parameters().items())
 
 
 def test_resume_after_stop_is_bit_identical(run_a, dataset, tmp_path):
@@ -235,7 +238,7 @@ def test_resume_after_stop_is_bit_identical(run_a, dataset, tmp_path):
     cfg = load_train_config(tiny(dataset))
     out = tmp_path / "b"
     assert train(cfg, out, progress=False, stop_at_step=5) == {"completed": False, "steps": 5}
-    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [2, 4] and not (out / "model.safetensors").exists()
+    assert [s for s, _ in ckpt_io.list_checkpoints(out)] == [2, 4] and not (out / "pipeline").exists()
     report = train(cfg, out, "latest", progress=False)
     assert report["resumed_from_step"] == 4
     assert same_weights(out_a, out)
@@ -253,14 +256,14 @@ def test_killed_process_resumes_bit_identical(run_a, dataset, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "dmdiff.cli", "train", "--config", str(config), "--out", str(out),
                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "pipeline").exists()
     report = train(load_train_config(config), out, "latest", progress=False)
     assert report["resumed_from_step"] in (2, 4)
     assert same_weights(run_a[0], out)
@@ -269,19 +272,23 @@ def test_killed_process_resumes_bit_identical(run_a, dataset, tmp_path):
 def test_broken_checkpoints_are_ignored(run_a, dataset, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(run_a[0], out)
-    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "pipeline")
     (out / "train_report.json").unlink()
     (out / ".checkpoint-8.partial").mkdir()                           # an interrupted write
     (out / ".checkpoint-8.partial" / "model.safetensors").write_bytes(b"half")
     (out / "checkpoint-9").mkdir()                                    # no state.json: not complete
     newest = out / "checkpoint-6" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])                     # corrupted after the fact
+    (out / "checkpoint-4").rename(out / ".checkpoint-4.old")          # killed while replacing it
+    ckpt_io.clean_partial(out)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-6",
+                                                                                "checkpoint-9"]
     with pytest.warns(ckpt_io.CheckpointWarning, match="checkpoint-6"):
         found = ckpt_io.find_checkpoint(out, "latest")
     assert found.step == 4
     with pytest.warns(ckpt_io.CheckpointWarning):
         report = train(load_train_config(tiny(dataset)), out, "latest", progress=False)
-    assert report["resumed_from_step"] == 4 and not (out / ".checkpoint-8.partial").exists()
+    assert report["resumed_from_step"] == 4
     assert same_weights(run_a[0], out)
 
 
@@ -312,10 +319,10 @@ def test_optimizer_and_rng_state_round_trip():
     assert all(torch.equal(opt.state_dict()["state"][0][k], opt2.state_dict()["state"][0][k])
                for k in ("exp_avg", "exp_avg_sq", "step"))
     tensors, js = ckpt_io.rng_state()
-    expected = (torch.rand(3), np.random.rand(), __import__("random").random())
+    expected = (torch.rand(3), np.random.rand(), random.random())
     ckpt_io.restore_rng({"tensors": tensors, "json": json.loads(json.dumps(js))})
     assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
-    assert __import__("random").random() == expected[2]
+    assert random.random() == expected[2]
 
 
 # ---- pseudo pairs and the recipe ------------------------------------------------------------------
@@ -367,7 +374,7 @@ def test_recipe_runs_stages_and_skips_finished_ones(dataset, tmp_path, psf_cache
                for r in lines2 if r["kind"] == "train") == 2 * 2
     record = json.loads((out / "recipe.json").read_text())
     assert record["stages"]["stage1"]["completed"] and record["pseudo"]["settings"]["count"] == 2
-    stamp = {p: p.stat().st_mtime_ns for p in (out / "stage1" / "model.safetensors", out / "pseudo" / "pseudo.json",
-                                                out / "stage2" / "model.safetensors")}
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "stage1" / "train_report.json", out / "pseudo" / "pseudo.json",
+                                                out / "stage2" / "train_report.json")}
     assert cli_main(["train", "--recipe", str(config), "--out", str(out), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

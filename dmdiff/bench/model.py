@@ -223,7 +223,8 @@ def format_tiny(sizes: list[int], results: list[dict], repeats: int, threads: in
     if RATIO_SIZE in sizes:
         ratio = results[sizes.index(RATIO_SIZE)]["ratio"]
         verdict = "met" if ratio <= RATIO_TARGET else "NOT met"
-        lines.append(f"  α re-decode / full restore at {RATIO_SIZE}²: {ratio:.3f} (target ≤ {RATIO_TARGET}: {verdict})")
+        lines.append(f"  α re-decode / full restore at {RATIO_SIZE}²: {ratio:.3f} "
+                     f"(target ≤ {RATIO_TARGET}: {verdict})")
     lines.append("  (peak RSS: first restore at that size in a fresh process, above the RSS before it)")
     return "\n".join(lines)
 
@@ -239,10 +240,11 @@ def main(args: argparse.Namespace) -> int:
     print(format_tiny(args.sizes, tiny, args.repeats, args.threads), flush=True)
     if args.sd_turbo_shape:
         u = in_fresh_process(unet_benchmark, RATIO_SIZE, args.repeats, args.threads)
-        print(f"sd-turbo-shape UNet ({u['params'] / 1e6:.0f} M parameters, random init, built in {u['build_s']:.1f} s): "
-              f"one call at {RATIO_SIZE}² (latent {RATIO_SIZE // 8}×{RATIO_SIZE // 8}), batch 1, fp32, CPU, "
-              f"{args.threads} thread(s): {u['call_s']:.2f} s (median of {args.repeats}; first call "
-              f"{u['first_s']:.2f} s, peak RSS +{_mib(u['peak_bytes'])})", flush=True)
+        latent = RATIO_SIZE // 8
+        print(f"sd-turbo-shape UNet ({u['params'] / 1e6:.0f} M parameters, random init, built in {u['build_s']:.1f} s):"
+              f" one call at {RATIO_SIZE}² (latent {latent}×{latent}), batch 1, fp32, CPU, {args.threads} thread(s): "
+              f"{u['call_s']:.2f} s (median of {args.repeats}; first call {u['first_s']:.2f} s, "
+              f"peak RSS +{_mib(u['peak_bytes'])})", flush=True)
     if not torch.cuda.is_available():
         print("CUDA: not available, so no sd-turbo-shape fp16 GPU restore figure")
     elif args.sd_turbo_shape:

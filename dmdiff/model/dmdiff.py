@@ -47,7 +47,7 @@ ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapol
 
 @dataclass
 class Prompts:
-    """The text of each path (ours; the paper's are not published)."""
+    """The text of each path (our own wording, DESIGN §2)."""
 
     positive: str = ("a sharp, detailed, high-quality photo with crisp edges, clean fine textures, "
                      "natural vivid colours and good exposure")
@@ -211,7 +211,8 @@ class DMDiff(nn.Module):
         Keys: ``unet.<peft LoRA key>`` (adapter name stripped, as ``get_peft_model_state_dict``),
         ``unet.conv_in.{weight,bias}``, ``vae.<peft LoRA key>``, ``svda.*``, ``mlp.{unet,vae}.*``.
         """
-        state = {f"{lora.part}.{k}": v for lora in (self.unet_lora, self.vae_lora) for k, v in lora.state_dict().items()}
+        loras = (self.unet_lora, self.vae_lora)
+        state = {f"{lora.part}.{k}": v for lora in loras for k, v in lora.state_dict().items()}
         if self.svda is not None:
             state.update({f"svda.{k}": v for k, v in self.svda.state_dict().items()})
             state.update({f"mlp.{k}": v for k, v in self.mlp.state_dict().items()})
@@ -318,7 +319,7 @@ class DMDiff(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W) RGB tensors in [0, 1], got shape {tuple(x.shape)}")
         x = x.to(self.device, self.dtype)
         if self.svda is not None:
-            degradation = self.svda(x, maps)
+            degradation = self.svda(x, None if maps is None else maps.to(self.device))
             vae_m, unet_m = (self.mlp[part](degradation.embeddings[part]) for part in ("vae", "unet"))
         else:
             vae_m = unet_m = None
@@ -344,8 +345,3 @@ class DMDiff(nn.Module):
         z = (1 - alpha) * latents.z_neutral + alpha * latents.z_positive
         return self._decode(z, latents.size, latents.pad).clamp(0, 1)
 
-
-def num_parameters(model: DMDiff) -> dict[str, int]:
-    """Counts of the model: ``{"trainable", "total"}`` (text encoder included)."""
-    trainable = sum(p.numel() for p in model.trainable_parameters().values())
-    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

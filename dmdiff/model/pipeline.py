@@ -90,7 +90,7 @@ class DMDiffPipeline(DiffusionPipeline):
             images: an image or a list of them; each a PIL image (converted to RGB, alpha dropped),
                 a numpy array ``(H, W, 3)`` or ``(H, W)`` (uint8 / 255, uint16 / 65535, or float in
                 ``[0, 1]``), or a tensor ``(3, H, W)`` / ``(B, 3, H, W)`` (float in ``[0, 1]`` or
-                uint8). A ``(B, 3, H, W)`` tensor counts as B images.
+                uint8). A ``(B, 3, H, W)`` tensor (alone or in the list) counts as B images.
             maps: None, or the optics maps ``(7, G, G)`` (numpy or tensor, ``MAP_CHANNELS`` order)
                 of each image: one for a single image, a list (items may be None) or a
                 ``(B, 7, G, G)`` array parallel to ``images``.
@@ -102,11 +102,11 @@ class DMDiffPipeline(DiffusionPipeline):
         map_items = _as_maps(maps, len(items))
         outputs, latents = [], []
         for image, image_maps in zip(self.progress_bar(items), map_items):
-            x = image[None].to(self.model.device, self.model.dtype)
-            m = None if image_maps is None else image_maps[None].to(self.model.device)
-            restored, cached = self.model.restore(x, m, alpha=alpha, return_latents=True)
+            batch_maps = None if image_maps is None else image_maps[None]
+            restored, cached = self.model.restore(image[None], batch_maps, alpha=alpha, return_latents=True)
             outputs.append(_to_numpy(restored[0]))
-            latents.append(cached)
+            if return_latents:
+                latents.append(cached)
         return DMDiffPipelineOutput(images=outputs, latents=latents if return_latents else None)
 
     def decode(self, latents: DMDiffPipelineOutput | Sequence[RestoreLatents], alpha: float) -> list[np.ndarray]:

@@ -54,6 +54,7 @@ from dmdiff.runinfo import provenance, write_json
 
 T_ONE_STEP = 999            # DMDiff's single denoising timestep
 REPORT_NAME = "pretrain_report.json"
+LOGVAR_INIT = -6.0          # added to the VAE's initial log-variance output
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class PretrainConfig:
     crop_min_px: int = 64               # training crop sides are drawn in [crop_min_px, crop_max_px]
     crop_max_px: int = 96
     dead_leaves_fraction: float = 0.5   # share of each batch that is fresh dead-leaves images
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     unet_lr: float = 5e-4
     warmup_steps: int = 20
     edge_weight: float = 0.5
@@ -197,13 +198,14 @@ def _autocast(cfg: PretrainConfig) -> contextlib.AbstractContextManager:
 
 def _timeboxed(minutes: float, max_steps: int | None, desc: str, progress: bool) -> Iterator[tuple[int, float]]:
     """Yield ``(step, elapsed fraction of the budget)`` until the wall-clock budget or ``max_steps``
-    is used up, with a tqdm bar in seconds."""
+    is used up, with a tqdm bar in seconds that shows the step count."""
     budget = minutes * 60.0
     start = time.monotonic()
     step = 0
     with tqdm(total=round(budget), desc=desc, unit="s", disable=not progress, leave=False) as bar:
         while (elapsed := time.monotonic() - start) < budget and (max_steps is None or step < max_steps):
             bar.update(round(elapsed) - bar.n)
+            bar.set_postfix(step=step, refresh=False)
             yield step, elapsed / budget
             step += 1
 
@@ -227,6 +229,8 @@ def train_vae(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, pro
     Returns ``{"steps", "seconds", "final_loss"}`` (loss averaged over the last 20 steps).
     """
     vae = backbone.vae.train().requires_grad_(True)
+    with torch.no_grad():   # posterior std starts at e^-3 instead of 1, so sampling noise starts small
+        vae.quant_conv.bias[vae.config.latent_channels:] += LOGVAR_INIT
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = named_rng(cfg.seed, "pretrain/vae")
     losses, start = [], time.monotonic()

@@ -2,7 +2,7 @@
 
 Layout of ``RUN/checkpoint-N/`` (N = optimizer steps done)::
 
-    model.safetensors       the trained weights (``DMDiff.trainable_state_dict()``)
+    model.safetensors       the trained parameters, by ``DMDiff.trainable_parameters()`` name
     optimizer.safetensors   the optimizer's per-parameter tensors, keys ``state.<param index>.<name>``
     optimizer.json          its param groups and any non-tensor per-parameter values
     ema.safetensors         the EMA weights (only with EMA)
@@ -230,12 +230,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def clean_partial(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete leftovers of interrupted checkpoint writes (``.checkpoint-*.partial`` / ``.old``)."""
+    """Tidy up after interrupted checkpoint writes: delete ``.checkpoint-N.partial`` folders, and put
+    a ``.checkpoint-N.old`` (a checkpoint being replaced) back as ``checkpoint-N`` when the
+    replacement never arrived, else delete it. Returns the deleted paths."""
     run_dir = Path(run_dir)
     removed = []
     if run_dir.is_dir():
         for p in run_dir.iterdir():
-            if p.name.startswith(f".{PREFIX}") and p.name.endswith((".partial", ".old")):
+            if not p.name.startswith(f".{PREFIX}"):
+                continue
+            final = run_dir / p.name[1:].rsplit(".", 1)[0]
+            if p.name.endswith(".old") and not final.exists():
+                os.replace(p, final)
+            elif p.name.endswith((".partial", ".old")):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

@@ -26,6 +26,8 @@ class TrainWarning(UserWarning):
 
 #: The three paths, in the order of :class:`PathProbs` and of the integer path ids in batches.
 PATHS = ("positive", "neutral", "negative")
+#: Input and target image of each path (DESIGN §2); a missing ``gt_blur`` falls back to ``gt``.
+PATH_IO = {"positive": ("lr", "gt"), "neutral": ("lr", "gt_blur"), "negative": ("gt", "lr")}
 
 
 @dataclass
@@ -145,7 +147,7 @@ class TrainConfig:
     lr, weight_decay, adam_betas: AdamW settings; ``warmup_steps``: linear warm-up of the lr.
     grad_clip: max global gradient norm (None: no clipping).
     ema_decay: keep an exponential moving average of the trained weights with this decay (e.g.
-        0.999); it is what validation sees and what ``model.safetensors`` holds. None: no EMA.
+        0.999); it is what validation sees and what ``RUN/pipeline/`` holds. None: no EMA.
     mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 needs CUDA).
     path_probs: how often each path is trained.
     path_sampling: ``"batch"``: one path per micro-batch (the paper); ``"sample"``: one per image.
@@ -157,6 +159,8 @@ class TrainConfig:
     val_crop_px: centre crop of the validation images (None: whole images).
     log_every: steps between loss lines in ``metrics.jsonl``.
     num_workers: DataLoader worker processes (0: load in the training process).
+    threads: torch intra-op threads when training on the CPU (None: torch's default). The tiny
+        networks are fastest with 1 on a shared machine: more threads oversubscribe the cores.
     init_weights: a run folder or ``*.safetensors`` file whose trained weights start this run
         (fine-tuning; the optimizer starts fresh). None: the adapters' own initialisation.
     seed: seeds the model initialisation, the data order, the crops/flips and the path choice.
@@ -188,6 +192,7 @@ class TrainConfig:
     val_crop_px: int | None = 128
     log_every: int = 10
     num_workers: int = 0
+    threads: int | None = None
     init_weights: str | None = None
     seed: int = 0
     model: DMDiffConfig = field(default_factory=DMDiffConfig)
@@ -218,6 +223,8 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
         if self.val_crop_px is not None and self.val_crop_px < 1:
             raise ConfigError(f"val_crop_px must be >= 1 or null, got {self.val_crop_px}")
         probs = (self.path_probs.positive, self.path_probs.neutral, self.path_probs.negative)

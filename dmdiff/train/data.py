@@ -26,7 +26,7 @@ import torch
 
 from dmdiff.data.dataset import PairedFolderDataset, crop_maps
 from dmdiff.errors import DmdiffError
-from dmdiff.train.config import PATHS, TrainConfig, TrainWarning
+from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
 
 _ORDER, _PATH_BATCH, _PATH_SAMPLE = 1, 2, 3   # stream tags of the seed sequences
 
@@ -116,13 +116,9 @@ class StepBatches(torch.utils.data.Dataset):
         inputs, targets, maps = [], [], []
         for slot, index, path in zip(slots, indices, paths):
             pair = self.item(int(slot), index)
-            name = PATHS[path]
-            if name == "negative":
-                inputs.append(pair["gt"])
-                targets.append(pair["lr"])
-            else:
-                inputs.append(pair["lr"])
-                targets.append(pair.get("gt_blur", pair["gt"]) if name == "neutral" else pair["gt"])
+            source, target = PATH_IO[PATHS[path]]
+            inputs.append(pair[source])
+            targets.append(pair.get(target, pair["gt"]))
             if "maps" in pair:
                 maps.append(pair["maps"])
         batch = {"input": torch.stack(inputs), "target": torch.stack(targets),

@@ -9,10 +9,11 @@ process; every micro-batch is a pure function of ``(seed, index)`` (:mod:`dmdiff
 uninterrupted one (same machine, same number of processes). Checkpoints are our own safetensors +
 JSON folders (:mod:`dmdiff.train.checkpoint`); see :mod:`dmdiff.train.rundir` for the run folder.
 
-Validation (every ``validate_every`` steps and at the end): the positive path on the first
-``val_images`` test pairs of ``data`` (centre crops), outputs clipped and rounded to 8 bits like
-saved images, PSNR / SSIM (RGB, :mod:`dmdiff.metrics`) against GT, next to the input's own
-PSNR / SSIM. With EMA, validation and ``model.safetensors`` use the EMA weights.
+Validation (every ``validate_every`` steps and at the end): the positive path (or, when it is not
+trained, the most trained path: stage 1's negative one) on the first ``val_images`` test pairs of
+``data`` (centre crops), outputs clipped and rounded to 8 bits like saved images, PSNR / SSIM
+(RGB, :mod:`dmdiff.metrics`) against the path's target, next to the input's own PSNR / SSIM
+against it. With EMA, validation and the exported ``RUN/pipeline/`` use the EMA weights.
 """
 
 from __future__ import annotations
@@ -26,25 +27,31 @@ from statistics import median
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from dmdiff.errors import DmdiffError
 from dmdiff.runinfo import write_json
 from dmdiff.train import checkpoint as ckpt_io
-from dmdiff.train.config import PATHS, TrainConfig, TrainWarning, load_train_config
+from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning, load_train_config
 from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
-from dmdiff.train.rundir import MODEL, REPORT, MetricsLog, start_run
+from dmdiff.train.rundir import PIPELINE, REPORT, MetricsLog, check_run, write_run_info
 
 
 def _load_init_weights(model, source: str) -> None:
+    """``init_weights``: a run folder (its ``pipeline/``), a pipeline folder or a safetensors file of
+    ``DMDiff.trainable_state_dict()``."""
+    from dmdiff.model.pipeline import TRAINABLE_FILE
+
     path = Path(source)
-    path = path / MODEL if path.is_dir() else path
-    if not path.is_file():
-        raise DmdiffError(f"init_weights: {source} is neither a run folder with {MODEL} nor a safetensors file")
-    model.load_trainable_state_dict(load_file(str(path)))
+    for candidate in (path / PIPELINE / TRAINABLE_FILE, path / TRAINABLE_FILE, path):
+        if candidate.is_file():
+            model.load_trainable_state_dict(load_file(str(candidate)))
+            return
+    raise DmdiffError(f"init_weights: {source} is neither a finished run folder, a pipeline folder nor a "
+                      "safetensors file")
 
 
 def _load_params(params: dict, weights: dict, where: Path) -> None:
@@ -90,7 +97,7 @@ def validate(model, pairs: list[dict], path: str, accelerator, batch_size: int) 
 
     from dmdiff.metrics import psnr, ssim
 
-    source, reference = {"positive": ("lr", "gt"), "neutral": ("lr", "gt_blur"), "negative": ("gt", "lr")}[path]
+    source, reference = PATH_IO[path]
     mine = pairs[accelerator.process_index::accelerator.num_processes]
     rows = []
     with _eval_mode(model), torch.random.fork_rng(devices=[]), accelerator.autocast():
@@ -107,9 +114,48 @@ def validate(model, pairs: list[dict], path: str, accelerator, batch_size: int) 
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
+def _restore(state: ckpt_io.Checkpoint, model, params: dict, optimizer, ema: EMA | None, accelerator) -> int:
+    """Load a checkpoint into the training state (weights, optimizer, EMA, grad scaler, generators);
+    returns its step.
+
+    Raises:
+        DmdiffError: the checkpoint does not fit, or was trained on another base backbone (e.g. the
+            shipped tiny backbone appeared or changed since).
+    """
+    saved = state.state["extra"].get("backbone")
+    if saved is not None and saved != model.backbone.source:
+        raise DmdiffError(f"{state.path} was trained on the backbone {saved!r}, but this model loads "
+                          f"{model.backbone.source!r}; resuming would mix them (start a new run)")
+    if state.state["world_size"] != accelerator.num_processes:
+        warnings.warn(f"{state.path} was written by {state.state['world_size']} process(es), this run has "
+                      f"{accelerator.num_processes}: the data order from here on differs from the original "
+                      "run's", TrainWarning, stacklevel=3)
+    _load_params(params, state.model, state.path)
+    optimizer.load_state_dict(state.optimizer)
+    if ema is not None:
+        if state.ema is None:
+            raise DmdiffError(f"{state.path} has no EMA weights but ema_decay is set")
+        ema.load(state.ema)
+    if accelerator.scaler is not None and state.state["extra"].get("scaler"):
+        accelerator.scaler.load_state_dict(state.state["extra"]["scaler"])
+    if state.rng is not None:
+        ckpt_io.restore_rng(state.rng)
+    return state.step
+
+
+def _export(out: Path, model, params: dict, ema: EMA | None, report: dict) -> None:
+    """Write ``RUN/pipeline/`` (EMA weights with EMA) and then ``train_report.json``, atomically."""
+    from dmdiff.model.pipeline import DMDiffPipeline
+
+    with ema.applied(params) if ema else contextlib.nullcontext():
+        DMDiffPipeline.from_model(model).save_pretrained(out / PIPELINE, overwrite=True)
+    write_json(out / REPORT, report)
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progress: bool = True,
           stop_at_step: int | None = None, command: str = "dmdiff train") -> dict:
-    """Train DMDiff with ``cfg`` into the run folder ``out``.
+    """Train DMDiff with ``cfg`` into the run folder ``out`` (with ``cfg.threads`` torch threads,
+    restored afterwards).
 
     Args:
         cfg: the settings (validated again here).
@@ -127,13 +173,30 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
         DmdiffError: bad data, an existing run without ``resume``, a checkpoint that does not fit.
             All checks on data and folders run before the first step.
     """
+    with torch_threads(cfg.threads):
+        return _train(cfg, Path(out), resume, progress, stop_at_step, command)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (None: unchanged); restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop_at_step: int | None,
+           command: str) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from dmdiff.model.dmdiff import DMDiff
 
     cfg.validate()
-    out = Path(out)
     sets = open_train_sets(cfg)
     use_maps = sets[0].map_paths is not None
     val_pairs = validation_pairs(cfg, use_maps)
@@ -150,28 +213,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
+    check_run(out, cfg, resume)
     if main:
-        start_run(out, cfg, resume, command)
+        write_run_info(out, cfg, resume, command)
         ckpt_io.clean_partial(out)
     accelerator.wait_for_everyone()
     state = ckpt_io.find_checkpoint(out, resume, rank) if resume else None
-    start = 0
-    if state is not None:
-        if state.state["world_size"] != world:
-            warnings.warn(f"{state.path} was written by {state.state['world_size']} process(es), this run has "
-                          f"{world}: the data order from here on differs from the original run's", TrainWarning,
-                          stacklevel=2)
-        start = state.step
-        _load_params(params, state.model, state.path)
-        optimizer.load_state_dict(state.optimizer)
-        if ema is not None:
-            if state.ema is None:
-                raise DmdiffError(f"{state.path} has no EMA weights but ema_decay is set")
-            ema.load(state.ema)
-        if accelerator.scaler is not None and state.state["extra"].get("scaler"):
-            accelerator.scaler.load_state_dict(state.state["extra"]["scaler"])
-        if state.rng is not None:
-            ckpt_io.restore_rng(state.rng)
+    start = _restore(state, model, params, optimizer, ema, accelerator) if state is not None else 0
 
     log = MetricsLog(out, start) if main else None
     n_micro = cfg.steps * cfg.grad_accum
@@ -193,7 +241,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
             ckpt_io.write_checkpoint(folder, step, model=params, optimizer=optimizer.state_dict(),
                                      ema=ema.shadow if ema else None,
                                      samples_seen=step * cfg.grad_accum * cfg.batch_size * world,
-                                     world_size=world, extra={"scaler": scaler})
+                                     world_size=world, extra={"scaler": scaler, "backbone": model.backbone.source})
             ckpt_io.prune(out, cfg.keep_last)
         accelerator.wait_for_everyone()
 
@@ -210,9 +258,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step",
                disable=not (progress and main), file=sys.stderr)
     batch_iter = iter(loader)
-    t_start = time.perf_counter()
+    t_start = t_interval = time.perf_counter()
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -232,37 +279,35 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
         if ema is not None:
             ema.update(params)
         done, n_logged = step + 1, n_logged + 1
-        step_times.append(time.perf_counter() - t0)
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = {k: accelerator.reduce(v, "mean").item() / n_logged for k, v in totals.items()}
+            step_times.append((time.perf_counter() - t_interval) / n_logged)   # .item() synchronised
+            t_interval = time.perf_counter()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if main:
                 log.write({"step": done, "kind": "train", **record, "lr": lr,
                            "paths": dict(zip(PATHS, counts.tolist())), "step_time_s": step_times[-1]})
             totals, counts, n_logged = {}, np.zeros(len(PATHS), dtype=np.int64), 0
+        t_pause = time.perf_counter()                 # validation and checkpoints are not step time
         if cfg.val_images and ((cfg.validate_every and done % cfg.validate_every == 0) or done == cfg.steps):
             last_val = run_validation(done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(done)
-        if stop_at_step is not None and done >= stop_at_step and done < cfg.steps:
+        if stop_at_step is not None and stop_at_step <= done < cfg.steps:
             bar.close()
             return {"completed": False, "steps": done}
+        t_interval += time.perf_counter() - t_pause
     bar.close()
     if start >= cfg.steps and cfg.val_images:
         last_val = run_validation(cfg.steps)
     report = {"completed": True, "steps": cfg.steps, "resumed_from_step": start,
               "wall_s": round(time.perf_counter() - t_start, 2),
               "step_time_s": {"median": median(step_times), "mean": float(np.mean(step_times))} if step_times else None,
-              "val": {"path": val_path, **last_val} if last_val else {}, "perceptual_term": loss_fn.perceptual, "loss_note": loss_fn.note,
-              "processes": world, "device": str(accelerator.device)}
+              "val": {"path": val_path, **last_val} if last_val else {}, "perceptual_term": loss_fn.perceptual,
+              "loss_note": loss_fn.note, "processes": world, "device": str(accelerator.device)}
     if main:
-        with ema.applied(params) if ema else contextlib.nullcontext():
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-        tmp = out / f".{MODEL}.tmp"
-        save_file(weights, str(tmp), metadata={"format": "dmdiff-trainable", "steps": str(cfg.steps)})
-        tmp.replace(out / MODEL)
-        write_json(out / REPORT, report)
+        _export(out, model, params, ema, report)
     accelerator.wait_for_everyone()
     return report
 
@@ -286,12 +331,12 @@ def main(args) -> int:
             path = recipe_config_path(args.recipe)
             out = Path(args.out or Path("runs") / path.stem)
             run_recipe(load_train_config(path), out, progress=not args.no_progress)
-            print(f"dmdiff train: recipe done; final model in {out / 'stage2'}")
+            print(f"dmdiff train: recipe done; final model in {out / 'stage2' / PIPELINE}")
             return 0
         cfg = load_train_config(args.config)
         out = Path(args.out or Path("runs") / Path(args.config).stem)
         report = train(cfg, out, args.resume, progress=not args.no_progress)
     val = report.get("val") or {}
     extra = f", val PSNR {val['psnr']:.2f} dB (input {val['psnr_input']:.2f} dB)" if val else ""
-    print(f"dmdiff train: {report['steps']} steps in {report['wall_s']:.0f} s{extra}; model in {out / MODEL}")
+    print(f"dmdiff train: {report['steps']} steps in {report['wall_s']:.0f} s{extra}; model in {out / PIPELINE}")
     return 0

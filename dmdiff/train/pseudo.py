@@ -51,27 +51,22 @@ RECORD = "pseudo.json"
 
 
 def load_trained(run: str | Path):
-    """The DMDiff model of a finished training run (``RUN/config.yaml`` + ``RUN/model.safetensors``)
-    and its :class:`~dmdiff.train.config.TrainConfig`.
+    """The DMDiff model of a finished training run (``RUN/pipeline/``, its base backbone as trained)
+    and the run's :class:`~dmdiff.train.config.TrainConfig` (``RUN/config.yaml``).
 
     Raises:
-        DmdiffError: not a run folder, or the run has no final weights yet.
+        DmdiffError: not a run folder, or the run has no final model yet.
     """
-    from safetensors.torch import load_file
-
-    from dmdiff.model.dmdiff import DMDiff
-    from dmdiff.train.rundir import CONFIG, MODEL
+    from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.train.rundir import CONFIG, PIPELINE
 
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise DmdiffError(f"--model {run}: not a training run folder (no {CONFIG})")
-    if not (run / MODEL).is_file():
-        raise DmdiffError(f"--model {run}: the run has no final weights ({MODEL}); finish it first "
+    if not (run / PIPELINE).is_dir():
+        raise DmdiffError(f"--model {run}: the run has no final model ({PIPELINE}/); finish it first "
                           "(dmdiff train ... --resume latest)")
-    cfg = load_train_config(run / CONFIG)
-    model = DMDiff(cfg.model)
-    model.load_trainable_state_dict(load_file(str(run / MODEL)))
-    return model, cfg
+    return DMDiffPipeline.from_pretrained(run / PIPELINE).model, load_train_config(run / CONFIG)
 
 
 def _lens_size(dataset: Path) -> int:
@@ -179,16 +174,25 @@ def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Pat
     Raises:
         DmdiffError: unusable model run, dataset or image folder, or an existing ``out``.
     """
-    from dmdiff.data.sources import named_rng
-    from dmdiff.imageio import write_png
-    from dmdiff.optics.sensor import pseudo_noise_augment, quantize
-    from dmdiff.runinfo import provenance, write_json
+    from dmdiff.train.loop import torch_threads
 
     settings.validate()
     out = Path(out)
     if out.exists() and not overwrite:
         raise DmdiffError(f"--out {out} already exists; pass --overwrite to replace it")
     model, run_cfg = load_trained(model_run)
+    with torch_threads(run_cfg.threads):
+        return _write_pairs(model, run_cfg, Path(model_run), out, dataset, images, settings, progress)
+
+
+def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, settings: PseudoConfig,
+                 progress: bool) -> Path:
+    """The body of :func:`make_pseudo_pairs`, with the model loaded."""
+    from dmdiff.data.sources import named_rng
+    from dmdiff.imageio import write_png
+    from dmdiff.optics.sensor import pseudo_noise_augment, quantize
+    from dmdiff.runinfo import provenance, write_json
+
     dataset = Path(dataset if dataset is not None else run_cfg.data)
     size = settings.size_px or _lens_size(dataset)
     maps = dataset_maps(dataset)
@@ -227,7 +231,7 @@ def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Pat
         bar.close()
         settings = replace(settings, size_px=size, count=len(names))
         write_json(tmp / RECORD, {
-            "format": "dmdiff-pseudo-pairs", "model_run": str(Path(model_run).resolve()),
+            "format": "dmdiff-pseudo-pairs", "model_run": str(model_run.resolve()),
             "dataset": str(dataset.resolve()), "images": None if images is None else str(Path(images).resolve()),
             "settings": to_dict(settings), "maps": maps is not None, "gt_blur": camera is not None,
             "names": names,

@@ -8,7 +8,9 @@
       metrics.jsonl        one JSON object per line: {"step", "kind": "train", "loss", terms, "lr",
                            "paths", "step_time_s"} and {"step", "kind": "val", "psnr", "ssim", ...}
       checkpoint-N/        see dmdiff.train.checkpoint (the newest keep_last)
-      model.safetensors    the final trained weights (EMA ones with EMA), DMDiff.trainable_state_dict()
+      pipeline/            the final model (EMA weights with EMA) as DMDiffPipeline.save_pretrained
+                           writes it (docs/architecture.md "Pipeline folder layout"; the tiny backbone
+                           embedded): DMDiffPipeline.from_pretrained(RUN / "pipeline")
       train_report.json    written last: steps done, timings, final validation, loss notes
 """
 
@@ -29,13 +31,13 @@ from dmdiff.train.config import TrainConfig, load_train_config
 CONFIG = "config.yaml"
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
-MODEL = "model.safetensors"
+PIPELINE = "pipeline"
 REPORT = "train_report.json"
 
 #: Settings that may change when a run is resumed: they do not change the trained weights
 #: (``steps`` extends or shortens the run).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "validate_every", "val_images", "val_crop_px",
-                     "log_every", "num_workers", "recipe"}
+                     "log_every", "num_workers", "threads", "recipe"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -58,7 +60,7 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 def is_complete(run: str | Path, steps: int | None = None) -> bool:
     """Whether ``run`` finished (its ``train_report.json`` says so, for ``steps`` steps if given)."""
     path = Path(run) / REPORT
-    if not path.is_file() or not (Path(run) / MODEL).is_file():
+    if not path.is_file() or not (Path(run) / PIPELINE).is_dir():
         return False
     try:
         report = json.loads(path.read_text())
@@ -67,32 +69,35 @@ def is_complete(run: str | Path, steps: int | None = None) -> bool:
     return bool(report.get("completed")) and (steps is None or report.get("steps") == steps)
 
 
-def start_run(run: Path, cfg: TrainConfig, resume: str | None, command: str) -> None:
-    """Check ``run`` against the request and write ``config.yaml`` / ``run.json`` (main process only).
+def check_run(run: Path, cfg: TrainConfig, resume: str | None) -> None:
+    """Check that ``run`` may be started or resumed with ``cfg`` (read-only; every process).
 
     Raises:
         DmdiffError: ``run`` already holds checkpoints or a model and ``resume`` is None; or, when
             resuming, the run's config differs from ``cfg`` in settings that change the weights (the
             keys are listed).
     """
-    existing = run / CONFIG
     if run.exists() and not run.is_dir():
         raise DmdiffError(f"--out {run} exists and is not a folder")
-    if resume is None and (list_checkpoints(run) or (run / MODEL).is_file()):
+    if resume is None and (list_checkpoints(run) or (run / PIPELINE).exists()):
         raise DmdiffError(f"{run} already holds a training run; pass --resume latest to continue it, "
                           "or choose another --out")
-    info = {}
-    if resume is not None and existing.is_file():
-        old = load_train_config(existing)
-        diff = config_differences(old, cfg)
+    if resume is not None and (run / CONFIG).is_file():
+        diff = config_differences(load_train_config(run / CONFIG), cfg)
         if diff:
             raise DmdiffError(f"{run}: the config differs from the run's {CONFIG} in {', '.join(diff)}; "
                               "these change the trained weights, so the run cannot be resumed with them "
                               "(choose another --out)")
-        if (run / RUN_INFO).is_file():
-            info = json.loads((run / RUN_INFO).read_text())
+
+
+def write_run_info(run: Path, cfg: TrainConfig, resume: str | None, command: str) -> None:
+    """Write ``config.yaml`` and ``run.json`` (main process): a new provenance record, or, when
+    resuming, one appended to the run's ``resumes`` list."""
+    info = {}
+    if resume is not None and (run / RUN_INFO).is_file():
+        info = json.loads((run / RUN_INFO).read_text())
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(existing, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(run / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     record = provenance(config=to_dict(cfg), seed=cfg.seed, command=command)
     if info:
         info.setdefault("resumes", []).append(record)

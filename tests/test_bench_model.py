@@ -1,0 +1,52 @@
+"""``dmdiff bench model``: its memory probe, its timings' bookkeeping, and the command (small sizes)."""
+
+import time
+
+import pytest
+import torch
+
+from dmdiff import cli
+from dmdiff.bench import model as bench
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _allocate_and_free(mib=64):
+    block = torch.ones(mib * 2 ** 20 // 4)          # touched pages: resident
+    time.sleep(0.05)
+    del block
+
+
+def test_peak_memory_sees_a_freed_allocation():
+    with bench.PeakMemory(torch.device("cpu")) as memory:
+        _allocate_and_free()
+    assert 60 * 2 ** 20 < memory.bytes < 200 * 2 ** 20
+
+
+def test_peak_memory_falls_back_to_sampling(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "_HWM_RESET", tmp_path)      # a folder: writing fails as without clear_refs
+    with bench.PeakMemory(torch.device("cpu")) as memory:
+        _allocate_and_free()
+    assert memory._sampler is not None and 60 * 2 ** 20 < memory.bytes < 200 * 2 ** 20
+
+
+def test_restore_benchmark_reports_consistent_times():
+    r = bench.restore_benchmark("tiny", 64, repeats=2, threads=1)
+    assert set(r) == {"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "stages_s"}
+    assert set(r["stages_s"]) == set(bench.STAGES) and all(t > 0 for t in r["stages_s"].values())
+    assert sum(r["stages_s"].values()) <= r["restore_s"] * 1.5    # medians of laps vs median of totals
+    assert 0 < r["ratio"] == r["decode_s"] / r["restore_s"] < 1
+
+
+@pytest.mark.slow
+def test_command_prints_the_table(capsys):
+    assert cli.main(["bench", "model", "--sizes", "64", "--repeats", "1", "--no-sd-turbo-shape"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny preset" in out and "64×64" in out and "restore time by stage" in out
+    assert cli.main(["bench", "model", "--sizes", "32"]) == 2                  # below the warm-up size
