@@ -173,6 +173,7 @@ def test_batch_path_sampling_is_shared_and_mixed_maps_dropped(dataset, tmp_path)
     ("unpaired", "do not match"),
     ("no_test", "validation needs the test split"),
     ("small", "crop_px = 64 is larger"),
+    ("grids", "maps have different shapes"),
 ])
 def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
     root = tmp_path / "data"
@@ -187,6 +188,11 @@ def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
     elif breakage == "small":
         shutil.copytree(dataset, root)
         changes = {"crop_px": 64}
+    elif breakage == "grids":
+        shutil.copytree(dataset, root)
+        write_pairs(tmp_path / "other", "train", ["o_00"], seed=4)
+        np.save(tmp_path / "other" / "maps" / "o_00.npy", np.ones((7, 5, 5), np.float32))
+        changes = {"extra_data": [str(tmp_path / "other")]}
     out = tmp_path / "run"
     with pytest.raises(DmdiffError, match=match):
         train(load_train_config(tiny(root, **changes)), out, progress=False)

@@ -40,7 +40,7 @@ def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
 
     Raises:
         DmdiffError: a folder is missing, empty, has mismatched pairs or images smaller than
-            ``crop_px`` (the dataset's own checks).
+            ``crop_px`` (the dataset's own checks), or the datasets' maps differ in grid size.
     """
     roots = [cfg.data, *cfg.extra_data]
     sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips)
@@ -52,6 +52,10 @@ def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
                       "maps of the other datasets are not used either", TrainWarning, stacklevel=2)
         sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips,
                                     use_maps=False) for root in roots]
+    grids = {str(ds.root): np.load(ds.map_paths[0], mmap_mode="r", allow_pickle=False).shape
+             for ds in sets if ds.map_paths is not None}
+    if len(set(grids.values())) > 1:
+        raise DmdiffError(f"the datasets' maps have different shapes ({grids}); batches need one grid size")
     if cfg.path_probs.normalised()[1] > 0:
         no_blur = [str(ds.root) for ds in sets if ds.gt_blur_paths is None]
         if no_blur:

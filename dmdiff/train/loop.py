@@ -6,7 +6,8 @@ device placement, DDP wrapping (:meth:`~accelerate.Accelerator.prepare`), gradie
 writes files. Each optimizer step trains ``grad_accum`` micro-batches of ``batch_size`` crops per
 process; every micro-batch is a pure function of ``(seed, index)`` (:mod:`dmdiff.train.data`), so
 ``--resume latest`` continues bit for bit: the weights after a resumed run equal those of an
-uninterrupted one (same machine, same number of processes). Checkpoints are our own safetensors +
+uninterrupted one (same machine, same number of processes; on GPUs only as far as the kernels are
+deterministic, which cuDNN's are not by default). Checkpoints are our own safetensors +
 JSON folders (:mod:`dmdiff.train.checkpoint`); see :mod:`dmdiff.train.rundir` for the run folder.
 
 Validation (every ``validate_every`` steps and at the end): the positive path (or, when it is not
