@@ -16,3 +16,26 @@ def psf_cache(tmp_path_factory):
         os.environ.pop("DMDIFF_CACHE", None)
     else:
         os.environ["DMDIFF_CACHE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tiny networks gain nothing from intra-op threads and lose a lot on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb_trainable(model, seed: int = 0, scale: float = 0.02):
+    """Add seeded noise to a DMDiff model's trainable weights, as after training, so that LoRA and the
+    modulation are not the identity and a failed save/load would show. Returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters().values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model

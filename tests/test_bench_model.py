@@ -9,14 +9,6 @@ from dmdiff import cli
 from dmdiff.bench import model as bench
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _allocate_and_free(mib=64):
     block = torch.ones(mib * 2 ** 20 // 4)          # touched pages: resident
     time.sleep(0.05)

@@ -11,28 +11,16 @@ from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import load_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents
 
+from conftest import perturb_trainable  # noqa: E402
+
 ODD_HW = (37, 53)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny networks gain nothing from intra-op threads, and lose a lot on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(seed=0, randomise=True, **config):
     """A tiny DMDiff; ``randomise``: trainable weights perturbed (as after training), so LoRA and
     modulation are not the identity."""
     model = DMDiff(DMDiffConfig(seed=seed, **config), load_backbone("tiny", pretrained=False, seed=0))
-    if randomise:
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in model.trainable_parameters().values():
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_trainable(model, seed + 100) if randomise else model
 
 
 @pytest.fixture(scope="module")

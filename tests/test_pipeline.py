@@ -16,30 +16,14 @@ from dmdiff.model.backbone import load_backbone, save_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE, DMDiffPipeline, DMDiffPipelineOutput, ImageInputError
 
+from conftest import perturb_trainable  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: faster on a shared 2-core box, and the fresh process uses the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _trained(model, seed=7):
-    """Perturb the trainable weights, as after training, so that a failed load would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters().values():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = DMDiffPipeline.from_model(_trained(DMDiff(DMDiffConfig(), load_backbone("tiny", pretrained=False))))
+    pipeline = DMDiffPipeline.from_model(perturb_trainable(DMDiff(DMDiffConfig(), load_backbone("tiny", pretrained=False))))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -163,7 +147,7 @@ def test_sd_turbo_layout_folder_loads_through_the_sd_turbo_preset(tmp_path):
     ``sd-turbo`` preset reads; the pipeline refers to it by path instead of embedding it."""
     sd_turbo = save_backbone(load_backbone("tiny", pretrained=False, seed=2), tmp_path / "models" / "sd-turbo")
     config = DMDiffConfig(preset="sd-turbo", model_path=str(sd_turbo))
-    model = _trained(DMDiff(config))
+    model = perturb_trainable(DMDiff(config))
     assert model.backbone.preset == "sd-turbo" and model.unet_lora.rank == 32     # sd-turbo ranks
     x = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(0))
     out = model.restore(x, alpha=1.05)

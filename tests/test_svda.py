@@ -11,14 +11,6 @@ from dmdiff.model.svda import (FEATURE_CHANNELS, MAP_CHANNELS, SVDA, degradation
 BLOCKS = {"vae": 6, "unet": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _maps(batch=2, grid=7, fwhm_px=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     maps = 1 + torch.rand(batch, len(MAP_CHANNELS), grid, grid, generator=g) * fwhm_px

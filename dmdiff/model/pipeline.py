@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +34,7 @@ from dmdiff.config import merge, to_dict
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import PICKLE_SUFFIXES, Backbone, load_backbone, save_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents, check_alpha
-from dmdiff.runinfo import provenance, write_json
+from dmdiff.runinfo import atomic_directory, provenance, write_json
 
 FORMAT = "dmdiff-pipeline"
 FORMAT_VERSION = 1
@@ -140,8 +138,7 @@ class DMDiffPipeline(DiffusionPipeline):
         folder.parent.mkdir(parents=True, exist_ok=True)
         model: DMDiff = self.model
         reference: dict[str, Any] = {"preset": model.config.preset, "source": model.backbone.source}
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
+        with atomic_directory(folder, replace=True) as tmp:
             if model.config.preset == "tiny":
                 save_backbone(base_backbone(model), tmp / BACKBONE_DIR)
                 reference["embedded"] = BACKBONE_DIR
@@ -151,12 +148,6 @@ class DMDiffPipeline(DiffusionPipeline):
                 "format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(model.config),
                 "backbone": reference, "trainable_file": TRAINABLE_FILE, "provenance": provenance(),
             })
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

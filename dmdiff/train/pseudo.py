@@ -29,10 +29,7 @@ beside ``OUT`` and renamed into place).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -191,7 +188,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
     from dmdiff.data.sources import named_rng
     from dmdiff.imageio import write_png
     from dmdiff.optics.sensor import pseudo_noise_augment, quantize
-    from dmdiff.runinfo import provenance, write_json
+    from dmdiff.runinfo import atomic_directory, provenance, write_json
 
     dataset = Path(dataset if dataset is not None else run_cfg.data)
     size = settings.size_px or _lens_size(dataset)
@@ -202,10 +199,9 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
     total = None if images is not None else settings.count
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     t0 = time.perf_counter()
     names = []
-    try:
+    with atomic_directory(out, replace=True) as tmp:
         folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if camera else []) + (["maps"] if maps is not None else [])
         for d in folders:
             (tmp / d).mkdir()
@@ -238,12 +234,6 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
             "provenance": provenance(config=to_dict(settings), seed=settings.seed, command="dmdiff pseudo",
                                      elapsed_s=round(time.perf_counter() - t0, 1)),
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
