@@ -132,10 +132,37 @@ def _add_pseudo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="held-out quality report: capture, Wiener, Richardson-Lucy, DMDiff α=0/1, "
+                                        "the backbone VAE ceiling (and a stage-1 model's degradation) on the test split")
+    p.add_argument("--model", required=True, metavar="RUN_OR_PIPELINE",
+                   help="training run, recipe run (its stage2/) or pipeline folder")
+    p.add_argument("--data", required=True, metavar="DATASET", help="dataset folder (its test split is evaluated)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval, or <PIPELINE>-eval)")
+    p.add_argument("--stage1", default=None, metavar="RUN",
+                   help="stage-1 (GT → capture) run or pipeline: PSNR of degrade(GT) vs the capture "
+                        "(default: a recipe run's stage1/)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
+    p.add_argument("--tune-pairs", type=int, default=8, metavar="N",
+                   help="train pairs that tune the Wiener/RL parameters (default 8)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.evaluate import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain, _add_train, _add_pseudo):
+    for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain, _add_train, _add_pseudo,
+                _add_evaluate):
         add(sub)
     return parser
 

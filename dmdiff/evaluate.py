@@ -1,0 +1,587 @@
+"""``dmdiff evaluate``: the held-out quality report of a trained DMDiff model.
+
+On the dataset's **test** split (held out from training; full frames, no crops) every image is
+restored or reconstructed by each method below and measured against its reference with
+:func:`dmdiff.metrics.compute_metrics` (PSNR and SSIM on RGB and on BT.601 Y, the gradient
+sharpness ratio, LPIPS only with its real weights):
+
+=====================  ==========================================================  =========
+method key             what                                                        reference
+=====================  ==========================================================  =========
+``input``              the simulated/real capture itself (``lr``)                   gt
+``wiener``             Wiener deconvolution with the lens's true central PSF        gt
+``richardson_lucy``    Richardson–Lucy with the same PSF                            gt
+``dmdiff_a0``          DMDiff at α = 0 (the neutral, fidelity path)                 gt
+``dmdiff_a1``          DMDiff at α = 1 (the positive path)                          gt
+``vae_ceiling``        the frozen base VAE's encode → decode of the GT (no UNet)    gt
+``stage1_degrade``     a stage-1 model's ``degrade(gt)`` (GT → capture)             lr
+=====================  ==========================================================  =========
+
+Protocol and choices (also written to ``metrics.json`` under ``settings``):
+
+* **8-bit outputs.** Every output is clipped to ``[0, 1]`` and rounded to 8 bits *before* it is
+  measured, and exactly those pixels are saved as PNGs under ``images/<method>/`` (captures and
+  GT are 8-bit PNGs already), so every number can be recomputed from the files.
+* **Maps.** DMDiff (and the stage-1 model) get the dataset's ``maps/<name>.npy`` when the
+  dataset has them, else None.
+* **Baselines** deconvolve with the *true* per-channel PSF of the dataset's lens at the centre of
+  the field (``lens.json`` → :meth:`MetalensSpec.from_dict` → :func:`psf_grid` →
+  :func:`central_psf`). Their parameter (Wiener NSR, RL iterations) is tuned by mean RGB PSNR on
+  at most ``tune_pairs`` full-frame **train** pairs, evenly spaced over the sorted names, with
+  :func:`dmdiff.baselines.tune_baseline`; when the best value sits at an end of the grid the grid
+  is widened once (Wiener: two more half-decades; RL: one more doubling, or 1–3 iterations at the
+  low end) and a best still at an end is flagged ``at_grid_edge``. Cost on a 2-core CPU at 256²:
+  RL about 60 ms per iteration and image, Wiener about 1 s per value and image, so the default 8
+  pairs take a few minutes. Without ``lens.json`` or a train split the baselines are skipped and
+  the reason recorded.
+* **Ceiling.** The backbone's own reconstruction PSNR: ``decode(encode(gt))`` with the model's
+  VAE, its encoder LoRA switched off exactly by the modulation ``M = 0`` (``base(x) + B(0·A(x))
+  = base(x)``, see :mod:`dmdiff.model.lora`), the decoder being frozen anyway; i.e. the frozen
+  base VAE, with the same padding as the model. This reuses the loaded networks (no second copy
+  of an SD-Turbo VAE) and equals ``load_backbone`` of the pipeline's embedded base backbone (the
+  tests check it). It bounds what any output decoded by this VAE can reach.
+* **Runtimes** (seconds per image, wall clock, after one untimed warm-up call, CUDA synchronised):
+  the baselines' deconvolution only; DMDiff's one ``restore`` call, which always runs both paths
+  (so α = 0 and α = 1 cost the same and share that number); ``redecode_s`` of ``dmdiff_a0`` is
+  the extra cost of moving α on cached latents (VAE decoder only).
+
+Outputs in ``out`` (default: ``RUN/eval`` for a training or recipe run, ``<PIPELINE>-eval`` next
+to a bare pipeline folder): ``metrics.json`` (per image, means and spreads, tuned baseline
+parameters with their tuning tables, the quality bar, settings, provenance), ``metrics.csv`` (one
+row per image and method), ``table.md`` (the means, also printed), ``grid.png`` (a few test
+images: gt, capture, Wiener, RL, DMDiff α = 0, α = 1) and ``images/``. The folder is written
+atomically and replaced only when it holds an earlier evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dmdiff.errors import DmdiffError
+
+__all__ = ["METHODS", "LABELS", "REFERENCES", "QUALITY_BAR", "evaluate", "quality_bar", "format_table",
+           "resolve_model", "vae_reconstruct", "tune_baselines", "main"]
+
+#: Restoration methods measured against the GT, in table order.
+METHODS = ("input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1", "vae_ceiling")
+#: The learned-degradation check (measured against the capture).
+DEGRADE = "stage1_degrade"
+LABELS = {
+    "input": "capture (input)",
+    "wiener": "Wiener, true central PSF",
+    "richardson_lucy": "Richardson–Lucy, true central PSF",
+    "dmdiff_a0": "DMDiff α=0 (fidelity)",
+    "dmdiff_a1": "DMDiff α=1 (positive path)",
+    "vae_ceiling": "backbone VAE recon. of GT (ceiling)",
+    DEGRADE: "stage-1 degrade(GT)",
+}
+REFERENCES = {**{m: "gt" for m in METHODS}, DEGRADE: "lr"}
+#: The training issue's bar: positive-path PSNR ≥ input + 3 dB and ≥ max(Wiener, RL) + 1 dB.
+QUALITY_BAR = {"over_input_db": 3.0, "over_baselines_db": 1.0}
+METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE = "metrics.json", "metrics.csv", "table.md", "grid.png"
+BASELINES = ("wiener", "richardson_lucy")
+
+
+# ---------------------------------------------------------------------------------------------
+# where things are
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model(path: str | Path, stage: str = "stage2") -> tuple[Path, Path | None]:
+    """The pipeline folder behind ``path`` and the run folder it belongs to (None for a bare one).
+
+    ``path`` may be a pipeline folder (``dmdiff_config.json``), a training run (``RUN/pipeline/``) or
+    a recipe run (``RUN/<stage>/pipeline/``; ``stage`` is ``"stage2"`` for the restoration model,
+    ``"stage1"`` for the GT → capture model).
+
+    Raises:
+        DmdiffError: none of these, or a run without its final model yet.
+    """
+    from dmdiff.model.pipeline import CONFIG_FILE
+    from dmdiff.train.rundir import CONFIG, PIPELINE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DmdiffError(f"{path}: no such folder (expected a pipeline folder, a training run or a recipe run)")
+    if (path / CONFIG_FILE).is_file():
+        return path, path.parent if (path.parent / CONFIG).is_file() else None
+    if (path / PIPELINE / CONFIG_FILE).is_file():
+        return path / PIPELINE, path
+    if (path / stage / PIPELINE / CONFIG_FILE).is_file():
+        return path / stage / PIPELINE, path
+    if (path / CONFIG).is_file() or (path / stage / CONFIG).is_file():
+        raise DmdiffError(f"{path}: the run has no final model ({PIPELINE}/) yet; finish it first "
+                          "(dmdiff train ... --resume latest)")
+    raise DmdiffError(f"{path} is neither a DMDiff pipeline folder ({CONFIG_FILE}), a training run "
+                      f"({PIPELINE}/{CONFIG_FILE}) nor a recipe run ({stage}/{PIPELINE}/)")
+
+
+def default_out(pipeline: Path, run: Path | None) -> Path:
+    """``RUN/eval`` for a run, ``<PIPELINE>-eval`` beside a bare pipeline folder."""
+    return run / "eval" if run is not None else pipeline.parent / f"{pipeline.name}-eval"
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize(image: np.ndarray) -> np.ndarray:
+    """Clip to ``[0, 1]`` and round to 8 bits: float32 ``k / 255`` (what ``write_png`` stores)."""
+    return (np.rint(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+
+
+def _np(image: torch.Tensor) -> np.ndarray:
+    """``(1, 3, H, W)`` or ``(3, H, W)`` tensor → float32 ``(H, W, 3)``."""
+    image = image[0] if image.dim() == 4 else image
+    return image.detach().float().cpu().permute(1, 2, 0).numpy()
+
+
+def vae_reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    """The frozen base VAE's ``decode(encode(x))`` (posterior mode), with the model's padding.
+
+    The model's VAE encoder carries DMDiff's LoRA; the modulation ``M = 0`` switches that branch
+    off exactly, so this is the base encoder; the decoder has no LoRA. No UNet is involved.
+
+    Args:
+        model: a :class:`~dmdiff.model.dmdiff.DMDiff`.
+        images: ``(B, 3, H, W)`` sRGB in ``[0, 1]``.
+
+    Returns:
+        ``(B, 3, H, W)`` in ``[0, 1]`` (clamped), on the model's device.
+    """
+    state, lora = model.vae_lora.state, model.vae_lora
+    zeros = torch.zeros(len(images), state.n_blocks, lora.rank, lora.rank, device=model.device, dtype=model.dtype)
+    with model._inference():
+        x = images.to(model.device, model.dtype)
+        padded, pad = model._pad(x)
+        scaling = model.vae.config.scaling_factor
+        with state.using(zeros):
+            z = model.vae.encode(padded * 2 - 1).latent_dist.mode() * scaling
+        return model._decode(z, tuple(x.shape[-2:]), pad).clamp(0, 1)
+
+
+def _widened(method: str, values: Sequence, low: bool) -> list:
+    """Grid values beyond the low or high end of ``values`` (empty when there is no room)."""
+    if method == "richardson_lucy":     # one more doubling only: RL costs grow with the count
+        lo, hi = int(min(values)), int(max(values))
+        return [n for n in (1, 2, 3) if n < lo] if low else [2 * hi]
+    lo, hi = float(min(values)), float(max(values))
+    return [lo / 10 ** 1.0, lo / 10 ** 0.5] if low else [hi * 10 ** 0.5, hi * 10 ** 1.0]
+
+
+def _tune_one(method: str, captures, targets, psf, grid, progress: bool) -> dict:
+    from dmdiff.baselines import DEFAULT_GRIDS, METHODS as PARAMS, tune_baseline
+
+    param = PARAMS[method]
+    values = list(DEFAULT_GRIDS[method] if grid is None else grid)
+    best, table = tune_baseline(method, captures, targets, psf, values, progress=progress)
+    widened = []
+    index = values.index(best)
+    if len(values) > 1 and index in (0, len(values) - 1):
+        extra = _widened(method, values, low=index == 0)
+        if extra:
+            _, more = tune_baseline(method, captures, targets, psf, extra, progress=progress)
+            widened = extra
+            table = sorted(table + more, key=lambda row: row[param])
+            values = [row[param] for row in table]
+            best = max(table, key=lambda row: row["psnr"])[param]
+    index = values.index(best)
+    return {param: best, "table": table, "grid": values, "widened_with": widened,
+            "at_grid_edge": len(values) > 1 and index in (0, len(values) - 1)}
+
+
+def tune_baselines(dataset: str | Path, psf: np.ndarray, pairs: int = 8, grids: Mapping | None = None,
+                   progress: bool = True) -> dict:
+    """Tune Wiener's NSR and RL's iteration count on ≤ ``pairs`` full-frame **train** pairs.
+
+    Pairs are evenly spaced over the sorted train names (so crops of one photo do not dominate).
+
+    Returns:
+        ``{"train_names": [...], "wiener": {"nsr", "table", "grid", "widened_with", "at_grid_edge"},
+        "richardson_lucy": {"iterations", ...}}``.
+    """
+    from dmdiff.data.dataset import PairedFolderDataset
+
+    train = PairedFolderDataset(dataset, "train", use_maps=False)
+    count = max(1, min(int(pairs), len(train)))
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(train) - 1, count)})
+    items = [train[i] for i in picks]
+    captures = [_np(item["lr"]) for item in items]
+    targets = [_np(item["gt"]) for item in items]
+    record: dict[str, Any] = {"train_names": [item["name"] for item in items]}
+    for method in BASELINES:
+        record[method] = _tune_one(method, captures, targets, psf, (grids or {}).get(method), progress)
+    return record
+
+
+def _lens_psf(dataset: Path, progress: bool) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """The true central PSF ``(3, K, K)`` of the dataset's lens, its spec dict, or a skip reason."""
+    from dmdiff.baselines import central_psf
+    from dmdiff.data.dataset import read_lens
+    from dmdiff.optics.grid import psf_grid
+    from dmdiff.optics.spec import MetalensSpec
+
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens:
+        return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
+    spec = MetalensSpec.from_dict(lens["spec"])
+    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
+
+
+class _Timer:
+    """Wall-clock timing of a call, synchronising CUDA around it when the device is a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None, *,
+             stage1: str | Path | None = None, limit: int | None = None, tune_pairs: int = 8,
+             grids: Mapping[str, Sequence] | None = None, device: str | None = None,
+             model_path: str | None = None, grid_rows: int = 4, progress: bool = True) -> dict:
+    """Evaluate a trained model on the test split of ``data``; write the report into ``out``.
+
+    Args:
+        model: pipeline folder, training run or recipe run (:func:`resolve_model`).
+        data: dataset folder with ``gt_test/`` + ``lr_test/`` (and, for the baselines,
+            ``gt_train/`` + ``lr_train/`` and ``lens.json``).
+        out: report folder (default: see the module docstring). Replaced only if it holds an
+            earlier report (``metrics.json``) or is empty.
+        stage1: a stage-1 (GT → capture) model, as ``model``; for a recipe run its ``stage1/`` is
+            used when this is None.
+        limit: evaluate only the first ``limit`` test images (sorted names).
+        tune_pairs: at most this many train pairs tune the baselines.
+        grids: baseline tuning grids ``{"wiener": [...], "richardson_lucy": [...]}`` (default:
+            :data:`dmdiff.baselines.DEFAULT_GRIDS`).
+        device: torch device (default: CUDA when available, else CPU).
+        model_path: ``sd-turbo`` pipelines: where SD-Turbo is (see ``DMDiffPipeline.from_pretrained``).
+        grid_rows: test images shown in ``grid.png``.
+        progress: progress bars.
+
+    Returns:
+        The ``metrics.json`` record.
+
+    Raises:
+        DmdiffError: bad folders or arguments (before any work starts).
+    """
+    from tqdm.auto import tqdm
+
+    from dmdiff.baselines import richardson_lucy, wiener_deconvolve
+    from dmdiff.data.dataset import PairedFolderDataset
+    from dmdiff.imageio import write_png
+    from dmdiff.metrics import LPIPSMetric, compute_metrics, lpips_status, summarize
+    from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.runinfo import atomic_directory, atomic_write_text, provenance, write_json
+
+    data = Path(data)
+    if not data.is_dir():
+        raise DmdiffError(f"dataset folder not found: {data}")
+    if not ((data / "gt_test").is_dir() and (data / "lr_test").is_dir()):
+        raise DmdiffError(f"{data}: no held-out test split (gt_test/ + lr_test/); evaluate needs one "
+                          "(`dmdiff simulate` writes it)")
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise DmdiffError(f"--limit must be a positive integer, got {limit!r}")
+    if isinstance(tune_pairs, bool) or int(tune_pairs) < 1:
+        raise DmdiffError(f"tune_pairs must be a positive integer, got {tune_pairs!r}")
+    pipeline_dir, run_dir = resolve_model(model, "stage2")
+    stage1_dir, stage1_source = None, None
+    if stage1 is not None:
+        stage1_dir, _ = resolve_model(stage1, "stage1")
+        stage1_source = str(stage1)
+    elif run_dir is not None and pipeline_dir == run_dir / "stage2" / "pipeline" and \
+            (run_dir / "stage1" / "pipeline").is_dir():
+        stage1_dir, stage1_source = run_dir / "stage1" / "pipeline", "the recipe run's stage1/ (automatic)"
+    out = Path(out) if out is not None else default_out(pipeline_dir, run_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS_FILE).is_file())):
+        raise DmdiffError(f"{out} exists and is not an earlier evaluation (no {METRICS_FILE}); choose another --out")
+    test = PairedFolderDataset(data, "test")
+    count = len(test) if limit is None else min(int(limit), len(test))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer = _Timer(device)
+
+    # ---- models, PSF, tuning (train split only), LPIPS
+    pipe = DMDiffPipeline.from_pretrained(pipeline_dir, model_path=model_path, device=device)
+    net = pipe.model
+    degrader = (DMDiffPipeline.from_pretrained(stage1_dir, model_path=model_path, device=device).model
+                if stage1_dir is not None else None)
+    psf, spec, skip = _lens_psf(data, progress)
+    tuning: dict[str, Any] = {}
+    if psf is not None and not ((data / "gt_train").is_dir() and (data / "lr_train").is_dir()):
+        psf, skip = None, f"{data} has no train split (gt_train/ + lr_train/) to tune the baselines on"
+    if psf is not None:
+        tuning = tune_baselines(data, psf, tune_pairs, grids, progress)
+    params = {m: tuning[m][p] for m, p in (("wiener", "nsr"), ("richardson_lucy", "iterations")) if m in tuning}
+    lpips_ok, lpips_reason = lpips_status("alex")
+    lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
+
+    methods = [m for m in METHODS if m not in BASELINES or psf is not None]
+    if degrader is not None:
+        methods.append(DEGRADE)
+
+    def run_all(item: dict, warmup: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        lr_t, gt_t = item["lr"][None], item["gt"][None]
+        maps = item["maps"][None] if "maps" in item else None
+        lr = _np(item["lr"])
+        outputs, seconds = {}, {}
+        if psf is not None and not warmup:
+            outputs["wiener"], seconds["wiener"] = timer(wiener_deconvolve, lr, psf, params["wiener"])
+            outputs["richardson_lucy"], seconds["richardson_lucy"] = timer(
+                richardson_lucy, lr, psf, params["richardson_lucy"])
+        (y1, cached), seconds["dmdiff_a1"] = timer(net.restore, lr_t, maps, alpha=1.0, return_latents=True)
+        y0, seconds["redecode"] = timer(net.decode, cached, 0.0)
+        seconds["dmdiff_a0"] = seconds["dmdiff_a1"]           # one restore call gives any α
+        outputs["dmdiff_a1"], outputs["dmdiff_a0"] = _np(y1), _np(y0)
+        recon, seconds["vae_ceiling"] = timer(vae_reconstruct, net, gt_t)
+        outputs["vae_ceiling"] = _np(recon)
+        if degrader is not None:
+            fake, seconds[DEGRADE] = timer(degrader.degrade, gt_t, maps)
+            outputs[DEGRADE] = _np(fake)
+        return {k: quantize(v) for k, v in outputs.items()}, seconds
+
+    records, shown = [], []
+    with atomic_directory(out, replace=True) as tmp:
+        run_all(test[0], warmup=True)                            # networks only, untimed
+        for index in tqdm(range(count), desc="evaluate", disable=not progress):
+            item = test[index]
+            name = item["name"]
+            gt, lr = _np(item["gt"]), _np(item["lr"])
+            outputs, seconds = run_all(item)
+            row: dict[str, dict] = {"input": compute_metrics(lr, gt, lpips=lpips)}
+            for method, image in outputs.items():
+                reference = lr if REFERENCES[method] == "lr" else gt
+                row[method] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds[method]}
+                write_png(tmp / "images" / method / f"{name}.png", image)
+            row["dmdiff_a0"]["redecode_s"] = seconds["redecode"]
+            records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
+                            "maps": "maps" in item, "methods": row})
+            if len(shown) < grid_rows:
+                shown.append((name, {"gt": gt, "input": lr, **outputs}, row))
+
+        summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
+        metrics: dict[str, Any] = {
+            "dataset": str(data), "split": "test", "count": count, "names": [r["name"] for r in records],
+            "methods": methods, "labels": {m: LABELS[m] for m in methods},
+            "references": {m: REFERENCES[m] for m in methods},
+            "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
+            "summary": summary,
+            "per_image": records,
+            "lpips": {"available": lpips_ok, "reason": lpips_reason, "net": "alex" if lpips_ok else None},
+            "baselines": ({"psf": "true per-channel PSF of the dataset's lens at the centre of the field "
+                                  "(lens.json spec → psf_grid → central_psf)",
+                           "spec": spec, "params": params, "tuned_on": "train split, full frames, mean RGB PSNR",
+                           **tuning} if psf is not None else {"skipped": skip}),
+            "settings": {
+                "model": str(model), "pipeline": str(pipeline_dir), "model_config": _config(net),
+                "stage1": None if stage1_dir is None else {"pipeline": str(stage1_dir), "source": stage1_source},
+                "device": str(device), "dtype": str(net.dtype).replace("torch.", ""),
+                "torch_threads": torch.get_num_threads(), "limit": limit, "tune_pairs": tune_pairs,
+                "full_frames": True,
+                "protocol": "outputs clipped to [0, 1] and rounded to 8 bits before measuring; the saved "
+                            "images/<method>/<name>.png hold exactly those pixels",
+                "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0},
+                "maps": "the dataset's maps/<name>.npy when present (per image: per_image[].maps)",
+                "ceiling": "model VAE with the encoder LoRA modulation M = 0 (= the frozen base VAE), "
+                           "decode(encode(gt)) at the posterior mode, model padding, no UNet",
+                "runtime": "seconds per image after one untimed warm-up; DMDiff α=0 and α=1 share one "
+                           "restore call (both paths); redecode_s: moving α on cached latents",
+            },
+        }
+        metrics["quality_bar"] = quality_bar(metrics)
+        metrics["provenance"] = provenance(command="dmdiff evaluate")
+        table = format_table(metrics)
+        write_json(tmp / METRICS_FILE, metrics)
+        atomic_write_text(tmp / CSV_FILE, _csv(records, methods))
+        atomic_write_text(tmp / TABLE_FILE, table)
+        if shown:
+            _grid(shown, methods, tmp)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _config(net) -> dict:
+    from dmdiff.config import to_dict
+
+    return to_dict(net.config)
+
+
+def _csv(records: list[dict], methods: Sequence[str]) -> str:
+    keys: list[str] = []
+    for record in records:
+        for method in methods:
+            keys += [k for k in record["methods"].get(method, {}) if k not in keys]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "method", "reference", *keys])
+    for record in records:
+        for method in methods:
+            values = record["methods"].get(method)
+            if values is not None:
+                writer.writerow([record["name"], method, REFERENCES[method],
+                                 *("" if values.get(k) is None else repr(float(values[k])) for k in keys)])
+    return buf.getvalue()
+
+
+def _grid(shown: list, methods: Sequence[str], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from dmdiff.viz import image_grid, save_figure
+
+    columns = [c for c in ("gt", "input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1")
+               if c == "gt" or c in methods]
+    titles = {"gt": "ground truth", "input": "capture", "wiener": "Wiener", "richardson_lucy": "Richardson–Lucy",
+              "dmdiff_a0": "DMDiff α=0", "dmdiff_a1": "DMDiff α=1"}
+    panels = {}
+    for name, images, row in shown:
+        for column in columns:
+            detail = "" if column == "gt" else f"\n{row[column]['psnr']:.2f} dB"
+            panels[f"{name}: {titles[column]}{detail}"] = images[column]
+    fig = image_grid(panels, ncols=len(columns), size=2.4, title="held-out test images (PSNR vs ground truth)")
+    path = save_figure(fig, out, Path(GRID_FILE).stem)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the bar and the table
+# ---------------------------------------------------------------------------------------------
+
+
+def _mean_psnr(metrics: Mapping, method: str) -> float | None:
+    value = metrics.get("means", {}).get(method, {}).get("psnr")
+    return None if value is None else float(value)
+
+
+def quality_bar(metrics: Mapping, over_input_db: float = QUALITY_BAR["over_input_db"],
+                over_baselines_db: float = QUALITY_BAR["over_baselines_db"]) -> dict:
+    """Check the training issue's bar on mean RGB PSNR (dB) of the test split.
+
+    The positive path (``dmdiff_a1``) must reach ``input + over_input_db`` and
+    ``max(wiener, richardson_lucy) + over_baselines_db``.
+
+    Args:
+        metrics: a ``metrics.json`` record, or any mapping with ``{"means": {method: {"psnr": dB}}}``.
+
+    Returns:
+        ``{"positive_psnr", "input_psnr", "best_baseline", "best_baseline_psnr",
+        "over_input": {"gain_db", "required_db", "margin_db", "pass"},
+        "over_baselines": {... same, "reason" when no baseline was measured}, "pass"}``;
+        ``margin_db = gain_db − required_db`` (≥ 0 passes). A missing baseline fails the second
+        check (the bar cannot be shown met), as does a missing positive path or input.
+    """
+    positive, captured = _mean_psnr(metrics, "dmdiff_a1"), _mean_psnr(metrics, "input")
+    baselines = {m: _mean_psnr(metrics, m) for m in BASELINES if _mean_psnr(metrics, m) is not None}
+    best = max(baselines, key=baselines.get) if baselines else None
+
+    def check(reference: float | None, required: float, missing: str) -> dict:
+        if positive is None or reference is None or not math.isfinite(positive) or not math.isfinite(reference):
+            return {"gain_db": None, "required_db": required, "margin_db": None, "pass": False,
+                    "reason": missing if reference is None else "the positive-path PSNR is missing or not finite"}
+        gain = positive - reference
+        return {"gain_db": gain, "required_db": required, "margin_db": gain - required, "pass": bool(gain >= required)}
+
+    over_input = check(captured, float(over_input_db), "the input PSNR is missing")
+    over_baselines = check(baselines.get(best), float(over_baselines_db), "no baseline (Wiener / RL) was evaluated")
+    return {"positive_psnr": positive, "input_psnr": captured, "best_baseline": best,
+            "best_baseline_psnr": baselines.get(best), "over_input": over_input, "over_baselines": over_baselines,
+            "pass": bool(over_input["pass"] and over_baselines["pass"])}
+
+
+def _fmt(value, digits: int) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def format_table(metrics: Mapping) -> str:
+    """The markdown report: a table of means (method × PSNR/SSIM on RGB and Y, LPIPS, runtime),
+    the learned-degradation row when present, the tuned baseline parameters and the quality bar."""
+    means, methods = metrics["means"], metrics["methods"]
+    lpips = metrics.get("lpips", {})
+    lpips_key = f"lpips_{lpips['net']}" if lpips.get("available") else None
+    lines = [f"## Held-out evaluation: {metrics['count']} test images of {metrics['dataset']} (full frames)", "",
+             "| method | vs | PSNR (dB) | PSNR-Y (dB) | SSIM | SSIM-Y | LPIPS | runtime (s/img) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for method in methods:
+        m = means[method]
+        lp = _fmt(m.get(lpips_key), 4) if lpips_key else "unavailable"
+        runtime = _fmt(m.get("runtime_s"), 4)
+        if method == "dmdiff_a0" and m.get("redecode_s") is not None:
+            runtime += f" (α change: {_fmt(m['redecode_s'], 4)})"
+        lines.append(f"| {LABELS[method]} | {REFERENCES[method]} | {_fmt(m.get('psnr'), 2)} | "
+                     f"{_fmt(m.get('psnr_y'), 2)} | {_fmt(m.get('ssim'), 4)} | {_fmt(m.get('ssim_y'), 4)} | "
+                     f"{lp} | {runtime} |")
+    lines.append("")
+    if not lpips_key:
+        lines += [f"LPIPS: unavailable ({lpips.get('reason', 'unknown reason')})", ""]
+    base = metrics.get("baselines", {})
+    if "skipped" in base:
+        lines += [f"Baselines skipped: {base['skipped']}", ""]
+    elif base:
+        parts = []
+        for method, param in (("wiener", "nsr"), ("richardson_lucy", "iterations")):
+            edge = " (at the grid's edge)" if base[method].get("at_grid_edge") else ""
+            parts.append(f"{LABELS[method].split(',')[0]} {param} = {base[method][param]:g}{edge}")
+        lines += [f"Baselines tuned on {len(base['train_names'])} train pairs: " + "; ".join(parts), ""]
+    if DEGRADE in methods:
+        lines += [f"Learned degradation: stage-1 degrade(GT) vs the simulated capture: "
+                  f"{_fmt(means[DEGRADE]['psnr'], 2)} dB (GT itself vs the capture: {_fmt(means['input']['psnr'], 2)} dB).",
+                  ""]
+    bar = metrics.get("quality_bar") or quality_bar(metrics)
+
+    def verdict(check: dict, what: str) -> str:
+        if check["gain_db"] is None:
+            return f"{what}: FAIL ({check.get('reason')})"
+        return (f"{what}: {'PASS' if check['pass'] else 'FAIL'} (gain {check['gain_db']:+.2f} dB, "
+                f"needs {check['required_db']:+.1f}, margin {check['margin_db']:+.2f} dB)")
+
+    best = LABELS[bar["best_baseline"]].split(",")[0] if bar["best_baseline"] else "best baseline"
+    lines += [f"Quality bar (positive path {_fmt(bar['positive_psnr'], 2)} dB): "
+              f"{'PASS' if bar['pass'] else 'FAIL'}",
+              f"- {verdict(bar['over_input'], 'over the input')}",
+              f"- {verdict(bar['over_baselines'], f'over {best}')}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args) -> int:
+    """Entry point of ``dmdiff evaluate`` (args: model, data, out, stage1, limit, tune_pairs, device,
+    threads, model_path, no_progress)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1, limit=args.limit,
+                       tune_pairs=args.tune_pairs, device=args.device, model_path=args.model_path,
+                       progress=not args.no_progress)
+    out = Path(metrics["out"])
+    print((out / TABLE_FILE).read_text())
+    print(f"dmdiff evaluate: wrote {METRICS_FILE}, {CSV_FILE}, {TABLE_FILE}, {GRID_FILE} and images/ to {out}")
+    return 0

@@ -1,0 +1,287 @@
+"""`dmdiff evaluate`: the held-out report end to end on a smoke dataset and a tiny untrained model."""
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import perturb_trainable  # noqa: E402
+
+from dmdiff.baselines import central_psf, richardson_lucy, wiener_deconvolve  # noqa: E402
+from dmdiff.cli import main as cli_main  # noqa: E402
+from dmdiff.data.dataset import PairedFolderDataset, read_lens  # noqa: E402
+from dmdiff.data.simulate import simulate_dataset  # noqa: E402
+from dmdiff.errors import DmdiffError  # noqa: E402
+from dmdiff.evaluate import (  # noqa: E402
+    DEGRADE, METHODS, evaluate, format_table, quality_bar, quantize, resolve_model, vae_reconstruct,
+)
+from dmdiff.imageio import read_image  # noqa: E402
+from dmdiff.metrics import compute_metrics, lpips_status, psnr  # noqa: E402
+from dmdiff.model.backbone import load_backbone  # noqa: E402
+from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
+from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
+from dmdiff.optics.grid import psf_grid  # noqa: E402
+from dmdiff.optics.spec import MetalensSpec  # noqa: E402
+
+GRIDS = {"wiener": [0.01, 0.1, 1.0], "richardson_lucy": [1, 2]}   # RL's best at the top edge: widened
+
+
+@pytest.fixture(scope="module")
+def dataset(psf_cache, tmp_path_factory):
+    return simulate_dataset(tmp_path_factory.mktemp("eval") / "data", smoke=True, cache_dir=psf_cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny untrained model with perturbed adapters (so LoRA, the paths and M = 0 all matter)."""
+    model = perturb_trainable(DMDiff(DMDiffConfig(svda_dim=32)), seed=5)
+    return DMDiffPipeline.from_model(model).save_pretrained(tmp_path_factory.mktemp("model") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def report(dataset, pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "eval"
+    metrics = evaluate(pipeline_dir, dataset, out, stage1=pipeline_dir, limit=2, tune_pairs=3, grids=GRIDS,
+                       device="cpu", progress=False)
+    return out, metrics
+
+
+def _png(path: Path) -> np.ndarray:
+    """An 8-bit PNG read directly with PIL, as float64 in [0, 1]."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def test_files_and_layout(report, dataset):
+    out, metrics = report
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "table.md", "grid.png", "images"}
+    names = sorted(p.stem for p in (dataset / "gt_test").iterdir())[:2]
+    assert metrics["names"] == names and metrics["count"] == 2 and metrics["split"] == "test"
+    assert metrics["methods"] == [*METHODS, DEGRADE]
+    for method in metrics["methods"][1:]:
+        assert sorted(p.stem for p in (out / "images" / method).iterdir()) == names
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["means"] == metrics["means"] and saved["quality_bar"] == metrics["quality_bar"]
+    assert saved["provenance"]["versions"]["torch"] and saved["settings"]["full_frames"] is True
+    assert all(r["maps"] for r in saved["per_image"])          # the smoke dataset has maps
+    with Image.open(out / "grid.png") as im:
+        assert im.width > 6 * 100 and im.height > 2 * 100
+
+
+def test_input_psnr_recomputed_from_the_pngs(report, dataset):
+    """Straight from the 8-bit files in float64 (the report reads float32 k/255: ~1e-7 dB apart)."""
+    _, metrics = report
+    for record in metrics["per_image"]:
+        gt = _png(dataset / "gt_test" / f"{record['name']}.png")
+        lr = _png(dataset / "lr_test" / f"{record['name']}.png")
+        assert record["methods"]["input"]["psnr"] == pytest.approx(peak_signal_noise_ratio(gt, lr, data_range=1),
+                                                                   abs=1e-5)
+        assert record["methods"]["input"]["psnr_y"] == pytest.approx(psnr(lr, gt, on="y"), abs=1e-5)
+
+
+def test_every_number_recomputes_from_the_saved_images(report, dataset):
+    out, metrics = report
+    for record in metrics["per_image"]:
+        name = record["name"]
+        gt, lr = (read_image(dataset / f"{k}_test" / f"{name}.png") for k in ("gt", "lr"))
+        for method, values in record["methods"].items():
+            image = lr if method == "input" else read_image(out / "images" / method / f"{name}.png")
+            reference = lr if method == DEGRADE else gt
+            again = compute_metrics(image, reference)
+            for key, value in again.items():
+                assert values[key] == pytest.approx(value, abs=1e-9), (name, method, key)
+            if method != "input":
+                assert values["runtime_s"] > 0
+        assert record["methods"]["dmdiff_a0"]["redecode_s"] > 0
+
+
+def test_means_csv_and_table_agree(report):
+    out, metrics = report
+    for method in metrics["methods"]:
+        for key in ("psnr", "psnr_y", "ssim", "ssim_y"):
+            per_image = [r["methods"][method][key] for r in metrics["per_image"]]
+            assert metrics["means"][method][key] == pytest.approx(np.mean(per_image), abs=1e-12)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 2 * len(metrics["methods"])
+    for row in rows:
+        record = next(r for r in metrics["per_image"] if r["name"] == row["name"])
+        assert float(row["psnr"]) == record["methods"][row["method"]]["psnr"]
+        assert row["reference"] == ("lr" if row["method"] == DEGRADE else "gt")
+    table = (out / "table.md").read_text()
+    assert table == format_table(metrics)
+    assert "| method | vs | PSNR (dB) | PSNR-Y (dB) | SSIM | SSIM-Y | LPIPS | runtime (s/img) |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| DMDiff α=1"))
+    assert f"| {metrics['means']['dmdiff_a1']['psnr']:.2f} |" in line
+    assert "Quality bar" in table and "stage-1 degrade(GT)" in table
+    if not lpips_status("alex")[0]:
+        assert "unavailable" in table and lpips_status("alex")[1] in table
+        assert metrics["lpips"] == {"available": False, "reason": lpips_status("alex")[1], "net": None}
+
+
+def test_dmdiff_outputs_are_the_models(report, dataset, pipeline_dir):
+    out, metrics = report
+    model = DMDiffPipeline.from_pretrained(pipeline_dir).model
+    test = PairedFolderDataset(dataset, "test")
+    item = test[0]
+    lr, maps = item["lr"][None], item["maps"][None]
+    for alpha, method in ((1.0, "dmdiff_a1"), (0.0, "dmdiff_a0")):
+        expected = quantize(model.restore(lr, maps, alpha=alpha)[0].permute(1, 2, 0).numpy())
+        np.testing.assert_array_equal(read_image(out / "images" / method / f"{item['name']}.png"), expected)
+    fake = quantize(model.degrade(item["gt"][None], maps)[0].permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(read_image(out / "images" / DEGRADE / f"{item['name']}.png"), fake)
+    a0, a1 = (metrics["means"][m]["psnr"] for m in ("dmdiff_a0", "dmdiff_a1"))
+    assert a0 != a1                                   # the two paths really differ
+
+
+def test_ceiling_is_the_frozen_base_vae(dataset, pipeline_dir):
+    model = DMDiffPipeline.from_pretrained(pipeline_dir).model
+    gt = PairedFolderDataset(dataset, "test")[0]["gt"][None, :, 3:, 5:]      # 61 × 59: padding is used
+    ours = vae_reconstruct(model, gt)
+    assert ours.shape == gt.shape
+    base = load_backbone("tiny", path=pipeline_dir / "backbone")
+    m = model.backbone.latent_multiple
+    with torch.no_grad():
+        ph, pw = -gt.shape[-2] % m, -gt.shape[-1] % m
+        padded = torch.nn.functional.pad(gt, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+        z = base.vae.encode(padded * 2 - 1).latent_dist.mode()
+        y = ((base.vae.decode(z).sample + 1) / 2)[..., ph // 2:ph // 2 + gt.shape[-2], pw // 2:pw // 2 + gt.shape[-1]]
+    torch.testing.assert_close(ours, y.clamp(0, 1), atol=2e-5, rtol=0)
+    with torch.no_grad():   # the adapted encoder (plain LoRA, M = I) gives something else
+        lora_z = model.vae.encode(padded * 2 - 1).latent_dist.mode()
+    assert (lora_z - z).abs().max() > 1e-3
+
+
+def test_baselines_use_the_true_psf_and_train_tuning(report, dataset):
+    out, metrics = report
+    base = metrics["baselines"]
+    train_names = set(PairedFolderDataset(dataset, "train").names)
+    assert len(base["train_names"]) == 3 and set(base["train_names"]) <= train_names
+    assert not set(base["train_names"]) & set(metrics["names"])
+    assert base["spec"] == read_lens(dataset)["spec"]
+    assert base["params"] == {"wiener": base["wiener"]["nsr"], "richardson_lucy": base["richardson_lucy"]["iterations"]}
+    rl = base["richardson_lucy"]
+    assert rl["widened_with"] == [4] and rl["grid"] == [1, 2, 4]
+    assert rl["at_grid_edge"] == (rl["iterations"] in (1, 4))
+    assert [row["iterations"] for row in rl["table"]] == [1, 2, 4]
+    assert rl["iterations"] == max(rl["table"], key=lambda row: row["psnr"])["iterations"]
+    assert base["wiener"]["grid"][:3] == GRIDS["wiener"] or base["wiener"]["widened_with"]
+    psf = central_psf(psf_grid(MetalensSpec.from_dict(base["spec"]), progress=False))
+    name = metrics["names"][0]
+    lr = read_image(dataset / "lr_test" / f"{name}.png")
+    np.testing.assert_array_equal(read_image(out / "images" / "wiener" / f"{name}.png"),
+                                  quantize(wiener_deconvolve(lr, psf, base["wiener"]["nsr"])))
+    np.testing.assert_array_equal(read_image(out / "images" / "richardson_lucy" / f"{name}.png"),
+                                  quantize(richardson_lucy(lr, psf, rl["iterations"])))
+
+
+def _means(**psnrs):
+    return {"means": {k: {"psnr": v} for k, v in psnrs.items()}}
+
+
+def test_quality_bar_pass_and_fail():
+    ok = quality_bar(_means(input=20.0, wiener=21.5, richardson_lucy=22.0, dmdiff_a1=23.5))
+    assert ok["pass"] is True and ok["best_baseline"] == "richardson_lucy"
+    assert ok["over_input"] == {"gain_db": 3.5, "required_db": 3.0, "margin_db": 0.5, "pass": True}
+    assert ok["over_baselines"]["gain_db"] == pytest.approx(1.5) and ok["over_baselines"]["margin_db"] == pytest.approx(0.5)
+    exact = quality_bar(_means(input=20.0, wiener=22.0, richardson_lucy=21.0, dmdiff_a1=23.0))
+    assert exact["pass"] is True and exact["best_baseline"] == "wiener"     # ≥, not >
+    low = quality_bar(_means(input=20.0, wiener=21.0, richardson_lucy=21.0, dmdiff_a1=22.9))
+    assert low["over_input"]["pass"] is False and low["over_input"]["margin_db"] == pytest.approx(-0.1)
+    assert low["over_baselines"]["pass"] is True and low["pass"] is False
+    close = quality_bar(_means(input=18.0, wiener=22.5, richardson_lucy=22.0, dmdiff_a1=23.0))
+    assert close["over_input"]["pass"] is True and close["over_baselines"]["pass"] is False
+    assert close["over_baselines"]["margin_db"] == pytest.approx(-0.5) and close["pass"] is False
+    none = quality_bar(_means(input=18.0, dmdiff_a1=30.0))
+    assert none["over_input"]["pass"] is True and none["over_baselines"]["pass"] is False
+    assert "no baseline" in none["over_baselines"]["reason"] and none["pass"] is False
+    strict = quality_bar(_means(input=20.0, wiener=21.0, dmdiff_a1=23.5), over_input_db=4.0)
+    assert strict["over_input"]["pass"] is False and strict["over_baselines"]["pass"] is True
+
+
+def test_cli_prints_the_table_and_replaces_only_reports(dataset, pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "cli-eval"
+    args = ["evaluate", "--model", str(pipeline_dir), "--data", str(dataset), "--out", str(out), "--limit", "1",
+            "--tune-pairs", "1", "--device", "cpu", "--threads", "1", "--no-progress"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| method | vs | PSNR (dB)" in printed and "Quality bar" in printed and str(out) in printed
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["count"] == 1 and DEGRADE not in first["methods"]
+    assert cli_main(args) == 0                        # an earlier report is replaced
+    capsys.readouterr()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert cli_main([*args[:5], "--out", str(foreign), *args[7:]]) == 2
+    assert "not an earlier evaluation" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
+
+
+def test_resolve_model_and_default_out(tmp_path, pipeline_dir, dataset):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_dir, run / "pipeline")
+    (run / "config.yaml").write_text("{}\n")
+    assert resolve_model(run) == (run / "pipeline", run)
+    assert resolve_model(run / "pipeline") == (run / "pipeline", run)
+    recipe = tmp_path / "recipe"
+    for stage in ("stage1", "stage2"):
+        (recipe / stage).mkdir(parents=True)
+        (recipe / stage / "pipeline").symlink_to(pipeline_dir, target_is_directory=True)
+    assert resolve_model(recipe) == (recipe / "stage2" / "pipeline", recipe)
+    assert resolve_model(recipe, "stage1") == (recipe / "stage1" / "pipeline", recipe)
+    assert resolve_model(pipeline_dir) == (pipeline_dir, None)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("{}\n")
+    with pytest.raises(DmdiffError, match="no final model"):
+        resolve_model(unfinished)
+    with pytest.raises(DmdiffError, match="neither"):
+        resolve_model(tmp_path)
+    metrics = evaluate(recipe, dataset, limit=1, tune_pairs=1, grids=GRIDS, device="cpu", progress=False)
+    assert Path(metrics["out"]) == recipe / "eval" and (recipe / "eval" / "table.md").is_file()
+    assert metrics["settings"]["stage1"]["pipeline"] == str(recipe / "stage1" / "pipeline")  # automatic
+    no_test = tmp_path / "no-test"
+    shutil.copytree(dataset / "gt_train", no_test / "gt_train")
+    with pytest.raises(DmdiffError, match="test split"):
+        evaluate(pipeline_dir, no_test, tmp_path / "x", progress=False)
+
+
+def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_path, monkeypatch):
+    """No lens.json: no true PSF, so no baselines (and the bar cannot pass); LPIPS fills its column
+    when its weights exist (a stand-in metric here: the real weights are a download)."""
+    import dmdiff.metrics
+
+    class FakeLPIPS:
+        name = "lpips_alex"
+
+        def __init__(self, net="alex", device="cpu"):
+            pass
+
+        def __call__(self, output, reference):
+            return float(np.mean(np.abs(np.asarray(output, np.float64) - np.asarray(reference, np.float64))))
+
+    monkeypatch.setattr(dmdiff.metrics, "lpips_status", lambda net="alex": (True, "stand-in"))
+    monkeypatch.setattr(dmdiff.metrics, "LPIPSMetric", FakeLPIPS)
+    real = tmp_path / "real"
+    for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
+        shutil.copytree(dataset / folder, real / folder)
+    metrics = evaluate(pipeline_dir, real, tmp_path / "out", limit=1, device="cpu", progress=False)
+    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "vae_ceiling"]
+    assert "no lens.json" in metrics["baselines"]["skipped"]
+    assert metrics["quality_bar"]["pass"] is False and metrics["quality_bar"]["best_baseline"] is None
+    assert metrics["per_image"][0]["maps"] is False
+    row = metrics["per_image"][0]["methods"]["input"]
+    name = metrics["names"][0]
+    gt, lr = (read_image(real / f"{k}_test" / f"{name}.png") for k in ("gt", "lr"))
+    assert row["lpips_alex"] == pytest.approx(np.mean(np.abs(lr.astype(np.float64) - gt)))
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Baselines skipped" in table and "unavailable" not in table
+    assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "vae_ceiling"]
