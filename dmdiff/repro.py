@@ -140,7 +140,7 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
         previous = {s["name"]: s for s in json.loads(manifest_path.read_text()).get("steps", [])}
 
     shared = {"seed": seed, "preset": preset, "smoke": smoke,
-              "data_dir": str(out / "data"), "run_dir": str(out), **(extra or {})}
+              "data_dir": str(out / "data"), "run_dir": str(out / "train"), **(extra or {})}
     paths = notebook_paths or notebooks()
     results: list[StepResult] = []
     failed = False

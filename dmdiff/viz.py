@@ -1,4 +1,5 @@
-"""Figure helpers shared by the notebooks: image grids, map grids, saving figures and metrics.
+"""Figure helpers shared by the notebooks: image grids, map grids, training curves (also live),
+saving figures and metrics.
 
 All functions take numpy images ``(H, W, 3)`` or ``(H, W)`` float in ``[0, 1]`` (torch tensors
 ``(3, H, W)`` are accepted and converted) and return a matplotlib ``Figure``; nothing is shown
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -109,3 +111,108 @@ def psf_mosaic(psfs: np.ndarray, channel_names: Sequence[str] = ("R", "G", "B"),
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+#: Line colour of each training path in :func:`plot_training`.
+PATH_COLOURS = {"positive": "tab:green", "neutral": "tab:blue", "negative": "tab:red"}
+
+
+def plot_training(stages: Mapping[str, Sequence[Mapping]], fig: plt.Figure | None = None,
+                  title: str | None = None) -> plt.Figure:
+    """Loss per path (left) and validation PSNR (right) of one or more training stages.
+
+    Args:
+        stages: stage name → its ``metrics.jsonl`` records in order
+            (:func:`dmdiff.train.rundir.read_metrics`). Train records give the mean loss of each
+            path (``path_loss``; runs logged before it existed: the overall ``loss``), validation
+            records the PSNR of the validated path's output and of its input against the target.
+            The stages are laid end to end on one step axis, a dotted line at each stage's start.
+        fig: a figure to clear and draw into (live updates, :class:`TrainingMonitor`); None: a new
+            pyplot figure.
+        title: the figure's title.
+    """
+    if fig is None:
+        fig = plt.figure(figsize=(11, 3.8))
+    fig.clear()
+    ax_loss, ax_val = fig.subplots(1, 2)
+    offset, labelled = 0, set()
+    for stage, records in stages.items():
+        train = [r for r in records if r.get("kind") == "train"]
+        val = [r for r in records if r.get("kind") == "val"]
+        if offset:
+            for ax in (ax_loss, ax_val):
+                ax.axvline(offset, color="gray", lw=0.8, ls=":")
+        if records:
+            first = offset + min(r["step"] for r in records)
+            ax_loss.annotate(stage, (first, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
+                             textcoords="offset points", fontsize=8, color="gray", annotation_clip=True)
+        for path, colour in (*PATH_COLOURS.items(), ("all paths", "black")):
+            if path == "all paths":
+                points = [(r["step"], r["loss"]) for r in train if "path_loss" not in r]
+            else:
+                points = [(r["step"], r["path_loss"][path]) for r in train if path in r.get("path_loss", {})]
+            if points:
+                steps, values = zip(*points)
+                ax_loss.plot([s + offset for s in steps], values, ".-", color=colour, lw=1, ms=3,
+                             label=None if path in labelled else path)
+                labelled.add(path)
+        for path in dict.fromkeys(r["path"] for r in val):
+            rows = [r for r in val if r["path"] == path]
+            steps = [r["step"] + offset for r in rows]
+            colour = PATH_COLOURS.get(path, "black")
+            ax_val.plot(steps, [r["psnr"] for r in rows], "o-", color=colour, ms=4, label=f"{stage}: {path} output")
+            ax_val.plot(steps, [r["psnr_input"] for r in rows], "--", color=colour, lw=0.8,
+                        label=f"{stage}: {path} input")
+        offset += max((r["step"] for r in records), default=0)
+    ax_loss.set(xlabel="step (stages end to end)", ylabel="training loss", title="loss per path")
+    if labelled:
+        ax_loss.set_yscale("log")
+        ax_loss.legend(fontsize=8)
+    ax_val.set(xlabel="step (stages end to end)", ylabel="PSNR (dB)", title="validation: output and input vs target")
+    if ax_val.lines:
+        ax_val.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class TrainingMonitor:
+    """A live :func:`plot_training` figure for a notebook: pass it as ``on_log`` to
+    :func:`dmdiff.train.loop.train` or :func:`dmdiff.train.recipe.run_recipe`.
+
+    Each call stores the record (under its ``"stage"``, else ``default_stage``) and, at most every
+    ``min_interval_s`` seconds, redraws the figure and replaces the cell's displayed copy through an
+    IPython display handle (papermill records the last version). :meth:`close` draws the final state.
+    The figure is not a pyplot one, so the notebook does not show it a second time at the cell's end.
+    """
+
+    def __init__(self, min_interval_s: float = 2.0, title: str | None = None, default_stage: str = "train"):
+        from matplotlib.figure import Figure
+
+        self.min_interval_s, self.title, self.default_stage = min_interval_s, title, default_stage
+        self.records: dict[str, list[dict]] = {}
+        self.fig = Figure(figsize=(11, 3.8))
+        self._handle = None
+        self._last = -math.inf
+
+    def __call__(self, step: int, record: Mapping) -> None:
+        self.records.setdefault(record.get("stage", self.default_stage), []).append(dict(record))
+        if time.monotonic() - self._last >= self.min_interval_s:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Redraw the figure and update (or first show) its displayed copy."""
+        from IPython.display import display
+
+        plot_training(self.records, fig=self.fig, title=self.title)
+        if self._handle is None:
+            self._handle = display(self.fig, display_id=True)
+        else:
+            self._handle.update(self.fig)
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        """Draw the final state (when anything was logged)."""
+        if self.records:
+            self.refresh()

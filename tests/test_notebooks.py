@@ -37,8 +37,11 @@ def test_notebook_is_committed_clean(path):
 def test_notebook_runs_headless_in_smoke_mode(path, tmp_path, psf_cache):
     out_dir = tmp_path / "out"
     params = {"smoke": True, "out_dir": str(out_dir)}
-    if "data_dir" in papermill.inspect_notebook(str(path)):
+    declared = papermill.inspect_notebook(str(path))
+    if "data_dir" in declared:
         params["data_dir"] = str(tmp_path / "data")
+    if "run_dir" in declared:
+        params["run_dir"] = str(tmp_path / "run")
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
                                kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
     assert list(out_dir.glob("*.png")), "the notebook saved no figure"

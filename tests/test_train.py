@@ -239,6 +239,31 @@ def test_tiny_run_writes_checkpoints_metrics_and_config(run_a, dataset):
     assert all(torch.equal(p.detach(), ema[k]) for k, p in model.trainable_parameters().items())
 
 
+def test_on_log_gets_every_logged_record_and_path_losses(dataset, tmp_path):
+    """The callback sees exactly the metrics.jsonl records; one path per micro-batch gives per-path losses."""
+    from dmdiff.train.rundir import read_metrics
+    from dmdiff.viz import TrainingMonitor, plot_training
+
+    calls = []
+    cfg = load_train_config(tiny(dataset, steps=4, grad_accum=1, path_sampling="batch", log_every=1,
+                                 checkpoint_every=4, validate_every=2, val_images=1, ema_decay=None))
+    train(cfg, tmp_path / "run", progress=False, on_log=lambda step, record: calls.append((step, record)))
+    records = read_metrics(tmp_path / "run")
+    assert [step for step, _ in calls] == [r["step"] for r in records] and [r for _, r in calls] == records
+    assert [r["kind"] for r in records] == ["train", "train", "val", "train", "train", "val"]
+    for r in (r for r in records if r["kind"] == "train"):
+        (path,) = [p for p, n in r["paths"].items() if n]          # one step of one micro-batch: one path
+        assert r["path_loss"] == {path: pytest.approx(r["loss"])}
+    monitor = TrainingMonitor(min_interval_s=0)
+    for step, record in calls:
+        monitor(step, {**record, "stage": "stage2"})
+    monitor.close()
+    assert list(monitor.records) == ["stage2"] and monitor.fig.axes[0].lines and monitor.fig.axes[1].lines
+    fig = plot_training({"stage1": records, "stage2": records})
+    labels = [line.get_label() for line in fig.axes[1].lines if not line.get_label().startswith("_")]
+    assert labels == [f"{stage}: positive {kind}" for stage in ("stage1", "stage2") for kind in ("output", "input")]
+
+
 def test_resume_after_stop_is_bit_identical(run_a, dataset, tmp_path):
     out_a = run_a[0]
     cfg = load_train_config(tiny(dataset))

@@ -20,11 +20,13 @@ against it. With EMA, validation and the exported ``RUN/pipeline/`` use the EMA 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 import warnings
 from pathlib import Path
 from statistics import median
+from typing import Callable
 
 import numpy as np
 import torch
@@ -153,8 +155,12 @@ def _export(out: Path, model, params: dict, ema: EMA | None, report: dict) -> No
     write_json(out / REPORT, report)
 
 
+#: ``on_log(step, record)``: called with each record written to ``metrics.jsonl``.
+LogCallback = Callable[[int, dict], None]
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progress: bool = True,
-          stop_at_step: int | None = None, command: str = "dmdiff train") -> dict:
+          stop_at_step: int | None = None, command: str = "dmdiff train", on_log: LogCallback | None = None) -> dict:
     """Train DMDiff with ``cfg`` into the run folder ``out`` (with ``cfg.threads`` torch threads,
     restored afterwards).
 
@@ -166,6 +172,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
         progress: show a tqdm bar.
         stop_at_step: stop after this step without finishing the run, as a kill would (tests).
         command: recorded in ``run.json``.
+        on_log: called on the main process as ``on_log(step, record)`` right after each record is
+            appended to ``metrics.jsonl`` (training and validation records, as written; a copy, so
+            the callback may keep it), e.g. to draw a live loss plot
+            (:class:`dmdiff.viz.TrainingMonitor`). It runs inside the training loop: keep it fast;
+            an exception it raises stops the run like a kill would (resume with ``"latest"``).
 
     Returns:
         The ``train_report.json`` record (``completed`` False when stopped early).
@@ -175,7 +186,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
             All checks on data and folders run before the first step.
     """
     with torch_threads(cfg.threads):
-        return _train(cfg, Path(out), resume, progress, stop_at_step, command)
+        return _train(cfg, Path(out), resume, progress, stop_at_step, command, on_log)
 
 
 @contextlib.contextmanager
@@ -191,7 +202,7 @@ def torch_threads(n: int | None):
 
 
 def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop_at_step: int | None,
-           command: str) -> dict:
+           command: str, on_log: LogCallback | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -246,16 +257,26 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
             ckpt_io.prune(out, cfg.keep_last)
         accelerator.wait_for_everyone()
 
+    def write_log(record: dict) -> None:
+        log.write(record)
+        if on_log is not None:
+            on_log(record["step"], json.loads(json.dumps(record)))
+
     def run_validation(step: int) -> dict:
         with ema.applied(params) if ema else contextlib.nullcontext():
             metrics = validate(unwrapped, val_pairs, val_path, accelerator, cfg.batch_size)
         if main and metrics:
-            log.write({"step": step, "kind": "val", "path": val_path, **metrics})
+            write_log({"step": step, "kind": "val", "path": val_path, **metrics})
         return metrics
+
+    def path_zeros() -> torch.Tensor:
+        return torch.zeros(len(PATHS), device=accelerator.device)
 
     step_times, last_val = [], {}
     totals: dict[str, torch.Tensor] = {}
     counts, n_logged = np.zeros(len(PATHS), dtype=np.int64), 0
+    # per-path loss: summed over the micro-batches that trained one path only, and their number
+    path_sum, path_n = path_zeros(), path_zeros()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step",
                disable=not (progress and main), file=sys.stderr)
     batch_iter = iter(loader)
@@ -266,8 +287,9 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(accelerator.device) for k, v in next(batch_iter).items()}
+            path_ids = batch["path"].tolist()
             with accelerator.accumulate(wrapped):
-                output = wrapped(batch["input"], batch.get("maps"), [PATHS[i] for i in batch["path"].tolist()])
+                output = wrapped(batch["input"], batch.get("maps"), [PATHS[i] for i in path_ids])
                 loss, terms = loss_fn(output, batch["target"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip is not None:
@@ -276,20 +298,26 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
                 optimizer.zero_grad(set_to_none=True)
             for k, v in {"loss": loss.detach(), **terms}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-            counts += np.bincount(batch["path"].cpu().numpy(), minlength=len(PATHS))
+            counts += np.bincount(path_ids, minlength=len(PATHS))
+            if len(set(path_ids)) == 1:
+                path_sum[path_ids[0]] += loss.detach().float()
+                path_n[path_ids[0]] += 1
         if ema is not None:
             ema.update(params)
         done, n_logged = step + 1, n_logged + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = {k: accelerator.reduce(v, "mean").item() / n_logged for k, v in totals.items()}
+            sums, ns = (accelerator.reduce(t, "sum").tolist() for t in (path_sum, path_n))
+            record["path_loss"] = {p: s / n for p, s, n in zip(PATHS, sums, ns) if n}
             step_times.append((time.perf_counter() - t_interval) / n_logged)   # .item() synchronised
             t_interval = time.perf_counter()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if main:
-                log.write({"step": done, "kind": "train", **record, "lr": lr,
+                write_log({"step": done, "kind": "train", **record, "lr": lr,
                            "paths": dict(zip(PATHS, counts.tolist())), "step_time_s": step_times[-1]})
             totals, counts, n_logged = {}, np.zeros(len(PATHS), dtype=np.int64), 0
+            path_sum, path_n = path_zeros(), path_zeros()
         t_pause = time.perf_counter()                 # validation and checkpoints are not step time
         if cfg.val_images and ((cfg.validate_every and done % cfg.validate_every == 0) or done == cfg.steps):
             last_val = run_validation(done)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from dmdiff.errors import ConfigError
 from dmdiff.train.config import TrainConfig, stage_config
@@ -45,8 +46,13 @@ def recipe_config_path(name: str) -> Path:
                       f"(shipped: {', '.join(names) or 'none'} in {CONFIGS})")
 
 
-def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
+def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
+               on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or finish) the recipe of ``cfg`` in ``out``; returns the ``recipe.json`` record.
+
+    ``on_log(step, record)``: as :func:`~dmdiff.train.loop.train`'s, for both training stages, each
+    record with a ``"stage"`` key (``"stage1"`` / ``"stage2"``) added; stages skipped as finished log
+    nothing (their ``metrics.jsonl`` has it all: :func:`~dmdiff.train.rundir.read_metrics`).
 
     Raises:
         ConfigError / DmdiffError: as :func:`~dmdiff.train.loop.train` and
@@ -63,9 +69,14 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict
         from dmdiff.data.simulate import simulate_dataset
 
         simulate_dataset(data, seed=cfg.recipe.simulate_seed, config=cfg.recipe.simulate, progress=progress)
+
+    def tagged(stage: str):
+        return None if on_log is None else lambda step, record: on_log(step, {**record, "stage": stage})
+
     stage1 = stage_config(cfg, "stage1")
     if not is_complete(out / "stage1", stage1.steps):
-        train(stage1, out / "stage1", "latest", progress=progress, command="dmdiff train --recipe (stage 1)")
+        train(stage1, out / "stage1", "latest", progress=progress, command="dmdiff train --recipe (stage 1)",
+              on_log=tagged("stage1"))
     pseudo = out / "pseudo"
     if not (pseudo / RECORD).is_file():
         make_pseudo_pairs(out / "stage1", pseudo, dataset=data, settings=cfg.recipe.pseudo, overwrite=True,
@@ -74,7 +85,8 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict
     stage2 = replace(stage2, extra_data=(*stage2.extra_data, str(pseudo)),
                      init_weights=str(out / "stage1") if cfg.recipe.stage2_init == "stage1" else stage2.init_weights)
     if not is_complete(out / "stage2", stage2.steps):
-        train(stage2, out / "stage2", "latest", progress=progress, command="dmdiff train --recipe (stage 2)")
+        train(stage2, out / "stage2", "latest", progress=progress, command="dmdiff train --recipe (stage 2)",
+              on_log=tagged("stage2"))
     record = {
         "stages": {s: json.loads((out / s / REPORT).read_text()) for s in ("stage1", "stage2")},
         "pseudo": {k: v for k, v in json.loads((pseudo / RECORD).read_text()).items() if k != "names"},

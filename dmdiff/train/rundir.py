@@ -6,7 +6,12 @@
       config.yaml          the resolved TrainConfig (reloads with load_train_config)
       run.json             provenance (seed, versions, git revision, command) and resume records
       metrics.jsonl        one JSON object per line: {"step", "kind": "train", "loss", terms, "lr",
-                           "paths", "step_time_s"} and {"step", "kind": "val", "psnr", "ssim", ...}
+                           "paths", "path_loss", "step_time_s"} and {"step", "kind": "val", "path",
+                           "psnr", "ssim", "psnr_input", "ssim_input"}; a train line averages the
+                           log_every steps before it: "paths" counts the images of each path,
+                           "path_loss" is the mean loss of the micro-batches that trained that path
+                           alone (paths absent when none did; with path_sampling: sample, mixed
+                           micro-batches count in "loss" only). read_metrics(RUN) reads it.
       checkpoint-N/        see dmdiff.train.checkpoint (the newest keep_last)
       pipeline/            the final model (EMA weights with EMA) as DMDiffPipeline.save_pretrained
                            writes it (docs/architecture.md "Pipeline folder layout"; the tiny backbone
@@ -121,3 +126,11 @@ class MetricsLog:
         """Append one record as a JSON line."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of ``run/metrics.jsonl`` in order (empty when the run has not logged yet)."""
+    path = Path(run) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
