@@ -34,15 +34,6 @@ SIZE = 48
 SPEC = MetalensSpec(image_size_px=SIZE, psf_size_px=15, grid_size=3, wavelengths_per_channel=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from intra-op threads, and lose a lot on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_pairs(root: Path, split: str, names: list[str], seed: int, maps: bool = True, blur: bool = True) -> None:
     """Tiny aligned pairs: smooth random GT, a blurred + noisy LR, a slightly blurred gt_blur."""
     import scipy.ndimage
