@@ -12,7 +12,7 @@ from dmdiff.model.pretrain import REPORT_NAME, CropSampler, decode, encode, eval
 
 
 def test_sampler_uses_training_photos_only():
-    sampler = CropSampler(seed=0, dead_leaves_fraction=0.5)
+    sampler = CropSampler(seed=0, dead_leaves_fraction=0.5, dead_leaves_images=4, dead_leaves_px=64)
     assert sorted(sampler.photos) == sorted(TRAIN_PHOTOS)
     assert not set(sampler.photos) & set(TEST_PHOTOS)
     x = sampler.batch(4, 36)
@@ -45,11 +45,10 @@ def test_smoke_pretrain_writes_a_loadable_backbone(tmp_path, capsys):
 @pytest.mark.skipif(not (TINY_ASSETS / "model_index.json").is_file(), reason="no shipped tiny backbone")
 def test_shipped_backbone_reconstructs_heldout_photos():
     """The shipped VAE reconstructs crops of the held-out (test) photos far better than random init,
-    and the shipped UNet's one-step map at t = 999 is closer to the identity than random init's.
+    and the shipped UNet's one-step map at t = 999 is close to the identity on them.
 
-    The margins are what the shipped weights (docs/tiny_backbone.md) clear: ~19.4 dB vs ~8.9 dB
-    reconstruction, ~11.9 dB vs ~9.8 dB one-step identity on these crops. They are far from the
-    ceiling DMDiff needs (issue: pretrain longer); raise them when better weights ship."""
+    The shipped weights (docs/tiny_backbone.md) measure 32.4 dB (random init 8.9 dB) reconstruction
+    and 27.8 dB (random init 10.3 dB) one-step identity on these crops."""
     x = eval_crops("test", size=64, per_photo=1)
     shipped, random_init = load_backbone("tiny"), load_backbone("tiny", pretrained=False)
     assert shipped.source == str(TINY_ASSETS)
@@ -60,5 +59,5 @@ def test_shipped_backbone_reconstructs_heldout_photos():
             scores[name] = float(psnr(decode(b, z), x))
             text = b.encode_prompt("").expand(len(x), -1, -1)
             identity[name] = float(psnr(decode(b, one_step(b, z, text)), x))
-    assert scores["shipped"] >= scores["random"] + 8, scores
-    assert identity["shipped"] >= identity["random"] + 1, identity
+    assert scores["shipped"] >= 30.0 and scores["shipped"] >= scores["random"] + 15, scores
+    assert identity["shipped"] >= 25.0 and identity["shipped"] >= identity["random"] + 10, identity

@@ -52,6 +52,7 @@ TINY_UNET = dict(
     cross_attention_dim=32,
     attention_head_dim=(2, 4),      # diffusers reads this as the head count: 16 channels per head
     use_linear_projection=True,     # as SD-Turbo: proj_in/proj_out are Linear layers
+    norm_num_groups=4,              # 8-16 channels per group (SD-Turbo: 10-40); see docs/tiny_backbone.md
 )
 TINY_VAE = dict(  # (32, 32) and 8 channels per norm group: see docs/tiny_backbone.md
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
