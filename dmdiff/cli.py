@@ -63,6 +63,9 @@ def _add_repro(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra notebook parameter (repeatable)")
     p.add_argument("--resume", action="store_true", help="skip notebooks already done with the same parameters")
+    p.add_argument("--compare", metavar="OTHER_RUN", default=None,
+                   help="afterwards, compare every notebook's metrics.json with those of an earlier run "
+                        "folder (to 1e-6; timings left out); differences make the exit status non-zero")
 
     def run(a: argparse.Namespace) -> int:
         from dmdiff.repro import main
@@ -101,10 +104,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of --out, or from a checkpoint folder "
                         "(--recipe always resumes)")
+    p.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
+                   help="with --recipe: finish the recipe, then train these stage-2 ablations into "
+                        "OUT/ablations/NAME (no names: all that apply; see dmdiff.train.ablations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
-        from dmdiff.train.loop import main
+        if a.ablations is not None:
+            if not a.recipe:
+                raise DmdiffError("--ablations needs --recipe (ablations are variants of the recipe's stage 2)")
+            from dmdiff.train.ablations import main
+        else:
+            from dmdiff.train.loop import main
 
         return main(a)
 
@@ -142,6 +153,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage1", default=None, metavar="RUN",
                    help="stage-1 (GT → capture) run or pipeline: PSNR of degrade(GT) vs the capture "
                         "(default: a recipe run's stage1/)")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME=PIPELINE_OR_RUN",
+                   help="also evaluate this model at α=1 as ablation_NAME (repeatable; a recipe run's "
+                        "ablations/*/pipeline are added automatically)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
     p.add_argument("--tune-pairs", type=int, default=8, metavar="N",
                    help="train pairs that tune the Wiener/RL parameters (default 8)")
@@ -158,11 +172,39 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_restore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("restore", help="restore your own photos (any size, tiled) with a trained model")
+    p.add_argument("--model", required=True, metavar="RUN_OR_PIPELINE",
+                   help="training run, recipe run (its stage2/) or pipeline folder")
+    p.add_argument("--input", required=True, metavar="FILE|DIR", help="an image, or a folder of images (not recursive)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: <name>.png per image and restore.json")
+    p.add_argument("--alpha", type=float, default=1.0, help="0 fidelity (neutral path) … 1 perceptual (positive), up to 1.2")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in px, a multiple of the backbone's latent multiple (default 256)")
+    p.add_argument("--overlap", type=int, default=None, help="minimum overlap of tiles in px, blended (default 32)")
+    p.add_argument("--color-correct", default="none", choices=("none", "meanstd", "lowpass"),
+                   help="colour correction against the input (default none)")
+    p.add_argument("--maps", default="auto", metavar="auto|none|FILE.npy",
+                   help="optics maps: auto (DATA/maps/<name>.npy for DATA/lr_*/ inputs), none, or one .npy for all")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default 8)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from dmdiff.restore import main
+
+        return main(a)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain, _add_train, _add_pseudo,
-                _add_evaluate):
+                _add_evaluate, _add_restore):
         add(sub)
     return parser
 

@@ -13,6 +13,10 @@ method key             what                                                     
 ``richardson_lucy``    Richardson–Lucy with the same PSF                            gt
 ``dmdiff_a0``          DMDiff at α = 0 (the neutral, fidelity path)                 gt
 ``dmdiff_a1``          DMDiff at α = 1 (the positive path)                          gt
+``ablation_<name>``    an ablation model at α = 1 (its positive path), as           gt
+                       ``dmdiff_a1``: ``RUN/ablations/<name>/pipeline`` of a
+                       recipe run (:mod:`dmdiff.train.ablations`) or ``--ablation
+                       NAME=PATH``; in table order after ``dmdiff_a1``
 ``vae_ceiling``        the frozen base VAE's encode → decode of the GT (no UNet)    gt
 ``stage1_degrade``     a stage-1 model's ``degrade(gt)`` (GT → capture)             lr
 =====================  ==========================================================  =========
@@ -43,14 +47,20 @@ Protocol and choices (also written to ``metrics.json`` under ``settings``):
 * **Runtimes** (seconds per image, wall clock, after one untimed warm-up call, CUDA synchronised):
   the baselines' deconvolution only; DMDiff's one ``restore`` call, which always runs both paths
   (so α = 0 and α = 1 cost the same and share that number); ``redecode_s`` of ``dmdiff_a0`` is
-  the extra cost of moving α on cached latents (VAE decoder only).
+  the extra cost of moving α on cached latents (VAE decoder only). An ablation's runtime is its
+  own ``restore`` call, measured the same way.
+* **Ablations** are found automatically only for a recipe run whose ``stage2/`` is the evaluated
+  model; each is loaded as its own pipeline (its config, e.g. ``svda: false``, is recorded under
+  ``settings.ablations``).
 
 Outputs in ``out`` (default: ``RUN/eval`` for a training or recipe run, ``<PIPELINE>-eval`` next
 to a bare pipeline folder): ``metrics.json`` (per image, means and spreads, tuned baseline
 parameters with their tuning tables, the quality bar, settings, provenance), ``metrics.csv`` (one
 row per image and method), ``table.md`` (the means, also printed), ``grid.png`` (a few test
-images: gt, capture, Wiener, RL, DMDiff α = 0, α = 1) and ``images/``. The folder is written
-atomically and replaced only when it holds an earlier evaluation.
+images, evenly spaced over the names: gt, capture, Wiener, RL, DMDiff α = 0, α = 1), with
+ablations ``grid_ablations.png`` (the same images: gt, capture, DMDiff α = 1, each ablation) and
+``images/``. The folder is written atomically and replaced only when it holds an earlier
+evaluation.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -67,8 +78,9 @@ import torch
 
 from dmdiff.errors import DmdiffError
 
-__all__ = ["METHODS", "LABELS", "REFERENCES", "QUALITY_BAR", "evaluate", "quality_bar", "format_table",
-           "resolve_model", "vae_reconstruct", "tune_baselines", "main"]
+__all__ = ["METHODS", "LABELS", "REFERENCES", "QUALITY_BAR", "ABLATION_PREFIX", "evaluate", "quality_bar",
+           "format_table", "resolve_model", "find_ablations", "ablation_method", "vae_reconstruct",
+           "tune_baselines", "main"]
 
 #: Restoration methods measured against the GT, in table order.
 METHODS = ("input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1", "vae_ceiling")
@@ -87,6 +99,9 @@ REFERENCES = {**{m: "gt" for m in METHODS}, DEGRADE: "lr"}
 #: The training issue's bar: positive-path PSNR ≥ input + 3 dB and ≥ max(Wiener, RL) + 1 dB.
 QUALITY_BAR = {"over_input_db": 3.0, "over_baselines_db": 1.0}
 METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE = "metrics.json", "metrics.csv", "table.md", "grid.png"
+ABLATION_GRID_FILE = "grid_ablations.png"
+#: Method keys of ablation models: ``ablation_<name>``.
+ABLATION_PREFIX = "ablation_"
 BASELINES = ("wiener", "richardson_lucy")
 
 
@@ -127,6 +142,37 @@ def resolve_model(path: str | Path, stage: str = "stage2") -> tuple[Path, Path |
 def default_out(pipeline: Path, run: Path | None) -> Path:
     """``RUN/eval`` for a run, ``<PIPELINE>-eval`` beside a bare pipeline folder."""
     return run / "eval" if run is not None else pipeline.parent / f"{pipeline.name}-eval"
+
+
+def find_ablations(run: str | Path) -> dict[str, Path]:
+    """``{name: pipeline folder}`` of the finished ablations of a recipe run (``RUN/ablations/<name>/
+    pipeline/``), in :data:`dmdiff.train.ablations.ABLATIONS` order, then other names sorted."""
+    from dmdiff.model.pipeline import CONFIG_FILE
+    from dmdiff.train.ablations import ABLATIONS, ABLATIONS_DIR
+    from dmdiff.train.rundir import PIPELINE
+
+    folder = Path(run) / ABLATIONS_DIR
+    found = sorted(p.name for p in folder.iterdir()
+                   if (p / PIPELINE / CONFIG_FILE).is_file()) if folder.is_dir() else []
+    order = [n for n in ABLATIONS if n in found] + [n for n in found if n not in ABLATIONS]
+    return {name: folder / name / PIPELINE for name in order}
+
+
+def ablation_method(name: str) -> str:
+    """The method key of ablation ``name`` (``ablation_<name>``); DmdiffError for names that could not
+    be a folder (letters, digits, ``_`` and ``-`` only)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
+        raise DmdiffError(f"ablation name {name!r}: use letters, digits, '_' and '-' only")
+    return f"{ABLATION_PREFIX}{name}"
+
+
+def _ablation_label(name: str, short: bool = False) -> str:
+    """``"ablation: no SVDA (α=1)"`` for the table, ``"no SVDA"`` (``short``) for the grid; the name
+    itself for ablations not in :data:`dmdiff.train.ablations.ABLATIONS`."""
+    from dmdiff.train.ablations import ABLATIONS
+
+    label = ABLATIONS[name].label if name in ABLATIONS else name
+    return label if short else f"ablation: {label} (α=1)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +305,10 @@ class _Timer:
 
 
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None, *,
-             stage1: str | Path | None = None, limit: int | None = None, tune_pairs: int = 8,
-             grids: Mapping[str, Sequence] | None = None, device: str | None = None,
-             model_path: str | None = None, grid_rows: int = 4, progress: bool = True) -> dict:
+             stage1: str | Path | None = None, ablations: Mapping[str, str | Path] | None = None,
+             limit: int | None = None, tune_pairs: int = 8, grids: Mapping[str, Sequence] | None = None,
+             device: str | None = None, model_path: str | None = None, grid_rows: int = 4,
+             progress: bool = True) -> dict:
     """Evaluate a trained model on the test split of ``data``; write the report into ``out``.
 
     Args:
@@ -272,13 +319,17 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             earlier report (``metrics.json``) or is empty.
         stage1: a stage-1 (GT → capture) model, as ``model``; for a recipe run its ``stage1/`` is
             used when this is None.
+        ablations: ``{name: model}`` (as ``model``) evaluated at α = 1 as ``ablation_<name>``, added
+            to (or, for the same name, replacing) the ablations found in a recipe run
+            (:func:`find_ablations`, when ``model`` is the run or its ``stage2/``).
         limit: evaluate only the first ``limit`` test images (sorted names).
         tune_pairs: at most this many train pairs tune the baselines.
         grids: baseline tuning grids ``{"wiener": [...], "richardson_lucy": [...]}`` (default:
             :data:`dmdiff.baselines.DEFAULT_GRIDS`).
         device: torch device (default: CUDA when available, else CPU).
         model_path: ``sd-turbo`` pipelines: where SD-Turbo is (see ``DMDiffPipeline.from_pretrained``).
-        grid_rows: test images shown in ``grid.png``.
+        grid_rows: test images shown in ``grid.png`` (evenly spaced over the sorted names, so crops
+            of one photo do not fill it).
         progress: progress bars.
 
     Returns:
@@ -314,6 +365,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     elif run_dir is not None and pipeline_dir == run_dir / "stage2" / "pipeline" and \
             (run_dir / "stage1" / "pipeline").is_dir():
         stage1_dir, stage1_source = run_dir / "stage1" / "pipeline", "the recipe run's stage1/ (automatic)"
+    ablation_dirs: dict[str, tuple[Path, str]] = {}
+    if run_dir is not None and pipeline_dir == run_dir / "stage2" / "pipeline":
+        ablation_dirs = {name: (path, "the recipe run's ablations/ (automatic)")
+                         for name, path in find_ablations(run_dir).items()}
+    for name, path in (ablations or {}).items():
+        ablation_method(name)
+        ablation_dirs[name] = (resolve_model(path, "stage2")[0], str(path))
     out = Path(out) if out is not None else default_out(pipeline_dir, run_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS_FILE).is_file())):
         raise DmdiffError(f"{out} exists and is not an earlier evaluation (no {METRICS_FILE}); choose another --out")
@@ -327,6 +385,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     net = pipe.model
     degrader = (DMDiffPipeline.from_pretrained(stage1_dir, model_path=model_path, device=device).model
                 if stage1_dir is not None else None)
+    ablation_nets = {ablation_method(name): DMDiffPipeline.from_pretrained(path, model_path=model_path,
+                                                                          device=device).model
+                     for name, (path, _) in ablation_dirs.items()}
+    labels = {**LABELS, **{ablation_method(name): _ablation_label(name) for name in ablation_dirs}}
+    references = {**REFERENCES, **{method: "gt" for method in ablation_nets}}
     psf, spec, skip = _lens_psf(data, progress)
     tuning: dict[str, Any] = {}
     if psf is not None and not ((data / "gt_train").is_dir() and (data / "lr_train").is_dir()):
@@ -338,6 +401,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
 
     methods = [m for m in METHODS if m not in BASELINES or psf is not None]
+    methods[methods.index("dmdiff_a1") + 1:methods.index("dmdiff_a1") + 1] = list(ablation_nets)
     if degrader is not None:
         methods.append(DEGRADE)
 
@@ -354,6 +418,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         y0, seconds["redecode"] = timer(net.decode, cached, 0.0)
         seconds["dmdiff_a0"] = seconds["dmdiff_a1"]           # one restore call gives any α
         outputs["dmdiff_a1"], outputs["dmdiff_a0"] = _np(y1), _np(y0)
+        for method, other in ablation_nets.items():
+            y, seconds[method] = timer(other.restore, lr_t, maps, alpha=1.0)
+            outputs[method] = _np(y)
         recon, seconds["vae_ceiling"] = timer(vae_reconstruct, net, gt_t)
         outputs["vae_ceiling"] = _np(recon)
         if degrader is not None:
@@ -362,6 +429,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         return {k: quantize(v) for k, v in outputs.items()}, seconds
 
     records, shown = [], []
+    show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
     with atomic_directory(out, replace=True) as tmp:
         run_all(test[0], warmup=True)                            # networks only, untimed
         for index in tqdm(range(count), desc="evaluate", disable=not progress):
@@ -371,20 +439,20 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             outputs, seconds = run_all(item)
             row: dict[str, dict] = {"input": compute_metrics(lr, gt, lpips=lpips)}
             for method, image in outputs.items():
-                reference = lr if REFERENCES[method] == "lr" else gt
+                reference = lr if references[method] == "lr" else gt
                 row[method] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds[method]}
                 write_png(tmp / "images" / method / f"{name}.png", image)
             row["dmdiff_a0"]["redecode_s"] = seconds["redecode"]
             records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
                             "maps": "maps" in item, "methods": row})
-            if len(shown) < grid_rows:
+            if index in show:
                 shown.append((name, {"gt": gt, "input": lr, **outputs}, row))
 
         summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
         metrics: dict[str, Any] = {
             "dataset": str(data), "split": "test", "count": count, "names": [r["name"] for r in records],
-            "methods": methods, "labels": {m: LABELS[m] for m in methods},
-            "references": {m: REFERENCES[m] for m in methods},
+            "methods": methods, "labels": {m: labels[m] for m in methods},
+            "references": {m: references[m] for m in methods},
             "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
             "summary": summary,
             "per_image": records,
@@ -396,27 +464,31 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             "settings": {
                 "model": str(model), "pipeline": str(pipeline_dir), "model_config": _config(net),
                 "stage1": None if stage1_dir is None else {"pipeline": str(stage1_dir), "source": stage1_source},
+                "ablations": {name: {"method": ablation_method(name), "pipeline": str(path), "source": source,
+                                     "model_config": _config(ablation_nets[ablation_method(name)])}
+                              for name, (path, source) in ablation_dirs.items()},
                 "device": str(device), "dtype": str(net.dtype).replace("torch.", ""),
                 "torch_threads": torch.get_num_threads(), "limit": limit, "tune_pairs": tune_pairs,
                 "full_frames": True,
                 "protocol": "outputs clipped to [0, 1] and rounded to 8 bits before measuring; the saved "
                             "images/<method>/<name>.png hold exactly those pixels",
-                "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0},
+                "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0, **{m: 1.0 for m in ablation_nets}},
                 "maps": "the dataset's maps/<name>.npy when present (per image: per_image[].maps)",
                 "ceiling": "model VAE with the encoder LoRA modulation M = 0 (= the frozen base VAE), "
                            "decode(encode(gt)) at the posterior mode, model padding, no UNet",
                 "runtime": "seconds per image after one untimed warm-up; DMDiff α=0 and α=1 share one "
-                           "restore call (both paths); redecode_s: moving α on cached latents",
+                           "restore call (both paths); redecode_s: moving α on cached latents; an "
+                           "ablation: its own restore call",
             },
         }
         metrics["quality_bar"] = quality_bar(metrics)
         metrics["provenance"] = provenance(command="dmdiff evaluate")
         table = format_table(metrics)
         write_json(tmp / METRICS_FILE, metrics)
-        atomic_write_text(tmp / CSV_FILE, _csv(records, methods))
+        atomic_write_text(tmp / CSV_FILE, _csv(records, methods, references))
         atomic_write_text(tmp / TABLE_FILE, table)
         if shown:
-            _grid(shown, methods, tmp)
+            _grids(shown, methods, tmp)
     metrics["out"] = str(out)
     return metrics
 
@@ -427,7 +499,7 @@ def _config(net) -> dict:
     return to_dict(net.config)
 
 
-def _csv(records: list[dict], methods: Sequence[str]) -> str:
+def _csv(records: list[dict], methods: Sequence[str], references: Mapping[str, str]) -> str:
     keys: list[str] = []
     for record in records:
         for method in methods:
@@ -439,29 +511,38 @@ def _csv(records: list[dict], methods: Sequence[str]) -> str:
         for method in methods:
             values = record["methods"].get(method)
             if values is not None:
-                writer.writerow([record["name"], method, REFERENCES[method],
+                writer.writerow([record["name"], method, references[method],
                                  *("" if values.get(k) is None else repr(float(values[k])) for k in keys)])
     return buf.getvalue()
 
 
-def _grid(shown: list, methods: Sequence[str], out: Path) -> Path:
+def _grids(shown: list, methods: Sequence[str], out: Path) -> list[Path]:
+    """``grid.png`` (gt, capture, baselines, DMDiff α = 0 / 1) and, with ablations,
+    ``grid_ablations.png`` (gt, capture, DMDiff α = 1, each ablation) of the ``shown`` images."""
     import matplotlib.pyplot as plt
 
     from dmdiff.viz import image_grid, save_figure
 
-    columns = [c for c in ("gt", "input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1")
-               if c == "gt" or c in methods]
     titles = {"gt": "ground truth", "input": "capture", "wiener": "Wiener", "richardson_lucy": "Richardson–Lucy",
               "dmdiff_a0": "DMDiff α=0", "dmdiff_a1": "DMDiff α=1"}
-    panels = {}
-    for name, images, row in shown:
-        for column in columns:
-            detail = "" if column == "gt" else f"\n{row[column]['psnr']:.2f} dB"
-            panels[f"{name}: {titles[column]}{detail}"] = images[column]
-    fig = image_grid(panels, ncols=len(columns), size=2.4, title="held-out test images (PSNR vs ground truth)")
-    path = save_figure(fig, out, Path(GRID_FILE).stem)
-    plt.close(fig)
-    return path
+    ablations = [m for m in methods if m.startswith(ABLATION_PREFIX)]
+    titles.update({method: _ablation_label(method[len(ABLATION_PREFIX):], short=True) for method in ablations})
+    figures = [(GRID_FILE, [c for c in ("gt", "input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1")
+                            if c == "gt" or c in methods], "held-out test images (PSNR vs ground truth)")]
+    if ablations:
+        figures.append((ABLATION_GRID_FILE, ["gt", "input", "dmdiff_a1", *ablations],
+                        "DMDiff and its ablations at α=1 on the same test images (PSNR vs ground truth)"))
+    paths = []
+    for filename, columns, title in figures:
+        panels = {}
+        for name, images, row in shown:
+            for column in columns:
+                detail = "" if column == "gt" else f"\n{row[column]['psnr']:.2f} dB"
+                panels[f"{name}: {titles[column]}{detail}"] = images[column]
+        fig = image_grid(panels, ncols=len(columns), size=2.4, title=title)
+        paths.append(save_figure(fig, out, Path(filename).stem))
+        plt.close(fig)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +601,7 @@ def format_table(metrics: Mapping) -> str:
     """The markdown report: a table of means (method × PSNR/SSIM on RGB and Y, LPIPS, runtime),
     the learned-degradation row when present, the tuned baseline parameters and the quality bar."""
     means, methods = metrics["means"], metrics["methods"]
+    labels, references = {**LABELS, **metrics.get("labels", {})}, {**REFERENCES, **metrics.get("references", {})}
     lpips = metrics.get("lpips", {})
     lpips_key = f"lpips_{lpips['net']}" if lpips.get("available") else None
     lines = [f"## Held-out evaluation: {metrics['count']} test images of {metrics['dataset']} (full frames)", "",
@@ -531,7 +613,7 @@ def format_table(metrics: Mapping) -> str:
         runtime = _fmt(m.get("runtime_s"), 4)
         if method == "dmdiff_a0" and m.get("redecode_s") is not None:
             runtime += f" (α change: {_fmt(m['redecode_s'], 4)})"
-        lines.append(f"| {LABELS[method]} | {REFERENCES[method]} | {_fmt(m.get('psnr'), 2)} | "
+        lines.append(f"| {labels[method]} | {references[method]} | {_fmt(m.get('psnr'), 2)} | "
                      f"{_fmt(m.get('psnr_y'), 2)} | {_fmt(m.get('ssim'), 4)} | {_fmt(m.get('ssim_y'), 4)} | "
                      f"{lp} | {runtime} |")
     lines.append("")
@@ -571,17 +653,34 @@ def format_table(metrics: Mapping) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_ablation_args(pairs: Sequence[str]) -> dict[str, str]:
+    """``["NAME=PATH", ...]`` (``--ablation``) → ``{NAME: PATH}``; DmdiffError on a malformed or
+    repeated name."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not path:
+            raise DmdiffError(f"--ablation expects NAME=PIPELINE_OR_RUN, got {pair!r}")
+        ablation_method(name)
+        if name in found:
+            raise DmdiffError(f"--ablation {name} is given twice")
+        found[name] = path
+    return found
+
+
 def main(args) -> int:
-    """Entry point of ``dmdiff evaluate`` (args: model, data, out, stage1, limit, tune_pairs, device,
-    threads, model_path, no_progress)."""
+    """Entry point of ``dmdiff evaluate`` (args: model, data, out, stage1, ablation, limit, tune_pairs,
+    device, threads, model_path, no_progress)."""
     if args.threads is not None:
         if args.threads < 1:
             raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1, limit=args.limit,
+    metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1,
+                       ablations=parse_ablation_args(args.ablation), limit=args.limit,
                        tune_pairs=args.tune_pairs, device=args.device, model_path=args.model_path,
                        progress=not args.no_progress)
     out = Path(metrics["out"])
     print((out / TABLE_FILE).read_text())
-    print(f"dmdiff evaluate: wrote {METRICS_FILE}, {CSV_FILE}, {TABLE_FILE}, {GRID_FILE} and images/ to {out}")
+    grids = f"{GRID_FILE}, {ABLATION_GRID_FILE}" if (out / ABLATION_GRID_FILE).is_file() else GRID_FILE
+    print(f"dmdiff evaluate: wrote {METRICS_FILE}, {CSV_FILE}, {TABLE_FILE}, {grids} and images/ to {out}")
     return 0

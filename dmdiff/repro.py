@@ -172,6 +172,58 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
     return results
 
 
+#: Key tokens (``_``-separated, lower case) of metrics that describe the machine or the run, not
+#: the study's results: timings, memory, dates, versions, paths, and generated prose (which quotes
+#: runtimes; the numbers it is generated from are compared). Comparisons leave them out.
+_VOLATILE_TOKENS = frozenset({"s", "ms", "sec", "second", "seconds", "runtime", "time", "timing", "duration",
+                              "elapsed", "created", "utc", "speed", "rss", "mib", "memory", "path", "dir",
+                              "folder", "file", "git", "revision", "platform", "python", "version", "versions",
+                              "discussion", "sentences", "text"})
+
+
+def _is_volatile(key: str) -> bool:
+    return not _VOLATILE_TOKENS.isdisjoint(key.lower().split("_"))
+
+
+def _numeric_leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b[0].c": leaf}`` for every number, string and bool in a JSON value; keys with a
+    :data:`_VOLATILE_TOKENS` token are left out."""
+    out: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not _is_volatile(str(key)):
+                out.update(_numeric_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out.update(_numeric_leaves(item, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = value
+    return out
+
+
+def metrics_differences(run_a: str | Path, run_b: str | Path, tolerance: float = 1e-6) -> list[str]:
+    """Compare every ``*/metrics.json`` of two study folders; returns the differences (empty: same).
+
+    Numbers must agree within ``tolerance`` (absolute), everything else exactly, after each run's
+    own folder in strings is replaced by ``RUN``. Timings, memory, dates, versions and paths
+    differ between runs by nature and are not compared; a metrics file present in one run only is
+    a difference.
+    """
+    run_a, run_b = Path(run_a).resolve(), Path(run_b).resolve()
+    files_a = {p.relative_to(run_a) for p in run_a.glob("*/metrics.json")}
+    files_b = {p.relative_to(run_b) for p in run_b.glob("*/metrics.json")}
+    diffs = [f"{f}: only in {run_a if f in files_a else run_b}" for f in sorted(files_a ^ files_b)]
+    for rel in sorted(files_a & files_b):
+        a = _numeric_leaves(json.loads((run_a / rel).read_text().replace(str(run_a), "RUN")))
+        b = _numeric_leaves(json.loads((run_b / rel).read_text().replace(str(run_b), "RUN")))
+        for key in sorted(a.keys() | b.keys()):
+            va, vb = a.get(key), b.get(key)
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
+            if (numbers and abs(va - vb) > tolerance) or (not numbers and va != vb):
+                diffs.append(f"{rel}: {key}: {va!r} != {vb!r}")
+    return diffs
+
+
 def _write_manifest(out: Path, shared: dict, results: list[StepResult]) -> None:
     steps = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "parameters": r.parameters,
               "params_hash": _params_hash(r.parameters) if r.parameters else None, "error": r.error}
@@ -189,4 +241,11 @@ def main(args) -> int:
         if r.error:
             print(f"    failing cell {r.error.get('cell_index')}: {r.error['error']}")
     print(f"run folder: {Path(args.out).resolve()}  (manifest.json, report.md)")
-    return 0 if all(r.status != "failed" for r in results) else 1
+    ok = all(r.status != "failed" for r in results)
+    if args.compare:
+        diffs = metrics_differences(args.out, args.compare)
+        print(f"metrics vs {args.compare}: " + ("identical (to 1e-6)" if not diffs else f"{len(diffs)} differences"))
+        for line in diffs[:50]:
+            print(f"    {line}")
+        ok = ok and not diffs
+    return 0 if ok else 1

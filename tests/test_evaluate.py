@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage.metrics import peak_signal_noise_ratio
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import perturb_trainable  # noqa: E402
@@ -285,3 +285,109 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     assert "Baselines skipped" in table and "unavailable" not in table
     assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "vae_ceiling"]
+
+
+# ---- ablation rows ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ablation_run(pipeline_dir, tmp_path_factory):
+    """A recipe-run layout whose stage 2 is the test model, with one ablation without SVDA."""
+    run = tmp_path_factory.mktemp("abl-eval") / "run"
+    (run / "stage2").mkdir(parents=True)
+    (run / "stage2" / "pipeline").symlink_to(pipeline_dir, target_is_directory=True)
+    plain = perturb_trainable(DMDiff(DMDiffConfig(svda=False)), seed=7)
+    DMDiffPipeline.from_model(plain).save_pretrained(run / "ablations" / "no_svda" / "pipeline")
+    (run / "ablations" / "unfinished").mkdir()                  # no pipeline/: not an ablation row
+    return run
+
+
+def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipeline_dir, dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(ablation_run), "--data", str(dataset), "--out", str(out), "--limit", "1",
+            "--tune-pairs", "1", "--ablation", f"again={pipeline_dir}", "--device", "cpu", "--no-progress"]
+    assert cli_main(args) == 0
+    assert "grid_ablations.png" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1",
+                                  "ablation_no_svda", "ablation_again", "vae_ceiling"]
+    assert metrics["labels"]["ablation_no_svda"] == "ablation: no SVDA (α=1)"
+    assert metrics["labels"]["ablation_again"] == "ablation: again (α=1)"
+    settings = metrics["settings"]["ablations"]
+    assert settings["no_svda"]["model_config"]["svda"] is False and "automatic" in settings["no_svda"]["source"]
+    assert settings["again"]["source"] == str(pipeline_dir) and settings["again"]["model_config"]["svda"] is True
+    record = metrics["per_image"][0]
+    name = record["name"]
+    item = PairedFolderDataset(dataset, "test")[0]
+    gt = read_image(dataset / "gt_test" / f"{name}.png")
+    plain = DMDiffPipeline.from_pretrained(ablation_run / "ablations" / "no_svda" / "pipeline").model
+    expected = quantize(plain.restore(item["lr"][None], item["maps"][None], alpha=1.0)[0].permute(1, 2, 0).numpy())
+    for method in ("ablation_no_svda", "ablation_again"):
+        saved = read_image(out / "images" / method / f"{name}.png")
+        values = record["methods"][method]
+        for key, value in compute_metrics(saved, gt).items():
+            assert values[key] == pytest.approx(value, abs=1e-9), (method, key)
+        assert values["runtime_s"] > 0
+    np.testing.assert_array_equal(read_image(out / "images" / "ablation_no_svda" / f"{name}.png"), expected)
+    # and straight from the 8-bit files with scikit-image (Wang et al. SSIM settings), to 1e-6
+    png, gt64 = _png(out / "images" / "ablation_no_svda" / f"{name}.png"), _png(dataset / "gt_test" / f"{name}.png")
+    values = record["methods"]["ablation_no_svda"]
+    assert values["psnr"] == pytest.approx(peak_signal_noise_ratio(gt64, png, data_range=1), abs=1e-6)
+    assert values["ssim"] == pytest.approx(structural_similarity(png, gt64, data_range=1, channel_axis=-1,
+                                                                 gaussian_weights=True, sigma=1.5,
+                                                                 use_sample_covariance=False), abs=1e-6)
+    # the same model as stage 2 under another name gives exactly stage 2's positive path
+    np.testing.assert_array_equal(read_image(out / "images" / "ablation_again" / f"{name}.png"),
+                                  read_image(out / "images" / "dmdiff_a1" / f"{name}.png"))
+    assert record["methods"]["ablation_no_svda"]["psnr"] != record["methods"]["dmdiff_a1"]["psnr"]
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["method"].startswith("ablation_")]
+    assert [(r["method"], r["reference"]) for r in rows] == [("ablation_no_svda", "gt"), ("ablation_again", "gt")]
+    line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("| ablation: no SVDA"))
+    assert f"| gt | {metrics['means']['ablation_no_svda']['psnr']:.2f} |" in line
+    with Image.open(out / "grid_ablations.png") as im:
+        assert im.width > 5 * 100
+    # a bare pipeline: no automatic ablations; bad --ablation values are refused before any work
+    bare = evaluate(pipeline_dir, dataset, tmp_path / "bare", limit=1, tune_pairs=1, grids=GRIDS, device="cpu",
+                    progress=False)
+    assert not any(m.startswith("ablation_") for m in bare["methods"])
+    assert not (tmp_path / "bare" / "grid_ablations.png").exists()
+    for bad, message in (("no-equals", "expects NAME=PIPELINE_OR_RUN"), ("a/b=x", "letters, digits")):
+        assert cli_main([*args[:5], "--out", str(tmp_path / "bad"), "--ablation", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def _record(**psnrs):
+    """A metrics.json-like record from per-image PSNRs (SSIM = PSNR / 100, so both agree)."""
+    n = len(next(iter(psnrs.values())))
+    return {"methods": list(psnrs), "labels": {m: m.upper() for m in psnrs},
+            "means": {m: {"psnr": float(np.mean(v))} for m, v in psnrs.items()},
+            "per_image": [{"methods": {m: {"psnr": v[i], "ssim": v[i] / 100} for m, v in psnrs.items()}}
+                          for i in range(n)]}
+
+
+def test_discussion_sentences_follow_the_numbers():
+    from dmdiff.discussion import discuss, paired_difference
+
+    metrics = _record(input=[20.0, 25.0, 30.0, 22.0], dmdiff_a1=[21.0, 26.2, 30.9, 23.1],
+                      ablation_no_svda=[21.3, 25.9, 31.0, 22.9], ablation_single_path=[19.0, 24.3, 28.9, 21.0])
+    d = paired_difference(metrics, "dmdiff_a1", "input")
+    assert d["n"] == 4 and d["wins"] == 4 and d["losses"] == 0
+    assert d["mean"] == pytest.approx(1.05) and d["sd"] == pytest.approx(np.std([1.0, 1.2, 0.9, 1.1], ddof=1))
+    assert d["consistent"] is True
+    noisy = paired_difference(metrics, "ablation_no_svda", "dmdiff_a1")
+    assert noisy["wins"] == 2 and noisy["losses"] == 2 and noisy["consistent"] is False
+    text = discuss(metrics)
+    assert text[0].startswith("DMDIFF_A1: 1.05 dB above INPUT in mean PSNR (higher on 4 of 4 images")
+    assert "consistent (more than 2 standard errors" in text[0]
+    single = next(s for s in text if s.startswith("ABLATION_SINGLE_PATH"))
+    assert "2.00 dB below DMDIFF_A1" in single and "higher on 0 of 4" in single and "consistent" in single
+    no_svda = next(s for s in text if s.startswith("ABLATION_NO_SVDA"))
+    assert "within the per-image spread" in no_svda
+    assert any(s.startswith("Within the per-image spread of the main model") and "ABLATION_NO_SVDA" in s
+               and "SINGLE_PATH" not in s for s in text)
+    # flipped numbers flip the words; two images are too few to call anything
+    flipped = _record(input=[22.0, 27.0], dmdiff_a1=[21.0, 26.0])
+    first = discuss(flipped)[0]
+    assert first.startswith("DMDIFF_A1: 1.00 dB below INPUT") and "too few to judge" in first
+    assert discuss(_record(input=[1.0, 2.0])) == []

@@ -282,3 +282,20 @@ def test_tiny_image_min_size_message(tmp_path):
     with pytest.raises(ImageReadError, match="tiny.png: image is 20×30 px"):
         check_min_size(img, 64, path=tmp_path / "tiny.png")
     check_min_size(img, 20)  # large enough: no error
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Temporary files/folders are private (0600/0700); what lands must follow the umask instead."""
+    import os
+
+    from dmdiff.runinfo import atomic_directory, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        file = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "b.txt").write_text("y")
+    finally:
+        os.umask(mask)
+    assert file.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

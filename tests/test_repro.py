@@ -5,7 +5,7 @@ import json
 import nbformat
 import pytest
 
-from dmdiff.repro import parse_params, run_study
+from dmdiff.repro import metrics_differences, notebooks, parse_params, run_study
 from dmdiff.errors import DmdiffError
 
 
@@ -59,3 +59,35 @@ def test_parse_params():
     assert parse_params(["a=3", "b=true", "c=hello"]) == {"a": 3, "b": True, "c": "hello"}
     with pytest.raises(DmdiffError):
         parse_params(["novalue"])
+
+
+def _metrics(run, name, record):
+    folder = run / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def test_metrics_differences_ignores_timings_and_run_paths_only(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _metrics(a, "05_x", {"psnr": 21.0, "runtime_s": 1.0, "model": f"{a.resolve()}/train", "rows": [{"ssim": 0.5}]})
+    _metrics(b, "05_x", {"psnr": 21.0 + 5e-7, "runtime_s": 9.0, "model": f"{b.resolve()}/train",
+                         "rows": [{"ssim": 0.5}]})
+    assert metrics_differences(a, b) == []
+    _metrics(b, "05_x", {"psnr": 21.0 + 5e-6, "runtime_s": 9.0, "model": f"{b.resolve()}/train",
+                         "rows": [{"ssim": 0.6}]})
+    diffs = metrics_differences(a, b)
+    assert len(diffs) == 2 and any("psnr" in d for d in diffs) and any("rows[0].ssim" in d for d in diffs)
+    _metrics(b, "06_y", {"psnr": 1.0})
+    assert any("only in" in d for d in metrics_differences(a, b))
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_numbers_in_two_smoke_studies(tmp_path, psf_cache):
+    """The whole smoke study (every notebook, real training included) twice with seed 0: every
+    metrics.json agrees to 1e-6 (timings aside)."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        assert all(r.status == "ok" for r in run_study(run, smoke=True, seed=0)), (run / "manifest.json").read_text()
+    compared = list(runs[0].glob("*/metrics.json"))
+    assert len(compared) == len(notebooks()), "every notebook writes a metrics.json"
+    assert metrics_differences(*runs) == []

@@ -400,3 +400,22 @@ def test_recipe_runs_stages_and_skips_finished_ones(dataset, tmp_path, psf_cache
                                                 out / "stage2" / "train_report.json")}
     assert cli_main(["train", "--recipe", str(config), "--out", str(out), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_substitute_term_has_its_own_weight():
+    """Without LPIPS weights the gradient-L1 substitute is weighted by ``substitute_weight`` (the
+    LPIPS weight when unset) and a zero weight drops the term."""
+    from dmdiff.metrics import lpips_status
+    from dmdiff.train.config import LossConfig
+    from dmdiff.train.losses import MultipathLoss, gradient_l1
+
+    if lpips_status("vgg")[0]:
+        pytest.skip("LPIPS-vgg weights are on disk: the substitute is not used")
+    out, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    mse = torch.nn.functional.mse_loss(out, target)
+    for substitute_weight, expected in ((None, 5.0), (0.5, 0.5), (0.0, 0.0)):
+        with pytest.warns(UserWarning, match="LPIPS is NOT being used"):
+            loss = MultipathLoss(LossConfig(mse=2.0, lpips=5.0, substitute_weight=substitute_weight))
+        total, terms = loss(out, target)
+        assert torch.allclose(total, 2.0 * mse + expected * gradient_l1(out, target))
+        assert ("gradient_l1" in terms) == (expected > 0)

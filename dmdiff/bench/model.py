@@ -128,7 +128,7 @@ class StageTimes:
         self._current = dict.fromkeys(self.modules, 0.0)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     """Wall time (s) of ``fn()`` with the device synchronised before and after, and its result."""
     _synchronize(device)
     start = time.perf_counter()
@@ -162,10 +162,10 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
     restore_s, decode_s = [], []
     for _ in range(repeats):
         with stages.active():
-            seconds, (_, latents) = _timed(lambda: model.restore(x, return_latents=True), device)
+            seconds, (_, latents) = timed(lambda: model.restore(x, return_latents=True), device)
         stages.lap()
         restore_s.append(seconds)
-        decode_s.append(_timed(lambda: model.decode(latents, 0.5), device)[0])
+        decode_s.append(timed(lambda: model.decode(latents, 0.5), device)[0])
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
     return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
             "ratio": decode / restore, "peak_bytes": memory.bytes,
@@ -194,8 +194,8 @@ def unet_benchmark(size: int, repeats: int, threads: int) -> dict:
     text = torch.randn(1, 77, SD_TURBO_UNET["cross_attention_dim"])
     with torch.no_grad():
         with PeakMemory(cpu) as memory:
-            first_s, _ = _timed(lambda: unet(latent, 999, text), cpu)
-        calls = [_timed(lambda: unet(latent, 999, text), cpu)[0] for _ in range(repeats)]
+            first_s, _ = timed(lambda: unet(latent, 999, text), cpu)
+        calls = [timed(lambda: unet(latent, 999, text), cpu)[0] for _ in range(repeats)]
     return {"params": sum(p.numel() for p in unet.parameters()), "build_s": build_s, "first_s": first_s,
             "call_s": statistics.median(calls), "peak_bytes": memory.bytes}
 

@@ -254,12 +254,21 @@ class DMDiff(nn.Module):
             return_latents: also return the :class:`RestoreLatents` for :meth:`decode`.
         """
         alpha = check_alpha(alpha)
+        latents = self.restore_latents(lr, maps)
+        images = self.decode(latents, alpha)
+        return (images, latents) if return_latents else images
+
+    def restore_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None) -> RestoreLatents:
+        """The encoder + UNet half of :meth:`restore`: both paths' x0 latents, no grad, eval mode.
+
+        One VAE encoding and one batched UNet call (neutral, positive) on ``lr`` ``(B, 3, H, W)``
+        with its ``maps`` ``(B, 7, G', G')`` or None; :meth:`decode` turns the result into images.
+        Tiled restoration (:mod:`dmdiff.model.tiling`) calls it once per tile.
+        """
         with self._inference():
             index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
             z0, geometry = self._z0(lr, maps, index, copies=2)
-            latents = RestoreLatents(*z0.chunk(2), *geometry)
-            images = self._mix(latents, alpha)
-        return (images, latents) if return_latents else images
+        return RestoreLatents(*z0.chunk(2), *geometry)
 
     def decode(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
         """Re-decode cached latents at another ``alpha`` (VAE decoder only): ``(B, 3, H, W)`` in ``[0, 1]``.

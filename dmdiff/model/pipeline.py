@@ -96,13 +96,13 @@ class DMDiffPipeline(DiffusionPipeline):
             return_latents: also return the cached latents, for :meth:`decode`.
         """
         alpha = check_alpha(alpha)
-        items = _as_images(images)
-        map_items = _as_maps(maps, len(items))
+        items = as_images(images)
+        map_items = as_maps(maps, len(items))
         outputs, latents = [], []
         for image, image_maps in zip(self.progress_bar(items), map_items):
             batch_maps = None if image_maps is None else image_maps[None]
             restored, cached = self.model.restore(image[None], batch_maps, alpha=alpha, return_latents=True)
-            outputs.append(_to_numpy(restored[0]))
+            outputs.append(to_numpy(restored[0]))
             if return_latents:
                 latents.append(cached)
         return DMDiffPipelineOutput(images=outputs, latents=latents if return_latents else None)
@@ -115,7 +115,7 @@ class DMDiffPipeline(DiffusionPipeline):
                 raise DmdiffError("this output holds no latents; call the pipeline with return_latents=True")
             latents = latents.latents
         alpha = check_alpha(alpha)
-        return [image for cached in latents for image in map(_to_numpy, self.model.decode(cached, alpha))]
+        return [image for cached in latents for image in map(to_numpy, self.model.decode(cached, alpha))]
 
     # ------------------------------------------------------------------ folders
 
@@ -218,7 +218,7 @@ def _load_reference(folder: Path, config: DMDiffConfig, reference: dict, model_p
     return load_backbone("sd-turbo", path=model_path or (saved if saved.is_dir() else config.model_path), **kwargs)
 
 
-def _as_images(images) -> list[torch.Tensor]:
+def as_images(images) -> list[torch.Tensor]:
     """Inputs as a list of ``(3, H, W)`` float32 tensors in ``[0, 1]`` (``(B, 3, H, W)`` tensors split)."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
@@ -226,11 +226,11 @@ def _as_images(images) -> list[torch.Tensor]:
     tensors = []
     for item in items:
         batch = isinstance(item, torch.Tensor) and item.dim() == 4
-        tensors.extend(_as_image(image) for image in (item if batch else [item]))
+        tensors.extend(as_image(image) for image in (item if batch else [item]))
     return tensors
 
 
-def _as_image(image) -> torch.Tensor:
+def as_image(image) -> torch.Tensor:
     """One image (PIL, numpy or tensor; see :meth:`DMDiffPipeline.__call__`) → ``(3, H, W)`` float32."""
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
@@ -241,7 +241,7 @@ def _as_image(image) -> torch.Tensor:
         return _checked_float(image.float().contiguous())
     if hasattr(image, "convert") and hasattr(image, "mode"):            # a PIL image
         array = np.asarray(image) if image.mode.startswith("I;16") else np.asarray(image.convert("RGB"))
-        return _as_image(array)
+        return as_image(array)
     if not isinstance(image, np.ndarray):
         raise ImageInputError(f"cannot use a {type(image).__name__} as an image: pass PIL images, numpy "
                               "arrays (H, W, 3) or tensors (3, H, W)")
@@ -270,7 +270,7 @@ def _checked_float(image: torch.Tensor) -> torch.Tensor:
     return image.clamp(0, 1)
 
 
-def _as_maps(maps, n: int) -> list[torch.Tensor | None]:
+def as_maps(maps, n: int) -> list[torch.Tensor | None]:
     """``n`` per-image maps ``(7, G, G)`` float32 tensors or None."""
     if maps is None:
         return [None] * n
@@ -281,6 +281,6 @@ def _as_maps(maps, n: int) -> list[torch.Tensor | None]:
     return [None if m is None else torch.as_tensor(m, dtype=torch.float32) for m in maps]
 
 
-def _to_numpy(image: torch.Tensor) -> np.ndarray:
+def to_numpy(image: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` tensor → float32 ``(H, W, 3)`` numpy array."""
     return image.permute(1, 2, 0).float().cpu().numpy()

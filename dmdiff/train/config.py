@@ -54,15 +54,24 @@ class LossConfig:
     """``mse · MSE(out, target) + lpips · LPIPS(out, target)`` (DESIGN §2: 2 and 5, VGG trunk).
 
     LPIPS needs its trunk's ImageNet weights (:func:`dmdiff.metrics.lpips_status`); when they are
-    absent, the ``lpips`` weight goes to ``lpips_substitute`` instead, with a warning that LPIPS is
-    not being used: ``"gradient-l1"`` (L1 between the images' horizontal and vertical finite
-    differences, an edge-fidelity term) or ``"none"`` (the term is dropped).
+    absent, ``lpips_substitute`` is used instead, with a warning that LPIPS is not being used:
+    ``"gradient-l1"`` (L1 between the images' horizontal and vertical finite differences, an
+    edge-fidelity term) or ``"none"`` (the term is dropped). The substitute is weighted by
+    ``substitute_weight`` (None: the ``lpips`` weight). Its own weight exists because the two terms
+    differ in scale and kind: LPIPS distances are ~0.1–0.5 and penalise colour shifts, gradient-L1
+    values are ~0.03 and blind to them, so LPIPS's weight on the substitute lets the network trade
+    colour fidelity for edges.
     """
 
     mse: float = 2.0
     lpips: float = 5.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
     lpips_substitute: Literal["gradient-l1", "none"] = "gradient-l1"
+    substitute_weight: float | None = None
+
+    def substitute_weight_value(self) -> float:
+        """The weight the substitute term gets when LPIPS is unavailable."""
+        return self.lpips if self.substitute_weight is None else self.substitute_weight
 
 
 @dataclass
@@ -234,6 +243,8 @@ class TrainConfig:
         if self.loss.mse < 0 or self.loss.lpips < 0 or self.loss.mse + self.loss.lpips <= 0:
             raise ConfigError(f"loss weights must be >= 0 and not all 0, got mse={self.loss.mse}, "
                               f"lpips={self.loss.lpips}")
+        if self.loss.substitute_weight is not None and not self.loss.substitute_weight >= 0:
+            raise ConfigError(f"loss.substitute_weight must be >= 0 or null, got {self.loss.substitute_weight}")
 
     def _validate_recipe(self) -> None:
         self.recipe.pseudo.validate("recipe.pseudo.")

@@ -53,11 +53,15 @@ class MultipathLoss(nn.Module):
                 except DmdiffError as e:
                     reason = str(e)
             if self.lpips is None:
-                use = {"gradient-l1": "a gradient-L1 edge loss instead", "none": "no perceptual term"}
+                self.perceptual_weight = cfg.substitute_weight_value()
+                use = {"gradient-l1": f"a gradient-L1 edge loss instead (weight {self.perceptual_weight})",
+                       "none": "no perceptual term"}
                 self.note = (f"LPIPS is NOT being used in the training loss ({reason}); the loss uses "
-                             f"{use[cfg.lpips_substitute]} (weight {cfg.lpips})")
+                             f"{use[cfg.lpips_substitute]}")
                 warnings.warn(self.note, TrainWarning, stacklevel=2)
                 self.perceptual = "gradient_l1" if cfg.lpips_substitute == "gradient-l1" else None
+        if self.perceptual is not None and self.perceptual_weight == 0:
+            self.perceptual = None
         if self.perceptual is None and self.mse_weight == 0:
             raise DmdiffError("the loss is empty: loss.mse is 0 and the LPIPS term is off (" + self.note + "); "
                               "set loss.mse > 0 or loss.lpips_substitute: gradient-l1")

@@ -7,6 +7,7 @@
       pseudo/     dmdiff pseudo with the stage-1 model (recipe.pseudo settings)
       stage2/     dmdiff train on data + extra_data + pseudo/ (stage-2 overrides; 0.7/0.2/0.1 paths)
       recipe.json the stage reports and provenance, written when all is done
+      ablations/  variants of stage 2 (``--ablations``; :mod:`dmdiff.train.ablations`)
 
 Each part is skipped when it is complete and resumed from its newest checkpoint when it was
 interrupted, so rerunning the same command after a kill continues where it stopped. When
@@ -46,6 +47,20 @@ def recipe_config_path(name: str) -> Path:
                       f"(shipped: {', '.join(names) or 'none'} in {CONFIGS})")
 
 
+def stage2_config(cfg: TrainConfig, out: str | Path) -> TrainConfig:
+    """The config stage 2 of the recipe run ``out`` trains with: :func:`stage_config` ``(cfg, "stage2")``
+    plus ``out/pseudo`` in ``extra_data`` and, with ``recipe.stage2_init: stage1``, ``out/stage1``'s
+    weights as ``init_weights``.
+
+    Raises:
+        ConfigError: as :func:`stage_config`.
+    """
+    out = Path(out)
+    stage2 = stage_config(cfg, "stage2")
+    return replace(stage2, extra_data=(*stage2.extra_data, str(out / "pseudo")),
+                   init_weights=str(out / "stage1") if cfg.recipe.stage2_init == "stage1" else stage2.init_weights)
+
+
 def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
                on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or finish) the recipe of ``cfg`` in ``out``; returns the ``recipe.json`` record.
@@ -81,9 +96,7 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
     if not (pseudo / RECORD).is_file():
         make_pseudo_pairs(out / "stage1", pseudo, dataset=data, settings=cfg.recipe.pseudo, overwrite=True,
                           progress=progress)
-    stage2 = stage_config(cfg, "stage2")
-    stage2 = replace(stage2, extra_data=(*stage2.extra_data, str(pseudo)),
-                     init_weights=str(out / "stage1") if cfg.recipe.stage2_init == "stage1" else stage2.init_weights)
+    stage2 = stage2_config(cfg, out)
     if not is_complete(out / "stage2", stage2.steps):
         train(stage2, out / "stage2", "latest", progress=progress, command="dmdiff train --recipe (stage 2)",
               on_log=tagged("stage2"))
@@ -94,3 +107,60 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
     }
     write_json(out / "recipe.json", record)
     return record
+
+
+#: What :func:`smoke_recipe_config` lays over a config: the recipe cut down to seconds on the smoke
+#: dataset (64 px images): 48 px crops, batch 2, 8 stage-1 and 16 stage-2 steps, two pseudo pairs.
+SMOKE_RECIPE_OVERRIDES = {"crop_px": 48, "batch_size": 2, "steps": 16, "warmup_steps": 2, "log_every": 2,
+                          "validate_every": 8, "checkpoint_every": 8, "val_images": 1, "val_crop_px": None}
+
+
+def smoke_recipe_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` cut down to a smoke-sized recipe (CI, the notebooks' ``smoke=True``): seconds on a CPU.
+
+    Lays :data:`SMOKE_RECIPE_OVERRIDES` over ``cfg``, sets ``recipe.stage1.steps = 8`` (other
+    stage overrides kept) and pseudo pairs ``count = 2, batch_size = 2``; when ``recipe.simulate``
+    is set, the dataset it simulates (only when ``data`` is missing) becomes the smoke one
+    (:data:`dmdiff.data.simulate.SMOKE`, the config's own simulation keys on top). The result is
+    validated; everything else (data, seed, model, loss) is ``cfg``'s.
+
+    Raises:
+        ConfigError: the cut-down config is invalid (e.g. ``cfg`` sets keys it contradicts).
+    """
+    from dmdiff.config import merge, to_dict
+    from dmdiff.data.simulate import resolve_config
+
+    recipe = {"stage1": {**cfg.recipe.stage1, "steps": 8}, "pseudo": {"count": 2, "batch_size": 2}}
+    if cfg.recipe.simulate is not None:
+        recipe["simulate"] = to_dict(resolve_config(cfg.recipe.simulate, smoke=True))
+    return merge(cfg, {**SMOKE_RECIPE_OVERRIDES, "recipe": recipe}).validate()
+
+
+def ensure_recipe_model(run: str | Path, data: str | Path, *, smoke: bool, seed: int = 0, preset: str = "tiny",
+                        recipe: str = "tiny", progress: bool = False) -> Path:
+    """The trained restoration model's pipeline folder behind ``run``, for notebooks after 03.
+
+    ``run`` is what :func:`dmdiff.evaluate.resolve_model` accepts (a recipe run: its
+    ``stage2/pipeline/``; a training run; a pipeline folder). When it holds no final model and
+    ``smoke`` is True, the smoke-sized recipe (:func:`smoke_recipe_config` of
+    :func:`recipe_config_path` ``(recipe)`` with ``data``, ``seed`` and ``preset``) is run into
+    ``run`` first — seconds on a CPU; ``data`` is simulated (smoke size) when it is missing.
+
+    Raises:
+        DmdiffError: no final model in ``run`` and ``smoke`` is False (the message says to run
+            notebook 03 or ``dmdiff train --recipe tiny --out RUN``).
+    """
+    from dmdiff.errors import DmdiffError
+    from dmdiff.evaluate import resolve_model
+    from dmdiff.train.config import load_train_config
+
+    try:
+        return resolve_model(run)[0]
+    except DmdiffError as err:
+        if not smoke:
+            raise DmdiffError(f"no trained model to use: {err}. Train one first: run notebook "
+                              f"03_multipath_training.ipynb with run_dir={str(run)!r}, or "
+                              f"`dmdiff train --recipe tiny --out {run}`") from None
+    cfg = load_train_config(recipe_config_path(recipe), data=str(data), seed=seed, model={"preset": preset})
+    run_recipe(smoke_recipe_config(cfg), run, progress=progress)
+    return resolve_model(run)[0]

@@ -1,0 +1,299 @@
+"""``dmdiff restore``: restore your own photos, of any size, with a trained DMDiff model.
+
+``dmdiff restore --model RUN --input FILE|DIR --out DIR`` reads one image or every image of a
+folder (not recursive; names sorted; hidden files skipped), restores each in blended tiles
+(:mod:`dmdiff.model.tiling`: bounded memory for any size and aspect ratio, exactly
+:meth:`DMDiff.restore` when the image fits in one tile) and writes ``DIR/<name>.png``.
+
+* **Model.** ``RUN`` is a pipeline folder, a training run or a recipe run (its ``stage2/``), found by
+  :func:`dmdiff.evaluate.resolve_model` and loaded by :meth:`DMDiffPipeline.from_pretrained`:
+  safetensors only; a folder holding pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``/``.pkl``)
+  is refused before anything is loaded.
+* **Inputs** go through :func:`dmdiff.imageio.read_image`: grayscale is replicated to RGB,
+  palette images expanded, alpha composited over white, 16-bit PNG/TIFF read at full precision;
+  NaN/Inf, corrupt or truncated files raise :class:`ImageReadError`. Images must be at least the
+  SVDA grid (7 px) on each side.
+* **Outputs** are 8-bit RGB PNGs (``bits=16``: 16-bit, e.g. to keep the precision of 16-bit
+  inputs), written atomically. Inputs are never overwritten: ``--out`` may not be the input folder,
+  nor may any output path be an input file; two inputs with the same name stem (``a.png``,
+  ``a.jpg``) are refused up front. Existing outputs in ``--out`` are replaced.
+* **Maps** (the lens's optics maps, ``(7, G, G)`` in ``MAP_CHANNELS`` order, covering the full
+  image): ``"auto"`` uses ``DATA/maps/<stem>.npy`` when the input is ``DATA/lr_<split>/<stem>.*``
+  of a dmdiff dataset (:mod:`dmdiff.data.simulate`) and that file exists, else none (SVDA then
+  sets its maps-missing flag: right for real captures); ``"none"`` never uses maps; a ``.npy``
+  path uses that array for every input. Each tile gets the maps resampled to its own window.
+* **Colour correction** against the input, off by default (:data:`COLOR_CORRECTIONS`):
+  ``"meanstd"`` matches each channel's mean and standard deviation to the input's (a global
+  colour-cast fix); ``"lowpass"`` replaces the output's low-frequency part (Gaussian,
+  σ = :data:`LOWPASS_SIGMA_PX`) by the input's, per channel, keeping the restored detail and the
+  input's large-scale colours. Both also bring back some of the capture's haze: use them when the
+  model shifts colours.
+* **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
+  rest continue, the failures are listed at the end and the exit status is 1.
+* ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
+  colour correction, maps option, device, and per file its status, size, tile count, maps used,
+  seconds and error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmdiff.errors import ConfigError, DmdiffError, ImageReadError
+from dmdiff.imageio import IMAGE_EXTENSIONS, check_min_size, read_image, write_png
+from dmdiff.model.dmdiff import check_alpha
+from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling, tiled_restore
+from dmdiff.runinfo import provenance, write_json
+
+__all__ = ["COLOR_CORRECTIONS", "LOWPASS_SIGMA_PX", "REPORT_FILE", "list_inputs", "output_paths", "load_maps",
+           "find_maps", "color_correct", "restore", "main"]
+
+COLOR_CORRECTIONS = ("none", "meanstd", "lowpass")
+#: Gaussian σ (px) that separates "colour" from "detail" in the ``lowpass`` correction.
+LOWPASS_SIGMA_PX = 12.0
+REPORT_FILE = "restore.json"
+N_MAP_CHANNELS = 7          # len(MAP_CHANNELS)
+# What one image may raise without stopping a folder run (user-fixable problems, or running out of memory).
+FILE_ERRORS = (DmdiffError, ValueError, OSError, RuntimeError, MemoryError)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """The images to restore: ``[path]`` for a file, else the folder's image files, sorted by name.
+
+    Raises:
+        DmdiffError: ``path`` missing, a folder without images (extensions ``IMAGE_EXTENSIONS``),
+            or two images with the same name stem.
+    """
+    from dmdiff.data.dataset import _images_by_stem   # sorted, hidden files skipped, unique stems
+
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DmdiffError(f"--input {path}: no such file or folder")
+    images = list(_images_by_stem(path).values())
+    if not images:
+        raise DmdiffError(f"--input {path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def output_paths(images: str | Path, inputs: list[Path], out: str | Path) -> list[Path]:
+    """``out/<stem>.png`` for each of ``inputs`` (:func:`list_inputs` of ``images``), after checking
+    that no input gets overwritten.
+
+    Raises:
+        DmdiffError: ``out`` is a file, or the ``images`` folder itself, or an output path is an
+            input file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DmdiffError(f"--out {out} exists and is not a folder")
+    if Path(images).is_dir() and out.resolve() == Path(images).resolve():
+        raise DmdiffError(f"--out {out} is the input folder; choose another folder (inputs are never overwritten)")
+    outputs = [out / f"{p.stem}.png" for p in inputs]
+    sources = {p.resolve() for p in inputs}
+    clash = [str(o) for o in outputs if o.resolve() in sources]
+    if clash:
+        raise DmdiffError(f"--out {out}: the output {clash[0]} would overwrite an input; choose another folder")
+    return outputs
+
+
+def load_maps(path: str | Path) -> np.ndarray:
+    """Optics maps from a ``.npy`` file: float32 ``(7, G, G)`` (``MAP_CHANNELS`` order), finite.
+
+    Raises:
+        DmdiffError: missing or unreadable file (pickled arrays are refused), wrong shape, NaN/Inf.
+    """
+    path = Path(path)
+    try:
+        maps = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DmdiffError(f"{path}: unreadable map file ({e})") from None
+    if maps.ndim != 3 or maps.shape[0] != N_MAP_CHANNELS or min(maps.shape[1:]) < 1:
+        raise DmdiffError(f"{path}: maps must have shape ({N_MAP_CHANNELS}, G, G), got {maps.shape}")
+    if not np.issubdtype(maps.dtype, np.number) or not np.all(np.isfinite(maps)):
+        raise DmdiffError(f"{path}: maps must be finite numbers")
+    return maps.astype(np.float32)
+
+
+def find_maps(image: Path, option: str) -> Path | None:
+    """The maps file for ``image`` under the ``--maps`` option (module docstring), or None.
+
+    ``"auto"``: ``DATA/maps/<stem>.npy`` for ``DATA/lr_<split>/<stem>.*``, when it exists;
+    ``"none"``: None; anything else: that path.
+    """
+    if option == "none":
+        return None
+    if option != "auto":
+        return Path(option)
+    folder = image.parent
+    candidate = folder.parent / "maps" / f"{image.stem}.npy"
+    return candidate if folder.name.startswith("lr_") and candidate.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# colour correction
+# ---------------------------------------------------------------------------------------------
+
+
+def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
+                  sigma_px: float = LOWPASS_SIGMA_PX) -> np.ndarray:
+    """Correct the colours of ``restored`` against ``reference`` (both float ``(H, W, 3)`` in ``[0, 1]``).
+
+    ``"none"``: unchanged; ``"meanstd"``: per channel ``(o − mean_o) / std_o · std_r + mean_r``;
+    ``"lowpass"``: per channel ``o − G_σ(o) + G_σ(r)`` with a Gaussian ``G_σ`` of ``sigma_px``
+    (reflected edges). Returns float32 ``(H, W, 3)`` clipped to ``[0, 1]``.
+    """
+    if method not in COLOR_CORRECTIONS:
+        raise ConfigError(f"color correction must be one of {', '.join(COLOR_CORRECTIONS)}, got {method!r}")
+    out = np.asarray(restored, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if method == "meanstd":
+        mean_o, std_o = out.mean(axis=(0, 1)), out.std(axis=(0, 1))
+        mean_r, std_r = ref.mean(axis=(0, 1)), ref.std(axis=(0, 1))
+        gain = np.where(std_o > 1e-6, std_r / np.maximum(std_o, 1e-6), 1.0)
+        out = (out - mean_o) * gain + mean_r
+    elif method == "lowpass":
+        from scipy.ndimage import gaussian_filter
+
+        def low(a: np.ndarray) -> np.ndarray:
+            return gaussian_filter(a, sigma=(sigma_px, sigma_px, 0), mode="reflect")
+
+        out = out - low(out) + low(ref)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------
+
+
+def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float = 1.0,
+            tile: int | None = None, overlap: int | None = None, color: str = "none",
+            maps: str = "auto", bits: int = 8, device: str | None = None, model_path: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
+
+    Args:
+        model: pipeline folder, training run or recipe run.
+        images: an image file or a folder of images.
+        out: output folder (created if missing).
+        alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path).
+        tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`;
+            None: ``DEFAULT_TILE_PX`` = 256, ``DEFAULT_OVERLAP_PX`` = 32).
+        color: colour correction, one of :data:`COLOR_CORRECTIONS`.
+        maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
+        bits: 8 or 16 bits per output sample.
+        device: torch device (default: CUDA when available, else CPU).
+        model_path: ``sd-turbo`` pipelines: where SD-Turbo is.
+        progress: a tqdm bar over the images (with the tile count of the current one).
+
+    Returns:
+        The ``restore.json`` record; ``record["failed"]`` counts the images that could not be restored.
+
+    Raises:
+        DmdiffError: bad arguments, model, inputs or output folder (nothing is written then).
+    """
+    from tqdm.auto import tqdm
+
+    from dmdiff.evaluate import resolve_model
+    from dmdiff.model.pipeline import DMDiffPipeline
+
+    alpha = check_alpha(alpha)
+    if color not in COLOR_CORRECTIONS:
+        raise ConfigError(f"--color-correct must be one of {', '.join(COLOR_CORRECTIONS)}, got {color!r}")
+    if bits not in (8, 16):
+        raise ConfigError(f"--bits must be 8 or 16, got {bits!r}")
+    inputs = list_inputs(images)
+    outputs = output_paths(images, inputs, out)
+    shared_maps = load_maps(maps) if maps not in ("auto", "none") else None
+    pipeline_dir, run = resolve_model(model, stage="stage2")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = DMDiffPipeline.from_pretrained(pipeline_dir, model_path=model_path, device=device).model
+    tile, overlap = check_tiling(net, DEFAULT_TILE_PX if tile is None else tile,
+                                 DEFAULT_OVERLAP_PX if overlap is None else overlap)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "model": str(pipeline_dir), "run": None if run is None else str(run), "preset": net.config.preset,
+        "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "files": [], "failed": 0,
+        "provenance": provenance(),
+    }
+    bar = tqdm(list(zip(inputs, outputs)), desc="dmdiff restore", unit="image", disable=not progress)
+    for source, target in bar:
+        bar.set_postfix_str(source.name)
+        entry: dict[str, Any] = {"input": str(source), "output": str(target), "status": "ok"}
+        start = time.perf_counter()
+        try:
+            image = read_image(source)
+            check_min_size(image, net.config.grid_size, "SVDA grid", path=source)
+            entry["size"] = list(image.shape[:2])
+            maps_file = find_maps(source, maps)
+            entry["maps"] = None if maps_file is None else str(maps_file)
+            if shared_maps is not None or maps_file is None:
+                image_maps = shared_maps
+            else:
+                image_maps = load_maps(maps_file)
+            tiles = []
+
+            def on_tile(done: int, total: int) -> None:
+                tiles[:] = [total]
+                bar.set_postfix_str(f"{source.name}: tile {done}/{total}")
+
+            restored = _restore_array(net, image, image_maps, alpha, tile, overlap, on_tile)
+            entry["tiles"] = tiles[0]
+            write_png(target, color_correct(restored, image, color), bits=bits)
+        except FILE_ERRORS as e:
+            reason = e.reason if isinstance(e, ImageReadError) else str(e) or type(e).__name__
+            entry.update(status="failed", output=None, error=reason)
+            record["failed"] += 1
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        record["files"].append(entry)
+        write_json(out / REPORT_FILE, record)
+    bar.close()
+    return record
+
+
+def _restore_array(model, image: np.ndarray, maps: np.ndarray | None, alpha: float, tile: int, overlap: int,
+                   on_tile) -> np.ndarray:
+    """One image ``(H, W, 3)`` float32 → restored ``(H, W, 3)`` float32 in ``[0, 1]`` (tiled)."""
+    from dmdiff.model.pipeline import as_image, to_numpy
+
+    m = None if maps is None else torch.from_numpy(maps)[None]
+    restored = tiled_restore(model, as_image(image)[None], m, alpha=alpha, tile=tile, overlap=overlap, on_tile=on_tile)
+    return to_numpy(restored[0])
+
+
+def main(args) -> int:
+    """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
+    maps, bits, device, threads, model_path, no_progress). Exit status 1 when an image failed."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
+                     color=args.color_correct, maps=args.maps, bits=args.bits, device=args.device,
+                     model_path=args.model_path, progress=not args.no_progress)
+    done = len(record["files"]) - record["failed"]
+    print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out} "
+          f"(report: {Path(args.out) / REPORT_FILE})")
+    if record["failed"]:
+        print(f"dmdiff restore: {record['failed']} image(s) failed:", file=sys.stderr)
+        for entry in record["files"]:
+            if entry["status"] == "failed":
+                print(f"  {entry['input']}: {entry['error']}", file=sys.stderr)
+        return 1
+    return 0

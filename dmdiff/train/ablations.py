@@ -1,0 +1,253 @@
+"""Ablations of the recipe's stage 2 (``dmdiff train --recipe NAME --ablations [NAME ...]``).
+
+Each ablation is stage 2 of the recipe run with one thing changed, trained as an ordinary
+``dmdiff train`` run next to the main model, so that ``dmdiff evaluate`` can put it in the same
+table::
+
+    RUN/
+      stage1/ pseudo/ stage2/   the recipe (run or finished first: dmdiff.train.recipe)
+      ablations/
+        <name>/                 config.yaml, checkpoints, metrics.jsonl, pipeline/, train_report.json
+        ablations.json          per ablation: label, description, the keys it changes (stage-2 value
+                                → its value), its train report; provenance
+
+=================  ====================================================================================
+name               what changes against stage 2 (all else — steps, lr, batch, crops, seed, data — kept)
+=================  ====================================================================================
+``single_path``    the single-path one-step baseline: ``path_probs`` positive only, ``model.svda`` false
+                   (plain LoRA, no degradation input); same data (real + pseudo pairs) and budget
+``no_svda``        ``model.svda`` false (and ``svda_spatial`` false): DMDiff without SVDA
+``no_pseudo``      without the stage-1 pseudo pairs (``extra_data`` as the config gives it)
+``spatial_svda``   ``model.svda_spatial`` true — the SVDA-mode flip of a main model with global SVDA
+``global_svda``    ``model.svda_spatial`` false — the flip of a main model with spatially varying SVDA
+=================  ====================================================================================
+
+Two consequences of the strict weight loading: an ablation without SVDA cannot start from stage-2
+``init_weights`` of a model with SVDA (``recipe.stage2_init: stage1``, or an explicit file), so it
+starts from the untrained adapters (``init_weights`` null, listed among its changes); ``no_pseudo``
+keeps stage 2's initialisation (with ``stage2_init: stage1`` that is a stage-1 model trained on
+the real pairs only, without pseudo data). An ablation that would change nothing (``no_svda`` of a
+main model without SVDA, ``global_svda`` of a global one) is refused with a :class:`ConfigError`
+naming it; :func:`ablation_names` gives the ones that apply to a config.
+
+A finished ablation is skipped and an interrupted one resumes from its newest checkpoint, as the
+recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
+the config now given is refused (paths — ``data``, ``extra_data``, ``init_weights`` — are not
+compared, so a run folder may be moved).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dmdiff.config import merge
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.train.config import TrainConfig, stage_config
+from dmdiff.train.recipe import recipe_config_path, run_recipe, stage2_config
+from dmdiff.train.rundir import CONFIG, REPORT, config_differences, is_complete
+
+__all__ = ["Ablation", "ABLATIONS", "ABLATIONS_DIR", "RECORD", "ablation_names", "ablation_config",
+           "ablation_changes", "run_ablations", "main"]
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One named variant of stage 2: ``label`` (short, for tables) and ``description`` (one sentence)."""
+
+    label: str
+    description: str
+
+
+#: The ablations, in table order.
+ABLATIONS = {
+    "single_path": Ablation("single-path baseline",
+                            "the single-path one-step baseline: positive path only, plain LoRA without SVDA, "
+                            "same data (real + pseudo pairs) and budget as stage 2"),
+    "no_svda": Ablation("no SVDA", "DMDiff without SVDA (plain LoRA, no degradation input); otherwise stage 2"),
+    "no_pseudo": Ablation("no pseudo pairs", "stage 2 without the stage-1 pseudo pairs (real pairs only)"),
+    "spatial_svda": Ablation("spatially varying SVDA",
+                             "stage 2 with one SVDA modulation per grid cell instead of one per image"),
+    "global_svda": Ablation("global SVDA", "stage 2 with one SVDA modulation per image instead of one per grid cell"),
+}
+#: Folder of the ablation runs inside a recipe run, and the record written there.
+ABLATIONS_DIR, RECORD = "ablations", "ablations.json"
+#: Config keys that name files or folders: not compared when checking a run's settings.
+PATH_KEYS = ("data", "extra_data", "init_weights")
+
+_NO_SVDA = {"model": {"svda": False, "svda_spatial": False}}
+_OVERRIDES = {
+    "single_path": {**_NO_SVDA, "path_probs": {"positive": 1.0, "neutral": 0.0, "negative": 0.0}},
+    "no_svda": _NO_SVDA,
+    "spatial_svda": {"model": {"svda_spatial": True}},
+    "global_svda": {"model": {"svda_spatial": False}},
+}
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+
+
+def ablation_names(cfg: TrainConfig) -> tuple[str, ...]:
+    """The ablations that apply to ``cfg``'s stage 2, in table order: ``single_path``, ``no_pseudo``
+    and, when the main model has SVDA, ``no_svda`` and the SVDA-mode flip (``spatial_svda`` for
+    global SVDA, ``global_svda`` for spatial)."""
+    model = stage_config(cfg, "stage2").model
+    wanted = {"single_path", "no_pseudo"}
+    if model.svda:
+        wanted |= {"no_svda", "global_svda" if model.svda_spatial else "spatial_svda"}
+    return tuple(name for name in ABLATIONS if name in wanted)
+
+
+def ablation_config(cfg: TrainConfig, name: str, out: str | Path) -> TrainConfig:
+    """The training config of ablation ``name`` of the recipe run ``out`` (see the module docstring).
+
+    Starts from :func:`~dmdiff.train.recipe.stage2_config` ``(cfg, out)`` — stage 2 with
+    ``out/pseudo`` in its data — and applies the ablation's changes.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones); the changed config is invalid
+            or identical to stage 2's (the message starts with ``ablation <name>:``).
+    """
+    if name not in ABLATIONS:
+        raise _unknown(name)
+    stage2 = stage2_config(cfg, out)
+    try:
+        if name == "no_pseudo":
+            result = replace(stage2, extra_data=stage_config(cfg, "stage2").extra_data)
+        else:
+            result = merge(stage2, _OVERRIDES[name])
+            if stage2.model.svda and not result.model.svda and stage2.init_weights is not None:
+                result = replace(result, init_weights=None)     # SVDA weights do not load without SVDA
+        result.validate_fields()
+        if not config_differences(stage2, result):
+            raise ConfigError(f"stage 2 already trains with what it changes ({_describe(_OVERRIDES.get(name, {}))}), "
+                              f"so it would be stage 2 itself; the ablations of this config: "
+                              f"{', '.join(ablation_names(cfg))}")
+    except ConfigError as err:
+        raise ConfigError(f"ablation {name}: {err}") from None
+    return result
+
+
+def _describe(overrides: dict, prefix: str = "") -> str:
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            parts.append(_describe(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}: {json.dumps(value)}")
+    return ", ".join(parts)
+
+
+def _lookup(record: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def ablation_changes(stage2: TrainConfig, ablation: TrainConfig) -> dict[str, dict[str, Any]]:
+    """``{dotted key: {"stage2": value, "ablation": value}}`` for every setting that differs."""
+    from dmdiff.config import to_dict
+
+    a, b = to_dict(stage2), to_dict(ablation)
+    return {key: {"stage2": _lookup(a, key), "ablation": _lookup(b, key)}
+            for key in config_differences(stage2, ablation)}
+
+
+def _check_settings(run: Path, expected: TrainConfig, what: str) -> None:
+    """Refuse a run folder trained with other weight-changing settings than ``expected`` (paths aside)."""
+    from dmdiff.train.config import load_train_config
+
+    if not (run / CONFIG).is_file():
+        return
+    diff = [k for k in config_differences(load_train_config(run / CONFIG), expected)
+            if k.split(".")[0] not in PATH_KEYS]
+    if diff:
+        raise DmdiffError(f"{run}: {what} was trained with other settings than this config ({', '.join(diff)}); "
+                          "its ablations would not compare like with like. Use the config the run was trained "
+                          f"with (its {CONFIG}) or another run folder")
+
+
+def _resolve_names(cfg: TrainConfig, names: Sequence[str] | None) -> list[str]:
+    if not names:
+        return list(ablation_names(cfg))
+    for name in names:
+        if name not in ABLATIONS:
+            raise _unknown(name)
+    return list(dict.fromkeys(names))
+
+
+def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None = None, progress: bool = True,
+                  on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Finish the recipe of ``cfg`` in ``out`` (:func:`~dmdiff.train.recipe.run_recipe`), then train
+    each ablation into ``out/ablations/<name>``; returns the ``ablations.json`` record.
+
+    Args:
+        cfg: the recipe config the run was (or is to be) trained with.
+        out: the recipe run folder.
+        names: ablations to run (None or empty: :func:`ablation_names` of ``cfg``); each is
+            skipped when finished and resumed when interrupted.
+        progress: progress bars.
+        on_log: as :func:`~dmdiff.train.recipe.run_recipe`'s; ablation records carry
+            ``"stage": "ablations/<name>"``.
+
+    Raises:
+        ConfigError: an unknown or inapplicable ablation, before anything is trained.
+        DmdiffError: ``out``'s stage 2 or an ablation folder was trained with other settings.
+    """
+    from dmdiff.config import to_dict
+    from dmdiff.runinfo import provenance, write_json
+    from dmdiff.train.loop import train
+
+    cfg.validate()
+    out = Path(out)
+    names = _resolve_names(cfg, names)
+    configs = {name: ablation_config(cfg, name, out) for name in names}
+    stage2 = stage2_config(cfg, out)
+    _check_settings(out / "stage2", stage2, "the recipe's stage 2")
+    for name, config in configs.items():
+        _check_settings(out / ABLATIONS_DIR / name, config, f"ablation {name}")
+
+    run_recipe(cfg, out, progress=progress, on_log=on_log)
+    for name, config in configs.items():
+        run = out / ABLATIONS_DIR / name
+        if not is_complete(run, config.steps):
+            tag = f"{ABLATIONS_DIR}/{name}"
+            log = None if on_log is None else (lambda step, record, tag=tag: on_log(step, {**record, "stage": tag}))
+            train(config, run, "latest", progress=progress, command=f"dmdiff train --recipe --ablations ({name})",
+                  on_log=log)
+
+    path = out / ABLATIONS_DIR / RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    entries = record.get("ablations", {})
+    for name, config in configs.items():
+        entries[name] = {"label": ABLATIONS[name].label, "description": ABLATIONS[name].description,
+                         "folder": f"{ABLATIONS_DIR}/{name}", "changes": ablation_changes(stage2, config),
+                         "report": json.loads((out / ABLATIONS_DIR / name / REPORT).read_text())}
+    record = {"ablations": {name: entries[name] for name in ABLATIONS if name in entries}, "stage2": "stage2",
+              "provenance": provenance(config=to_dict(cfg), seed=cfg.seed, command="dmdiff train --recipe --ablations")}
+    write_json(path, record)
+    return record
+
+
+def main(args) -> int:
+    """Entry point of ``dmdiff train --recipe NAME --ablations [NAME ...]`` (args: recipe, out,
+    ablations, no_progress)."""
+    from dmdiff.train.config import TrainWarning, load_train_config
+    from dmdiff.train.loop import show_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TrainWarning)
+        warnings.showwarning = show_warnings("dmdiff train")
+        path = recipe_config_path(args.recipe)
+        out = Path(args.out or Path("runs") / path.stem)
+        record = run_ablations(load_train_config(path), out, args.ablations, progress=not args.no_progress)
+    for name, entry in record["ablations"].items():
+        val = entry["report"].get("val") or {}
+        extra = f", val PSNR {val['psnr']:.2f} dB" if "psnr" in val else ""
+        print(f"dmdiff train: ablation {name} ({entry['label']}): {entry['report']['steps']} steps{extra}; "
+              f"model in {out / entry['folder'] / 'pipeline'}")
+    return 0

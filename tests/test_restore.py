@@ -1,0 +1,347 @@
+"""Tiled restoration (dmdiff.model.tiling) and the `dmdiff restore` command (dmdiff.restore)."""
+
+import hashlib
+import json
+import math
+import shutil
+
+import numpy as np
+import png
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from dmdiff.cli import main as cli
+from dmdiff.data.dataset import crop_maps
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.imageio import read_image, write_png
+from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.model.pipeline import DMDiffPipeline
+from dmdiff.model.tiling import (axis_tiles, check_tiling, ramp_profile, tile_windows, tiled_decode,
+                                 tiled_latents, tiled_restore)
+from dmdiff.restore import REPORT_FILE, color_correct
+
+from conftest import perturb_trainable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The shipped tiny backbone with seeded, non-identity adapters (LoRA, SVDA, modulation)."""
+    return perturb_trainable(DMDiff(DMDiffConfig()), seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(model, tmp_path_factory):
+    return DMDiffPipeline.from_model(model).save_pretrained(tmp_path_factory.mktemp("restore") / "pipe")
+
+
+def _smooth(h, w):
+    """A smooth, low-frequency colour image (1, 3, h, w): ramps and one slow sine."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    return torch.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * torch.sin(2 * math.pi * yy), 0.6 - 0.3 * xx * yy])[None]
+
+
+def _field_maps(grid=5):
+    """Maps (1, 7, G, G) that grow across the field (PSF widths 1…8 px left to right, noise 0.01…0.03)."""
+    ramp = torch.linspace(0, 1, grid)
+    maps = torch.empty(1, 7, grid, grid)
+    maps[:, :6] = (1 + 7 * ramp)[None, None, None, :]
+    maps[:, 6] = (0.01 + 0.02 * ramp)[None, :, None]
+    return maps
+
+
+def _u8(image: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def _to_np(image: torch.Tensor) -> np.ndarray:
+    return image[0].permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# tiling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layout_covers_the_axis_with_the_requested_overlap():
+    assert axis_tiles(30, 32, 8) == [(0, 30, 0, 0)]
+    for length, tile, overlap in [(128, 32, 8), (100, 32, 8), (1024, 128, 16), (65, 32, 0), (64, 32, 0)]:
+        tiles = axis_tiles(length, tile, overlap)
+        starts = [s for s, _, _, _ in tiles]
+        assert starts[0] == 0 and starts[-1] + tile == length and all(size == tile for _, size, _, _ in tiles)
+        for (s0, _, _, after), (s1, _, before, _) in zip(tiles, tiles[1:]):
+            assert s0 + tile - s1 == after == before >= overlap     # the ramps are the real overlaps
+    assert [r for _, _, *r in axis_tiles(64, 32, 0)] == [[0, 0], [0, 0]]  # abutting: the naive tiling
+    # a pair of raised-cosine ramps sums to exactly 1 over their overlap; weights stay positive
+    a, b = ramp_profile(32, 0, 12), ramp_profile(32, 12, 0)
+    np.testing.assert_allclose((a[-12:] + b[:12]).numpy(), 1.0, atol=1e-12)
+    assert a.min() > 0 and a[:20].eq(1).all()
+    ramp = math.sin(math.pi / 8) ** 2                                      # sin²(π/2 · 0.5/2)
+    assert ramp_profile(4, 1, 0, scale=2).tolist() == pytest.approx([ramp, 1 - ramp] + [1] * 6)
+    assert len(tile_windows(100, 70, 32, 8)) == len(axis_tiles(100, 32, 8)) * len(axis_tiles(70, 32, 8))
+
+
+def test_tile_settings_are_checked(model):
+    assert check_tiling(model, 64, 16) == (64, 16)
+    for tile, overlap, message in [(66, 16, "multiple of 4"), (4, 0, "at least 7"), (64, 3, "multiple of 2"),
+                                   (64, 34, "tile/2"), (64, -2, "overlap"), (64.0, 16, "integer"),
+                                   (True, 0, "integer")]:
+        with pytest.raises(ConfigError, match=message):
+            check_tiling(model, tile, overlap)
+
+
+def test_an_image_in_one_tile_is_exactly_restore(model):
+    x = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(0))
+    maps = _field_maps()
+    expected, cached = model.restore(x, maps, alpha=0.7, return_latents=True)
+    restored, latents = tiled_restore(model, x, maps, alpha=0.7, tile=64, overlap=16, return_latents=True)
+    assert torch.equal(restored, expected)
+    assert torch.equal(latents.z_neutral, cached.z_neutral) and latents.pad == cached.pad
+    assert torch.equal(tiled_decode(model, latents, 0.2, tile=64, overlap=16), model.decode(cached, 0.2))
+    assert not torch.allclose(restored, x, atol=0.02)                        # not the identity
+
+
+def test_alpha_redecodes_tiled_latents(model):
+    x = _smooth(72, 136) * 0.8 + 0.1 * torch.rand(1, 3, 72, 136, generator=torch.Generator().manual_seed(1))
+    done = []
+    restored, latents = tiled_restore(model, x, _field_maps(), alpha=1.0, tile=48, overlap=16,
+                                      return_latents=True, on_tile=lambda i, n: done.append((i, n)))
+    n_tiles = len(tile_windows(72 // 2, 136 // 2, 24, 8))
+    assert n_tiles > 4 and done == [(i, n_tiles) for i in range(1, n_tiles + 1)]
+    assert restored.shape == x.shape and latents.z_positive.shape == (1, 4, 36, 68)
+    for alpha in (0.0, 0.4, 1.2):
+        fresh = tiled_restore(model, x, _field_maps(), alpha=alpha, tile=48, overlap=16)
+        assert torch.equal(tiled_decode(model, latents, alpha, tile=48, overlap=16), fresh)
+    assert torch.equal(tiled_decode(model, latents, 1.0, tile=48, overlap=16), restored)
+    assert (tiled_decode(model, latents, 0.0, tile=48, overlap=16) - restored).abs().max() > 0.01
+
+
+def test_each_tile_gets_the_maps_of_its_own_window(model, monkeypatch):
+    x, maps = _smooth(64, 136), _field_maps(grid=7)
+    seen = []
+    original = model.restore_latents
+
+    def spy(tile, tile_maps=None):
+        seen.append((tuple(tile.shape[-2:]), tile_maps))
+        return original(tile, tile_maps)
+
+    monkeypatch.setattr(model, "restore_latents", spy)
+    latents = tiled_latents(model, x, maps, tile=64, overlap=16)
+    windows = tile_windows(32, 68, 32, 8)
+    assert len(seen) == len(windows) == 3 and latents.pad == (0, 0, 0, 0)
+    for ((y0, x0, h, w), _), (shape, tile_maps) in zip(windows, seen):
+        assert shape == (2 * h, 2 * w)
+        expected = crop_maps(maps[0].numpy(), (64, 136), (2 * y0, 2 * x0, 2 * h, 2 * w))
+        np.testing.assert_allclose(tile_maps[0].numpy(), expected, rtol=1e-6)
+    widths = [m[0, 0].mean().item() for _, m in seen]
+    assert widths[0] < widths[1] < widths[2]                      # blur grows to the right, as the field does
+
+
+def _seam_ratio(image: torch.Tensor, edges: list[int], margin: int = 16) -> float:
+    """Gradient energy on the rows/columns at tile edges (±2 px) over that on the others (≥ 5 px away),
+    both at least ``margin`` px from the image border; the larger of the row and column ratios."""
+    y = image[0].double().numpy()
+    ratios = []
+    for axis, diff in ((2, y[:, :, 1:] - y[:, :, :-1]), (1, y[:, 1:, :] - y[:, :-1, :])):
+        energy = (diff ** 2).mean(axis=(0, 3 - axis))                     # per boundary k | k + 1
+        index = np.arange(energy.size)
+        distance = np.min([np.abs(index - (e - 1)) for e in edges], axis=0)
+        inside = (index >= margin) & (index < energy.size - margin)
+        ratios.append(energy[inside & (distance <= 2)].mean() / energy[inside & (distance >= 5)].mean())
+    return max(ratios)
+
+
+def test_blended_tiles_leave_no_seams_where_naive_tiles_do(model):
+    """A smooth image in 64-px tiles: blended (16 px overlap) vs abutting (no overlap, the naive tiling)."""
+    x, maps = _smooth(128, 128), _field_maps()
+    whole = model.restore(x, maps)
+    blended = tiled_restore(model, x, maps, tile=64, overlap=16)
+    naive = tiled_restore(model, x, maps, tile=64, overlap=0)
+    edges_blended = sorted({2 * e for s, size, _, _ in axis_tiles(64, 32, 8) for e in (s, s + size)} - {0, 128})
+    assert edges_blended == [32, 64, 96]
+    ratio_blended, ratio_naive = _seam_ratio(blended, edges_blended), _seam_ratio(naive, [64])
+    ratio_whole = _seam_ratio(whole, edges_blended)                      # the same rows/columns, no tiling
+    print(f"seam ratios: blended {ratio_blended:.2f}, naive {ratio_naive:.1f}, untiled {ratio_whole:.2f}")
+    assert ratio_blended < 1.6 and ratio_naive > 10                     # measured: 1.09 and 295
+    # Tiles see less context (GroupNorm statistics, attention) than the whole image: at 64 px the
+    # blended result is 0.04 (mean abs) from the untiled one, at 96 px 0.012; a misplaced tile is far more.
+    larger = tiled_restore(model, x, maps, tile=96, overlap=32)
+    assert (larger - whole).abs().mean() < 0.025
+
+
+# ---------------------------------------------------------------------------------------------
+# colour correction
+# ---------------------------------------------------------------------------------------------
+
+
+def test_color_correction():
+    rng = np.random.default_rng(0)
+    reference = np.clip(_to_np(_smooth(96, 96)), 0, 1)
+    detail = 0.05 * np.sign(rng.standard_normal((96, 96, 1)))              # fine texture, all channels
+    restored = np.clip(reference * 0.7 + np.array([0.15, -0.05, 0.1]) + detail, 0, 1)
+    assert color_correct(restored, reference, "none") == pytest.approx(restored)
+    matched = color_correct(restored, reference, "meanstd")
+    np.testing.assert_allclose(matched.mean(axis=(0, 1)), reference.mean(axis=(0, 1)), atol=2e-3)
+    np.testing.assert_allclose(matched.std(axis=(0, 1)), reference.std(axis=(0, 1)), atol=2e-3)
+    low = color_correct(restored, reference, "lowpass")
+    core = (slice(24, -24), slice(24, -24))
+    # the colour cast is gone and the texture kept: what is left is the texture (plus a little leakage)
+    assert np.abs((low - reference - detail)[core]).mean() < 0.01 < np.abs((restored - reference - detail)[core]).mean()
+    with pytest.raises(ConfigError, match="meanstd"):
+        color_correct(restored, reference, "wavelet")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _photo(h, w, seed=0):
+    return np.clip(_to_np(_smooth(h, w)) + 0.15 * np.random.default_rng(seed).random((h, w, 3)) - 0.07, 0, 1)
+
+
+def test_folder_of_mixed_images_continues_after_bad_files(pipeline_dir, model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = _photo(40, 56)
+    Image.fromarray(_u8(rgb)).save(photos / "a_rgb.png")
+    Image.fromarray(_u8(rgb[..., 1])).save(photos / "b_gray.png")
+    rgba = np.dstack([_u8(rgb), np.full((40, 56), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(photos / "c_rgba.png")
+    Image.fromarray(_u8(rgb)).convert("P", palette=Image.ADAPTIVE).save(photos / "d_palette.png")
+    write_png(photos / "e_16bit.png", rgb, bits=16)
+    good = (photos / "a_rgb.png").read_bytes()
+    (photos / "f_truncated.png").write_bytes(good[: len(good) // 2])
+    nan = rgb.astype(np.float32)
+    nan[5, 5] = np.nan
+    tifffile.imwrite(photos / "g_nan.tif", nan, photometric="rgb")
+    Image.fromarray(_u8(rgb[:5, :5])).save(photos / "h_tiny.png")
+    (photos / "notes.txt").write_text("not an image")
+    before = _digest(photos)
+    out = tmp_path / "out"
+
+    code = cli(["restore", "--model", str(pipeline_dir), "--input", str(photos), "--out", str(out),
+                "--alpha", "0.8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "3 image(s) failed" in err and "f_truncated.png" in err and "g_nan.tif" in err and "h_tiny.png" in err
+    assert "NaN" in err and "SVDA grid" in err
+    assert _digest(photos) == before                                     # inputs untouched
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_palette.png", "e_16bit.png", REPORT_FILE])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["alpha"] == 0.8 and report["tile"] == 256 and report["overlap"] == 32 and report["failed"] == 3
+    status = {e["input"].rsplit("/", 1)[-1]: e["status"] for e in report["files"]}
+    assert [n for n, s in status.items() if s == "failed"] == ["f_truncated.png", "g_nan.tif", "h_tiny.png"]
+    assert all(e["seconds"] >= 0 for e in report["files"]) and "notes.txt" not in status
+    # each output is the model's restoration of what read_image makes of the input (8-bit)
+    for name in ("a_rgb", "b_gray", "c_rgba", "d_palette", "e_16bit"):
+        source = next(photos.glob(f"{name}.*"))
+        x = torch.from_numpy(read_image(source).transpose(2, 0, 1))[None]
+        expected = _u8(_to_np(model.restore(x, alpha=0.8)))
+        written = np.asarray(Image.open(out / f"{name}.png"))
+        assert written.shape == (40, 56, 3) and written.dtype == np.uint8
+        assert np.abs(written.astype(int) - expected).max() <= 1, name    # same weights, reloaded
+    gray = np.asarray(Image.open(out / "b_gray.png")).astype(float)
+    assert np.abs(gray - _u8(rgb)).mean() > 1                             # restored, not copied
+
+
+def test_big_image_16_bit_output_and_colour_correction(pipeline_dir, model, tmp_path):
+    image = _photo(96, 200, seed=4)
+    source = tmp_path / "wide.png"
+    write_png(source, image, bits=16)
+    out = tmp_path / "out"
+    assert cli(["restore", "--model", str(pipeline_dir), "--input", str(source), "--out", str(out),
+                "--tile", "64", "--overlap", "16", "--bits", "16", "--no-progress"]) == 0
+    width, height, _, info = png.Reader(filename=str(out / "wide.png")).read()
+    assert (width, height, info["bitdepth"]) == (200, 96, 16)
+    restored = read_image(out / "wide.png")
+    x = torch.from_numpy(read_image(source).transpose(2, 0, 1))[None]
+    expected = _to_np(tiled_restore(model, x, tile=64, overlap=16))
+    assert np.abs(restored - expected).max() < 2e-4                       # 16-bit rounding and reload
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["files"][0]["tiles"] == len(tile_windows(48, 100, 32, 8)) > 1 and report["files"][0]["maps"] is None
+
+    corrected = tmp_path / "corrected"
+    assert cli(["restore", "--model", str(pipeline_dir), "--input", str(source), "--out", str(corrected),
+                "--tile", "64", "--overlap", "16", "--color-correct", "meanstd", "--no-progress"]) == 0
+    fixed = read_image(corrected / "wide.png")
+    np.testing.assert_allclose(fixed.mean(axis=(0, 1)), image.mean(axis=(0, 1)), atol=3e-3)
+    assert np.abs(fixed.mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max() < \
+        np.abs(restored.mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max()
+
+
+def test_maps_auto_none_and_file(pipeline_dir, model, tmp_path):
+    data = tmp_path / "data"
+    (data / "lr_test").mkdir(parents=True)
+    (data / "maps").mkdir()
+    image = _photo(48, 48, seed=5)
+    Image.fromarray(_u8(image)).save(data / "lr_test" / "scene.png")
+    maps = _field_maps(grid=7)[0].numpy()
+    np.save(data / "maps" / "scene.npy", maps)
+    np.save(tmp_path / "other.npy", maps * 2)                               # a blurrier, noisier lens
+    x = torch.from_numpy(read_image(data / "lr_test" / "scene.png").transpose(2, 0, 1))[None]
+    results = {}
+    for option in ("auto", "none", str(tmp_path / "other.npy")):
+        out = tmp_path / f"out-{len(results)}"
+        assert cli(["restore", "--model", str(pipeline_dir), "--input", str(data / "lr_test"), "--out", str(out),
+                    "--maps", option, "--no-progress"]) == 0
+        results[option] = np.asarray(Image.open(out / "scene.png")).astype(int)
+        used = json.loads((out / REPORT_FILE).read_text())["files"][0]["maps"]
+        assert used == {"auto": str(data / "maps" / "scene.npy"), "none": None}.get(option, option)
+    with_maps = _u8(_to_np(model.restore(x, torch.from_numpy(maps)[None])))
+    assert np.abs(results["auto"] - with_maps).max() <= 1
+    assert np.abs(results["none"] - _u8(_to_np(model.restore(x)))).max() <= 1
+    assert np.abs(results["auto"] - results["none"]).max() > 2                     # the maps matter
+    assert np.abs(results["auto"] - results[str(tmp_path / "other.npy")]).max() > 2
+    np.save(tmp_path / "bad.npy", np.zeros((3, 7, 7), np.float32))
+    with pytest.raises(DmdiffError, match=r"shape \(7, G, G\)"):
+        from dmdiff.restore import restore
+        restore(pipeline_dir, data / "lr_test", tmp_path / "never", maps=str(tmp_path / "bad.npy"), progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(_u8(_photo(24, 24))).save(photos / "x.png")
+    unsafe = tmp_path / "unsafe"
+    shutil.copytree(pipeline_dir, unsafe)
+    torch.save({"w": torch.zeros(1)}, unsafe / "dmdiff_trainable.bin")
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    torch.save({"w": torch.zeros(1)}, bin_only / "diffusion_pytorch_model.bin")
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    Image.fromarray(_u8(_photo(24, 24))).save(twins / "y.png")
+    Image.fromarray(_u8(_photo(24, 24))).save(twins / "y.jpg")
+    out = str(tmp_path / "out")
+    base = ["restore", "--no-progress"]
+    cases = [
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", str(photos)], "is the input folder"),
+        (["--model", str(pipeline_dir), "--input", str(photos / "x.png"), "--out", str(photos)], "overwrite an input"),
+        (["--model", str(unsafe), "--input", str(photos), "--out", out], "safetensors only"),
+        (["--model", str(bin_only), "--input", str(photos), "--out", out], "neither a DMDiff pipeline folder"),
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--alpha", "1.5"], "alpha must be"),
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--tile", "50"], "tile must be"),
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--overlap", "200"], "overlap must be"),
+        (["--model", str(pipeline_dir), "--input", str(tmp_path / "missing"), "--out", out], "no such file"),
+        (["--model", str(pipeline_dir), "--input", str(twins), "--out", out], "share the name"),
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--maps", str(tmp_path / "no.npy")],
+         "unreadable map file"),
+    ]
+    before = _digest(photos)
+    for args, message in cases:
+        assert cli(base + args) == 2, args
+        assert message in capsys.readouterr().err, message
+    assert _digest(photos) == before
+    assert not (tmp_path / "out").exists()
+    # a file next to its output folder is fine when the names differ
+    Image.fromarray(_u8(_photo(24, 24))).save(tmp_path / "z.jpg")
+    assert cli(base + ["--model", str(pipeline_dir), "--input", str(tmp_path / "z.jpg"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "z.png").is_file() and (tmp_path / REPORT_FILE).is_file()
