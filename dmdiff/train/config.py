@@ -164,7 +164,7 @@ class TrainConfig:
     checkpoint_every: steps between checkpoints (the last step always gets one).
     keep_last: checkpoints kept (older ones are deleted once a newer one is complete).
     validate_every: steps between validations (0: only at the end; with ``val_images = 0``: never).
-    val_images: test-split pairs of ``data`` used for validation (the first ones by name).
+    val_images: test-split pairs of ``data`` used for validation (evenly spaced over the sorted names).
     val_crop_px: centre crop of the validation images (None: whole images).
     log_every: steps between loss lines in ``metrics.jsonl``.
     num_workers: DataLoader worker processes (0: load in the training process).

@@ -133,7 +133,8 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
-    """The first ``cfg.val_images`` test pairs of ``cfg.data`` (by name), centre-cropped to
+    """``cfg.val_images`` test pairs of ``cfg.data``, evenly spaced over the sorted names (so the
+    crops of one photo do not fill the set), centre-cropped to
     ``val_crop_px`` (when smaller than the image): dicts of ``lr``, ``gt`` ``(3, h, w)``, ``maps``
     ``(7, G, G)`` when present and ``use_maps``, ``name``.
 
@@ -149,7 +150,8 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
         raise DmdiffError(f"validation needs the test split of {root}: {e} (set val_images: 0 to "
                           "train without validation)") from None
     out = []
-    for i in range(min(cfg.val_images, len(ds))):
+    count = min(cfg.val_images, len(ds))
+    for i in sorted({round(k * (len(ds) - 1) / max(count - 1, 1)) for k in range(count)}):
         pair = ds[i]
         h, w = pair["gt"].shape[-2:]
         c = cfg.val_crop_px
