@@ -68,7 +68,9 @@ def _execute(port: int, token: str, kernel_id: str, code: str, timeout: float = 
         "parent_header": {}, "metadata": {}, "channel": "shell",
         "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                     "allow_stdin": False}}))
-    stdout, deadline = "", time.monotonic() + timeout
+    # The reply comes on the shell channel, the output on iopub: their order is not guaranteed, so
+    # wait for both the reply and iopub's "idle" status, which follows every output of the request.
+    stdout, replied, idle, deadline = "", False, False, time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             msg = json.loads(ws.recv())
@@ -78,6 +80,10 @@ def _execute(port: int, token: str, kernel_id: str, code: str, timeout: float = 
                 stdout += msg["content"]["text"]
             if msg["msg_type"] == "execute_reply":
                 assert msg["content"]["status"] == "ok"
+                replied = True
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                idle = True
+            if replied and idle:
                 return stdout
     finally:
         ws.close()
