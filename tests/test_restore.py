@@ -226,7 +226,7 @@ def test_folder_of_mixed_images_continues_after_bad_files(pipeline_dir, model, t
     out = tmp_path / "out"
 
     code = cli(["restore", "--model", str(pipeline_dir), "--input", str(photos), "--out", str(out),
-                "--alpha", "0.8", "--no-progress"])
+                "--alpha", "0.8", "--color-correct", "none", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1
     assert "3 image(s) failed" in err and "f_truncated.png" in err and "g_nan.tif" in err and "h_tiny.png" in err
@@ -236,6 +236,7 @@ def test_folder_of_mixed_images_continues_after_bad_files(pipeline_dir, model, t
         ["a_rgb.png", "b_gray.png", "c_rgba.png", "d_palette.png", "e_16bit.png", REPORT_FILE])
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["alpha"] == 0.8 and report["tile"] == 256 and report["overlap"] == 32 and report["failed"] == 3
+    assert report["color_correct"] == "none"
     status = {e["input"].rsplit("/", 1)[-1]: e["status"] for e in report["files"]}
     assert [n for n, s in status.items() if s == "failed"] == ["f_truncated.png", "g_nan.tif", "h_tiny.png"]
     assert all(e["seconds"] >= 0 for e in report["files"]) and "notes.txt" not in status
@@ -257,7 +258,7 @@ def test_big_image_16_bit_output_and_colour_correction(pipeline_dir, model, tmp_
     write_png(source, image, bits=16)
     out = tmp_path / "out"
     assert cli(["restore", "--model", str(pipeline_dir), "--input", str(source), "--out", str(out),
-                "--tile", "64", "--overlap", "16", "--bits", "16", "--no-progress"]) == 0
+                "--tile", "64", "--overlap", "16", "--bits", "16", "--color-correct", "none", "--no-progress"]) == 0
     width, height, _, info = png.Reader(filename=str(out / "wide.png")).read()
     assert (width, height, info["bitdepth"]) == (200, 96, 16)
     restored = read_image(out / "wide.png")
@@ -290,7 +291,7 @@ def test_maps_auto_none_and_file(pipeline_dir, model, tmp_path):
     for option in ("auto", "none", str(tmp_path / "other.npy")):
         out = tmp_path / f"out-{len(results)}"
         assert cli(["restore", "--model", str(pipeline_dir), "--input", str(data / "lr_test"), "--out", str(out),
-                    "--maps", option, "--no-progress"]) == 0
+                    "--maps", option, "--color-correct", "none", "--no-progress"]) == 0
         results[option] = np.asarray(Image.open(out / "scene.png")).astype(int)
         used = json.loads((out / REPORT_FILE).read_text())["files"][0]["maps"]
         assert used == {"auto": str(data / "maps" / "scene.npy"), "none": None}.get(option, option)
