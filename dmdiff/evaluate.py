@@ -208,7 +208,7 @@ def vae_reconstruct(model, images: torch.Tensor) -> torch.Tensor:
     zeros = torch.zeros(len(images), state.n_blocks, lora.rank, lora.rank, device=model.device, dtype=model.dtype)
     with model._inference():
         x = images.to(model.device, model.dtype)
-        padded, pad = model._pad(x)
+        padded, pad = model.pad(x)
         scaling = model.vae.config.scaling_factor
         with state.using(zeros):
             z = model.vae.encode(padded * 2 - 1).latent_dist.mode() * scaling

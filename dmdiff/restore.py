@@ -81,14 +81,14 @@ def list_inputs(path: str | Path) -> list[Path]:
         DmdiffError: ``path`` missing, a folder without images (extensions ``IMAGE_EXTENSIONS``),
             or two images with the same name stem.
     """
-    from dmdiff.data.dataset import _images_by_stem   # sorted, hidden files skipped, unique stems
+    from dmdiff.data.dataset import images_by_stem
 
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DmdiffError(f"--input {path}: no such file or folder")
-    images = list(_images_by_stem(path).values())
+    images = list(images_by_stem(path).values())
     if not images:
         raise DmdiffError(f"--input {path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return images

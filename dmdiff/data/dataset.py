@@ -39,7 +39,12 @@ def _first(items, n: int = 5) -> str:
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _images_by_stem(folder: Path) -> dict[str, Path]:
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files of ``folder`` (not recursive; hidden files skipped), by name stem, sorted.
+
+    Raises:
+        DmdiffError: two images share a stem (``a.png`` and ``a.jpg``).
+    """
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
     out: dict[str, Path] = {}
@@ -132,7 +137,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         if crop_px is not None and (isinstance(crop_px, bool) or not isinstance(crop_px, int) or crop_px < 1):
             raise DmdiffError(f"crop_px must be a positive integer or None, got {crop_px!r}")
         gt_dir, lr_dir, blur_dir = self._folders()
-        gt, lr = _images_by_stem(gt_dir), _images_by_stem(lr_dir)
+        gt, lr = images_by_stem(gt_dir), images_by_stem(lr_dir)
         if not gt:
             raise DmdiffError(f"{gt_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if not lr:
@@ -140,7 +145,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         self._check_same_names(gt_dir, gt, lr_dir, lr)
         blur = None
         if blur_dir is not None:
-            blur = _images_by_stem(blur_dir)
+            blur = images_by_stem(blur_dir)
             self._check_same_names(gt_dir, gt, blur_dir, blur)
         self.names = sorted(gt)
         self.gt_paths = [gt[n] for n in self.names]

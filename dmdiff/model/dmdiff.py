@@ -305,7 +305,7 @@ class DMDiff(nn.Module):
             for module, mode in modes:
                 module.training = mode
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Pad ``(B, 3, H, W)`` to multiples of ``latent_multiple``, centred; returns the image and
         the padding ``(left, right, top, bottom)``."""
         m = self.backbone.latent_multiple
@@ -332,7 +332,7 @@ class DMDiff(nn.Module):
             vae_m, unet_m = (self.mlp[part](degradation.embeddings[part]) for part in ("vae", "unet"))
         else:
             vae_m = unet_m = None
-        padded, pad = self._pad(x)
+        padded, pad = self.pad(x)
         scaling = self.vae.config.scaling_factor
         with self.vae_lora.state.using(vae_m):
             z = self.vae.encode(padded * 2 - 1).latent_dist.mode() * scaling

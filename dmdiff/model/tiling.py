@@ -148,7 +148,7 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     tile, overlap = check_tiling(model, tile, overlap)
     f = model.backbone.vae_scale_factor
     with torch.no_grad():
-        canvas, pad = model._pad(image.to(model.device, model.dtype))
+        canvas, pad = model.pad(image.to(model.device, model.dtype))
     size = tuple(image.shape[-2:])
     tiles = tile_windows(canvas.shape[-2] // f, canvas.shape[-1] // f, tile // f, overlap // f)
     if len(tiles) == 1:
