@@ -81,6 +81,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="backbone folder to write (default: the shipped dmdiff/assets/tiny_backbone)")
     p.add_argument("--vae-minutes", type=float, default=None, help="wall-clock budget of the VAE stage (default 10)")
     p.add_argument("--unet-minutes", type=float, default=None, help="wall-clock budget of the UNet stage (default 6)")
+    p.add_argument("--timestep", type=int, default=250, metavar="T",
+                   help="the UNet's one-step timestep, 0-999 (default 250; SD-Turbo's is 999; docs/tiny_backbone.md)")
+    p.add_argument("--unet-only", action="store_true",
+                   help="keep the VAE of the backbone in --out and retrain only the UNet (from random init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps on tiny crops, for quick checks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing backbone folder")

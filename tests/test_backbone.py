@@ -133,6 +133,31 @@ def test_save_then_load_through_the_sd_turbo_loader_is_identical(tiny, saved, no
         save_backbone(tiny, saved)
 
 
+def test_one_step_timestep_is_saved_with_the_folder_and_checked(tmp_path):
+    """A folder records the timestep its UNet was trained for; folders without the file (SD-Turbo's
+    own) get 999, and DMDiff takes the backbone's timestep unless its config names one."""
+    from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+
+    backbone = load_backbone("tiny", pretrained=False)
+    assert backbone.one_step_timestep == 999          # random init: SD-Turbo's convention
+    backbone.one_step_timestep = 250
+    folder = save_backbone(backbone, tmp_path / "t250")
+    assert json.loads((folder / bbmod.ONE_STEP_FILE).read_text()) == {"one_step_timestep": 250}
+    loaded = load_backbone("tiny", path=folder)
+    assert loaded.one_step_timestep == 250
+    assert DMDiff(DMDiffConfig(), loaded).config.timestep == 250
+    assert DMDiff(DMDiffConfig(timestep=999), load_backbone("tiny", path=folder)).config.timestep == 999
+
+    (folder / bbmod.ONE_STEP_FILE).unlink()
+    assert load_backbone("sd-turbo", path=folder).one_step_timestep == 999
+    (folder / bbmod.ONE_STEP_FILE).write_text('{"one_step_timestep": 1000}')
+    with pytest.raises(DmdiffError, match=r"one_step_timestep must be an integer in \[0, 999\]"):
+        load_backbone("tiny", path=folder)
+    (folder / bbmod.ONE_STEP_FILE).write_text("{not json")
+    with pytest.raises(DmdiffError, match="unreadable"):
+        load_backbone("tiny", path=folder)
+
+
 def test_fp16_variant_only_folder_loads(saved, tmp_path):
     folder = shutil.copytree(saved, tmp_path / "fp16")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"

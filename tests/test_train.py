@@ -27,7 +27,7 @@ from dmdiff.optics.spec import MetalensSpec
 from dmdiff.train import checkpoint as ckpt_io
 from dmdiff.train.config import PATHS, PseudoConfig, load_train_config, stage_config
 from dmdiff.train.data import StepBatches, open_train_sets
-from dmdiff.train.loop import train
+from dmdiff.train.loop import learning_rate, train
 from dmdiff.train.pseudo import make_pseudo_pairs
 
 SIZE = 48
@@ -98,6 +98,7 @@ def run_a(dataset, tmp_path_factory, psf_cache):
     ({"loss": {"lpips_substitute": "ssim"}}, "lpips_substitute"),
     ({"path_probs": {"positive": 0, "neutral": 0, "negative": 0}}, "path_probs"),
     ({"path_sampling": "image"}, "path_sampling"),
+    ({"lr_schedule": "linear"}, "lr_schedule: 'linear' is not one of"),
     ({"model": {"preset": "huge"}}, "preset"),
     ({"recipe": {"stage1": {"crop": 64}}}, "recipe.stage1: unknown config key 'crop'"),
     ({"recipe": {"stage2": {"lr": -1.0}}}, "recipe.stage2: lr must be a positive number"),
@@ -106,6 +107,17 @@ def run_a(dataset, tmp_path_factory, psf_cache):
 def test_bad_config_is_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_train_config(bad)
+
+
+def test_learning_rate_warms_up_then_stays_or_decays():
+    constant = load_train_config({"lr": 1e-3, "steps": 100, "warmup_steps": 10})
+    cosine = load_train_config({"lr": 1e-3, "steps": 100, "warmup_steps": 10, "lr_schedule": "cosine"})
+    for cfg in (constant, cosine):
+        assert learning_rate(cfg, 0) == pytest.approx(1e-4) and learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert {learning_rate(constant, s) for s in range(9, 100)} == {1e-3}
+    decay = [learning_rate(cosine, s) for s in range(10, 100)]
+    assert decay[0] == pytest.approx(1e-3) and decay[45] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 1e-6
 
 
 def test_config_file_errors_and_stages(tmp_path):

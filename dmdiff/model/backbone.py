@@ -18,6 +18,7 @@ Nothing is downloaded unless the caller passes ``allow_download=True``.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ TINY_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_backbone
 WEIGHTED = ("unet", "vae", "text_encoder")
 COMPONENTS = (*WEIGHTED, "tokenizer", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ONE_STEP_FILE = "dmdiff_backbone.json"   # {"one_step_timestep": t}: the step a folder's UNet was trained for
+SD_TURBO_TIMESTEP = 999                  # SD-Turbo generates in one step from t = 999 (DESIGN §2)
 
 # SD-Turbo's noise schedule (SD 2.x training betas); DDPMScheduler reads it from SD-Turbo's
 # scheduler/ folder too (that file names EulerDiscreteScheduler; the betas are what we use).
@@ -126,9 +129,10 @@ class Backbone:
     vae: AutoencoderKL              # images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/f, W/f)
     text_encoder: CLIPTextModel     # token ids (B, 77) -> hidden states (B, 77, D)
     tokenizer: CLIPTokenizer
-    scheduler: DDPMScheduler        # only its alphas_cumprod are used (one step at t = 999)
+    scheduler: DDPMScheduler        # only its alphas_cumprod are used
     preset: str
     source: str                     # the folder the weights came from, or "random-init"
+    one_step_timestep: int = SD_TURBO_TIMESTEP   # the t of DMDiff's one step with this UNet
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +154,7 @@ class Backbone:
 
     def alpha_bar(self, t: int | torch.Tensor) -> torch.Tensor:
         """ᾱ_t = Π_{s≤t} (1 − β_s) of the training noise schedule; float32 of t's shape, on the
-        backbone's device. ᾱ_999 ≈ 0.0047 for SD-Turbo's schedule."""
+        backbone's device. ᾱ_999 ≈ 0.0047, ᾱ_250 ≈ 0.67 for SD-Turbo's schedule."""
         index = torch.as_tensor(t, dtype=torch.long).cpu()
         return self.scheduler.alphas_cumprod[index].to(self.device)
 
@@ -234,6 +238,7 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
         backbone.tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
         backbone.scheduler.save_pretrained(tmp / "scheduler")
         write_json(tmp / "model_index.json", {**MODEL_INDEX, "_diffusers_version": diffusers.__version__})
+        write_json(tmp / ONE_STEP_FILE, {"one_step_timestep": int(backbone.one_step_timestep)})
     return folder
 
 
@@ -328,4 +333,21 @@ def _load_folder(folder: Path, preset: str) -> Backbone:
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights["text_encoder"])
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **offline)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **offline)
-    return _assemble(unet, vae, text_encoder, tokenizer, scheduler, preset, str(folder.resolve()))
+    backbone = _assemble(unet, vae, text_encoder, tokenizer, scheduler, preset, str(folder.resolve()))
+    backbone.one_step_timestep = _one_step_timestep(folder)
+    return backbone
+
+
+def _one_step_timestep(folder: Path) -> int:
+    """The timestep recorded in ``folder/dmdiff_backbone.json`` (written by :func:`save_backbone`);
+    999 (SD-Turbo's) for folders without it, such as SD-Turbo's own."""
+    path = folder / ONE_STEP_FILE
+    if not path.is_file():
+        return SD_TURBO_TIMESTEP
+    try:
+        t = json.loads(path.read_text())["one_step_timestep"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DmdiffError(f"{path} is unreadable or has no 'one_step_timestep' ({err})") from err
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 999:
+        raise DmdiffError(f"{path}: one_step_timestep must be an integer in [0, 999], got {t!r}")
+    return t

@@ -2,7 +2,9 @@
 
 Design note
 -----------
-One denoising step at ``t = config.timestep`` (999) of the backbone, as SD-Turbo:
+One denoising step at ``t = config.timestep`` of the backbone (default: the step its UNet was trained
+for, ``backbone.one_step_timestep``: 999 for SD-Turbo, 250 for the shipped tiny backbone; see
+docs/tiny_backbone.md, "Why t = 250"):
 
     z   = vae.encode(2·x − 1).latent_dist.mode() · scaling      (LoRA-modulated VAE encoder)
     eps = unet(z, t, text_emb[path])                            (LoRA-modulated UNet, conv_in trained)
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -68,7 +70,8 @@ class DMDiffConfig:
     svda_spatial: one modulation per grid cell instead of one per image.
     svda_dim: SVDA token / embedding width (multiple of 4).
     grid_size: SVDA grid G (cells per side).
-    timestep: the one denoising step's timestep t (0 … 999).
+    timestep: the one denoising step's timestep t (0 … 999); None: the backbone's
+        ``one_step_timestep`` (resolved when the model is built, so a saved model records it).
     prompts: the text of each path.
     seed: random init of SVDA and the MLPs, and of random-init backbones built from this config.
     """
@@ -81,14 +84,14 @@ class DMDiffConfig:
     svda_spatial: bool = False
     svda_dim: int = 128
     grid_size: int = 7
-    timestep: int = 999
+    timestep: int | None = None
     prompts: Prompts = field(default_factory=Prompts)
     seed: int = 0
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown backbone preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if not 0 <= self.timestep <= 999:
+        if self.timestep is not None and not 0 <= self.timestep <= 999:
             raise ConfigError(f"timestep must be in [0, 999], got {self.timestep}")
         if self.svda_spatial and not self.svda:
             raise ConfigError("svda_spatial=True needs svda=True (there is no modulation without SVDA)")
@@ -148,6 +151,8 @@ class DMDiff(nn.Module):
             backbone = load_backbone(config.preset, config.model_path, seed=config.seed)
         elif backbone.preset != config.preset:
             raise ConfigError(f"config.preset is {config.preset!r} but the backbone is a {backbone.preset!r} one")
+        if config.timestep is None:
+            config = replace(config, timestep=backbone.one_step_timestep)
         self.config, self.backbone = config, backbone
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
         self.unet_lora, self.vae_lora = add_modulated_lora(backbone, config.unet_rank, config.vae_rank)

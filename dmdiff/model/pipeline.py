@@ -203,7 +203,8 @@ def base_backbone(model: DMDiff) -> Backbone:
         return base.eval()
 
     b = model.backbone
-    return Backbone(strip(b.unet), strip(b.vae), b.text_encoder, b.tokenizer, b.scheduler, b.preset, b.source)
+    return Backbone(strip(b.unet), strip(b.vae), b.text_encoder, b.tokenizer, b.scheduler, b.preset, b.source,
+                    b.one_step_timestep)
 
 
 def _load_reference(folder: Path, config: DMDiffConfig, reference: dict, model_path: str | None,

@@ -11,12 +11,15 @@ with a short warm-up and cosine decay over the wall-clock budget. Afterwards the
 ``scaling_factor`` is set to 1 / std of its latents on training crops (how SD's 0.18215 was
 chosen), so that scaled latents have unit variance.
 
-Stage B, UNet as a one-step denoiser at t = 999 (how DMDiff uses it), VAE frozen:
-``z = scaling · mode(encode(x_in))`` with ``x_in`` the clean crop or a mildly degraded one
-(Gaussian blur, Gaussian noise), ``ẑ0 = (z − sqrt(1 − ᾱ) · unet(z, 999, text)) / sqrt(ᾱ)`` with
-ᾱ = ᾱ_999, loss ``MSE(ẑ0, scaling · mode(encode(x_clean)))``. With random init ẑ0 is amplified
-garbage (sqrt(ᾱ_999) ≈ 0.068); after this stage the UNet starts DMDiff near a restoring identity
-map. The text is the empty prompt half of the time, else a few random prompt words, so that the
+Stage B, UNet as a one-step denoiser at t = ``timestep`` (250; the step DMDiff then uses with
+this backbone, recorded in the saved folder), VAE frozen: ``z = scaling · mode(encode(x_in))`` with
+``x_in`` the clean crop or a mildly degraded one (Gaussian blur, Gaussian noise),
+``ẑ0 = (z − sqrt(1 − ᾱ) · unet(z, t, text)) / sqrt(ᾱ)`` with ᾱ = ᾱ_t, loss
+``MSE(ẑ0, scaling · mode(encode(x_clean)))``; after this stage the UNet starts DMDiff near a
+restoring identity map. Why not SD-Turbo's t = 999: there ẑ0 = 14.6·z − 14.6·ε̂, so the tiny UNet
+must reproduce 0.93·z through its group norms to within a small fraction of a per cent, and every
+error in ε̂, colour shifts included, is amplified 14.6×; at t = 250 ẑ0 = 1.22·z − 0.70·ε̂ and the
+input latent carries the image straight through (docs/tiny_backbone.md, "Why t = 250"). The text is the empty prompt half of the time, else a few random prompt words, so that the
 map does not depend on the prompt (DMDiff's LoRA learns that dependence).
 
 The text encoder keeps its random init (seeded, frozen): the tiny CLIP is never trained here, the
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -52,7 +56,6 @@ from dmdiff.model.backbone import TINY_ASSETS, Backbone, load_backbone, save_bac
 from dmdiff.model.tokenizer import WORDS
 from dmdiff.runinfo import provenance, write_json
 
-T_ONE_STEP = 999            # DMDiff's single denoising timestep
 REPORT_NAME = "pretrain_report.json"
 LOGVAR_INIT = -6.0          # added to the VAE's initial log-variance output
 
@@ -76,12 +79,17 @@ class PretrainConfig:
     warmup_steps: int = 20
     edge_weight: float = 0.5
     kl_weight: float = 1e-6
+    timestep: int = 250                 # stage B's (and then DMDiff's) one-step timestep
     degrade_prob: float = 0.5           # stage B: share of inputs that are blurred/noisy
     max_blur_sigma_px: float = 1.5
     max_noise_std: float = 0.03         # in [0, 1] image units
     bf16: bool | None = None            # VAE stage under bfloat16 autocast; None: where the CPU has bf16 units
     eval_px: int = 128                  # evaluation crop side
     eval_crops_per_photo: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.timestep, bool) or not isinstance(self.timestep, int) or not 0 <= self.timestep <= 999:
+            raise DmdiffError(f"timestep must be an integer in [0, 999], got {self.timestep!r}")
 
 
 SMOKE = dict(vae_minutes=1.0, unet_minutes=1.0, max_steps=2, batch_size=2, crop_min_px=32,
@@ -165,9 +173,10 @@ def decode(backbone: Backbone, z: torch.Tensor) -> torch.Tensor:
 
 
 def one_step(backbone: Backbone, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """DMDiff's one-step prediction ẑ0 = (z − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ) at t = 999; ``z`` scaled latents."""
-    alpha_bar = backbone.alpha_bar(T_ONE_STEP)
-    t = torch.full((z.shape[0],), T_ONE_STEP, device=z.device, dtype=torch.long)
+    """DMDiff's one-step prediction ẑ0 = (z − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ) at ``backbone.one_step_timestep``;
+    ``z`` scaled latents ``(B, 4, h, w)``, ``text`` embeddings ``(B, 77, D)``."""
+    alpha_bar = backbone.alpha_bar(backbone.one_step_timestep)
+    t = torch.full((z.shape[0],), backbone.one_step_timestep, device=z.device, dtype=torch.long)
     eps = backbone.unet(z, t, text).sample
     return (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
@@ -272,7 +281,8 @@ def set_scaling_factor(backbone: Backbone, sampler: CropSampler, cfg: PretrainCo
 
 
 def train_unet(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, progress: bool = True) -> dict:
-    """Stage B: train ``backbone.unet`` in place as a one-step denoiser at t = 999, VAE frozen.
+    """Stage B: train ``backbone.unet`` in place as a one-step denoiser at ``backbone.one_step_timestep``,
+    VAE frozen.
 
     Returns ``{"steps", "seconds", "final_loss"}`` (latent MSE averaged over the last 20 steps).
     """
@@ -321,8 +331,12 @@ def evaluate(backbone: Backbone, cfg: PretrainConfig) -> dict:
 
 
 def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = PretrainConfig(), *,
-                      overwrite: bool = False, progress: bool = True) -> dict:
+                      overwrite: bool = False, unet_only: bool = False, progress: bool = True) -> dict:
     """Pretrain the tiny backbone from random init (stage A then stage B) and save it to ``out``.
+
+    With ``unet_only`` the VAE (and text encoder) of the backbone already in ``out`` are kept and
+    only stage B runs, from a random-init UNet; the report keeps the earlier VAE stage's figures
+    (``stage_vae``, with the date of the run that trained it).
 
     ``out`` receives SD-Turbo's diffusers layout (safetensors) plus ``pretrain_report.json``; it is
     built in a temporary sibling folder and renamed into place, so readers never see a half-written
@@ -334,7 +348,8 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
         of the random-init and of the pretrained backbone, the scaling factor, provenance.
 
     Raises:
-        DmdiffError: ``out`` exists, is not empty and ``overwrite`` is False.
+        DmdiffError: ``out`` exists, is not empty and ``overwrite`` is False; with ``unet_only``,
+            ``out`` holds no pretrained backbone.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -343,16 +358,20 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone = load_backbone("tiny", pretrained=False, seed=cfg.seed)
+        backbone.one_step_timestep = cfg.timestep
         sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction, cfg.dead_leaves_images, cfg.dead_leaves_px)
         before = evaluate(backbone, cfg)
-        vae_stats = train_vae(backbone, sampler, cfg, progress)
-        scaling = set_scaling_factor(backbone, sampler, cfg)
+        if unet_only:
+            vae_stats, scaling = _reuse_vae(backbone, out)
+        else:
+            vae_stats = train_vae(backbone, sampler, cfg, progress)
+            scaling = set_scaling_factor(backbone, sampler, cfg)
         unet_stats = train_unet(backbone, sampler, cfg, progress)
         after = evaluate(backbone, cfg)
     report = provenance(asdict(cfg), cfg.seed, stage_vae=vae_stats, stage_unet=unet_stats,
                         scaling_factor=round(scaling, 5), psnr_db_random_init=before, psnr_db=after,
-                        total_seconds=round(time.monotonic() - start, 1),
-                        torch_threads=torch.get_num_threads(), parameters=backbone.num_parameters(),
+                        total_seconds=round(time.monotonic() - start, 1), unet_only=unet_only,
+                        timestep=cfg.timestep, torch_threads=torch.get_num_threads(), parameters=backbone.num_parameters(),
                         data={"train": sorted(sampler.names) + [f"{len(sampler.dead_leaves)} dead-leaves images (seeded)"],
                               "heldout_eval_only": list(TEST_PHOTOS)})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -369,16 +388,32 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
     return report
 
 
+def _reuse_vae(backbone: Backbone, folder: Path) -> tuple[dict, float]:
+    """Put the VAE of the pretrained backbone in ``folder`` into ``backbone`` (in place); returns
+    that run's VAE-stage figures (plus ``"trained_utc"``, when it ran) and its scaling factor."""
+    report_path = folder / REPORT_NAME
+    if not (folder / "model_index.json").is_file() or not report_path.is_file():
+        raise DmdiffError(f"--unet-only keeps the VAE of a pretrained backbone, but {folder} holds none "
+                          f"(no model_index.json / {REPORT_NAME}); run without --unet-only first")
+    previous = json.loads(report_path.read_text())
+    vae = load_backbone("tiny", path=folder).vae
+    backbone.vae.load_state_dict(vae.state_dict())
+    backbone.vae.register_to_config(scaling_factor=vae.config.scaling_factor)
+    stats = dict(previous["stage_vae"])
+    stats.setdefault("trained_utc", previous.get("created_utc"))
+    return stats, float(vae.config.scaling_factor)
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``dmdiff pretrain-backbone [--out DIR] [--vae-minutes M] [--unet-minutes M]
-    [--seed S] [--smoke] [--overwrite]``; prints the PSNRs."""
-    cfg = PretrainConfig(seed=args.seed)
+    [--timestep T] [--unet-only] [--seed S] [--smoke] [--overwrite]``; prints the PSNRs."""
+    cfg = PretrainConfig(seed=args.seed, timestep=args.timestep)
     if args.smoke:
         cfg = replace(cfg, **SMOKE)
     cfg = replace(cfg, **{k: v for k, v in (("vae_minutes", args.vae_minutes),
                                               ("unet_minutes", args.unet_minutes)) if v is not None})
     out = Path(args.out) if args.out else TINY_ASSETS
-    report = pretrain_backbone(out, cfg, overwrite=args.overwrite)
+    report = pretrain_backbone(out, cfg, overwrite=args.overwrite or args.unet_only, unet_only=args.unet_only)
     print(f"wrote {out} in {report['total_seconds']:.0f} s "
           f"(VAE {report['stage_vae']['steps']} steps, UNet {report['stage_unet']['steps']} steps)")
     for key, value in report["psnr_db"].items():

@@ -154,6 +154,7 @@ class TrainConfig:
     grad_accum: micro-batches per optimizer step.
     steps: optimizer steps in total.
     lr, weight_decay, adam_betas: AdamW settings; ``warmup_steps``: linear warm-up of the lr.
+    lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` (decay to 0 at ``steps``).
     grad_clip: max global gradient norm (None: no clipping).
     ema_decay: keep an exponential moving average of the trained weights with this decay (e.g.
         0.999); it is what validation sees and what ``RUN/pipeline/`` holds. None: no EMA.
@@ -186,6 +187,7 @@ class TrainConfig:
     steps: int = 300
     lr: float = 2e-5
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 import warnings
@@ -159,6 +160,15 @@ def _export(out: Path, model, params: dict, ema: EMA | None, report: dict) -> No
 LogCallback = Callable[[int, dict], None]
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): linear warm-up over ``cfg.warmup_steps``, then
+    ``cfg.lr`` (``lr_schedule: constant``) or a cosine decay from ``cfg.lr`` to 0 at ``cfg.steps``."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))
+    return lr
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progress: bool = True,
           stop_at_step: int | None = None, command: str = "dmdiff train", on_log: LogCallback | None = None) -> dict:
     """Train DMDiff with ``cfg`` into the run folder ``out`` (with ``cfg.threads`` torch threads,
@@ -282,7 +292,7 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
     batch_iter = iter(loader)
     t_start = t_interval = time.perf_counter()
     for step in range(start, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
