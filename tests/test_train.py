@@ -23,6 +23,7 @@ from dmdiff.data.dataset import PairedFolderDataset
 from dmdiff.data.sources import TEST_PHOTOS
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import write_png
+from dmdiff.optics.sensor import srgb_to_linear
 from dmdiff.optics.spec import MetalensSpec
 from dmdiff.train import checkpoint as ckpt_io
 from dmdiff.train.config import PATHS, PseudoConfig, load_train_config, stage_config
@@ -99,6 +100,7 @@ def run_a(dataset, tmp_path_factory, psf_cache):
     ({"path_probs": {"positive": 0, "neutral": 0, "negative": 0}}, "path_probs"),
     ({"path_sampling": "image"}, "path_sampling"),
     ({"lr_schedule": "linear"}, "lr_schedule: 'linear' is not one of"),
+    ({"exposure_range": [0, 1]}, "exposure_range must be"),
     ({"model": {"preset": "huge"}}, "preset"),
     ({"recipe": {"stage1": {"crop": 64}}}, "recipe.stage1: unknown config key 'crop'"),
     ({"recipe": {"stage2": {"lr": -1.0}}}, "recipe.stage2: lr must be a positive number"),
@@ -155,6 +157,31 @@ def test_batches_are_a_function_of_seed_and_index(dataset):
             pair = a.item(int(a.slots(m)[k]), index)
             source, target = {"positive": ("lr", "gt"), "neutral": ("lr", "gt_blur"), "negative": ("gt", "lr")}[PATHS[path]]
             assert torch.equal(b["input"][k], pair[source]) and torch.equal(b["target"][k], pair[target])
+
+
+def test_exposure_scales_each_pair_by_one_gain_in_linear_light(dataset):
+    plain = load_train_config(tiny(dataset))
+    sets = open_train_sets(plain)
+    base = StepBatches(sets, plain, 10)
+    fixed = StepBatches(sets, load_train_config(tiny(dataset, exposure_range=[0.5, 0.5])), 10)
+    for slot in range(4):
+        index = base.pair_index(slot)
+        a, b = base.item(slot, index), fixed.item(slot, index)
+        for key in ("lr", "gt", "gt_blur"):   # half the light: linear values halve exactly
+            assert torch.allclose(srgb_to_linear(b[key]), 0.5 * srgb_to_linear(a[key]), atol=1e-5)
+        assert torch.equal(a["maps"], b["maps"])
+    ranged = StepBatches(sets, load_train_config(tiny(dataset, exposure_range=[0.4, 1.6])), 10)
+    gains = []
+    for slot in range(12):
+        index = base.pair_index(slot)
+        a, b = base.item(slot, index), ranged.item(slot, index)
+        assert torch.equal(b["lr"], ranged.item(slot, index)["lr"])          # a function of the slot
+        lin_a, lin_b = srgb_to_linear(a["gt"]), srgb_to_linear(b["gt"])
+        keep = (lin_a > 0.05) & (lin_b < 0.99)                              # not clipped
+        gains.append(float((lin_b[keep] / lin_a[keep]).median()))
+        lr_gain = srgb_to_linear(b["lr"])[keep] / srgb_to_linear(a["lr"])[keep].clamp_min(1e-3)
+        assert abs(float(lr_gain.median()) - gains[-1]) < 0.02 * gains[-1]   # one gain for the pair
+    assert all(0.4 - 1e-3 <= g <= 1.6 + 1e-3 for g in gains) and max(gains) / min(gains) > 1.5
 
 
 def test_batch_path_sampling_is_shared_and_mixed_maps_dropped(dataset, tmp_path):

@@ -150,6 +150,10 @@ class TrainConfig:
     crop_px: side of the random square training crops (same window for LR, GT, gt_blur; maps
         resampled to it).
     flips: random horizontal flips of the crops.
+    exposure_range: ``[lo, hi]``: scale every training pair (input, target, ideal-lens image) by one
+        random gain drawn log-uniformly from this range, in linear light (then clipped to [0, 1]),
+        so brightness is not something the model can memorise from the training images (the optics
+        are linear in light; the noise level then no longer matches the maps exactly). None: off.
     batch_size: images per micro-batch per process.
     grad_accum: micro-batches per optimizer step.
     steps: optimizer steps in total.
@@ -182,6 +186,7 @@ class TrainConfig:
     extra_data: tuple[str, ...] = ()
     crop_px: int = 64
     flips: bool = True
+    exposure_range: tuple[float, float] | None = None
     batch_size: int = 4
     grad_accum: int = 1
     steps: int = 300
@@ -236,6 +241,10 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
+        if self.exposure_range is not None:
+            lo, hi = self.exposure_range
+            if not (0 < lo <= hi and math.isfinite(hi)):
+                raise ConfigError(f"exposure_range must be [lo, hi] with 0 < lo <= hi, or null, got {list(self.exposure_range)}")
         if self.val_crop_px is not None and self.val_crop_px < 1:
             raise ConfigError(f"val_crop_px must be >= 1 or null, got {self.val_crop_px}")
         probs = (self.path_probs.positive, self.path_probs.neutral, self.path_probs.negative)

@@ -9,7 +9,8 @@ one would have seen. Global micro-batch ``m`` (optimizer step ``m // grad_accum`
 - **crops/flips**: :class:`~dmdiff.data.dataset.PairedFolderDataset` with ``set_epoch(p)``, i.e.
   drawn from ``(seed, p, index)``;
 - **path**: ``"batch"`` sampling draws one path per micro-batch from ``(seed, m)`` (the same on
-  every process); ``"sample"`` one per slot from ``(seed, p)``.
+  every process); ``"sample"`` one per slot from ``(seed, p)``;
+- **exposure** (``exposure_range``): one gain per slot from ``(seed, p)``.
 
 Targets (DESIGN §2): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
 where a dataset has none); negative ``gt → lr``.
@@ -26,9 +27,11 @@ import torch
 
 from dmdiff.data.dataset import PairedFolderDataset, crop_maps
 from dmdiff.errors import DmdiffError
+from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
 
-_ORDER, _PATH_BATCH, _PATH_SAMPLE = 1, 2, 3   # stream tags of the seed sequences
+_ORDER, _PATH_BATCH, _PATH_SAMPLE, _EXPOSURE = 1, 2, 3, 4   # stream tags of the seed sequences
+IMAGES = ("lr", "gt", "gt_blur")
 
 
 def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
@@ -105,11 +108,16 @@ class StepBatches(torch.utils.data.Dataset):
                          for p in slots], dtype=np.int64)
 
     def item(self, slot: int, index: int) -> dict:
-        """The cropped pair for ``slot``."""
+        """The cropped (and, with ``exposure_range``, re-exposed) pair for ``slot``."""
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         ds = self.sets[k]
         ds.set_epoch(slot)
-        return ds[index - int(self.offsets[k])]
+        pair = ds[index - int(self.offsets[k])]
+        if self.cfg.exposure_range is not None:
+            lo, hi = self.cfg.exposure_range
+            u = np.random.default_rng([self.cfg.seed, _EXPOSURE, int(slot)]).uniform()
+            pair = {**pair, **{key: expose(pair[key], lo * (hi / lo) ** u) for key in IMAGES if key in pair}}
+        return pair
 
     def __getitem__(self, m: int) -> dict:
         if not 0 <= m < self.n_micro:
@@ -130,6 +138,11 @@ class StepBatches(torch.utils.data.Dataset):
         if maps:
             batch["maps"] = torch.stack(maps)
         return batch
+
+
+def expose(image: torch.Tensor, gain: float) -> torch.Tensor:
+    """An sRGB image (any shape, values in [0, 1]) with its linear light scaled by ``gain``, clipped."""
+    return linear_to_srgb((srgb_to_linear(image) * gain).clamp(0, 1)).clamp(0, 1)
 
 
 def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
