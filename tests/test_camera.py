@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dmdiff.errors import DmdiffError
-from dmdiff.optics.camera import MAP_CHANNELS, Capture, MetalensCamera, disc_kernel
+from dmdiff.optics.camera import MAP_CHANNELS, CameraInputError, Capture, MetalensCamera, disc_kernel
 from dmdiff.optics.sensor import srgb_to_linear
 from dmdiff.optics.spec import MetalensSpec
 
@@ -155,6 +155,17 @@ def test_bad_inputs_are_clear_errors(camera, scene):
         camera.capture(scene * 2, seed=0)
     with pytest.raises(DmdiffError, match="seed"):
         camera.capture(scene, seed=-1)
+
+
+def test_ideal_takes_crops_of_the_sensor(camera, scene):
+    """The ideal lens is shift-invariant: on a crop it gives the crop of the full frame's result
+    away from the crop's borders; the spatially varying capture still needs the whole sensor."""
+    full = camera.ideal(scene)
+    crop = camera.ideal(scene[8:40, 4:44])
+    m = camera.ideal_kernel.shape[-1] // 2
+    np.testing.assert_allclose(crop[m:-m, m:-m], full[8 + m:40 - m, 4 + m:44 - m], atol=1e-5)
+    with pytest.raises(CameraInputError, match="sensor"):
+        camera.capture(scene[8:40, 4:44], seed=0)
 
 
 def test_ideal_keeps_flat_fields_and_linear_light(camera):

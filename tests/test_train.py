@@ -405,6 +405,12 @@ def test_pseudo_pairs_layout(run_a, dataset, tmp_path, psf_cache):
     assert not torch.equal(item["lr"], item["gt"])
     record = json.loads((out / "pseudo.json").read_text())
     assert sorted(record["names"]) == names and record["settings"]["size_px"] == SIZE
+    # pseudo images smaller than the lens's sensor (e.g. the training crop size): the ideal lens is
+    # shift-invariant, so their gt_blur is made on the crop itself
+    small = make_pseudo_pairs(run_a[0], tmp_path / "small", progress=False,
+                              settings=PseudoConfig(count=2, batch_size=2, size_px=SIZE // 2))
+    item = PairedFolderDataset(small, "train")[0]
+    assert item["lr"].shape == item["gt_blur"].shape == (3, SIZE // 2, SIZE // 2)
     # a user image folder, through the CLI
     images = tmp_path / "clean"
     write_png(images / "a photo.png", np.full((20, 30, 3), 0.5))

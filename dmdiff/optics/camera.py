@@ -269,7 +269,9 @@ class MetalensCamera:
 
     # ---- capture ------------------------------------------------------------------------------
 
-    def _check_image(self, image) -> np.ndarray:
+    def _check_image(self, image, any_size: bool = False) -> np.ndarray:
+        """``image`` as float32 (H, W, 3) sRGB in [0, 1], or a CameraInputError; ``H = W = image_size_px``
+        unless ``any_size`` (the ideal lens is shift-invariant, so any crop of the sensor works)."""
         n = self.spec.image_size_px
         a = np.asarray(image)
         if a.ndim != 3 or a.shape[2] != 3:
@@ -277,7 +279,7 @@ class MetalensCamera:
         if not np.issubdtype(a.dtype, np.floating):
             raise CameraInputError(f"the camera takes float sRGB values in [0, 1], got dtype {a.dtype} "
                                    "(for 8-bit data divide by 255, or use dmdiff.imageio.read_image)")
-        if a.shape[:2] != (n, n):
+        if a.shape[:2] != (n, n) and not any_size:
             raise CameraInputError(
                 f"image is {a.shape[1]}×{a.shape[0]} px but this camera's sensor is {n}×{n} px "
                 f"(spec.image_size_px = {n}); resize or crop it first, e.g. "
@@ -374,7 +376,7 @@ class MetalensCamera:
         """
         import scipy.ndimage
 
-        x = srgb_to_linear(self._check_image(image)).astype(np.float64)
+        x = srgb_to_linear(self._check_image(image, any_size=True)).astype(np.float64)
         out = np.empty_like(x)
         for c in range(3):
             out[:, :, c] = scipy.ndimage.convolve(x[:, :, c], self.ideal_kernel[c], mode="mirror")
