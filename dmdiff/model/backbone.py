@@ -338,6 +338,13 @@ def _load_folder(folder: Path, preset: str) -> Backbone:
     return backbone
 
 
+def check_timestep(t, name: str = "timestep") -> int:
+    """``t`` if it is an integer timestep of the 1000-step schedule, else a ConfigError naming ``name``."""
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= SD_TURBO_TIMESTEP:
+        raise ConfigError(f"{name} must be an integer in [0, {SD_TURBO_TIMESTEP}], got {t!r}")
+    return t
+
+
 def _one_step_timestep(folder: Path) -> int:
     """The timestep recorded in ``folder/dmdiff_backbone.json`` (written by :func:`save_backbone`);
     999 (SD-Turbo's) for folders without it, such as SD-Turbo's own."""
@@ -348,6 +355,4 @@ def _one_step_timestep(folder: Path) -> int:
         t = json.loads(path.read_text())["one_step_timestep"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DmdiffError(f"{path} is unreadable or has no 'one_step_timestep' ({err})") from err
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 999:
-        raise DmdiffError(f"{path}: one_step_timestep must be an integer in [0, 999], got {t!r}")
-    return t
+    return check_timestep(t, f"{path}: one_step_timestep")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmdiff.errors import ConfigError, DmdiffError
-from dmdiff.model.backbone import PRESETS, Backbone, _seeded, load_backbone
+from dmdiff.model.backbone import PRESETS, Backbone, _seeded, check_timestep, load_backbone
 from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
 from dmdiff.model.svda import SVDA
 
@@ -91,8 +91,8 @@ class DMDiffConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown backbone preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.timestep is not None and not 0 <= self.timestep <= 999:
-            raise ConfigError(f"timestep must be in [0, 999], got {self.timestep}")
+        if self.timestep is not None:
+            check_timestep(self.timestep)
         if self.svda_spatial and not self.svda:
             raise ConfigError("svda_spatial=True needs svda=True (there is no modulation without SVDA)")
         if self.svda_dim <= 0 or self.svda_dim % 4:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from dmdiff.data.sources import TEST_PHOTOS, bundled_photos, dead_leaves, named_rng, photo_palette
 from dmdiff.errors import DmdiffError
-from dmdiff.model.backbone import TINY_ASSETS, Backbone, load_backbone, save_backbone
+from dmdiff.model.backbone import TINY_ASSETS, Backbone, check_timestep, load_backbone, save_backbone
 from dmdiff.model.tokenizer import WORDS
 from dmdiff.runinfo import provenance, write_json
 
@@ -88,8 +88,7 @@ class PretrainConfig:
     eval_crops_per_photo: int = 4
 
     def __post_init__(self):
-        if isinstance(self.timestep, bool) or not isinstance(self.timestep, int) or not 0 <= self.timestep <= 999:
-            raise DmdiffError(f"timestep must be an integer in [0, 999], got {self.timestep!r}")
+        check_timestep(self.timestep)
 
 
 SMOKE = dict(vae_minutes=1.0, unet_minutes=1.0, max_steps=2, batch_size=2, crop_min_px=32,
