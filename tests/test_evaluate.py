@@ -30,6 +30,7 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.grid import psf_grid  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
+from dmdiff.restore import DEFAULT_COLOR_CORRECTION, color_correct  # noqa: E402
 
 GRIDS = {"wiener": [0.01, 0.1, 1.0], "richardson_lucy": [1, 2]}   # RL's best at the top edge: widened
 
@@ -139,6 +140,26 @@ def test_dmdiff_outputs_are_the_models(report, dataset, pipeline_dir):
     np.testing.assert_array_equal(read_image(out / "images" / DEGRADE / f"{item['name']}.png"), fake)
     a0, a1 = (metrics["means"][m]["psnr"] for m in ("dmdiff_a0", "dmdiff_a1"))
     assert a0 != a1                                   # the two paths really differ
+
+
+def test_color_corrected_row_is_restores_default(report, dataset, pipeline_dir):
+    """dmdiff_a1_cc = dmdiff restore's default colour correction of the positive path."""
+    out, metrics = report
+    model = DMDiffPipeline.from_pretrained(pipeline_dir).model
+    item = PairedFolderDataset(dataset, "test")[0]
+    name = item["name"]
+    restored = model.restore(item["lr"][None], item["maps"][None], alpha=1.0)[0].permute(1, 2, 0).numpy()
+    capture = item["lr"].permute(1, 2, 0).numpy()
+    expected = quantize(color_correct(restored, capture, DEFAULT_COLOR_CORRECTION))
+    saved = read_image(out / "images" / "dmdiff_a1_cc" / f"{name}.png")
+    positive = read_image(out / "images" / "dmdiff_a1" / f"{name}.png")
+    np.testing.assert_array_equal(saved, expected)
+    assert np.abs(saved - positive).max() > 1 / 255             # the correction changed something
+    assert metrics["settings"]["color_correction"]["dmdiff_a1_cc"]["method"] == DEFAULT_COLOR_CORRECTION
+    bar = metrics["quality_bar_color_corrected"]
+    assert bar["positive_psnr"] == metrics["means"]["dmdiff_a1_cc"]["psnr"] != metrics["quality_bar"]["positive_psnr"]
+    table = (out / "table.md").read_text()
+    assert f"With dmdiff restore's colour correction (not the bar's figure): {bar['positive_psnr']:.2f} dB" in table
 
 
 def test_ceiling_is_the_frozen_base_vae(dataset, pipeline_dir):
@@ -273,7 +294,7 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
         shutil.copytree(dataset / folder, real / folder)
     metrics = evaluate(pipeline_dir, real, tmp_path / "out", limit=1, device="cpu", progress=False)
-    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "vae_ceiling"]
+    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc", "vae_ceiling"]
     assert "no lens.json" in metrics["baselines"]["skipped"]
     assert metrics["quality_bar"]["pass"] is False and metrics["quality_bar"]["best_baseline"] is None
     assert metrics["per_image"][0]["maps"] is False
@@ -284,7 +305,8 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     table = (tmp_path / "out" / "table.md").read_text()
     assert "Baselines skipped" in table and "unavailable" not in table
     assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
-    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "vae_ceiling"]
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
+                                                                                "vae_ceiling"]
 
 
 # ---- ablation rows ----------------------------------------------------------------------------
@@ -309,7 +331,7 @@ def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipelin
     assert cli_main(args) == 0
     assert "grid_ablations.png" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1",
+    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
                                   "ablation_no_svda", "ablation_again", "vae_ceiling"]
     assert metrics["labels"]["ablation_no_svda"] == "ablation: no SVDA (α=1)"
     assert metrics["labels"]["ablation_again"] == "ablation: again (α=1)"
