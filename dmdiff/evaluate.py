@@ -663,7 +663,7 @@ def format_table(metrics: Mapping) -> str:
               f"- {verdict(bar['over_input'], 'over the input')}",
               f"- {verdict(bar['over_baselines'], f'over {best}')}", ""]
     if "dmdiff_a1_cc" in methods:
-        cc = quality_bar(metrics, method="dmdiff_a1_cc")
+        cc = metrics.get("quality_bar_color_corrected") or quality_bar(metrics, method="dmdiff_a1_cc")
         gains = [f"{cc[key]['gain_db']:+.2f} dB {what}" for key, what in
                  (("over_input", "over the input"), ("over_baselines", f"over {best}"))
                  if cc[key]["gain_db"] is not None]
