@@ -186,9 +186,10 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=None,
                    help="tile side in px, a multiple of the backbone's latent multiple (default 256)")
     p.add_argument("--overlap", type=int, default=None, help="minimum overlap of tiles in px, blended (default 32)")
-    p.add_argument("--color-correct", default="lowpass", choices=("none", "meanstd", "lowpass"),
-                   help="colour correction against the input (default lowpass: the restored detail with the "
-                        "input's large-scale colours; none: the model's own output)")
+    p.add_argument("--color-correct", default="auto", choices=("auto", "none", "meanstd", "lowpass"),
+                   help="colour correction against the input (lowpass: the restored detail with the input's "
+                        "large-scale colours; none: the model's own output; default auto: none for a model "
+                        "with a colour anchor, which keeps the input's large-scale colours itself, else lowpass)")
     p.add_argument("--maps", default="auto", metavar="auto|none|FILE.npy",
                    help="optics maps: auto (DATA/maps/<name>.npy for DATA/lr_*/ inputs), none, or one .npy for all")
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default 8)")

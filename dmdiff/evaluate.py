@@ -16,7 +16,8 @@ method key             what                                                     
 ``dmdiff_a1_cc``       ``dmdiff_a1`` after ``dmdiff restore``'s default colour      gt
                        correction against the capture
                        (:func:`dmdiff.restore.color_correct`), as ``dmdiff
-                       restore`` applies it by default
+                       restore`` applies it by default; absent for a model
+                       with a colour anchor (``auto`` adds no correction)
 ``ablation_<name>``    an ablation model at α = 1 (its positive path), as           gt
                        ``dmdiff_a1``: ``RUN/ablations/<name>/pipeline`` of a
                        recipe run (:mod:`dmdiff.train.ablations`) or ``--ablation
@@ -350,7 +351,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     from dmdiff.imageio import write_png
     from dmdiff.metrics import LPIPSMetric, compute_metrics, lpips_status, summarize
     from dmdiff.model.pipeline import DMDiffPipeline
-    from dmdiff.restore import DEFAULT_COLOR_CORRECTION, LOWPASS_SIGMA_PX, color_correct
+    from dmdiff.restore import DEFAULT_COLOR_CORRECTION, LOWPASS_SIGMA_PX, color_correct, resolve_color_correction
     from dmdiff.runinfo import atomic_directory, atomic_write_text, provenance, write_json
 
     data = Path(data)
@@ -406,8 +407,10 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lpips_ok, lpips_reason = lpips_status("alex")
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
 
-    methods = [m for m in METHODS if m not in BASELINES or psf is not None]
-    after = methods.index("dmdiff_a1_cc") + 1
+    correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
+    methods = [m for m in METHODS if (m not in BASELINES or psf is not None)
+               and (m != "dmdiff_a1_cc" or correction != "none")]
+    after = methods.index("dmdiff_a1_cc" if "dmdiff_a1_cc" in methods else "dmdiff_a1") + 1
     methods[after:after] = list(ablation_nets)
     if degrader is not None:
         methods.append(DEGRADE)
@@ -425,9 +428,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         y0, seconds["redecode"] = timer(net.decode, cached, 0.0)
         seconds["dmdiff_a0"] = seconds["dmdiff_a1"]           # one restore call gives any α
         outputs["dmdiff_a1"], outputs["dmdiff_a0"] = _np(y1), _np(y0)
-        outputs["dmdiff_a1_cc"], seconds["dmdiff_a1_cc"] = timer(color_correct, outputs["dmdiff_a1"], lr,
-                                                                 DEFAULT_COLOR_CORRECTION)
-        seconds["dmdiff_a1_cc"] += seconds["dmdiff_a1"]
+        if "dmdiff_a1_cc" in methods:
+            outputs["dmdiff_a1_cc"], seconds["dmdiff_a1_cc"] = timer(color_correct, outputs["dmdiff_a1"], lr, correction)
+            seconds["dmdiff_a1_cc"] += seconds["dmdiff_a1"]
         for method, other in ablation_nets.items():
             y, seconds[method] = timer(other.restore, lr_t, maps, alpha=1.0)
             outputs[method] = _np(y)
@@ -482,10 +485,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "full_frames": True,
                 "protocol": "outputs clipped to [0, 1] and rounded to 8 bits before measuring; the saved "
                             "images/<method>/<name>.png hold exactly those pixels",
-                "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0, "dmdiff_a1_cc": 1.0,
+                "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0, **({"dmdiff_a1_cc": 1.0} if "dmdiff_a1_cc" in methods else {}),
                            **{m: 1.0 for m in ablation_nets}},
-                "color_correction": {"dmdiff_a1_cc": {"method": DEFAULT_COLOR_CORRECTION,
-                                                      "sigma_px": LOWPASS_SIGMA_PX, "reference": "the capture"}},
+                "color_correction": (
+                    {"dmdiff_a1_cc": {"method": correction, "sigma_px": LOWPASS_SIGMA_PX, "reference": "the capture"}}
+                    if "dmdiff_a1_cc" in methods else
+                    {"dmdiff_a1_cc": None, "reason": f"the model has a colour anchor (anchor_sigma_px = "
+                                                     f"{net.config.anchor_sigma_px:g}): restore's default adds no correction"}),
                 "maps": "the dataset's maps/<name>.npy when present (per image: per_image[].maps)",
                 "ceiling": "model VAE with the encoder LoRA modulation M = 0 (= the frozen base VAE), "
                            "decode(encode(gt)) at the posterior mode, model padding, no UNet",
@@ -496,7 +502,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             },
         }
         metrics["quality_bar"] = quality_bar(metrics)
-        metrics["quality_bar_color_corrected"] = quality_bar(metrics, method="dmdiff_a1_cc")
+        if "dmdiff_a1_cc" in methods:
+            metrics["quality_bar_color_corrected"] = quality_bar(metrics, method="dmdiff_a1_cc")
         metrics["provenance"] = provenance(command="dmdiff evaluate")
         table = format_table(metrics)
         write_json(tmp / METRICS_FILE, metrics)

@@ -22,13 +22,15 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
   of a dmdiff dataset (:mod:`dmdiff.data.simulate`) and that file exists, else none (SVDA then
   sets its maps-missing flag: right for real captures); ``"none"`` never uses maps; a ``.npy``
   path uses that array for every input. Each tile gets the maps resampled to its own window.
-* **Colour correction** against the input, ``"lowpass"`` by default (:data:`DEFAULT_COLOR_CORRECTION`
+* **Colour correction** against the input, ``"auto"`` by default (:data:`DEFAULT_COLOR_CORRECTION`
   says why; ``"none"`` writes the model's own output) (:data:`COLOR_CORRECTIONS`):
   ``"meanstd"`` matches each channel's mean and standard deviation to the input's (a global
   colour-cast fix); ``"lowpass"`` replaces the output's low-frequency part (Gaussian,
   σ = :data:`LOWPASS_SIGMA_PX`) by the input's, per channel, keeping the restored detail and the
   input's large-scale colours. Both also bring back some of the capture's haze: use them when the
-  model shifts colours.
+  model shifts colours. ``"auto"`` (:func:`resolve_color_correction`) is ``"none"`` for a model
+  with a colour anchor (``DMDiffConfig.anchor_sigma_px``: it keeps the input's large-scale colours
+  itself, in training and inference) and ``"lowpass"`` for one without.
 * **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
   rest continue, the failures are listed at the end and the exit status is 1.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
@@ -53,14 +55,17 @@ from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tilin
 from dmdiff.runinfo import provenance, write_json
 
 __all__ = ["COLOR_CORRECTIONS", "DEFAULT_COLOR_CORRECTION", "LOWPASS_SIGMA_PX", "REPORT_FILE", "list_inputs", "output_paths", "load_maps",
-           "find_maps", "color_correct", "restore", "main"]
+           "find_maps", "resolve_color_correction", "color_correct", "restore", "main"]
 
-COLOR_CORRECTIONS = ("none", "meanstd", "lowpass")
-#: The default colour correction: the trained tiny model shifts colours by an amount that depends
-#: on what each tile holds, which shows as soft colour steps between tiles on large photos;
-#: ``lowpass`` keeps the restored detail and takes the large-scale colours from the input (on the
-#: held-out test split it also adds ~0.8 dB PSNR: README, "Restoring your own photos").
-DEFAULT_COLOR_CORRECTION = "lowpass"
+#: What :func:`color_correct` does; ``"auto"`` is resolved to one of them per model.
+CORRECTIONS = ("none", "meanstd", "lowpass")
+COLOR_CORRECTIONS = ("auto", *CORRECTIONS)
+#: The default colour correction: a tiny model trained without the colour anchor shifts colours by
+#: an amount that depends on what each tile holds, which shows as soft colour steps between tiles
+#: on large photos; ``lowpass`` keeps the restored detail and takes the large-scale colours from
+#: the input (on the held-out test split it also adds PSNR: README, "Training and evaluation"). A
+#: model with the anchor does this itself, so ``auto`` leaves its output as it is.
+DEFAULT_COLOR_CORRECTION = "auto"
 #: Gaussian σ (px) that separates "colour" from "detail" in the ``lowpass`` correction.
 LOWPASS_SIGMA_PX = 12.0
 REPORT_FILE = "restore.json"
@@ -153,6 +158,20 @@ def find_maps(image: Path, option: str) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_color_correction(method: str, model) -> str:
+    """``method`` with ``"auto"`` replaced by what it means for ``model`` (a :class:`DMDiff`):
+    ``"none"`` when it has a colour anchor (``config.anchor_sigma_px``), else ``"lowpass"``.
+
+    Raises:
+        ConfigError: ``method`` is not one of :data:`COLOR_CORRECTIONS`.
+    """
+    if method not in COLOR_CORRECTIONS:
+        raise ConfigError(f"color correction must be one of {', '.join(COLOR_CORRECTIONS)}, got {method!r}")
+    if method != "auto":
+        return method
+    return "none" if model.config.anchor_sigma_px is not None else "lowpass"
+
+
 def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
                   sigma_px: float = LOWPASS_SIGMA_PX) -> np.ndarray:
     """Correct the colours of ``restored`` against ``reference`` (both float ``(H, W, 3)`` in ``[0, 1]``).
@@ -161,8 +180,9 @@ def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
     ``"lowpass"``: per channel ``o − G_σ(o) + G_σ(r)`` with a Gaussian ``G_σ`` of ``sigma_px``
     (reflected edges). Returns float32 ``(H, W, 3)`` clipped to ``[0, 1]``.
     """
-    if method not in COLOR_CORRECTIONS:
-        raise ConfigError(f"color correction must be one of {', '.join(COLOR_CORRECTIONS)}, got {method!r}")
+    if method not in CORRECTIONS:
+        hint = " (resolve 'auto' for a model with resolve_color_correction)" if method == "auto" else ""
+        raise ConfigError(f"color correction must be one of {', '.join(CORRECTIONS)}, got {method!r}{hint}")
     out = np.asarray(restored, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
     if method == "meanstd":
@@ -198,7 +218,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path).
         tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`;
             None: ``DEFAULT_TILE_PX`` = 256, ``DEFAULT_OVERLAP_PX`` = 32).
-        color: colour correction, one of :data:`COLOR_CORRECTIONS`.
+        color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
         bits: 8 or 16 bits per output sample.
         device: torch device (default: CUDA when available, else CPU).
@@ -229,6 +249,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     net = DMDiffPipeline.from_pretrained(pipeline_dir, model_path=model_path, device=device).model
     tile, overlap = check_tiling(net, DEFAULT_TILE_PX if tile is None else tile,
                                  DEFAULT_OVERLAP_PX if overlap is None else overlap)
+    color = resolve_color_correction(color, net)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.grid import psf_grid  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
-from dmdiff.restore import DEFAULT_COLOR_CORRECTION, color_correct  # noqa: E402
+from dmdiff.restore import DEFAULT_COLOR_CORRECTION, color_correct, resolve_color_correction  # noqa: E402
 
 GRIDS = {"wiener": [0.01, 0.1, 1.0], "richardson_lucy": [1, 2]}   # RL's best at the top edge: widened
 
@@ -150,12 +150,14 @@ def test_color_corrected_row_is_restores_default(report, dataset, pipeline_dir):
     name = item["name"]
     restored = model.restore(item["lr"][None], item["maps"][None], alpha=1.0)[0].permute(1, 2, 0).numpy()
     capture = item["lr"].permute(1, 2, 0).numpy()
-    expected = quantize(color_correct(restored, capture, DEFAULT_COLOR_CORRECTION))
+    correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, model)
+    assert correction == "lowpass"                              # the test model has no colour anchor
+    expected = quantize(color_correct(restored, capture, correction))
     saved = read_image(out / "images" / "dmdiff_a1_cc" / f"{name}.png")
     positive = read_image(out / "images" / "dmdiff_a1" / f"{name}.png")
     np.testing.assert_array_equal(saved, expected)
     assert np.abs(saved - positive).max() > 1 / 255             # the correction changed something
-    assert metrics["settings"]["color_correction"]["dmdiff_a1_cc"]["method"] == DEFAULT_COLOR_CORRECTION
+    assert metrics["settings"]["color_correction"]["dmdiff_a1_cc"]["method"] == correction
     bar = metrics["quality_bar_color_corrected"]
     assert bar["positive_psnr"] == metrics["means"]["dmdiff_a1_cc"]["psnr"] != metrics["quality_bar"]["positive_psnr"]
     table = (out / "table.md").read_text()

@@ -20,7 +20,7 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.model.tiling import (axis_tiles, check_tiling, ramp_profile, tile_windows, tiled_decode,
                                  tiled_latents, tiled_restore)
-from dmdiff.restore import REPORT_FILE, color_correct
+from dmdiff.restore import REPORT_FILE, color_correct, resolve_color_correction
 
 from conftest import perturb_trainable  # noqa: E402
 
@@ -192,6 +192,32 @@ def test_color_correction():
     assert np.abs((low - reference - detail)[core]).mean() < 0.01 < np.abs((restored - reference - detail)[core]).mean()
     with pytest.raises(ConfigError, match="meanstd"):
         color_correct(restored, reference, "wavelet")
+    with pytest.raises(ConfigError, match="resolve_color_correction"):
+        color_correct(restored, reference, "auto")
+
+
+def test_auto_color_correction_follows_the_models_anchor(model, tmp_path):
+    """``auto`` is lowpass for a model without a colour anchor and none for one with it; the
+    command writes the anchored model's own output and records the resolved choice."""
+    anchored = DMDiff(DMDiffConfig(anchor_sigma_px=12.0))
+    anchored.load_trainable_state_dict(model.trainable_state_dict())
+    assert resolve_color_correction("auto", model) == "lowpass"
+    assert resolve_color_correction("auto", anchored) == "none"
+    assert resolve_color_correction("meanstd", anchored) == "meanstd"
+    with pytest.raises(ConfigError, match="auto"):
+        resolve_color_correction("wavelet", model)
+    pipe = DMDiffPipeline.from_model(anchored).save_pretrained(tmp_path / "anchored")
+    photo = tmp_path / "shot.png"
+    rgb = np.clip(_to_np(_smooth(48, 64)), 0, 1)
+    Image.fromarray(_u8(rgb)).save(photo)
+    assert cli(["restore", "--model", str(pipe), "--input", str(photo), "--out", str(tmp_path / "out"),
+                "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["color_correct"] == "none"
+    own = _u8(_to_np(anchored.restore(torch.from_numpy(read_image(photo).transpose(2, 0, 1))[None])))
+    written = np.asarray(Image.open(tmp_path / "out" / "shot.png")).astype(int)
+    assert np.abs(written - own).max() <= 1                          # same weights, reloaded
+    corrected = _u8(color_correct(own / 255.0, rgb, "lowpass"))
+    assert np.abs(written - corrected).max() > 2                     # and no lowpass correction on top
 
 
 # ---------------------------------------------------------------------------------------------

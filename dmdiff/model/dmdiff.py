@@ -42,6 +42,7 @@ from torch import nn
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import PRESETS, Backbone, _seeded, check_timestep, load_backbone
 from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
+from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.svda import SVDA
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
@@ -72,6 +73,12 @@ class DMDiffConfig:
     grid_size: SVDA grid G (cells per side).
     timestep: the one denoising step's timestep t (0 … 999); None: the backbone's
         ``one_step_timestep`` (resolved when the model is built, so a saved model records it).
+    anchor_sigma_px: the colour anchor of the positive and neutral paths: their output is
+        ``d − G_σ(d) + G_σ(x)`` (``d`` the decoded image, ``x`` the input, ``G_σ`` a Gaussian low-pass
+        of σ = ``anchor_sigma_px`` input pixels, :func:`~dmdiff.model.lowpass.gaussian_lowpass`), so
+        the network supplies only what is finer than σ and the large-scale colours stay the
+        capture's, in training and at inference alike. None: the decoded image as it is (the
+        negative path is never anchored: its target's colours are the capture's, not its input's).
     prompts: the text of each path.
     seed: random init of SVDA and the MLPs, and of random-init backbones built from this config.
     """
@@ -85,6 +92,7 @@ class DMDiffConfig:
     svda_dim: int = 128
     grid_size: int = 7
     timestep: int | None = None
+    anchor_sigma_px: float | None = None
     prompts: Prompts = field(default_factory=Prompts)
     seed: int = 0
 
@@ -97,6 +105,10 @@ class DMDiffConfig:
             raise ConfigError("svda_spatial=True needs svda=True (there is no modulation without SVDA)")
         if self.svda_dim <= 0 or self.svda_dim % 4:
             raise ConfigError(f"svda_dim must be a positive multiple of 4, got {self.svda_dim}")
+        if self.anchor_sigma_px is not None and (isinstance(self.anchor_sigma_px, bool)
+                                                 or not isinstance(self.anchor_sigma_px, numbers.Real)
+                                                 or not 0 < self.anchor_sigma_px < 1e4):
+            raise ConfigError(f"anchor_sigma_px must be a positive number of pixels or None, got {self.anchor_sigma_px!r}")
         if self.grid_size < 1:
             raise ConfigError(f"grid_size must be at least 1, got {self.grid_size}")
         for name in ("unet_rank", "vae_rank"):
@@ -112,12 +124,15 @@ class RestoreLatents:
         f = ``backbone.vae_scale_factor``).
     size: ``(H, W)`` of the input image, in pixels.
     pad: ``(left, right, top, bottom)`` padding added to it, in pixels.
+    anchor: ``G_σ(input)`` ``(B, 3, H, W)`` for a model with a colour anchor
+        (``DMDiffConfig.anchor_sigma_px``), else None.
     """
 
     z_neutral: torch.Tensor
     z_positive: torch.Tensor
     size: tuple[int, int]
     pad: tuple[int, int, int, int]
+    anchor: torch.Tensor | None = None
 
 
 def check_alpha(alpha: float) -> float:
@@ -190,7 +205,11 @@ class DMDiff(nn.Module):
         if len(paths) != len(x):
             raise ValueError(f"got {len(paths)} paths for a batch of {len(x)} images")
         z0, geometry = self._z0(x, maps, [self._path_index(p) for p in paths], copies=1)
-        return self._decode(z0, *geometry)
+        y = self._decode(z0, *geometry)
+        if self.config.anchor_sigma_px is None:
+            return y
+        keep = torch.tensor([p != "negative" for p in paths], dtype=y.dtype, device=y.device).view(-1, 1, 1, 1)
+        return y + keep * (self.input_lowpass(x) - self.input_lowpass(y))
 
     def latents(self, x: torch.Tensor, maps: torch.Tensor | None = None,
                 paths: Sequence[str] = ("neutral", "positive")) -> dict[str, torch.Tensor]:
@@ -273,16 +292,28 @@ class DMDiff(nn.Module):
         with self._inference():
             index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
             z0, geometry = self._z0(lr, maps, index, copies=2)
-        return RestoreLatents(*z0.chunk(2), *geometry)
+            anchor = None if self.config.anchor_sigma_px is None else self.input_lowpass(lr.to(self.device, self.dtype))
+        return RestoreLatents(*z0.chunk(2), *geometry, anchor=anchor)
 
-    def decode(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
-        """Re-decode cached latents at another ``alpha`` (VAE decoder only): ``(B, 3, H, W)`` in ``[0, 1]``.
+    def input_lowpass(self, x: torch.Tensor) -> torch.Tensor:
+        """``G_σ(x)`` of the colour anchor, ``(B, 3, H, W)`` → same (σ = ``config.anchor_sigma_px``)."""
+        return gaussian_lowpass(x, self.config.anchor_sigma_px)
+
+    def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """``y − G_σ(y) + anchor`` (``anchor = G_σ(input)``), or ``y`` when ``anchor`` is None; not clamped."""
+        return y if anchor is None else y - self.input_lowpass(y) + anchor
+
+    def decode(self, latents: RestoreLatents, alpha: float, clamp: bool = True) -> torch.Tensor:
+        """Re-decode cached latents at another ``alpha`` (VAE decoder only, then the colour anchor
+        when ``latents.anchor`` is set): ``(B, 3, H, W)`` in ``[0, 1]`` (``clamp=False``: not clamped,
+        for blending tiles).
 
         Bit-identical to ``restore(..., alpha=alpha)`` on the same device.
         """
         alpha = check_alpha(alpha)
         with self._inference():
-            return self._mix(latents, alpha)
+            y = self._mix(latents, alpha)
+        return y.clamp(0, 1) if clamp else y
 
     def degrade(self, gt: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
         """The negative path, GT → metalens-like capture: ``(B, 3, H, W)`` → ``(B, 3, H, W)`` in
@@ -357,5 +388,5 @@ class DMDiff(nn.Module):
 
     def _mix(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
         z = (1 - alpha) * latents.z_neutral + alpha * latents.z_positive
-        return self._decode(z, latents.size, latents.pad).clamp(0, 1)
+        return self.anchored(self._decode(z, latents.size, latents.pad), latents.anchor)
 

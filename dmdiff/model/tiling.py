@@ -172,7 +172,11 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         weight[y0:y0 + h, x0:x0 + w] += blend
         if on_tile:
             on_tile(done, len(tiles))
-    return RestoreLatents(z_neutral / weight, z_positive / weight, size, pad)
+    anchor = None
+    if model.config.anchor_sigma_px is not None:
+        with torch.no_grad():
+            anchor = model.input_lowpass(image.to(model.device, model.dtype))
+    return RestoreLatents(z_neutral / weight, z_positive / weight, size, pad, anchor)
 
 
 def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int = DEFAULT_TILE_PX,
@@ -193,7 +197,7 @@ def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int
     for (y0, x0, h, w), ramps in tiles:
         part = RestoreLatents(latents.z_neutral[..., y0:y0 + h, x0:x0 + w],
                               latents.z_positive[..., y0:y0 + h, x0:x0 + w], (h * f, w * f), (0, 0, 0, 0))
-        decoded = model.decode(part, alpha)                               # (B, 3, h·f, w·f) in [0, 1]
+        decoded = model.decode(part, alpha, clamp=False)                  # (B, 3, h·f, w·f)
         if image is None:
             image = decoded.new_zeros(*decoded.shape[:2], h_lat * f, w_lat * f)
             weight = decoded.new_zeros(h_lat * f, w_lat * f)
@@ -202,7 +206,8 @@ def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int
         weight[y0 * f:(y0 + h) * f, x0 * f:(x0 + w) * f] += blend
     left, _, top, _ = latents.pad
     H, W = latents.size
-    return (image / weight)[..., top:top + H, left:left + W].clamp(0, 1)
+    with torch.no_grad():
+        return model.anchored((image / weight)[..., top:top + H, left:left + W], latents.anchor).clamp(0, 1)
 
 
 def tiled_restore(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None, alpha: float = 1.0,
