@@ -193,6 +193,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--maps", default="auto", metavar="auto|none|FILE.npy",
                    help="optics maps: auto (DATA/maps/<name>.npy for DATA/lr_*/ inputs), none, or one .npy for all")
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default 8)")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the restorations of the 8 rotations/mirrorings of each image (8× the time; "
+                        "for lenses symmetric about the optical axis, see dmdiff.model.ensemble)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")

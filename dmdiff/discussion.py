@@ -81,8 +81,8 @@ def discuss(metrics: Mapping, main: str = "dmdiff_a1") -> list[str]:
     """Sentences (markdown) on what ``metrics`` shows; none states more than the numbers do.
 
     Covers, as far as ``metrics`` has them: the main method (default: DMDiff's positive path)
-    against the capture, each classical baseline and DMDiff α = 0; its gap to the VAE ceiling; each
-    ablation against the main method; the runtime ratios; LPIPS availability and the quality bar.
+    against the capture, each classical baseline and DMDiff α = 0; its gap to the VAE ceiling; the
+    ×8 self-ensemble against the positive path; each ablation against the main method; the runtime ratios; LPIPS availability and the quality bar.
 
     Returns:
         A list of sentences; empty when ``main`` was not evaluated.
@@ -97,6 +97,8 @@ def discuss(metrics: Mapping, main: str = "dmdiff_a1") -> list[str]:
         gap = paired_difference(metrics, "vae_ceiling", main)
         out.append(f"The backbone's own VAE reconstruction of the ground truth reaches {gap['mean']:.2f} dB more than "
                    f"{labels[main]}: what any output decoded by this VAE could still gain at most.")
+    if "dmdiff_a1_x8" in methods and main == "dmdiff_a1":
+        out.append(_compare(metrics, "dmdiff_a1_x8", main))
     ablations = [m for m in methods if m.startswith(ABLATION_PREFIX)]
     for method in ablations:
         out.append(_compare(metrics, method, main))

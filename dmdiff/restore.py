@@ -31,6 +31,9 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
   model shifts colours. ``"auto"`` (:func:`resolve_color_correction`) is ``"none"`` for a model
   with a colour anchor (``DMDiffConfig.anchor_sigma_px``: it keeps the input's large-scale colours
   itself, in training and inference) and ``"lowpass"`` for one without.
+* **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
+  orientations (rotations by 90° and mirrorings, maps turned alike) and the results averaged
+  (:mod:`dmdiff.model.ensemble`: 8× the time; sound for lenses symmetric about the optical axis).
 * **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
   rest continue, the failures are listed at the end and the exit status is 1.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
@@ -207,8 +210,8 @@ def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
 
 def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float = 1.0,
             tile: int | None = None, overlap: int | None = None, color: str = DEFAULT_COLOR_CORRECTION,
-            maps: str = "auto", bits: int = 8, device: str | None = None, model_path: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
+            model_path: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
 
     Args:
@@ -221,6 +224,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
         bits: 8 or 16 bits per output sample.
+        self_ensemble: average the restorations of the 8 orientations of each image.
         device: torch device (default: CUDA when available, else CPU).
         model_path: ``sd-turbo`` pipelines: where SD-Turbo is.
         progress: a tqdm bar over the images (with the tile count of the current one).
@@ -256,7 +260,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     record: dict[str, Any] = {
         "model": str(pipeline_dir), "run": None if run is None else str(run), "preset": net.config.preset,
         "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
-        "device": str(device), "torch_threads": torch.get_num_threads(), "files": [], "failed": 0,
+        "self_ensemble": bool(self_ensemble), "device": str(device), "torch_threads": torch.get_num_threads(), "files": [], "failed": 0,
         "provenance": provenance(),
     }
     bar = tqdm(list(zip(inputs, outputs)), desc="dmdiff restore", unit="image", disable=not progress)
@@ -280,7 +284,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
                 tiles[:] = [total]
                 bar.set_postfix_str(f"{source.name}: tile {done}/{total}")
 
-            restored = _restore_array(net, image, image_maps, alpha, tile, overlap, on_tile)
+            restored = _restore_array(net, image, image_maps, alpha, tile, overlap, on_tile, self_ensemble)
             entry["tiles"] = tiles[0]
             write_png(target, color_correct(restored, image, color), bits=bits)
         except FILE_ERRORS as e:
@@ -295,24 +299,30 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
 
 
 def _restore_array(model, image: np.ndarray, maps: np.ndarray | None, alpha: float, tile: int, overlap: int,
-                   on_tile) -> np.ndarray:
-    """One image ``(H, W, 3)`` float32 → restored ``(H, W, 3)`` float32 in ``[0, 1]`` (tiled)."""
+                   on_tile, self_ensemble: bool = False) -> np.ndarray:
+    """One image ``(H, W, 3)`` float32 → restored ``(H, W, 3)`` float32 in ``[0, 1]`` (tiled; with
+    ``self_ensemble``, the mean over the 8 orientations)."""
+    from dmdiff.model.ensemble import self_ensemble as ensemble
     from dmdiff.model.pipeline import as_image, to_numpy
 
+    def run(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        return tiled_restore(model, x, m, alpha=alpha, tile=tile, overlap=overlap, on_tile=on_tile)
+
+    x = as_image(image)[None]
     m = None if maps is None else torch.from_numpy(maps)[None]
-    restored = tiled_restore(model, as_image(image)[None], m, alpha=alpha, tile=tile, overlap=overlap, on_tile=on_tile)
-    return to_numpy(restored[0])
+    return to_numpy((ensemble(run, x, m) if self_ensemble else run(x, m))[0])
 
 
 def main(args) -> int:
     """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
-    maps, bits, device, threads, model_path, no_progress). Exit status 1 when an image failed."""
+    maps, bits, self_ensemble, device, threads, model_path, no_progress). Exit status 1 when an image failed."""
     if args.threads is not None:
         if args.threads < 1:
             raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
-                     color=args.color_correct, maps=args.maps, bits=args.bits, device=args.device,
+                     color=args.color_correct, maps=args.maps, bits=args.bits,
+                     self_ensemble=args.self_ensemble, device=args.device,
                      model_path=args.model_path, progress=not args.no_progress)
     done = len(record["files"]) - record["failed"]
     print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out} "

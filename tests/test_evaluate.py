@@ -27,6 +27,7 @@ from dmdiff.imageio import read_image  # noqa: E402
 from dmdiff.metrics import compute_metrics, lpips_status, psnr  # noqa: E402
 from dmdiff.model.backbone import load_backbone  # noqa: E402
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
+from dmdiff.model.ensemble import self_ensemble  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.grid import psf_grid  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
@@ -164,6 +165,21 @@ def test_color_corrected_row_is_restores_default(report, dataset, pipeline_dir):
     assert f"With dmdiff restore's colour correction (not the bar's figure): {bar['positive_psnr']:.2f} dB" in table
 
 
+def test_self_ensemble_row_averages_the_eight_orientations(report, dataset, pipeline_dir):
+    out, metrics = report
+    model = DMDiffPipeline.from_pretrained(pipeline_dir).model
+    item = PairedFolderDataset(dataset, "test")[0]
+    expected = self_ensemble(lambda x, m: model.restore(x, m, alpha=1.0), item["lr"][None], item["maps"][None])
+    saved = read_image(out / "images" / "dmdiff_a1_x8" / f"{item['name']}.png")
+    np.testing.assert_array_equal(saved, quantize(expected[0].permute(1, 2, 0).numpy()))
+    assert np.abs(saved - read_image(out / "images" / "dmdiff_a1" / f"{item['name']}.png")).max() > 1 / 255
+    bar = metrics["quality_bar_self_ensemble"]
+    assert bar["positive_psnr"] == metrics["means"]["dmdiff_a1_x8"]["psnr"]
+    table = (out / "table.md").read_text()
+    assert f"With the ×8 self-ensemble (`dmdiff restore --self-ensemble`) (not the bar's figure): " \
+           f"{bar['positive_psnr']:.2f} dB" in table
+
+
 def test_ceiling_is_the_frozen_base_vae(dataset, pipeline_dir):
     model = DMDiffPipeline.from_pretrained(pipeline_dir).model
     gt = PairedFolderDataset(dataset, "test")[0]["gt"][None, :, 3:, 5:]      # 61 × 59: padding is used
@@ -296,7 +312,7 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
         shutil.copytree(dataset / folder, real / folder)
     metrics = evaluate(pipeline_dir, real, tmp_path / "out", limit=1, device="cpu", progress=False)
-    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc", "vae_ceiling"]
+    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc", "dmdiff_a1_x8", "vae_ceiling"]
     assert "no lens.json" in metrics["baselines"]["skipped"]
     assert metrics["quality_bar"]["pass"] is False and metrics["quality_bar"]["best_baseline"] is None
     assert metrics["per_image"][0]["maps"] is False
@@ -308,7 +324,7 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     assert "Baselines skipped" in table and "unavailable" not in table
     assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
-                                                                                "vae_ceiling"]
+                                                                                "dmdiff_a1_x8", "vae_ceiling"]
 
 
 # ---- ablation rows ----------------------------------------------------------------------------
@@ -334,7 +350,7 @@ def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipelin
     assert "grid_ablations.png" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
-                                  "ablation_no_svda", "ablation_again", "vae_ceiling"]
+                                  "dmdiff_a1_x8", "ablation_no_svda", "ablation_again", "vae_ceiling"]
     assert metrics["labels"]["ablation_no_svda"] == "ablation: no SVDA (α=1)"
     assert metrics["labels"]["ablation_again"] == "ablation: again (α=1)"
     settings = metrics["settings"]["ablations"]
@@ -394,7 +410,7 @@ def test_discussion_sentences_follow_the_numbers():
     from dmdiff.discussion import discuss, paired_difference
 
     metrics = _record(input=[20.0, 25.0, 30.0, 22.0], dmdiff_a1=[21.0, 26.2, 30.9, 23.1],
-                      ablation_no_svda=[21.3, 25.9, 31.0, 22.9], ablation_single_path=[19.0, 24.3, 28.9, 21.0])
+                      dmdiff_a1_x8=[21.2, 26.3, 31.1, 23.2], ablation_no_svda=[21.3, 25.9, 31.0, 22.9], ablation_single_path=[19.0, 24.3, 28.9, 21.0])
     d = paired_difference(metrics, "dmdiff_a1", "input")
     assert d["n"] == 4 and d["wins"] == 4 and d["losses"] == 0
     assert d["mean"] == pytest.approx(1.05) and d["sd"] == pytest.approx(np.std([1.0, 1.2, 0.9, 1.1], ddof=1))
@@ -404,6 +420,8 @@ def test_discussion_sentences_follow_the_numbers():
     text = discuss(metrics)
     assert text[0].startswith("DMDIFF_A1: 1.05 dB above INPUT in mean PSNR (higher on 4 of 4 images")
     assert "consistent (more than 2 standard errors" in text[0]
+    x8 = next(s for s in text if s.startswith("DMDIFF_A1_X8"))
+    assert "0.15 dB above DMDIFF_A1" in x8 and "higher on 4 of 4" in x8
     single = next(s for s in text if s.startswith("ABLATION_SINGLE_PATH"))
     assert "2.00 dB below DMDIFF_A1" in single and "higher on 0 of 4" in single and "consistent" in single
     no_svda = next(s for s in text if s.startswith("ABLATION_NO_SVDA"))
