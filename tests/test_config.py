@@ -73,3 +73,14 @@ def test_bare_tuple_fields_take_yaml_lists(tmp_path):
     f.write_text("bands: 3\n")
     with pytest.raises(ConfigError, match="bands"):
         load_config(WithBareTuple, f)
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-r32.yaml", "sd-turbo.yaml"])
+def test_shipped_configs_load_with_both_recipe_stages(name):
+    from pathlib import Path
+
+    from dmdiff.train.config import load_train_config, stage_config
+
+    cfg = load_train_config(Path(__file__).resolve().parent.parent / "configs" / name)
+    stage1, stage2 = stage_config(cfg, "stage1"), stage_config(cfg, "stage2")
+    assert stage1.path_probs.normalised()[2] == 1.0 and stage2.path_probs.normalised()[0] > 0
