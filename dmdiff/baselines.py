@@ -32,8 +32,9 @@ and continuous, so circular convolution by FFT has no border jump. For a PSF sym
 horizontal and vertical flips (the on-axis PSF of a rotationally symmetric lens) this is exactly
 the reflect-padded blur of ``dmdiff.optics.blur``, and a uniform capture is restored uniform.
 Wiener uses ``skimage.restoration.wiener`` on that extension. Richardson–Lucy is scikit-image's
-algorithm (same update, same constant 0.5 start, same ``1e-12`` guard) written here with circular
-FFT convolutions on the extension; the tests check it against ``skimage.restoration.richardson_lucy``
+algorithm (same update, same constant 0.5 start, same ``1e-12`` guard) with circular FFT
+convolutions on the extension (:mod:`dmdiff.optics.deconvolution`, shared with the model's
+deconvolved colour anchor); the tests check it against ``skimage.restoration.richardson_lucy``
 away from the borders. Doing the iterations here also lets :func:`tune_baseline` read every
 candidate iteration count off one run.
 """
@@ -43,11 +44,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from dmdiff.errors import DmdiffError
+from dmdiff.optics.deconvolution import richardson_lucy_linear
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
-__all__ = ["BaselineInputError", "central_psf", "wiener_deconvolve", "richardson_lucy", "tune_baseline",
+__all__ = ["BaselineInputError", "central_psf", "dataset_central_psf", "wiener_deconvolve", "richardson_lucy", "tune_baseline",
            "METHODS", "DEFAULT_GRIDS"]
 
 #: Method name → the name of its tuned parameter.
@@ -83,6 +86,22 @@ def central_psf(psfs) -> np.ndarray:
         raise BaselineInputError(f"expected a PSF grid of shape (3, G, G, K, K), got {arr.shape}")
     g = arr.shape[1]
     return arr[:, g // 2, g // 2].copy()
+
+
+def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """The true central PSF of a simulated dataset's lens: ``(psf (3, K, K) float64, spec dict, None)``,
+    or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with a lens spec (real captures).
+    The PSF grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`; ``progress``: its bar
+    when it must be computed)."""
+    from dmdiff.data.dataset import read_lens
+    from dmdiff.optics.grid import psf_grid
+    from dmdiff.optics.spec import MetalensSpec
+
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens:
+        return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
+    spec = MetalensSpec.from_dict(lens["spec"])
+    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
 
 
 def _check_psf(psf_rgb) -> np.ndarray:
@@ -169,36 +188,14 @@ def wiener_deconvolve(image_srgb: np.ndarray, psf_rgb: np.ndarray, nsr: float) -
     return _to_srgb(out)
 
 
-def _otf(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``rfft2`` transfer function on ``shape`` of a ``(K, K)`` kernel centred at ``K // 2``."""
-    k = kernel.shape[0]
-    padded = np.zeros(shape)
-    padded[:k, :k] = kernel
-    return np.fft.rfft2(np.roll(padded, (-(k // 2), -(k // 2)), axis=(0, 1)))
-
-
 def _rl_outputs(image_srgb, psf_rgb, iterations: Sequence[int]) -> dict[int, np.ndarray]:
-    """Richardson–Lucy sRGB results after each requested iteration count, from one run per channel."""
-    psf = _check_psf(psf_rgb)
+    """Richardson–Lucy sRGB results after each requested iteration count, from one float64 run
+    (:func:`dmdiff.optics.deconvolution.richardson_lucy_linear`)."""
+    psf = torch.from_numpy(_check_psf(psf_rgb))
     x = srgb_to_linear(_check_image(image_srgb, psf.shape[1]))
-    stops = sorted({int(n) for n in iterations})
-    height, width, _ = x.shape
-    linear = {n: np.empty_like(x) for n in stops}
-    for c in range(3):
-        observed = _even_extension(x[:, :, c])
-        shape = observed.shape
-        otf = _otf(psf[c], shape)
-        otf_conj = np.conj(otf)
-        estimate = np.full(shape, 0.5)
-        done = 0
-        for stop in stops:
-            for _ in range(stop - done):
-                blurred = np.fft.irfft2(np.fft.rfft2(estimate) * otf, s=shape) + 1e-12
-                estimate *= np.fft.irfft2(np.fft.rfft2(observed / blurred) * otf_conj, s=shape)
-                np.maximum(estimate, 0.0, out=estimate)  # FFT round-off must not flip signs
-            done = stop
-            linear[stop][:, :, c] = estimate[:height, :width]
-    return {n: _to_srgb(v) for n, v in linear.items()}
+    linear = richardson_lucy_linear(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None], psf,
+                                    iterations)
+    return {n: _to_srgb(v[0].numpy().transpose(1, 2, 0)) for n, v in linear.items()}
 
 
 def _check_iterations(values) -> None:

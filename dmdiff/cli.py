@@ -111,9 +111,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablations", nargs="*", default=None, metavar="NAME",
                    help="with --recipe: finish the recipe, then train these stage-2 ablations into "
                         "OUT/ablations/NAME (no names: all that apply; see dmdiff.train.ablations)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --ablations: train N ablations at once, each in its own process (default: "
+                        "CPU cores / the config's threads on a CPU, 1 on a GPU); the weights do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
+        if a.workers is not None and a.ablations is None:
+            raise DmdiffError("--workers needs --ablations (it sets how many ablations train at once)")
         if a.ablations is not None:
             if not a.recipe:
                 raise DmdiffError("--ablations needs --recipe (ablations are variants of the recipe's stage 2)")

@@ -284,20 +284,6 @@ def tune_baselines(dataset: str | Path, psf: np.ndarray, pairs: int = 8, grids: 
     return record
 
 
-def _lens_psf(dataset: Path, progress: bool) -> tuple[np.ndarray | None, dict | None, str | None]:
-    """The true central PSF ``(3, K, K)`` of the dataset's lens, its spec dict, or a skip reason."""
-    from dmdiff.baselines import central_psf
-    from dmdiff.data.dataset import read_lens
-    from dmdiff.optics.grid import psf_grid
-    from dmdiff.optics.spec import MetalensSpec
-
-    lens = read_lens(dataset)
-    if not lens or "spec" not in lens:
-        return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
-    spec = MetalensSpec.from_dict(lens["spec"])
-    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
-
-
 class _Timer:
     """Wall-clock timing of a call, synchronising CUDA around it when the device is a GPU."""
 
@@ -407,7 +393,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                      for name, (path, _) in ablation_dirs.items()}
     labels = {**LABELS, **{ablation_method(name): _ablation_label(name) for name in ablation_dirs}}
     references = {**REFERENCES, **{method: "gt" for method in ablation_nets}}
-    psf, spec, skip = _lens_psf(data, progress)
+    from dmdiff.baselines import dataset_central_psf
+
+    psf, spec, skip = dataset_central_psf(data, progress)
     tuning: dict[str, Any] = {}
     if psf is not None and not ((data / "gt_train").is_dir() and (data / "lr_train").is_dir()):
         psf, skip = None, f"{data} has no train split (gt_train/ + lr_train/) to tune the baselines on"

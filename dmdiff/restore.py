@@ -29,8 +29,9 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
   σ = :data:`LOWPASS_SIGMA_PX`) by the input's, per channel, keeping the restored detail and the
   input's large-scale colours. Both also bring back some of the capture's haze: use them when the
   model shifts colours. ``"auto"`` (:func:`resolve_color_correction`) is ``"none"`` for a model
-  with a colour anchor (``DMDiffConfig.anchor_sigma_px``: it keeps the input's large-scale colours
-  itself, in training and inference) and ``"lowpass"`` for one without.
+  with a colour anchor (``DMDiffConfig.anchor_sigma_px``: it keeps the large-scale colours of the
+  input — deconvolved first with ``anchor_rl_iterations`` — itself, in training and inference) and
+  ``"lowpass"`` for one without.
 * **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
   orientations (rotations by 90° and mirrorings, maps turned alike) and the results averaged
   (:mod:`dmdiff.model.ensemble`: 8× the time; sound for lenses symmetric about the optical axis).

@@ -1,11 +1,15 @@
 """Ablations of the recipe's stage 2: their configs, an end-to-end smoke run, clear errors."""
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import SPEC, write_pairs  # noqa: E402
@@ -15,7 +19,7 @@ from dmdiff.config import to_dict  # noqa: E402
 from dmdiff.errors import ConfigError, DmdiffError  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.train.ablations import (  # noqa: E402
-    ABLATIONS, ablation_config, ablation_names, run_ablations,
+    ABLATIONS, ablation_config, ablation_names, default_workers, run_ablations,
 )
 from dmdiff.train.config import load_train_config  # noqa: E402
 from dmdiff.train.recipe import recipe_config_path, stage2_config  # noqa: E402
@@ -90,6 +94,14 @@ def test_unknown_and_inapplicable_ablations_are_refused(tmp_path, capsys):
     assert not (tmp_path / "r2").exists()
 
 
+def test_default_workers_share_the_cores():
+    cfg = load_train_config(recipe_config_path("tiny"))          # threads: 1
+    cores = len(os.sched_getaffinity(0))
+    expected = 1 if torch.cuda.is_available() else min(4, cores)
+    assert default_workers(cfg, 4) == expected and default_workers(cfg, 1) == 1
+    assert default_workers(load_train_config(recipe_config_path("tiny"), threads=None), 4) == 1
+
+
 @pytest.mark.slow
 def test_ablations_train_end_to_end_and_are_skipped_when_done(tmp_path_factory, psf_cache):
     data = tmp_path_factory.mktemp("abl-data") / "data"
@@ -127,6 +139,19 @@ def test_ablations_train_end_to_end_and_are_skipped_when_done(tmp_path_factory, 
     stamps = [p.stat().st_mtime_ns for p in reports]
     assert run_ablations(cfg, out, ["spatial_svda"], progress=False)["ablations"].keys() == set(names)
     assert [p.stat().st_mtime_ns for p in reports] == stamps
+
+    # trained two at a time in spawned processes: the same weights as one after the other
+    parallel = out.parent / "parallel"
+    parallel.mkdir()
+    for part in ("stage1", "pseudo", "stage2"):
+        shutil.copytree(out / part, parallel / part)
+    run_ablations(cfg, parallel, names, progress=False, workers=2)
+    for name in names:
+        ours, theirs = (load_file(str(r / "ablations" / name / "pipeline" / "dmdiff_trainable.safetensors"))
+                        for r in (parallel, out))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ConfigError, match="workers=1"):
+        run_ablations(cfg, parallel, names, progress=False, workers=2, on_log=lambda step, record: None)
 
     # a config with other weight-changing settings is refused before anything is trained
     with pytest.raises(DmdiffError, match=r"stage 2 was trained with other settings than this config \(lr\)"):

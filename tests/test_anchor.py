@@ -1,4 +1,4 @@
-"""The colour anchor (DMDiffConfig.anchor_sigma_px) and its low-pass (dmdiff.model.lowpass)."""
+"""The colour anchor (DMDiffConfig.anchor_sigma_px, anchor_rl_iterations) and its low-pass (dmdiff.model.lowpass)."""
 
 import contextlib
 from dataclasses import replace
@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from dmdiff.errors import ConfigError
+from dmdiff.baselines import richardson_lucy
+from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.dmdiff import DMDiffConfig
 from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.pipeline import DMDiffPipeline
@@ -28,7 +29,7 @@ def anchored():
 def unanchored(model):
     """The same model (same weights) with the anchor switched off."""
     config = model.config
-    model.config = replace(config, anchor_sigma_px=None)
+    model.config = replace(config, anchor_sigma_px=None, anchor_rl_iterations=None)
     try:
         yield model
     finally:
@@ -107,3 +108,66 @@ def test_anchor_is_saved_with_the_model(anchored, tmp_path):
 def test_anchor_config_validation(bad):
     with pytest.raises(ConfigError, match="anchor_sigma_px"):
         DMDiffConfig(anchor_sigma_px=bad)
+
+
+# ---- the deconvolved anchor (anchor_rl_iterations) --------------------------------------------
+
+RL_ITERATIONS = 4
+
+
+def lens_like_psf(k=31):
+    """A (3, K, K) PSF, blurrier in red and blue, not normalised (set_anchor_psf normalises)."""
+    delta = np.zeros((k, k))
+    delta[k // 2, k // 2] = 1
+    return np.stack([3 * gaussian_filter(delta, s) for s in (4.0, 1.5, 5.0)])
+
+
+@pytest.fixture(scope="module")
+def deconvolving():
+    model = make_model(anchor_sigma_px=SIGMA, anchor_rl_iterations=RL_ITERATIONS)
+    model.set_anchor_psf(lens_like_psf())
+    return model
+
+
+def test_deconvolved_anchor_is_the_lowpass_of_richardson_lucy(deconvolving):
+    """The anchor is G_σ(RL_n(x)) with the normalised PSF (the baseline's RL, same numbers), and
+    the positive path carries it instead of G_σ(x)."""
+    x, maps = _images(hw=(48, 40)), _maps()
+    psf = lens_like_psf()
+    expected = np.stack([gaussian_filter(richardson_lucy(im.numpy().transpose(1, 2, 0), psf, RL_ITERATIONS),
+                                         (SIGMA, SIGMA, 0), mode="reflect").transpose(2, 0, 1) for im in x])
+    np.testing.assert_allclose(deconvolving.input_anchor(x).numpy(), expected, atol=1e-5)
+    assert (deconvolving.input_anchor(x) - gaussian_lowpass(x, SIGMA)).abs().mean() > 1e-3
+    with torch.no_grad():
+        y = deconvolving(x, maps, "positive")
+        with unanchored(deconvolving) as plain:
+            free = plain(x, maps, "positive")
+    np.testing.assert_allclose((y - free).numpy(), expected - gaussian_lowpass(free, SIGMA).numpy(), atol=1e-5)
+    restored, latents = deconvolving.restore(x, maps, return_latents=True)
+    np.testing.assert_allclose(latents.anchor.numpy(), expected, atol=1e-5)
+
+
+def test_deconvolved_anchor_needs_its_psf(deconvolving, tmp_path):
+    bare = make_model(anchor_sigma_px=SIGMA, anchor_rl_iterations=RL_ITERATIONS)
+    with pytest.raises(DmdiffError, match="no PSF is set"):
+        bare.restore(_images(hw=(32, 32)), _maps())
+    with pytest.raises(DmdiffError, match="does not deconvolve"):
+        make_model(anchor_sigma_px=SIGMA).set_anchor_psf(lens_like_psf())
+    for bad in (np.ones((3, 8, 8)), np.ones((1, 9, 9)), -lens_like_psf(), np.zeros((3, 9, 9))):
+        with pytest.raises(DmdiffError, match="anchor PSF"):
+            bare.set_anchor_psf(bad)
+    folder = DMDiffPipeline.from_model(deconvolving).save_pretrained(tmp_path / "p")
+    loaded = DMDiffPipeline.from_pretrained(folder).model
+    assert torch.equal(loaded.anchor_psf, deconvolving.anchor_psf)
+    x, maps = _images(hw=(32, 32)), _maps()
+    assert torch.allclose(loaded.restore(x, maps), deconvolving.restore(x, maps), atol=1e-6)
+    (folder / "anchor_psf.safetensors").unlink()
+    with pytest.raises(DmdiffError, match="lacks anchor_psf.safetensors"):
+        DMDiffPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("bad, match", [(0, "anchor_rl_iterations must be"), (True, "anchor_rl_iterations must be"),
+                                        (2.5, "anchor_rl_iterations must be"), (10, "set anchor_sigma_px")])
+def test_deconvolved_anchor_config_validation(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        DMDiffConfig(anchor_sigma_px=None if bad == 10 else SIGMA, anchor_rl_iterations=bad)

@@ -204,6 +204,7 @@ def test_batch_path_sampling_is_shared_and_mixed_maps_dropped(dataset, tmp_path)
     ("no_test", "validation needs the test split"),
     ("small", "crop_px = 64 is larger"),
     ("grids", "maps have different shapes"),
+    ("no_lens", "anchor_rl_iterations: .* no lens.json"),
 ])
 def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
     root = tmp_path / "data"
@@ -223,6 +224,10 @@ def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
         write_pairs(tmp_path / "other", "train", ["o_00"], seed=4)
         np.save(tmp_path / "other" / "maps" / "o_00.npy", np.ones((7, 5, 5), np.float32))
         changes = {"extra_data": [str(tmp_path / "other")]}
+    elif breakage == "no_lens":
+        shutil.copytree(dataset, root)
+        (root / "lens.json").unlink()
+        changes = {"model": {"anchor_sigma_px": 4.0, "anchor_rl_iterations": 3}}
     out = tmp_path / "run"
     with pytest.raises(DmdiffError, match=match):
         train(load_train_config(tiny(root, **changes)), out, progress=False)
@@ -464,3 +469,20 @@ def test_substitute_term_has_its_own_weight():
         total, terms = loss(out, target)
         assert torch.allclose(total, 2.0 * mse + expected * gradient_l1(out, target))
         assert ("gradient_l1" in terms) == (expected > 0)
+
+
+def test_deconvolved_anchor_takes_the_datas_central_psf(dataset, tmp_path, psf_cache):
+    """A model with anchor_rl_iterations trains with its data's central lens PSF (normalised) and
+    its pipeline folder carries it."""
+    from dmdiff.baselines import central_psf
+    from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.optics.grid import psf_grid
+
+    out = tmp_path / "run"
+    train(load_train_config(tiny(dataset, steps=2, model={"anchor_sigma_px": 4.0, "anchor_rl_iterations": 3})),
+          out, progress=False)
+    psf = central_psf(psf_grid(SPEC, progress=False))
+    expected = torch.from_numpy(psf / psf.sum(axis=(1, 2), keepdims=True)).float()
+    loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
+    assert torch.allclose(loaded.anchor_psf, expected)
+    assert load_file(str(out / "pipeline" / "anchor_psf.safetensors"))["psf"].shape == (3, 15, 15)

@@ -44,6 +44,7 @@ from dmdiff.model.backbone import PRESETS, Backbone, _seeded, check_timestep, lo
 from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
 from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.svda import SVDA
+from dmdiff.optics.deconvolution import richardson_lucy_srgb
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
 
@@ -79,6 +80,12 @@ class DMDiffConfig:
         the network supplies only what is finer than σ and the large-scale colours stay the
         capture's, in training and at inference alike. None: the decoded image as it is (the
         negative path is never anchored: its target's colours are the capture's, not its input's).
+    anchor_rl_iterations: deconvolve the input before taking its low-pass: the anchor becomes
+        ``G_σ(RL_n(x))``, ``RL_n`` being ``n`` Richardson–Lucy iterations with the lens's central
+        PSF (:mod:`dmdiff.optics.deconvolution`; the PSF is set with :meth:`DMDiff.set_anchor_psf`
+        and saved with the pipeline), so the large-scale colours are the deconvolved capture's —
+        less of the lens's blur and chromatic spread — instead of the raw capture's. None: ``G_σ(x)``.
+        Needs ``anchor_sigma_px``.
     prompts: the text of each path.
     seed: random init of SVDA and the MLPs, and of random-init backbones built from this config.
     """
@@ -93,6 +100,7 @@ class DMDiffConfig:
     grid_size: int = 7
     timestep: int | None = None
     anchor_sigma_px: float | None = None
+    anchor_rl_iterations: int | None = None
     prompts: Prompts = field(default_factory=Prompts)
     seed: int = 0
 
@@ -109,6 +117,12 @@ class DMDiffConfig:
                                                  or not isinstance(self.anchor_sigma_px, numbers.Real)
                                                  or not 0 < self.anchor_sigma_px < 1e4):
             raise ConfigError(f"anchor_sigma_px must be a positive number of pixels or None, got {self.anchor_sigma_px!r}")
+        if self.anchor_rl_iterations is not None:
+            n = self.anchor_rl_iterations
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ConfigError(f"anchor_rl_iterations must be an integer >= 1 or None, got {n!r}")
+            if self.anchor_sigma_px is None:
+                raise ConfigError("anchor_rl_iterations needs a colour anchor: set anchor_sigma_px too")
         if self.grid_size < 1:
             raise ConfigError(f"grid_size must be at least 1, got {self.grid_size}")
         for name in ("unet_rank", "vae_rank"):
@@ -124,8 +138,8 @@ class RestoreLatents:
         f = ``backbone.vae_scale_factor``).
     size: ``(H, W)`` of the input image, in pixels.
     pad: ``(left, right, top, bottom)`` padding added to it, in pixels.
-    anchor: ``G_σ(input)`` ``(B, 3, H, W)`` for a model with a colour anchor
-        (``DMDiffConfig.anchor_sigma_px``), else None.
+    anchor: the colour anchor ``(B, 3, H, W)`` of the input (:meth:`DMDiff.input_anchor`) for a
+        model with one (``DMDiffConfig.anchor_sigma_px``), else None.
     """
 
     z_neutral: torch.Tensor
@@ -182,6 +196,7 @@ class DMDiff(nn.Module):
             self.to(backbone.device, self.dtype)
         prompts = [getattr(config.prompts, path) for path in self.PATHS]
         self.register_buffer("text_embeddings", backbone.encode_prompt(prompts), persistent=False)  # (3, 77, D)
+        self.register_buffer("anchor_psf", None, persistent=False)      # (3, K, K), set_anchor_psf
         self.eval()
 
     @property
@@ -209,7 +224,9 @@ class DMDiff(nn.Module):
         if self.config.anchor_sigma_px is None:
             return y
         keep = torch.tensor([p != "negative" for p in paths], dtype=y.dtype, device=y.device).view(-1, 1, 1, 1)
-        return y + keep * (self.input_lowpass(x) - self.input_lowpass(y))
+        if not keep.any():
+            return y
+        return y + keep * (self.input_anchor(x) - self.input_lowpass(y))
 
     def latents(self, x: torch.Tensor, maps: torch.Tensor | None = None,
                 paths: Sequence[str] = ("neutral", "positive")) -> dict[str, torch.Tensor]:
@@ -292,12 +309,50 @@ class DMDiff(nn.Module):
         with self._inference():
             index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
             z0, geometry = self._z0(lr, maps, index, copies=2)
-            anchor = None if self.config.anchor_sigma_px is None else self.input_lowpass(lr.to(self.device, self.dtype))
+            anchor = None if self.config.anchor_sigma_px is None else self.input_anchor(lr.to(self.device, self.dtype))
         return RestoreLatents(*z0.chunk(2), *geometry, anchor=anchor)
 
     def input_lowpass(self, x: torch.Tensor) -> torch.Tensor:
         """``G_σ(x)`` of the colour anchor, ``(B, 3, H, W)`` → same (σ = ``config.anchor_sigma_px``)."""
         return gaussian_lowpass(x, self.config.anchor_sigma_px)
+
+    def input_anchor(self, x: torch.Tensor) -> torch.Tensor:
+        """The colour anchor of the input ``x`` ``(B, 3, H, W)`` → same: ``G_σ(x)``, or ``G_σ(RL_n(x))``
+        with ``config.anchor_rl_iterations = n`` (no gradient through ``RL_n``).
+
+        Raises:
+            DmdiffError: the model deconvolves but has no PSF (:meth:`set_anchor_psf`).
+        """
+        n = self.config.anchor_rl_iterations
+        if n is None:
+            return self.input_lowpass(x)
+        if self.anchor_psf is None:
+            raise DmdiffError(f"this model's colour anchor deconvolves its input ({n} Richardson–Lucy "
+                              "iterations) but no PSF is set: load the model from its pipeline folder "
+                              "(which stores it), or call set_anchor_psf(central PSF of the lens)")
+        return self.input_lowpass(richardson_lucy_srgb(x, self.anchor_psf, n))
+
+    def set_anchor_psf(self, psf) -> None:
+        """Set the PSF of the deconvolved colour anchor (``config.anchor_rl_iterations``).
+
+        Args:
+            psf: ``(3, K, K)`` per-channel PSF (numpy or tensor), ``K`` odd, centred at ``K // 2``,
+                non-negative, each channel with some energy; stored float32, each channel normalised
+                to sum 1 (the white-balance convention of :mod:`dmdiff.baselines`), on the model's
+                device. Typically ``dmdiff.baselines.central_psf`` of the training lens's PSF grid.
+
+        Raises:
+            DmdiffError: the model does not deconvolve its anchor, or ``psf`` is malformed.
+        """
+        if self.config.anchor_rl_iterations is None:
+            raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve (anchor_rl_iterations is None)")
+        psf = torch.as_tensor(psf, dtype=torch.float64).detach().cpu()
+        if psf.dim() != 3 or psf.shape[0] != 3 or psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
+            raise DmdiffError(f"the anchor PSF must have shape (3, K, K) with K odd, got {tuple(psf.shape)}")
+        sums = psf.sum(dim=(1, 2))
+        if not torch.isfinite(psf).all() or psf.min() < 0 or (sums <= 0).any():
+            raise DmdiffError("the anchor PSF must be finite and non-negative with energy in every channel")
+        self.anchor_psf = (psf / sums[:, None, None]).to(self.device, torch.float32)
 
     def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """``y − G_σ(y) + anchor`` (``anchor = G_σ(input)``), or ``y`` when ``anchor`` is None; not clamped."""

@@ -10,6 +10,7 @@ Folder layout of ``save_pretrained`` / ``from_pretrained`` (safetensors only; do
     FOLDER/
       dmdiff_config.json              format tag, DMDiffConfig, backbone reference, provenance
       dmdiff_trainable.safetensors    DMDiff.trainable_state_dict(): LoRA A/B, unet.conv_in, SVDA, MLPs
+      anchor_psf.safetensors          models with a deconvolved colour anchor only: ``psf`` (3, K, K)
       backbone/                       tiny preset only: the base backbone in SD-Turbo's layout
 
 There is no top-level ``model_index.json``: ``DiffusionPipeline.from_pretrained`` cannot build this
@@ -40,6 +41,7 @@ FORMAT = "dmdiff-pipeline"
 FORMAT_VERSION = 1
 CONFIG_FILE = "dmdiff_config.json"
 TRAINABLE_FILE = "dmdiff_trainable.safetensors"
+ANCHOR_PSF_FILE = "anchor_psf.safetensors"
 BACKBONE_DIR = "backbone"
 
 
@@ -144,9 +146,13 @@ class DMDiffPipeline(DiffusionPipeline):
                 reference["embedded"] = BACKBONE_DIR
             tensors = {k: v.cpu() for k, v in model.trainable_state_dict().items()}
             save_file(tensors, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT, "preset": model.config.preset})
+            files = {"trainable_file": TRAINABLE_FILE}
+            if model.anchor_psf is not None:
+                save_file({"psf": model.anchor_psf.cpu().contiguous()}, str(tmp / ANCHOR_PSF_FILE))
+                files["anchor_psf_file"] = ANCHOR_PSF_FILE
             write_json(tmp / CONFIG_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(model.config),
-                "backbone": reference, "trainable_file": TRAINABLE_FILE, "provenance": provenance(),
+                "backbone": reference, **files, "provenance": provenance(),
             })
         return folder
 
@@ -185,6 +191,11 @@ class DMDiffPipeline(DiffusionPipeline):
         if not weights.is_file():
             raise DmdiffError(f"{folder} lacks its trained weights {weights.name}")
         model.load_trainable_state_dict(load_file(str(weights), device=str(model.device)))
+        if config.anchor_rl_iterations is not None:
+            psf_file = folder / meta.get("anchor_psf_file", ANCHOR_PSF_FILE)
+            if not psf_file.is_file():
+                raise DmdiffError(f"{folder} lacks {psf_file.name}, the PSF its colour anchor deconvolves with")
+            model.set_anchor_psf(load_file(str(psf_file))["psf"])
         return cls.from_model(model)
 
 

@@ -175,7 +175,7 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     anchor = None
     if model.config.anchor_sigma_px is not None:
         with torch.no_grad():
-            anchor = model.input_lowpass(image.to(model.device, model.dtype))
+            anchor = model.input_anchor(image.to(model.device, model.dtype))
     return RestoreLatents(z_neutral / weight, z_positive / weight, size, pad, anchor)
 
 

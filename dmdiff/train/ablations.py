@@ -30,8 +30,11 @@ the real pairs only, without pseudo data). An ablation that would change nothing
 main model without SVDA, ``global_svda`` of a global one) is refused with a :class:`ConfigError`
 naming it; :func:`ablation_names` gives the ones that apply to a config.
 
-A finished ablation is skipped and an interrupted one resumes from its newest checkpoint, as the
-recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
+Ablations are independent runs, so several train at once when there are cores for them
+(:func:`default_workers`: on a CPU one per ``threads`` cores — two on a 2-core machine at the tiny
+config's ``threads: 1`` — and one on a GPU), each in its own process; a run trains exactly as it
+would alone (same seed, same batches, same weights). A finished ablation is skipped and an
+interrupted one resumes from its newest checkpoint, as the recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
 the config now given is refused (paths — ``data``, ``extra_data``, ``init_weights`` — are not
 compared, so a run folder may be moved).
 """
@@ -39,7 +42,10 @@ compared, so a run folder may be moved).
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,7 +57,7 @@ from dmdiff.train.recipe import recipe_config_path, run_recipe, stage2_config
 from dmdiff.train.rundir import CONFIG, REPORT, config_differences, is_complete
 
 __all__ = ["Ablation", "ABLATIONS", "ABLATIONS_DIR", "RECORD", "ablation_names", "ablation_config",
-           "ablation_changes", "run_ablations", "main"]
+           "ablation_changes", "default_workers", "run_ablations", "main"]
 
 
 @dataclass(frozen=True)
@@ -180,8 +186,27 @@ def _resolve_names(cfg: TrainConfig, names: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def default_workers(cfg: TrainConfig, pending: int) -> int:
+    """How many of ``pending`` ablations :func:`run_ablations` trains at once by default: on a CPU,
+    the usable cores divided by ``cfg.threads`` (at most ``pending``); 1 on a GPU (one device) or
+    when ``cfg.threads`` is unset (torch then uses every core already)."""
+    import torch
+
+    if pending <= 1 or cfg.threads is None or torch.cuda.is_available():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(pending, cores // cfg.threads))
+
+
+def _train_ablation(config: TrainConfig, run: Path, name: str) -> None:
+    """One ablation run in a worker process (no progress bar: the parent shows one over the runs)."""
+    from dmdiff.train.loop import train
+
+    train(config, run, "latest", progress=False, command=f"dmdiff train --recipe --ablations ({name})")
+
+
 def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None = None, progress: bool = True,
-                  on_log: Callable[[int, dict], None] | None = None) -> dict:
+                  on_log: Callable[[int, dict], None] | None = None, workers: int | None = None) -> dict:
     """Finish the recipe of ``cfg`` in ``out`` (:func:`~dmdiff.train.recipe.run_recipe`), then train
     each ablation into ``out/ablations/<name>``; returns the ``ablations.json`` record.
 
@@ -192,10 +217,15 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
             skipped when finished and resumed when interrupted.
         progress: progress bars.
         on_log: as :func:`~dmdiff.train.recipe.run_recipe`'s; ablation records carry
-            ``"stage": "ablations/<name>"``.
+            ``"stage": "ablations/<name>"`` (only with ``workers = 1``: the callback cannot follow
+            runs in other processes).
+        workers: how many ablations train at once, each in a spawned process (None:
+            :func:`default_workers`, or 1 with ``on_log``); 1 trains them one after the other here.
+            The weights do not depend on it.
 
     Raises:
-        ConfigError: an unknown or inapplicable ablation, before anything is trained.
+        ConfigError: an unknown or inapplicable ablation, or ``workers`` > 1 with ``on_log``,
+            before anything is trained.
         DmdiffError: ``out``'s stage 2 or an ablation folder was trained with other settings.
     """
     from dmdiff.config import to_dict
@@ -211,14 +241,24 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
     for name, config in configs.items():
         _check_settings(out / ABLATIONS_DIR / name, config, f"ablation {name}")
 
+    pending = {name: config for name, config in configs.items()
+               if not is_complete(out / ABLATIONS_DIR / name, config.steps)}
+    if workers is None:
+        workers = 1 if on_log is not None else default_workers(cfg, len(pending))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer or None, got {workers!r}")
+    if workers > 1 and on_log is not None:
+        raise ConfigError("on_log follows ablations trained in this process only: use workers=1 with it")
+
     run_recipe(cfg, out, progress=progress, on_log=on_log)
-    for name, config in configs.items():
-        run = out / ABLATIONS_DIR / name
-        if not is_complete(run, config.steps):
+    if workers == 1:
+        for name, config in pending.items():
             tag = f"{ABLATIONS_DIR}/{name}"
             log = None if on_log is None else (lambda step, record, tag=tag: on_log(step, {**record, "stage": tag}))
-            train(config, run, "latest", progress=progress, command=f"dmdiff train --recipe --ablations ({name})",
-                  on_log=log)
+            train(config, out / ABLATIONS_DIR / name, "latest", progress=progress,
+                  command=f"dmdiff train --recipe --ablations ({name})", on_log=log)
+    elif pending:
+        _train_in_parallel(pending, out, workers, progress)
 
     path = out / ABLATIONS_DIR / RECORD
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -233,9 +273,31 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
     return record
 
 
+def _train_in_parallel(pending: dict[str, TrainConfig], out: Path, workers: int, progress: bool) -> None:
+    """Train ``pending`` ablations ``workers`` at a time in spawned processes; a failed run's error
+    is raised after the others have finished (their checkpoints stay, so a rerun resumes)."""
+    from tqdm.auto import tqdm
+
+    context = multiprocessing.get_context("spawn")     # no fork of a process that holds torch threads
+    failures = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_train_ablation, config, out / ABLATIONS_DIR / name, name): name
+                   for name, config in pending.items()}
+        with tqdm(total=len(futures), desc=f"ablations ({workers} at a time)", unit="run",
+                  disable=not progress) as bar:
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    failures.append((futures[future], future.exception()))
+                bar.set_postfix_str(f"{futures[future]} done")
+                bar.update()
+    if failures:
+        name, error = failures[0]
+        raise DmdiffError(f"ablation {name} failed: {error}") from error
+
+
 def main(args) -> int:
     """Entry point of ``dmdiff train --recipe NAME --ablations [NAME ...]`` (args: recipe, out,
-    ablations, no_progress)."""
+    ablations, workers, no_progress)."""
     from dmdiff.train.config import TrainWarning, load_train_config
     from dmdiff.train.loop import show_warnings
 
@@ -244,7 +306,8 @@ def main(args) -> int:
         warnings.showwarning = show_warnings("dmdiff train")
         path = recipe_config_path(args.recipe)
         out = Path(args.out or Path("runs") / path.stem)
-        record = run_ablations(load_train_config(path), out, args.ablations, progress=not args.no_progress)
+        record = run_ablations(load_train_config(path), out, args.ablations, progress=not args.no_progress,
+                               workers=args.workers)
     for name, entry in record["ablations"].items():
         val = entry["report"].get("val") or {}
         extra = f", val PSNR {val['psnr']:.2f} dB" if "psnr" in val else ""

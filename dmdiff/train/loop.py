@@ -199,6 +199,22 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
         return _train(cfg, Path(out), resume, progress, stop_at_step, command, on_log)
 
 
+def anchor_psf(cfg: TrainConfig):
+    """The PSF a deconvolved colour anchor (``model.anchor_rl_iterations``) uses: the central PSF of the
+    lens of ``cfg.data`` (its ``lens.json``), ``(3, K, K)``.
+
+    Raises:
+        DmdiffError: ``cfg.data`` has no lens spec (real captures): there is no PSF to deconvolve with.
+    """
+    from dmdiff.baselines import dataset_central_psf
+
+    psf, _, reason = dataset_central_psf(cfg.data)
+    if psf is None:
+        raise DmdiffError(f"model.anchor_rl_iterations: {reason}; set model.anchor_rl_iterations: null "
+                          "to anchor to the capture itself")
+    return psf
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """Run the block with ``n`` torch intra-op threads (None: unchanged); restored afterwards."""
@@ -226,6 +242,8 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     model = DMDiff(cfg.model)
+    if cfg.model.anchor_rl_iterations is not None:
+        model.set_anchor_psf(anchor_psf(cfg))
     if cfg.init_weights:
         _load_init_weights(model, cfg.init_weights)
     params = model.trainable_parameters()
