@@ -113,7 +113,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "OUT/ablations/NAME (no names: all that apply; see dmdiff.train.ablations)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --ablations: train N ablations at once, each in its own process (default: "
-                        "CPU cores / the config's threads on a CPU, 1 on a GPU); the weights do not depend on it")
+                        "CPU cores / the config's threads on a CPU, 1 on a GPU); with threads set, the weights do not "
+                        "depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:

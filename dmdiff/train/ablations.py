@@ -33,7 +33,7 @@ naming it; :func:`ablation_names` gives the ones that apply to a config.
 Ablations are independent runs, so several train at once when there are cores for them
 (:func:`default_workers`: on a CPU one per ``threads`` cores — two on a 2-core machine at the tiny
 config's ``threads: 1`` — and one on a GPU), each in its own process; a run trains exactly as it
-would alone (same seed, same batches, same weights). A finished ablation is skipped and an
+would alone (same seed, same batches, and with ``threads`` set the same weights, bit for bit). A finished ablation is skipped and an
 interrupted one resumes from its newest checkpoint, as the recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
 the config now given is refused (paths — ``data``, ``extra_data``, ``init_weights`` — are not
 compared, so a run folder may be moved).
@@ -221,7 +221,8 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
             runs in other processes).
         workers: how many ablations train at once, each in a spawned process (None:
             :func:`default_workers`, or 1 with ``on_log``); 1 trains them one after the other here.
-            The weights do not depend on it.
+            With ``cfg.threads`` set the weights do not depend on it (unset, torch picks each
+            process's thread count, which can change the last bits of float sums).
 
     Raises:
         ConfigError: an unknown or inapplicable ablation, or ``workers`` > 1 with ``on_log``,
