@@ -50,7 +50,7 @@ from dmdiff.errors import DmdiffError
 from dmdiff.optics.deconvolution import richardson_lucy_linear
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
-__all__ = ["BaselineInputError", "central_psf", "dataset_central_psf", "wiener_deconvolve", "richardson_lucy", "tune_baseline",
+__all__ = ["BaselineInputError", "central_psf", "check_psf", "dataset_central_psf", "wiener_deconvolve", "richardson_lucy", "tune_baseline",
            "METHODS", "DEFAULT_GRIDS"]
 
 #: Method name → the name of its tuned parameter.
@@ -104,8 +104,13 @@ def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | N
     return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
 
 
-def _check_psf(psf_rgb) -> np.ndarray:
-    """Validate a ``(3, K, K)`` PSF and return it float64, each channel normalised to sum 1."""
+def check_psf(psf_rgb) -> np.ndarray:
+    """Validate a ``(3, K, K)`` PSF (``K`` odd, finite, non-negative, energy in every channel) and
+    return it float64, each channel normalised to sum 1 (the module's white-balance convention).
+
+    Raises:
+        BaselineInputError: any of those conditions fails.
+    """
     psf = np.asarray(psf_rgb, dtype=np.float64)
     if psf.ndim != 3 or psf.shape[0] != 3 or psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
         raise BaselineInputError(f"psf_rgb must have shape (3, K, K) with K odd (centred at K // 2), "
@@ -176,7 +181,7 @@ def wiener_deconvolve(image_srgb: np.ndarray, psf_rgb: np.ndarray, nsr: float) -
     """
     from skimage.restoration import wiener
 
-    psf = _check_psf(psf_rgb)
+    psf = check_psf(psf_rgb)
     x = srgb_to_linear(_check_image(image_srgb, psf.shape[1]))
     _check_nsr([nsr])
     height, width, _ = x.shape
@@ -191,7 +196,7 @@ def wiener_deconvolve(image_srgb: np.ndarray, psf_rgb: np.ndarray, nsr: float) -
 def _rl_outputs(image_srgb, psf_rgb, iterations: Sequence[int]) -> dict[int, np.ndarray]:
     """Richardson–Lucy sRGB results after each requested iteration count, from one float64 run
     (:func:`dmdiff.optics.deconvolution.richardson_lucy_linear`)."""
-    psf = torch.from_numpy(_check_psf(psf_rgb))
+    psf = torch.from_numpy(check_psf(psf_rgb))
     x = srgb_to_linear(_check_image(image_srgb, psf.shape[1]))
     linear = richardson_lucy_linear(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None], psf,
                                     iterations)
@@ -260,7 +265,7 @@ def tune_baseline(method: str, captures: Sequence[np.ndarray], targets: Sequence
     if not captures or len(captures) != len(targets):
         raise BaselineInputError(f"need matching, non-empty lists of captures and targets, got "
                                  f"{len(captures)} and {len(targets)}")
-    psf = _check_psf(psf_rgb)
+    psf = check_psf(psf_rgb)
     for i, (cap, tgt) in enumerate(zip(captures, targets)):
         _check_image(cap, psf.shape[1], f"captures[{i}]")
         _check_image(tgt, psf.shape[1], f"targets[{i}]")

@@ -338,21 +338,21 @@ class DMDiff(nn.Module):
         Args:
             psf: ``(3, K, K)`` per-channel PSF (numpy or tensor), ``K`` odd, centred at ``K // 2``,
                 non-negative, each channel with some energy; stored float32, each channel normalised
-                to sum 1 (the white-balance convention of :mod:`dmdiff.baselines`), on the model's
-                device. Typically ``dmdiff.baselines.central_psf`` of the training lens's PSF grid.
+                to sum 1 (:func:`dmdiff.baselines.check_psf`, the baselines' checks and white-balance
+                convention), on the model's device. Typically ``dmdiff.baselines.central_psf`` of the training lens's PSF grid.
 
         Raises:
             DmdiffError: the model does not deconvolve its anchor, or ``psf`` is malformed.
         """
+        from dmdiff.baselines import BaselineInputError, check_psf
+
         if self.config.anchor_rl_iterations is None:
             raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve (anchor_rl_iterations is None)")
-        psf = torch.as_tensor(psf, dtype=torch.float64).detach().cpu()
-        if psf.dim() != 3 or psf.shape[0] != 3 or psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
-            raise DmdiffError(f"the anchor PSF must have shape (3, K, K) with K odd, got {tuple(psf.shape)}")
-        sums = psf.sum(dim=(1, 2))
-        if not torch.isfinite(psf).all() or psf.min() < 0 or (sums <= 0).any():
-            raise DmdiffError("the anchor PSF must be finite and non-negative with energy in every channel")
-        self.anchor_psf = (psf / sums[:, None, None]).to(self.device, torch.float32)
+        try:
+            normalised = check_psf(torch.as_tensor(psf).detach().cpu().numpy())
+        except BaselineInputError as err:
+            raise DmdiffError(f"the anchor PSF is unusable: {err}") from None
+        self.anchor_psf = torch.from_numpy(normalised).to(self.device, torch.float32)
 
     def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """``y − G_σ(y) + anchor`` (``anchor = G_σ(input)``), or ``y`` when ``anchor`` is None; not clamped."""

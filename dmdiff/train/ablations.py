@@ -33,8 +33,9 @@ naming it; :func:`ablation_names` gives the ones that apply to a config.
 Ablations are independent runs, so several train at once when there are cores for them
 (:func:`default_workers`: on a CPU one per ``threads`` cores — two on a 2-core machine at the tiny
 config's ``threads: 1`` — and one on a GPU), each in its own process; a run trains exactly as it
-would alone (same seed, same batches, and with ``threads`` set the same weights, bit for bit). A finished ablation is skipped and an
-interrupted one resumes from its newest checkpoint, as the recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
+would alone (same seed, same batches, and with ``threads`` set the same weights, bit for bit).
+A finished ablation is skipped and an interrupted one resumes from its newest checkpoint, as the
+recipe's stages are; a run folder whose stage 2 or ablation was trained with other settings than
 the config now given is refused (paths — ``data``, ``extra_data``, ``init_weights`` — are not
 compared, so a run folder may be moved).
 """
