@@ -1,11 +1,27 @@
-"""The ``dmdiff`` command line: one subcommand per job, each a thin call into the package."""
+"""The ``dmdiff`` command line: one subcommand per job, each a thin call into the package.
+
+Exit status of every subcommand: 0 done; 1 done, but some items failed (they are listed); 2 bad
+usage or input (nothing was changed); 3 the run was interrupted or faulted (Ctrl-C, SIGTERM, disk
+full, out of memory...): what was finished is kept, and rerunning the command continues. Errors
+are printed as one line naming the file, folder or key, never as a traceback (set
+``DMDIFF_DEBUG=1`` to see the traceback of an internal error).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import os
+import signal
 import sys
+import threading
+import warnings
 
-from dmdiff.errors import DmdiffError
+from dmdiff.errors import EXIT_FAULT, EXIT_USAGE, NO_SPACE, DmdiffError
+
+EXIT_STATUS_HELP = """exit status: 0 done; 1 some items failed (listed); 2 bad usage or input (nothing changed);
+3 interrupted or faulted (disk full, out of memory, Ctrl-C): finished work is kept, rerun to continue"""
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +31,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default=None, help="YAML file overriding the simulation/lens defaults")
     p.add_argument("--smoke", action="store_true", help="a tiny dataset for quick checks")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset in --out (only a dmdiff dataset that holds nothing else)")
 
     def run(a: argparse.Namespace) -> int:
         from dmdiff.data.simulate import main
@@ -57,12 +74,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _add_repro(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repro", help="run the notebook study headlessly through papermill")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "sd-turbo", "sd-turbo-shape"),
+                   help="backbone preset of the study (default tiny: the 2-core CPU study)")
     p.add_argument("--smoke", action="store_true", help="CI-sized run")
     p.add_argument("--out", default="runs/repro", help="run folder (ignored by git)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra notebook parameter (repeatable)")
     p.add_argument("--resume", action="store_true", help="skip notebooks already done with the same parameters")
+    p.add_argument("--until", default=None, metavar="NN",
+                   help="stop after the notebook numbered NN (e.g. 01: the tour and the dataset only)")
     p.add_argument("--compare", metavar="OTHER_RUN", default=None,
                    help="afterwards, compare every notebook's metrics.json with those of an earlier run "
                         "folder (to 1e-6; timings left out); differences make the exit status non-zero")
@@ -143,7 +163,8 @@ def _add_pseudo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the clean images and the noise (default 1)")
     p.add_argument("--noise-strength", type=float, default=None, help="sensor-noise augmentation scale (default 1)")
     p.add_argument("--size", type=int, default=None, help="image side in px (default: the dataset's sensor size)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing pseudo pairs in --out (only a pseudo-pair folder that holds nothing else)")
 
     def run(a: argparse.Namespace) -> int:
         from dmdiff.train.pseudo import main
@@ -202,6 +223,11 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--self-ensemble", action="store_true",
                    help="average the restorations of the 8 rotations/mirrorings of each image (8× the time; "
                         "for lenses symmetric about the optical axis, see dmdiff.model.ensemble)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the output names that dmdiff did not write (default: refuse them; "
+                        "outputs of earlier restores into --out are always replaced)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip images an earlier restore into --out finished with the same model and settings")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
@@ -215,22 +241,109 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _max_pixels_arg(text: str) -> int:
+    """``--max-pixels``: a positive whole number of pixels (argparse reports anything else)."""
+    from dmdiff.imageio import parse_max_pixels
+
+    try:
+        return parse_max_pixels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__)
+    from dmdiff.imageio import DEFAULT_MAX_PIXELS
+
+    parser = argparse.ArgumentParser(prog="dmdiff", description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-pixels", type=_max_pixels_arg, default=None, metavar="N",
+                        help="refuse input images of more than N pixels (width × height), checked from the file "
+                             "header before decoding; default: $DMDIFF_MAX_PIXELS if set, else "
+                             f"{DEFAULT_MAX_PIXELS} ({DEFAULT_MAX_PIXELS / 1e6:g} megapixels)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_bench, _add_repro, _add_pretrain, _add_train, _add_pseudo,
                 _add_evaluate, _add_restore):
         add(sub)
+    for command in sub.choices.values():
+        command.epilog = EXIT_STATUS_HELP
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _os_error(prog: str, e: OSError) -> int:
+    """Print an operating-system error as one line; returns the exit status."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in NO_SPACE:
+        print(f"{prog}: error: no space left to write{where} ({e.strerror}); what was finished is kept: free some "
+              "space and rerun the command to continue", file=sys.stderr)
+        return EXIT_FAULT
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        print(f"{prog}: error: cannot use{where}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{prog}: error: input/output error{where}: {e.strerror or e}; what was finished is kept: rerun the "
+          "command to continue", file=sys.stderr)
+    return EXIT_FAULT
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Inside the block, SIGTERM (``kill``, a job scheduler's time limit) stops the run as Ctrl-C does,
+    so temporary files are removed and the exit status says it was interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return int(args.func(args) or 0)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warning_printer(prog: str):
+    """A ``warnings.showwarning`` printing dmdiff's own warnings as ``<prog>: warning: <message>``."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("dmdiff"):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (module docstring)."""
+    args = build_parser().parse_args(argv)
+    if args.max_pixels is not None:  # read by dmdiff.imageio.max_pixels(), here and in worker processes
+        os.environ["DMDIFF_MAX_PIXELS"] = str(args.max_pixels)
+    prog = f"dmdiff {args.command}"
+    try:
+        with _sigterm_interrupts(), warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(prog)
+            return int(args.func(args) or 0)
     except DmdiffError as e:
-        print(f"dmdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; what was finished is kept: rerun the command to continue", file=sys.stderr)
+        return EXIT_FAULT
+    except OSError as e:
+        return _os_error(prog, e)
+    except Exception as e:  # noqa: BLE001 - out of memory, or a bug: one line, the traceback on request
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":   # torch's (CUDA) one
+            print(f"{prog}: error: out of memory ({type(e).__name__}); what was finished is kept: use smaller "
+                  "images, tiles or batches and rerun", file=sys.stderr)
+            return EXIT_FAULT
+        if os.environ.get("DMDIFF_DEBUG"):
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {e}. This is a bug in dmdiff; rerun with "
+              "DMDIFF_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return EXIT_FAULT
 
 
 if __name__ == "__main__":

@@ -75,16 +75,20 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from dmdiff.device import resolve_device
 from dmdiff.errors import DmdiffError
+from dmdiff.outputs import atomic_directory, atomic_write_text, check_replaceable, folder_files, write_json
 
 __all__ = ["METHODS", "LABELS", "REFERENCES", "QUALITY_BAR", "BAR_VARIANTS", "ABLATION_PREFIX", "evaluate",
            "quality_bar", "format_table", "resolve_model", "find_ablations", "ablation_method", "vae_reconstruct",
@@ -115,6 +119,27 @@ BAR_VARIANTS = {"dmdiff_a1_cc": ("quality_bar_color_corrected", "dmdiff restore'
                 "dmdiff_a1_x8": ("quality_bar_self_ensemble", "the ×8 self-ensemble (`dmdiff restore --self-ensemble`)")}
 METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE = "metrics.json", "metrics.csv", "table.md", "grid.png"
 ABLATION_GRID_FILE = "grid_ablations.png"
+IMAGES_DIR = "images"
+#: The kind of folder an evaluation report is (:mod:`dmdiff.outputs`).
+EVALUATION_KIND = "evaluation"
+
+
+class EvaluationWarning(UserWarning):
+    """Part of the evaluation cannot run (e.g. the baselines without the lens's PSF)."""
+
+
+def evaluation_parts(folder: Path) -> set[str] | None:
+    """The files of a report folder written by a dmdiff version before manifests (its
+    ``metrics.json`` says it is one): the report files and everything under ``images/``; None
+    for any other folder."""
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or "methods" not in metrics:
+        return None
+    top = {METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE, ABLATION_GRID_FILE}
+    return {f for f in folder_files(folder) if f in top or f.startswith(IMAGES_DIR + "/")}
 #: Method keys of ablation models: ``ablation_<name>``.
 ABLATION_PREFIX = "ablation_"
 BASELINES = ("wiener", "richardson_lucy")
@@ -348,7 +373,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     from dmdiff.model.ensemble import self_ensemble
     from dmdiff.model.pipeline import DMDiffPipeline
     from dmdiff.restore import DEFAULT_COLOR_CORRECTION, LOWPASS_SIGMA_PX, color_correct, resolve_color_correction
-    from dmdiff.runinfo import atomic_directory, atomic_write_text, provenance, write_json
+    from dmdiff.runinfo import provenance
 
     data = Path(data)
     if not data.is_dir():
@@ -376,11 +401,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         ablation_method(name)
         ablation_dirs[name] = (resolve_model(path, "stage2")[0], str(path))
     out = Path(out) if out is not None else default_out(pipeline_dir, run_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS_FILE).is_file())):
-        raise DmdiffError(f"{out} exists and is not an earlier evaluation (no {METRICS_FILE}); choose another --out")
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, EVALUATION_KIND, evaluation_parts)
     test = PairedFolderDataset(data, "test")
     count = len(test) if limit is None else min(int(limit), len(test))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     timer = _Timer(device)
 
     # ---- models, PSF, tuning (train split only), LPIPS
@@ -399,6 +424,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     tuning: dict[str, Any] = {}
     if psf is not None and not ((data / "gt_train").is_dir() and (data / "lr_train").is_dir()):
         psf, skip = None, f"{data} has no train split (gt_train/ + lr_train/) to tune the baselines on"
+    if psf is None:
+        warnings.warn(f"the Wiener and Richardson–Lucy baselines cannot run and are left out: {skip}",
+                      EvaluationWarning, stacklevel=2)
     if psf is not None:
         tuning = tune_baselines(data, psf, tune_pairs, grids, progress)
     params = {m: tuning[m][p] for m, p in (("wiener", "nsr"), ("richardson_lucy", "iterations")) if m in tuning}
@@ -443,7 +471,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
     records, shown = [], []
     show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
-    with atomic_directory(out, replace=True) as tmp:
+    with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
         run_all(test[0], warmup=True)                            # networks only, untimed
         for index in tqdm(range(count), desc="evaluate", disable=not progress):
             item = test[index]
@@ -454,7 +482,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             for method, image in outputs.items():
                 reference = lr if references[method] == "lr" else gt
                 row[method] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds[method]}
-                write_png(tmp / "images" / method / f"{name}.png", image)
+                write_png(tmp / IMAGES_DIR / method / f"{name}.png", image)
             row["dmdiff_a0"]["redecode_s"] = seconds["redecode"]
             records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
                             "maps": "maps" in item, "methods": row})

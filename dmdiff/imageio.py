@@ -17,8 +17,15 @@ the file's own encoding (for ordinary photos that is sRGB: no colour management,
 - CMYK, YCbCr, LAB...: converted to RGB by Pillow; EXIF orientation is applied.
 
 Every failure (missing file, folder, empty file, not an image, corrupt or truncated data, zero
-size, NaN/Inf or out-of-range float values, unsupported layout) raises
+size, NaN/Inf or out-of-range float values, unsupported layout, over the pixel limit) raises
 :class:`dmdiff.errors.ImageReadError` naming the file and the reason, never a library traceback.
+
+**Pixel limit.** Every decoder reads the image's width and height from the file header and refuses
+images of more than :func:`max_pixels` pixels (:data:`DEFAULT_MAX_PIXELS`, or ``$DMDIFF_MAX_PIXELS``,
+or ``dmdiff --max-pixels N``, or ``read_image(path, max_pixels=N)``) *before* allocating any pixel
+memory, so a small file declaring a huge image (a "decompression bomb") is an ordinary unreadable
+file, not an out-of-memory crash. This one limit replaces Pillow's own ``Image.MAX_IMAGE_PIXELS``
+checks for the duration of each read.
 
 ``write_png(path, image, bits=8)`` writes an RGB (or grayscale) PNG through a temporary file in the
 same folder and ``os.replace``, so readers never see a half-written file. The bytes depend only on
@@ -27,9 +34,11 @@ the pixel values (no timestamps): the same image always gives the same file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -40,7 +49,8 @@ import png
 from dmdiff.errors import DmdiffError, ImageReadError
 from dmdiff.runinfo import atomic_write_bytes
 
-__all__ = ["read_image", "write_png", "check_min_size", "ImageSizeError", "IMAGE_EXTENSIONS"]
+__all__ = ["read_image", "write_png", "png_bytes", "check_min_size", "ImageSizeError", "IMAGE_EXTENSIONS",
+           "DEFAULT_MAX_PIXELS", "max_pixels", "parse_max_pixels"]
 
 
 class ImageSizeError(DmdiffError, ValueError):
@@ -53,23 +63,92 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", "
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
+#: Largest image :func:`read_image` decodes, in pixels (width × height): 160 megapixels, just above
+#: the largest single-shot camera sensors (medium format: 102 and 151 MP). The memory it implies:
+#: the returned float32 RGB array takes 12 bytes per pixel (1.9 GB at the limit) and decoding peaks
+#: at about 25 bytes per pixel (4 GB: the decoder's samples, float32 intermediates, the result);
+#: images with alpha are composited in float64 and peak at about 50 bytes per pixel (8 GB).
+#: A file declaring more is refused from its header. Raise it with ``$DMDIFF_MAX_PIXELS`` or
+#: ``dmdiff --max-pixels N``.
+DEFAULT_MAX_PIXELS = 160_000_000
+
+_MAX_PIXELS_ENV = "DMDIFF_MAX_PIXELS"
+
+
+def parse_max_pixels(text: str) -> int:
+    """A pixel limit written as text (``"200000000"``, ``"200_000_000"``) → a positive ``int``.
+
+    Raises:
+        ValueError: not a whole number, or not positive (the message says so).
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number of pixels (e.g. {DEFAULT_MAX_PIXELS})") from None
+    if value <= 0:
+        raise ValueError(f"the pixel limit must be positive, got {value}")
+    return value
+
+
+def max_pixels() -> int:
+    """The pixel limit in effect (pixels, width × height): ``$DMDIFF_MAX_PIXELS`` if set and not
+    empty, else :data:`DEFAULT_MAX_PIXELS`. Read at every call, so a change takes effect at once.
+
+    Raises:
+        DmdiffError: ``$DMDIFF_MAX_PIXELS`` is not a positive whole number (the message names it).
+    """
+    text = os.environ.get(_MAX_PIXELS_ENV, "")
+    if not text.strip():
+        return DEFAULT_MAX_PIXELS
+    try:
+        return parse_max_pixels(text)
+    except ValueError as e:
+        raise DmdiffError(f"environment variable {_MAX_PIXELS_ENV}: {e}") from None
+
+
+def _pixel_limit(override: int | None) -> int:
+    """``read_image``'s ``max_pixels`` argument, or :func:`max_pixels` when it is None."""
+    if override is None:
+        return max_pixels()
+    if isinstance(override, bool) or not isinstance(override, (int, np.integer)) or override <= 0:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {override!r}")
+    return int(override)
+
+
+def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
+    """Refuse a ``width`` × ``height`` px image (read from its header) above ``limit`` pixels."""
+    pixels = int(width) * int(height)
+    if pixels > limit:
+        raise ImageReadError(
+            path, f"image is {width}×{height} px ({pixels / 1e6:.4g} megapixels), over the pixel limit "
+                  f"of {limit / 1e6:.4g} megapixels ({limit} px); set {_MAX_PIXELS_ENV} or pass "
+                  "dmdiff --max-pixels N to raise it")
+
 
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as ``float32`` ``(H, W, 3)`` RGB in ``[0, 1]`` (values as stored, sRGB).
 
     See the module docstring for the conversions (grayscale, alpha over white, palette, 16-bit,
     float TIFF).
 
+    Args:
+        path: the image file.
+        max_pixels: refuse images of more than this many pixels (width × height), checked from the
+            header before decoding; None: the limit in effect (:func:`max_pixels`).
+
     Raises:
         ImageReadError: the file is missing, not a regular file, empty, not an image, corrupt or
-            truncated, has zero size, holds NaN/Inf or float values outside ``[0, 1]``, or has a
-            layout that cannot be read as an RGB image.
+            truncated, has zero size, is over the pixel limit, holds NaN/Inf or float values outside
+            ``[0, 1]``, or has a layout that cannot be read as an RGB image.
+        DmdiffError: ``$DMDIFF_MAX_PIXELS`` is set to something other than a positive whole number.
+        ValueError: ``max_pixels`` is not a positive integer.
     """
+    limit = _pixel_limit(max_pixels)
     path = Path(path)
     if not path.exists():
         raise ImageReadError(path, "file not found")
@@ -86,16 +165,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     image = None
     if head.startswith(_PNG_SIGNATURE):
-        image = _read_png16(path)  # None unless it is a 16-bit PNG
+        image = _read_png16(path, limit)  # None unless it is a 16-bit PNG
     elif head[:4] in _TIFF_MAGICS:
-        image = _read_tiff(path)  # None when tifffile cannot decode it: Pillow gets a try
+        image = _read_tiff(path, limit)  # None when tifffile cannot decode it: Pillow gets a try
     if image is None:
-        image = _read_pillow(path)
+        image = _read_pillow(path, limit)
     return _finish(path, image)
 
 
 def _finish(path: Path, image: np.ndarray) -> np.ndarray:
-    """Check a decoded ``(H, W, 3)`` float array (size, finiteness, range) and make it float32."""
+    """Check a decoded ``(H, W, 3)`` float array from :func:`_to_rgb` (size, finiteness, range),
+    clip it to ``[0, 1]`` in place and return it as float32."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ImageReadError(path, f"unsupported image layout: array of shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -108,28 +188,76 @@ def _finish(path: Path, image: np.ndarray) -> np.ndarray:
         raise ImageReadError(
             path, f"float image values span [{lo:.4g}, {hi:.4g}], outside [0, 1]; HDR or linear "
                   "float images are not supported: rescale to [0, 1] sRGB values first")
-    return np.ascontiguousarray(np.clip(image, 0.0, 1.0), dtype=np.float32)
+    np.clip(image, 0.0, 1.0, out=image)
+    return image.astype(np.float32, copy=False)
 
 
-def _to_rgb(path: Path, values: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
-    """``values`` (H, W) or (H, W, 3) float in [0, 1], optional alpha (H, W) → (H, W, 3) float64."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 2:
-        values = np.repeat(values[:, :, None], 3, axis=2)
+def _to_rgb(values: np.ndarray, alpha: np.ndarray | None = None, scale: float = 1) -> np.ndarray:
+    """Samples → a new ``(H, W, 3)`` float array, values ``/ scale``, alpha composited over white.
+
+    Args:
+        values: ``(H, W)`` (grayscale, replicated into R, G, B) or ``(H, W, 3)`` samples: integers,
+            bools, or floats in ``[0, 1]`` (``scale`` 1).
+        alpha: ``(H, W)`` alpha samples on the same ``scale``, or None.
+        scale: the samples' full-scale value (255, 65535, ``2**bits - 1``; 1 for floats).
+
+    Returns:
+        float32 without alpha: dividing in float32 gives the very bits of dividing in float64 and
+        rounding to float32 (IEEE division is correctly rounded; checked for every 1- to 16-bit
+        value), at half the memory. float64 with alpha (composited in float64) or for float64
+        samples: :func:`_finish` checks and clips those before rounding them to float32.
+    """
+    dtype = np.float64 if alpha is not None or np.asarray(values).dtype == np.float64 else np.float32
+    rgb = np.array(values, dtype=dtype)  # a copy of our own: scaled and composited in place
+    if scale != 1:
+        np.divide(rgb, dtype(scale), out=rgb)
     if alpha is not None:
-        a = np.asarray(alpha, dtype=np.float64)[:, :, None]
-        values = a * values + (1.0 - a)  # composite over white (see the module docstring)
-    return values
+        a = np.clip(np.asarray(alpha, dtype=np.float64) / scale, 0.0, 1.0)
+        if rgb.ndim == 3:
+            a = a[:, :, None]
+        rgb *= a  # composite over white, out = a·c + (1 − a) (see the module docstring)
+        rgb += 1.0 - a
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    return rgb
 
 
-def _read_pillow(path: Path) -> np.ndarray:
-    """Decode with Pillow (any format it knows) → (H, W, 3) float64 in [0, 1]."""
+_pillow_lock = threading.Lock()
+_pillow_reads = 0  # reads in progress in this process (guarded by _pillow_lock)
+_pillow_saved_limit = None  # Pillow's MAX_IMAGE_PIXELS before the first of them
+
+
+@contextlib.contextmanager
+def _pillow_limit_lifted():
+    """Lift Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) while reads run, so
+    that ours (:func:`max_pixels`, checked from the header) is the one that applies. Concurrent reads
+    in threads share one lifting; the last to finish restores Pillow's value."""
+    global _pillow_reads, _pillow_saved_limit
+    from PIL import Image
+
+    with _pillow_lock:
+        if _pillow_reads == 0:
+            _pillow_saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pillow_reads += 1
+    try:
+        yield
+    finally:
+        with _pillow_lock:
+            _pillow_reads -= 1
+            if _pillow_reads == 0:
+                Image.MAX_IMAGE_PIXELS = _pillow_saved_limit
+
+
+def _read_pillow(path: Path, limit: int) -> np.ndarray:
+    """Decode with Pillow (any format it knows), at most ``limit`` px → (H, W, 3) float array."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_limit_lifted():
             warnings.simplefilter("ignore")  # e.g. "palette images with transparency ..." notes
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # reads the header only
+                _check_pixels(path, im.width, im.height, limit)
                 im.seek(0)  # first frame of animations / multi-page files
                 im.load()
                 try:
@@ -142,15 +270,13 @@ def _read_pillow(path: Path) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image file, or a format that cannot be read "
                                    "(PNG, JPEG, TIFF, BMP, WebP, GIF... are supported)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(path, f"image is too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError,
             KeyError, TypeError, MemoryError) as e:
         raise ImageReadError(path, f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
 
 
 def _pillow_to_array(path: Path, im) -> np.ndarray:
-    """A loaded Pillow image → (H, W, 3) float64 in [0, 1]."""
+    """A loaded Pillow image → (H, W, 3) float array from :func:`_to_rgb`."""
     mode = im.mode
     if im.width == 0 or im.height == 0:
         raise ImageReadError(path, f"image has zero size ({im.width}×{im.height} px)")
@@ -165,30 +291,31 @@ def _pillow_to_array(path: Path, im) -> np.ndarray:
         im = im.convert("LA" if mode == "La" else "RGBA")
         mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return _to_rgb(path, np.asarray(im, dtype=np.float64) / 65535.0, None)
+        return _to_rgb(np.asarray(im), scale=65535)
     if mode == "I":
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im)
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise ImageReadError(path, "32-bit integer images are not supported (values beyond the "
                                        "16-bit range); save it as 8- or 16-bit")
-        return _to_rgb(path, a / 65535.0, None)
+        return _to_rgb(a, scale=65535)
     if mode == "F":
-        return _to_rgb(path, np.asarray(im, dtype=np.float64), None)
+        return _to_rgb(np.asarray(im))
     if mode == "L":
-        return _to_rgb(path, np.asarray(im, dtype=np.float64) / 255.0, None)
+        return _to_rgb(np.asarray(im), scale=255)
     if mode == "LA":
-        a = np.asarray(im, dtype=np.float64) / 255.0
-        return _to_rgb(path, a[:, :, 0], a[:, :, 1])
+        a = np.asarray(im)
+        return _to_rgb(a[:, :, 0], a[:, :, 1], scale=255)
     if mode == "RGBA":
-        a = np.asarray(im, dtype=np.float64) / 255.0
-        return _to_rgb(path, a[:, :, :3], a[:, :, 3])
+        a = np.asarray(im)
+        return _to_rgb(a[:, :, :3], a[:, :, 3], scale=255)
     if mode != "RGB":
         im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
-    return np.asarray(im, dtype=np.float64) / 255.0
+    return _to_rgb(np.asarray(im), scale=255)
 
 
-def _read_tiff(path: Path) -> np.ndarray | None:
-    """TIFF through tifffile (8/16-bit integer or float samples); None if tifffile cannot decode it."""
+def _read_tiff(path: Path, limit: int) -> np.ndarray | None:
+    """TIFF through tifffile (8/16-bit integer or float samples), first page, at most ``limit`` px →
+    (H, W, 3) float array from :func:`_to_rgb`; None if tifffile cannot decode it."""
     try:
         import tifffile
     except ImportError:  # pragma: no cover - tifffile is a dependency of scikit-image
@@ -196,7 +323,15 @@ def _read_tiff(path: Path) -> np.ndarray | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = tifffile.imread(path, key=0)
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]  # its header only: the pixels are read by asarray
+                _check_pixels(path, page.imagewidth, page.imagelength, limit)
+                if page.imagedepth > 1:
+                    raise ImageReadError(path, f"unsupported TIFF layout: a volume of {page.imagedepth} "
+                                               "slices (expected a 2-D image)")
+                a = tif.asarray(key=0)
+    except ImageReadError:
+        raise
     except Exception:  # compression codecs missing, exotic layout...: let Pillow try (and report)
         return None
     a = np.asarray(a)
@@ -207,28 +342,23 @@ def _read_tiff(path: Path) -> np.ndarray | None:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (2, 3, 4)):
         raise ImageReadError(path, f"unsupported TIFF layout: array of shape {a.shape} "
                                    "(expected grayscale, RGB or RGBA)")
-    if a.dtype == np.bool_:
-        a = a.astype(np.float64)
+    if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
+        scale = 1
     elif np.issubdtype(a.dtype, np.integer):
         if a.dtype.itemsize > 2 or a.dtype.kind == "i":
             if a.size and (a.min() < 0 or a.max() > 65535):
                 raise ImageReadError(path, f"unsupported TIFF sample type {a.dtype} (use 8- or 16-bit "
                                            "unsigned integers, or float in [0, 1])")
-            scale = 255.0 if a.size and a.max() <= 255 and a.dtype.itemsize == 1 else 65535.0
+            scale = 255 if a.size and a.max() <= 255 and a.dtype.itemsize == 1 else 65535
         else:
-            scale = 255.0 if a.dtype.itemsize == 1 else 65535.0
-        a = a.astype(np.float64) / scale
-    elif np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float64)
+            scale = 255 if a.dtype.itemsize == 1 else 65535
     else:
         raise ImageReadError(path, f"unsupported TIFF sample type {a.dtype}")
-    if a.ndim == 2:
-        return _to_rgb(path, a, None)
-    if a.shape[2] == 2:
-        return _to_rgb(path, a[:, :, 0], np.clip(a[:, :, 1], 0, 1))
-    if a.shape[2] == 4:
-        return _to_rgb(path, a[:, :, :3], np.clip(a[:, :, 3], 0, 1))
-    return a
+    if a.ndim == 3 and a.shape[2] == 2:
+        return _to_rgb(a[:, :, 0], a[:, :, 1], scale)
+    if a.ndim == 3 and a.shape[2] == 4:
+        return _to_rgb(a[:, :, :3], a[:, :, 3], scale)
+    return _to_rgb(a, scale=scale)
 
 
 # ---- 16-bit PNG decoding through pypng (Pillow reduces 16-bit colour PNGs to 8 bits) ----------
@@ -238,8 +368,9 @@ _PNG_DECODE_ERRORS = (png.Error, zlib.error, EOFError, struct.error, ValueError,
                       TypeError, AttributeError, OverflowError, MemoryError)
 
 
-def _read_png16(path: Path) -> np.ndarray | None:
-    """Decode a 16-bit PNG with pypng (any colour type, tRNS, interlaced); None for other PNGs.
+def _read_png16(path: Path, limit: int) -> np.ndarray | None:
+    """Decode a 16-bit PNG with pypng (any colour type, tRNS, interlaced), at most ``limit`` px →
+    (H, W, 3) float array from :func:`_to_rgb`; None for other PNGs.
 
     PNGs of other bit depths return None: Pillow reads those exactly.
     """
@@ -248,6 +379,7 @@ def _read_png16(path: Path) -> np.ndarray | None:
         raise ImageReadError(path, "corrupt PNG (missing IHDR header)")
     if data[24] != 16:  # IHDR bit depth
         return None
+    _check_pixels(path, *struct.unpack(">II", data[16:24]), limit)  # IHDR width, height
     try:
         reader = png.Reader(bytes=data)
         reader.preamble()
@@ -275,14 +407,14 @@ def _read_png16(path: Path) -> np.ndarray | None:
         raise ImageReadError(path, f"corrupt or truncated PNG ({detail})") from None
     if count < height:
         raise ImageReadError(path, f"truncated PNG (image data holds {count} of {height} rows)")
-    a = samples.reshape(height, width, planes).astype(np.float64) / float((1 << depth) - 1)
+    a, top = samples.reshape(height, width, planes), (1 << depth) - 1
     if planes == 1:
-        return _to_rgb(path, a[:, :, 0], None)
+        return _to_rgb(a[:, :, 0], scale=top)
     if planes == 2:
-        return _to_rgb(path, a[:, :, 0], a[:, :, 1])
+        return _to_rgb(a[:, :, 0], a[:, :, 1], top)
     if planes == 3:
-        return _to_rgb(path, a, None)
-    return _to_rgb(path, a[:, :, :3], a[:, :, 3])
+        return _to_rgb(a, scale=top)
+    return _to_rgb(a[:, :, :3], a[:, :, 3], top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,18 +449,17 @@ def _png16_bytes(samples: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path:
-    """Write ``image`` as a PNG, atomically (temporary file in the same folder, then ``os.replace``).
+def png_bytes(image: np.ndarray, bits: int = 8) -> bytes:
+    """Encode ``image`` as PNG file bytes (what :func:`write_png` writes).
 
     Args:
-        path: destination file (its folder is created if missing).
         image: ``(H, W, 3)`` RGB or ``(H, W)`` / ``(H, W, 1)`` grayscale; float values in ``[0, 1]``
             (clipped, rounded to the nearest level), or ``uint8`` (bits=8) / ``uint16`` (bits=16)
             samples written as they are.
         bits: 8 or 16 bits per sample.
 
     Returns:
-        The path written. The bytes depend only on the pixel values (deterministic).
+        The bytes; they depend only on the pixel values (deterministic).
 
     Raises:
         ValueError: wrong shape, dtype, bit depth, or NaN/Inf values.
@@ -341,16 +472,24 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"write_png takes an (H, W, 3) or (H, W) image, got shape {a.shape}")
     samples = _quantise(a, bits)
-    if bits == 8:
-        from PIL import Image
+    if bits == 16:
+        return _png16_bytes(samples if samples.ndim == 3 else samples[:, :, None])
+    from PIL import Image
 
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(samples), mode="L" if samples.ndim == 2 else "RGB").save(
-            buf, format="PNG", compress_level=6)
-        payload = buf.getvalue()
-    else:
-        payload = _png16_bytes(samples if samples.ndim == 3 else samples[:, :, None])
-    return atomic_write_bytes(path, payload)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(samples), mode="L" if samples.ndim == 2 else "RGB").save(
+        buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path:
+    """Write ``image`` (see :func:`png_bytes`) as a PNG, atomically (a temporary file in the same
+    folder, then ``os.replace``; its folder is created if missing). Returns the path written.
+
+    Raises:
+        ValueError: wrong shape, dtype, bit depth, or NaN/Inf values.
+    """
+    return atomic_write_bytes(path, png_bytes(image, bits))
 
 
 def check_min_size(image: np.ndarray, min_px: int, what: str = "crop", path=None) -> None:

@@ -24,11 +24,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dmdiff.errors import DmdiffError
-from dmdiff.runinfo import atomic_write_text, provenance, write_json
+from dmdiff.errors import EXIT_PARTIAL, DmdiffError
+from dmdiff.outputs import atomic_write_text, claim_folder, write_json
+from dmdiff.runinfo import provenance
 
+#: The kind of output folder a study is (:mod:`dmdiff.outputs`).
+STUDY_KIND = "study"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def study_folder_parts(folder: Path) -> set[str] | None:
+    """Recognises a study folder of a dmdiff version before output markers (its ``manifest.json``):
+    an empty set, else None."""
+    return set() if (folder / "manifest.json").is_file() else None
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -131,9 +140,12 @@ def _report(run_dir: Path, results: list[StepResult]) -> str:
 def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
               extra: dict | None = None, resume: bool = False,
               notebook_paths: list[Path] | None = None) -> list[StepResult]:
-    """Run every notebook in order; returns the per-step results (also written to the manifest)."""
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every notebook in order; returns the per-step results (also written to the manifest).
+
+    Raises:
+        DmdiffError: ``out`` holds files that are not a dmdiff study's (:func:`dmdiff.outputs.claim_folder`).
+    """
+    out = claim_folder(Path(out).resolve(), STUDY_KIND, study_folder_parts)
     manifest_path = out / "manifest.json"
     previous = {}
     if resume and manifest_path.is_file():
@@ -231,11 +243,50 @@ def _write_manifest(out: Path, shared: dict, results: list[StepResult]) -> None:
     write_json(out / "manifest.json", provenance(config=shared, seed=shared["seed"], steps=steps))
 
 
+def select_notebooks(until: str | None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The study's notebooks up to the one numbered ``until`` (``"01"`` or ``"1"``; None: all).
+
+    Raises:
+        DmdiffError: no notebook has that number.
+    """
+    paths = notebooks(directory)
+    if until is None:
+        return paths
+    numbers = [p.name[:2] for p in paths]
+    wanted = until.strip().zfill(2)
+    if wanted not in numbers:
+        raise DmdiffError(f"--until {until}: no notebook with that number (the study has {', '.join(numbers)})")
+    return paths[:numbers.index(wanted) + 1]
+
+
+def check_params(extra: dict[str, Any], paths: list[Path]) -> int:
+    """Check the ``-p`` parameters against what the notebooks declare; returns the seed.
+
+    Raises:
+        DmdiffError: a parameter no notebook declares (the declared ones are listed), or a seed that
+            is not a non-negative integer.
+    """
+    declared = set().union(*(declared_parameters(p) for p in paths)) | {"seed"}
+    unknown = sorted(set(extra) - declared)
+    if unknown:
+        raise DmdiffError(f"-p {unknown[0]}=…: no notebook of the study takes this parameter; they take "
+                          f"{', '.join(sorted(declared - {'out_dir'}))}")
+    seed = extra.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DmdiffError(f"-p seed={seed}: the seed must be a non-negative integer")
+    return seed
+
+
 def main(args) -> int:
+    """Entry point of ``dmdiff repro`` (args: out, preset, smoke, param, resume, until, compare)."""
     extra = parse_params(args.param)
-    seed = int(extra.pop("seed", 0))
+    paths = select_notebooks(args.until)
+    seed = check_params(extra, paths)
+    extra.pop("seed", None)
+    if args.compare is not None and not Path(args.compare).is_dir():
+        raise DmdiffError(f"--compare {args.compare}: no such run folder")
     results = run_study(Path(args.out), preset=args.preset, smoke=args.smoke, seed=seed, extra=extra,
-                        resume=args.resume)
+                        resume=args.resume, notebook_paths=paths)
     for r in results:
         print(f"{r.name:32s} {r.status:18s} {r.seconds:8.1f} s")
         if r.error:
@@ -248,4 +299,4 @@ def main(args) -> int:
         for line in diffs[:50]:
             print(f"    {line}")
         ok = ok and not diffs
-    return 0 if ok else 1
+    return 0 if ok else EXIT_PARTIAL

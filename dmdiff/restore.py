@@ -16,7 +16,15 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
 * **Outputs** are 8-bit RGB PNGs (``bits=16``: 16-bit, e.g. to keep the precision of 16-bit
   inputs), written atomically. Inputs are never overwritten: ``--out`` may not be the input folder,
   nor may any output path be an input file; two inputs with the same name stem (``a.png``,
-  ``a.jpg``) are refused up front. Existing outputs in ``--out`` are replaced.
+  ``a.jpg``) are refused up front. **No file dmdiff did not write is replaced**: ``restore.json``
+  records every image written into ``--out`` with its sha256; an output name that holds any other
+  file (the user's own ``IMG_1.png``, or an earlier output edited since) is refused before any
+  work starts, unless ``--overwrite`` is given. A ``restore.json`` of another program is never
+  overwritten.
+* **Resume**: ``--resume`` skips the images that an earlier run into the same ``--out`` restored
+  with the same model (its weights' sha256) and settings, whose outputs are unchanged. The report
+  names each output (and its hash) before the file is written, so a run killed at any moment
+  leaves nothing a later run refuses.
 * **Maps** (the lens's optics maps, ``(7, G, G)`` in ``MAP_CHANNELS`` order, covering the full
   image): ``"auto"`` uses ``DATA/maps/<stem>.npy`` when the input is ``DATA/lr_<split>/<stem>.*``
   of a dmdiff dataset (:mod:`dmdiff.data.simulate`) and that file exists, else none (SVDA then
@@ -38,12 +46,15 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
 * **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
   rest continue, the failures are listed at the end and the exit status is 1.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
-  colour correction, maps option, device, and per file its status, size, tile count, maps used,
-  seconds and error.
+  colour correction, maps option, device, ``settings`` (what ``--resume`` compares), ``written``
+  (every output of dmdiff restore in the folder, of this run and earlier ones, with its sha256),
+  and per file of this run its status, size, tile count, maps used, seconds and error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -52,14 +63,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmdiff.errors import ConfigError, DmdiffError, ImageReadError
-from dmdiff.imageio import IMAGE_EXTENSIONS, check_min_size, read_image, write_png
+from dmdiff.device import resolve_device
+from dmdiff.errors import EXIT_PARTIAL, NO_SPACE, ConfigError, DmdiffError, ImageReadError
+from dmdiff.imageio import IMAGE_EXTENSIONS, check_min_size, png_bytes, read_image
 from dmdiff.model.dmdiff import check_alpha
 from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling, tiled_restore
-from dmdiff.runinfo import provenance, write_json
+from dmdiff.outputs import atomic_write_bytes, clean_stale_temp_files, unwritable, write_json
+from dmdiff.runinfo import provenance
 
-__all__ = ["COLOR_CORRECTIONS", "DEFAULT_COLOR_CORRECTION", "LOWPASS_SIGMA_PX", "REPORT_FILE", "list_inputs", "output_paths", "load_maps",
-           "find_maps", "resolve_color_correction", "color_correct", "restore", "main"]
+__all__ = ["COLOR_CORRECTIONS", "DEFAULT_COLOR_CORRECTION", "LOWPASS_SIGMA_PX", "REPORT_FILE", "list_inputs",
+           "output_paths", "load_maps", "find_maps", "resolve_color_correction", "color_correct", "previous_report",
+           "written_outputs", "check_outputs", "model_digest", "restore", "main"]
 
 #: What :func:`color_correct` does; ``"auto"`` is resolved to one of them per model.
 CORRECTIONS = ("none", "meanstd", "lowpass")
@@ -73,6 +87,7 @@ DEFAULT_COLOR_CORRECTION = "auto"
 #: Gaussian σ (px) that separates "colour" from "detail" in the ``lowpass`` correction.
 LOWPASS_SIGMA_PX = 12.0
 REPORT_FILE = "restore.json"
+REPORT_FORMAT = "dmdiff-restore"
 N_MAP_CHANNELS = 7          # len(MAP_CHANNELS)
 # What one image may raise without stopping a folder run (user-fixable problems, or running out of memory).
 FILE_ERRORS = (DmdiffError, ValueError, OSError, RuntimeError, MemoryError)
@@ -209,10 +224,88 @@ def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
 # ---------------------------------------------------------------------------------------------
 
 
+def previous_report(out: str | Path) -> dict | None:
+    """The ``restore.json`` an earlier ``dmdiff restore`` wrote into ``out`` (None when there is none).
+
+    Raises:
+        DmdiffError: ``out`` holds a ``restore.json`` that dmdiff did not write (it is never
+            overwritten).
+    """
+    path = Path(out) / REPORT_FILE
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        report = None
+    legacy = isinstance(report, dict) and isinstance(report.get("files"), list) and "provenance" in report
+    if not isinstance(report, dict) or not (report.get("format") == REPORT_FORMAT or legacy) or path.is_symlink():
+        raise DmdiffError(f"{path} exists and is not a report of dmdiff restore; it is never overwritten: "
+                          "choose another --out")
+    return report
+
+
+def written_outputs(report: dict | None) -> dict[str, str | None]:
+    """``{file name: sha256}`` of the images dmdiff restore wrote into a folder, from its report
+    (``None`` digests for reports of versions that did not record them)."""
+    if report is None:
+        return {}
+    if isinstance(report.get("written"), dict):
+        return dict(report["written"])
+    return {Path(e["output"]).name: None for e in report["files"]
+            if isinstance(e, dict) and e.get("status") == "ok" and e.get("output")}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _ours(path: Path, written: dict[str, str | None]) -> bool:
+    """Whether ``path`` is an image dmdiff restore wrote and nobody changed since."""
+    if path.name not in written or path.is_symlink() or not path.is_file():
+        return False
+    digest = written[path.name]
+    return digest is None or _sha256(path.read_bytes()) == digest
+
+
+def check_outputs(outputs: list[Path], written: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse outputs that would replace files dmdiff restore did not write (unless ``overwrite``).
+
+    Raises:
+        DmdiffError: some output paths hold other files (the first few are listed).
+    """
+    foreign = [o for o in outputs if (o.exists() or o.is_symlink()) and not _ours(o, written)]
+    if foreign and not overwrite:
+        names = ", ".join(str(o) for o in foreign[:5]) + (f", ... ({len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise DmdiffError(f"{len(foreign)} output(s) would replace file(s) that dmdiff restore did not write: "
+                          f"{names}. Choose another --out, or pass --overwrite to replace them.")
+
+
+def model_digest(pipeline_dir: Path) -> str:
+    """A sha256 of a pipeline folder's config and trained weights: what ``--resume`` compares."""
+    from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE
+
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, TRAINABLE_FILE):
+        h.update((pipeline_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def _finished(report: dict | None, settings: dict, written: dict[str, str | None], out: Path) -> dict[str, dict]:
+    """``{input path: entry}`` of the images a previous run with the same ``settings`` restored and
+    whose outputs are still as written (what ``--resume`` skips)."""
+    if report is None or report.get("settings") != settings:
+        return {}
+    return {e["input"]: e for e in report["files"]
+            if e.get("status") == "ok" and e.get("output") and written.get(Path(e["output"]).name)
+            and _ours(out / Path(e["output"]).name, written)}
+
+
 def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float = 1.0,
             tile: int | None = None, overlap: int | None = None, color: str = DEFAULT_COLOR_CORRECTION,
             maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
-            model_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+            model_path: str | None = None, overwrite: bool = False, resume: bool = False,
+            progress: bool = True) -> dict[str, Any]:
     """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
 
     Args:
@@ -228,6 +321,9 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         self_ensemble: average the restorations of the 8 orientations of each image.
         device: torch device (default: CUDA when available, else CPU).
         model_path: ``sd-turbo`` pipelines: where SD-Turbo is.
+        overwrite: replace existing files of the output names even when dmdiff did not write them.
+        resume: skip the images an earlier run into ``out`` restored with the same model and settings
+            (and whose outputs are unchanged).
         progress: a tqdm bar over the images (with the tile count of the current one).
 
     Returns:
@@ -248,25 +344,41 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         raise ConfigError(f"--bits must be 8 or 16, got {bits!r}")
     inputs = list_inputs(images)
     outputs = output_paths(images, inputs, out)
+    out = Path(out)
+    report = previous_report(out)
+    written = written_outputs(report)
+    check_outputs(outputs, written, overwrite)
     shared_maps = load_maps(maps) if maps not in ("auto", "none") else None
     pipeline_dir, run = resolve_model(model, stage="stage2")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     net = DMDiffPipeline.from_pretrained(pipeline_dir, model_path=model_path, device=device).model
     tile, overlap = check_tiling(net, DEFAULT_TILE_PX if tile is None else tile,
                                  DEFAULT_OVERLAP_PX if overlap is None else overlap)
     color = resolve_color_correction(color, net)
+    settings = {"model": str(pipeline_dir.resolve()), "model_sha256": model_digest(pipeline_dir), "alpha": alpha,
+                "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
+                "self_ensemble": bool(self_ensemble)}
+    finished = _finished(report, settings, written, out) if resume else {}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
+        "format": REPORT_FORMAT, "format_version": 1,
         "model": str(pipeline_dir), "run": None if run is None else str(run), "preset": net.config.preset,
         "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
-        "self_ensemble": bool(self_ensemble), "device": str(device), "torch_threads": torch.get_num_threads(), "files": [], "failed": 0,
-        "provenance": provenance(),
+        "self_ensemble": bool(self_ensemble), "device": str(device), "torch_threads": torch.get_num_threads(),
+        "settings": settings, "files": [], "failed": 0, "written": written, "provenance": provenance(),
     }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(out)
+        write_json(out / REPORT_FILE, record)
+    except OSError as e:
+        raise unwritable(out, e) from None
     bar = tqdm(list(zip(inputs, outputs)), desc="dmdiff restore", unit="image", disable=not progress)
     for source, target in bar:
         bar.set_postfix_str(source.name)
+        if str(source) in finished:
+            record["files"].append({**finished[str(source)], "resumed": True})
+            continue
         entry: dict[str, Any] = {"input": str(source), "output": str(target), "status": "ok"}
         start = time.perf_counter()
         try:
@@ -287,8 +399,15 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
 
             restored = _restore_array(net, image, image_maps, alpha, tile, overlap, on_tile, self_ensemble)
             entry["tiles"] = tiles[0]
-            write_png(target, color_correct(restored, image, color), bits=bits)
+            payload = png_bytes(color_correct(restored, image, color), bits=bits)
+            # the report names the file (and its hash) before it exists, so a run killed in between
+            # leaves no output that a later run would take for a file dmdiff did not write
+            record["written"][target.name] = _sha256(payload)
+            write_json(out / REPORT_FILE, record)
+            atomic_write_bytes(target, payload)
         except FILE_ERRORS as e:
+            if isinstance(e, OSError) and e.errno in NO_SPACE:
+                raise       # a full disk fails every later image too: stop (the CLI reports it)
             reason = e.reason if isinstance(e, ImageReadError) else str(e) or type(e).__name__
             entry.update(status="failed", output=None, error=reason)
             record["failed"] += 1
@@ -316,22 +435,25 @@ def _restore_array(model, image: np.ndarray, maps: np.ndarray | None, alpha: flo
 
 def main(args) -> int:
     """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
-    maps, bits, self_ensemble, device, threads, model_path, no_progress). Exit status 1 when an image failed."""
+    maps, bits, self_ensemble, device, threads, model_path, overwrite, resume, no_progress).
+    Exit status 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when an image failed."""
     if args.threads is not None:
         if args.threads < 1:
             raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
                      color=args.color_correct, maps=args.maps, bits=args.bits,
-                     self_ensemble=args.self_ensemble, device=args.device,
-                     model_path=args.model_path, progress=not args.no_progress)
+                     self_ensemble=args.self_ensemble, device=args.device, model_path=args.model_path,
+                     overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     done = len(record["files"]) - record["failed"]
-    print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out} "
-          f"(report: {Path(args.out) / REPORT_FILE})")
+    resumed = sum(1 for e in record["files"] if e.get("resumed"))
+    print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out}"
+          + (f" ({resumed} done by an earlier run, skipped)" if resumed else "")
+          + f" (report: {Path(args.out) / REPORT_FILE})")
     if record["failed"]:
         print(f"dmdiff restore: {record['failed']} image(s) failed:", file=sys.stderr)
         for entry in record["files"]:
             if entry["status"] == "failed":
                 print(f"  {entry['input']}: {entry['error']}", file=sys.stderr)
-        return 1
+        return EXIT_PARTIAL
     return 0

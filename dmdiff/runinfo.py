@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+# the atomic writers moved to dmdiff.outputs; these names stay importable from here
+from dmdiff.outputs import atomic_directory, atomic_write_bytes, atomic_write_text, write_json  # noqa: F401
 
 PACKAGES = ("dmdiff", "torch", "torchvision", "numpy", "scipy", "scikit-image", "diffusers",
             "transformers", "peft", "accelerate", "safetensors", "deepinv", "lpips", "papermill")
@@ -57,58 +56,3 @@ def provenance(config: dict | None = None, seed: int | None = None, **extra: Any
         "platform": platform.platform(),
         **extra,
     }
-
-
-def _umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_directory(folder: str | Path, replace: bool = False) -> Iterator[Path]:
-    """Build a folder atomically: yields a temporary sibling to fill, renamed to ``folder`` on success.
-
-    On any error the temporary folder is removed and ``folder`` is left as it was. With
-    ``replace=True`` an existing ``folder`` is replaced (removed just before the rename); otherwise
-    an existing ``folder`` makes the rename fail with ``OSError``.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
-        yield tmp
-        if replace and folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Atomically write ``data`` as indented JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

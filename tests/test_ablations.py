@@ -81,7 +81,7 @@ def test_unknown_and_inapplicable_ablations_are_refused(tmp_path, capsys):
     assert ablation_names(plain) == ("single_path", "no_pseudo")
     with pytest.raises(ConfigError, match="^ablation no_svda: "):
         ablation_config(plain, "no_svda", tmp_path)
-    with pytest.raises(ConfigError, match="^ablation spatial_svda: svda_spatial=True needs svda=True"):
+    with pytest.raises(ConfigError, match="^ablation spatial_svda: model.svda_spatial=True needs svda=True"):
         ablation_config(plain, "spatial_svda", tmp_path)
     with pytest.raises(ConfigError, match="unknown ablation"):      # before anything is trained
         run_ablations(cfg, tmp_path / "r", ["no_svda", "bogus"], progress=False)

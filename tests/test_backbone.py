@@ -205,6 +205,18 @@ def test_pickle_only_weights_are_refused_unread(saved, tmp_path, monkeypatch):
         load_backbone("sd-turbo", path=folder)
 
 
+def test_damaged_component_is_named_with_the_presets_help(saved, tmp_path):
+    folder = shutil.copytree(saved, tmp_path / "damaged")
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"unused")  # not the variant loaded
+    (folder / "scheduler" / "scheduler_config.json").write_text("{broken")
+    with pytest.raises(DmdiffError, match="(?s)scheduler cannot be loaded.*hf download") as err:
+        load_backbone("sd-turbo", path=folder)
+    assert str(folder / "scheduler") in str(err.value)
+    with pytest.raises(DmdiffError, match="tiny backbone folder is written by save_backbone") as err:
+        load_backbone("tiny", path=folder)
+    assert "hf download" not in str(err.value)
+
+
 def test_bad_preset_or_path_is_a_config_error():
     with pytest.raises(ConfigError, match="tiny, sd-turbo, sd-turbo-shape"):
         load_backbone("sd-xl")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdiff.data.dataset import PairedFolderDataset, crop_maps
+from dmdiff.data.dataset import PairedFolderDataset, crop_maps, read_lens
 from dmdiff.errors import DmdiffError
 from dmdiff.imageio import write_png
 
@@ -169,12 +169,38 @@ def test_bad_maps(tmp_path):
         PairedFolderDataset(root)
 
 
+@pytest.mark.parametrize("bad, needle", [
+    (np.nan, "1 of the 63 map values are NaN or infinite"),
+    (np.inf, "1 of the 63 map values are NaN or infinite"),
+    (-np.inf, "1 of the 63 map values are NaN or infinite"),
+])
+def test_non_finite_maps_name_the_file(tmp_path, bad, needle):
+    root = make_dataset(tmp_path)
+    m = np.load(root / "maps" / "img_002.npy")
+    m[3, 1, 2] = bad
+    np.save(root / "maps" / "img_002.npy", m)
+    with pytest.raises(DmdiffError, match=rf"img_002\.npy: {needle}"):
+        PairedFolderDataset(root)
+    np.save(root / "maps" / "img_002.npy", np.full((7, G, G), "x"))
+    with pytest.raises(DmdiffError, match=r"img_002\.npy: maps must hold real numbers, got dtype <U1"):
+        PairedFolderDataset(root)
+
+
 def test_crop_too_large_and_corrupt_image(tmp_path):
     root = make_dataset(tmp_path, maps=False)
-    with pytest.raises(DmdiffError, match=r"crop_px = 41 is larger than 4 image\(s\).*img_000 \(40×48 px\)"):
+    with pytest.raises(DmdiffError, match=r"crop_px = 41 is larger than 4 image\(s\).*img_000 \(40×48 px\)") as e:
         PairedFolderDataset(root, crop_px=41)
+    # the hint is one that training accepts too (TrainConfig.crop_px cannot be null)
+    assert "use a crop_px of at most 40 (the smallest image side)" in str(e.value) and "None" not in str(e.value)
     with pytest.raises(DmdiffError, match="crop_px"):
         PairedFolderDataset(root, crop_px=0)
     (root / "lr_train" / "img_001.png").write_text("not a png")
     with pytest.raises(DmdiffError, match="img_001.png.*not an image"):
         PairedFolderDataset(root)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"spec": "\xff\xfe"}', b'{"seed": ' + b"9" * 5000 + b"}"])
+def test_unreadable_lens_json_names_the_file(tmp_path, content):
+    (tmp_path / "lens.json").write_bytes(content)
+    with pytest.raises(DmdiffError, match=r"lens\.json: unreadable lens\.json"):
+        read_lens(tmp_path)

@@ -88,7 +88,9 @@ def test_batched_paths_equal_separate_calls(model):
         for path in ("neutral", "positive"):
             alone = model.latents(x, maps, (path,))[path]
             assert both[path].shape == (2, 4, 20, 28)
-            torch.testing.assert_close(both[path], alone, atol=1e-5, rtol=1e-5)
+            # batch size changes the GEMM blocking: float32 sums differ in the last bits (seen up to
+            # 2.4e-5 on some CPUs); a path run with the wrong prompt or modulation differs far more
+            torch.testing.assert_close(both[path], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_per_sample_paths_equal_per_path_batches(model):

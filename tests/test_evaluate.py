@@ -24,6 +24,7 @@ from dmdiff.evaluate import (  # noqa: E402
     DEGRADE, METHODS, evaluate, format_table, quality_bar, quantize, resolve_model, vae_reconstruct,
 )
 from dmdiff.imageio import read_image  # noqa: E402
+from dmdiff.outputs import MANIFEST  # noqa: E402
 from dmdiff.metrics import compute_metrics, lpips_status, psnr  # noqa: E402
 from dmdiff.model.backbone import load_backbone  # noqa: E402
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
@@ -64,7 +65,7 @@ def _png(path: Path) -> np.ndarray:
 
 def test_files_and_layout(report, dataset):
     out, metrics = report
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "table.md", "grid.png", "images"}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "table.md", "grid.png", "images", MANIFEST}
     names = sorted(p.stem for p in (dataset / "gt_test").iterdir())[:2]
     assert metrics["names"] == names and metrics["count"] == 2 and metrics["split"] == "test"
     assert metrics["methods"] == [*METHODS, DEGRADE]
@@ -260,7 +261,7 @@ def test_cli_prints_the_table_and_replaces_only_reports(dataset, pipeline_dir, t
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     assert cli_main([*args[:5], "--out", str(foreign), *args[7:]]) == 2
-    assert "not an earlier evaluation" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
+    assert "not a dmdiff evaluation folder" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
 
 
 def test_resolve_model_and_default_out(tmp_path, pipeline_dir, dataset):

@@ -1,15 +1,25 @@
 """read_image / write_png: conversions, precision, clear errors on bad files, atomic deterministic writes."""
 
+import io
+import os
+import resource
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import png
 import pytest
 from PIL import Image
 
+from dmdiff import imageio
 from dmdiff.errors import DmdiffError, ImageReadError
-from dmdiff.imageio import ImageSizeError, check_min_size, read_image, write_png
+from dmdiff.imageio import DEFAULT_MAX_PIXELS, ImageSizeError, check_min_size, max_pixels, read_image, write_png
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
@@ -293,9 +303,186 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
         file = atomic_write_text(tmp_path / "a.txt", "x")
-        with atomic_directory(tmp_path / "folder") as tmp:
+        with atomic_directory(tmp_path / "folder", "test") as tmp:
             (tmp / "b.txt").write_text("y")
     finally:
         os.umask(mask)
     assert file.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
+# ---- the pixel limit: checked from the header, before any pixel memory is allocated ----------
+
+BOMB_SIDE = 15000  # 225 megapixels declared by files of a few hundred bytes
+
+
+def _png_bomb(path: Path, bits: int) -> Path:
+    """An RGB PNG whose IHDR declares BOMB_SIDE² px, followed by a few rows' worth of zeros."""
+    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, bits, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+                     + _chunk(b"IDAT", zlib.compress(bytes(4000))) + _chunk(b"IEND", b""))
+    return path
+
+
+def _jpeg_bomb(path: Path) -> Path:
+    """A real 16×16 RGB JPEG whose frame header (SOF0) is patched to declare BOMB_SIDE² px."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = struct.pack(">HH", BOMB_SIDE, BOMB_SIDE)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _tiff_bomb(path: Path) -> Path:
+    """A little-endian TIFF: one uncompressed 16-bit grayscale strip declared BOMB_SIDE² px, 64 bytes stored."""
+    tags = [(256, 4, BOMB_SIDE), (257, 4, BOMB_SIDE), (258, 3, 16), (259, 3, 1), (262, 3, 1),
+            (273, 4, 0), (277, 3, 1), (278, 4, BOMB_SIDE), (279, 4, BOMB_SIDE * BOMB_SIDE * 2)]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        value = data_offset if tag == 273 else value
+        field = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)  # SHORT or LONG
+        ifd += struct.pack("<HHI", tag, kind, 1) + field
+    path.write_bytes(b"II" + struct.pack("<HI", 42, 8) + ifd + struct.pack("<I", 0) + bytes(64))
+    return path
+
+
+BOMBS = {"png16": lambda d: _png_bomb(d / "bomb16.png", 16), "png8": lambda d: _png_bomb(d / "bomb8.png", 8),
+         "jpeg": lambda d: _jpeg_bomb(d / "bomb.jpg"), "tiff": lambda d: _tiff_bomb(d / "bomb.tif")}
+LIMIT_MESSAGE = (f"image is {BOMB_SIDE}×{BOMB_SIDE} px (225 megapixels), over the pixel limit of "
+                 f"{DEFAULT_MAX_PIXELS / 1e6:g} megapixels")
+
+
+@pytest.mark.parametrize("kind", sorted(BOMBS))
+def test_oversized_image_is_refused_from_its_header(tmp_path, monkeypatch, kind):
+    """16-bit PNG (pypng), 8-bit PNG and JPEG (Pillow), TIFF (tifffile): the limit fires before decoding."""
+    monkeypatch.delenv("DMDIFF_MAX_PIXELS", raising=False)
+    path = BOMBS[kind](tmp_path)
+    assert path.stat().st_size < 5000
+    if kind in ("png16", "tiff"):  # their own decoder must refuse it, not the Pillow fallback
+        monkeypatch.setattr(imageio, "_read_pillow", lambda *a: pytest.fail("fell through to Pillow"))
+    if kind == "tiff":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            assert tif.pages[0].shape == (BOMB_SIDE, BOMB_SIDE)  # tifffile parses the header
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    start = time.perf_counter()
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert time.perf_counter() - start < 1.0
+    assert info.value.path == str(path) and info.value.reason.startswith(LIMIT_MESSAGE)
+    assert path.name in str(info.value) and "DMDIFF_MAX_PIXELS" in str(info.value)
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # Pillow's own setting is left as it was
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is enforced on Linux")
+def test_oversized_images_are_refused_without_allocating(tmp_path):
+    """In a process limited to 400 MB of address space (Python and the libraries take about 120 MB),
+    where decoding any bomb (0.45 to 1.35 GB of samples) fails, each is refused with the limit's message."""
+    paths = [str(make(tmp_path)) for make in BOMBS.values()]
+    script = ("import sys\nfrom dmdiff.imageio import read_image\nfrom dmdiff.errors import ImageReadError\n"
+              "for p in sys.argv[1:]:\n    try:\n        read_image(p)\n"
+              "    except ImageReadError as e:\n        print(e.reason)\n")
+    limit = 400_000_000
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no thread arenas
+    done = subprocess.run([sys.executable, "-c", script, *paths], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert done.returncode == 0, done.stderr
+    reasons = done.stdout.splitlines()
+    assert len(reasons) == len(paths) and all(r.startswith(LIMIT_MESSAGE) for r in reasons), done.stdout
+
+
+def test_pixel_limit_from_environment_and_per_call(tmp_path, monkeypatch):
+    path = write_png(tmp_path / "photo.png", np.random.default_rng(0).random((80, 60, 3)))  # 4800 px
+    monkeypatch.delenv("DMDIFF_MAX_PIXELS", raising=False)
+    assert max_pixels() == DEFAULT_MAX_PIXELS
+    monkeypatch.setenv("DMDIFF_MAX_PIXELS", " ")
+    assert max_pixels() == DEFAULT_MAX_PIXELS  # empty: the default
+    monkeypatch.setenv("DMDIFF_MAX_PIXELS", "4799")
+    assert max_pixels() == 4799
+    with pytest.raises(ImageReadError, match=r"photo.png: image is 60×80 px \(0.0048 megapixels\), over the "
+                                             r"pixel limit of 0.004799 megapixels \(4799 px\)"):
+        read_image(path)
+    assert read_image(path, max_pixels=4800).shape == (80, 60, 3)  # the per-call limit wins
+    monkeypatch.setenv("DMDIFF_MAX_PIXELS", "4_800")
+    assert read_image(path).shape == (80, 60, 3)  # exactly at the limit is allowed
+    with pytest.raises(ImageReadError, match="over the pixel limit"):
+        read_image(path, max_pixels=4799)
+    with pytest.raises(ValueError, match="max_pixels must be a positive"):
+        read_image(path, max_pixels=0)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5e8"])
+def test_invalid_pixel_limit_variable_is_a_clear_error(tmp_path, monkeypatch, value):
+    path = write_png(tmp_path / "photo.png", np.zeros((8, 8, 3)))
+    monkeypatch.setenv("DMDIFF_MAX_PIXELS", value)
+    for call in (max_pixels, lambda: read_image(path)):
+        with pytest.raises(DmdiffError, match="environment variable DMDIFF_MAX_PIXELS: ") as info:
+            call()
+        assert not isinstance(info.value, ImageReadError)  # a setting to fix, not a bad file to skip
+
+
+def test_pillows_own_limit_does_not_apply(tmp_path, monkeypatch):
+    """Pillow would call a 100×100 image a decompression bomb under MAX_IMAGE_PIXELS = 1000: ours rules,
+    and Pillow's value is restored afterwards."""
+    monkeypatch.delenv("DMDIFF_MAX_PIXELS", raising=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write_png(tmp_path / "photo.png", np.random.default_rng(1).random((100, 100, 3)))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert read_image(path).shape == (100, 100, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_integer_samples_keep_their_float64_rounded_values(tmp_path):
+    """Scaling in float32 gives, bit for bit, the float64 quotient rounded to float32, for every 8-bit
+    and 16-bit value (with and without alpha)."""
+    values8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb8 = np.stack([values8, values8[::-1], values8.T], axis=2)
+    values16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    Image.fromarray(np.dstack([rgb8, np.full((16, 16), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    cases = [(write_png(tmp_path / "rgb8.png", rgb8), rgb8, 255),
+             (write_png(tmp_path / "gray16.png", values16, bits=16), values16[:, :, None], 65535),
+             (tmp_path / "rgba.png", rgb8, 255)]
+    for path, samples, top in cases:
+        expect = np.broadcast_to(samples.astype(np.float64) / top, samples.shape[:2] + (3,)).astype(np.float32)
+        got = read_image(path)
+        assert got.dtype == np.float32 and got.tobytes() == expect.tobytes(), path.name
+
+
+def test_simulate_skips_an_oversized_image_and_goes_on(tmp_path, psf_cache):
+    """The real command, in a process limited to 5 GB of address space: the 16-bit PNG bomb is listed
+    as skipped (with the limit) and the two ordinary photos make the dataset."""
+    images, out = tmp_path / "images", tmp_path / "dataset"
+    rng = np.random.default_rng(2)
+    for name in ("first", "second"):
+        write_png(images / f"{name}.png", rng.random((80, 80, 3)))
+    _png_bomb(images / "bomb.png", 16)
+    limit = 5_000_000_000
+    env = {k: v for k, v in os.environ.items() if k != "DMDIFF_MAX_PIXELS"}  # the default limit
+    done = subprocess.run([sys.executable, "-m", "dmdiff.cli", "simulate", "--images", str(images), "--out", str(out),
+                           "--smoke"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert done.returncode in (0, 1), done.stderr  # 1: done, with skipped inputs listed
+    assert "bomb.png" in done.stderr and LIMIT_MESSAGE in done.stderr, done.stderr
+    assert (out / "lens.json").is_file()
+    made = {p.stem.rsplit("_", 1)[0] for p in out.glob("gt_t*/*.png")}  # gt_train/, gt_test/
+    assert made == {"first", "second"}
+
+
+def test_max_pixels_option_of_the_command_line(tmp_path, monkeypatch, capsys):
+    from dmdiff.cli import main
+
+    monkeypatch.setenv("DMDIFF_MAX_PIXELS", str(DEFAULT_MAX_PIXELS))  # undone after the test: main sets it
+    write_png(tmp_path / "images" / "photo.png", np.zeros((80, 80, 3)))
+    with pytest.raises(SystemExit) as info:
+        main(["--max-pixels", "0", "simulate", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2 and "--max-pixels: the pixel limit must be positive" in capsys.readouterr().err
+    status = main(["--max-pixels", "6399", "simulate", "--images", str(tmp_path / "images"),
+                   "--out", str(tmp_path / "out"), "--smoke"])
+    err = capsys.readouterr().err
+    assert status == 2 and "photo.png (image is 80×80 px" in err and "pixel limit of 0.006399 megapixels" in err
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from PIL import Image
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import load_backbone, save_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.outputs import MANIFEST
 from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE, DMDiffPipeline, DMDiffPipelineOutput, ImageInputError
 
 from conftest import perturb_trainable  # noqa: E402
@@ -106,7 +107,7 @@ def test_save_and_reload_in_a_fresh_process_is_exact(pipe, tmp_path):
     image, maps = _photo(37, 53, seed=3), np.full((7, 5, 5), 2.5, np.float32)
     expected = pipe(image, maps=maps, alpha=0.7).images[0]
     folder = pipe.save_pretrained(tmp_path / "pipe")
-    assert sorted(p.name for p in folder.iterdir()) == ["backbone", CONFIG_FILE, TRAINABLE_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, "backbone", CONFIG_FILE, TRAINABLE_FILE])
     assert (folder / "backbone" / "model_index.json").is_file()
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     meta = json.loads((folder / CONFIG_FILE).read_text())

@@ -17,6 +17,7 @@ from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import read_image, write_png
 from dmdiff.optics.spec import MetalensSpec
+from dmdiff.outputs import MANIFEST
 
 SMALL = {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2}
 FOLDERS = ("gt_train", "lr_train", "gt_blur_train", "gt_test", "lr_test", "gt_blur_test")
@@ -33,7 +34,7 @@ def names(folder: Path) -> list[str]:
 
 
 def test_layout_and_alignment(smoke):
-    assert sorted(p.name for p in smoke.iterdir()) == sorted(FOLDERS + ("maps", "lens.json"))
+    assert sorted(p.name for p in smoke.iterdir()) == sorted(FOLDERS + ("maps", "lens.json", MANIFEST))
     for split in ("train", "test"):
         gt = names(smoke / f"gt_{split}")
         assert gt and gt == names(smoke / f"lr_{split}") == names(smoke / f"gt_blur_{split}")
@@ -95,18 +96,20 @@ def test_same_seed_gives_identical_bytes(smoke, psf_cache, tmp_path):
 def test_refuses_to_overwrite_and_replaces_with_flag(psf_cache, tmp_path):
     cfg = {"dead_leaves_train": 0, "crops_per_test_photo": 0}
     out = simulate_dataset(tmp_path / "d", seed=0, smoke=True, config=cfg, cache_dir=psf_cache, progress=False)
-    (out / "gt_train" / "stale.png").write_bytes(b"old")
     with pytest.raises(DmdiffError, match="--overwrite"):
         simulate_dataset(out, seed=0, smoke=True, config=cfg, cache_dir=psf_cache, progress=False)
-    assert (out / "gt_train" / "stale.png").exists()  # untouched
+    (out / "gt_train" / "mine.png").write_bytes(b"a file the user put there")
+    with pytest.raises(DmdiffError, match="gt_train/mine.png"):   # not the dataset's own: never replaced
+        simulate_dataset(out, seed=0, smoke=True, config=cfg, cache_dir=psf_cache, progress=False, overwrite=True)
+    assert (out / "gt_train" / "mine.png").read_bytes() == b"a file the user put there"
+    (out / "gt_train" / "mine.png").unlink()
     simulate_dataset(out, seed=1, smoke=True, config=cfg, cache_dir=psf_cache, progress=False, overwrite=True)
-    assert not (out / "gt_train" / "stale.png").exists()
     assert read_lens(out)["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp folders left behind
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "holiday.jpg").write_bytes(b"x")
-    with pytest.raises(DmdiffError, match="not a dmdiff dataset"):
+    with pytest.raises(DmdiffError, match="not a dmdiff dataset folder"):
         simulate_dataset(unrelated, seed=0, smoke=True, cache_dir=psf_cache, progress=False, overwrite=True)
     assert (unrelated / "holiday.jpg").exists()
 

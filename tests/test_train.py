@@ -25,6 +25,7 @@ from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import write_png
 from dmdiff.optics.sensor import srgb_to_linear
 from dmdiff.optics.spec import MetalensSpec
+from dmdiff.outputs import MARKER
 from dmdiff.train import checkpoint as ckpt_io
 from dmdiff.train.config import PATHS, PseudoConfig, load_train_config, stage_config
 from dmdiff.train.data import StepBatches, open_train_sets
@@ -245,7 +246,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_config(run_a, dataset):
     assert state["step"] == 6 and state["samples_seen"] == 6 * 2 * 2
     assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "ema.safetensors",
             "rng-0.safetensors", "rng-0.json"} <= set(state["files"])
-    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin")) and not list(out.glob(".*"))
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin")) and [p.name for p in out.glob(".*")] == [MARKER]
     cfg = load_train_config(out / "config.yaml")
     assert to_dict(cfg) == to_dict(load_train_config(tiny(dataset)))
     info = json.loads((out / "run.json").read_text())

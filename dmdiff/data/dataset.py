@@ -9,8 +9,9 @@ Layouts read (see docs/architecture.md):
 
 Pairs are matched by file stem (``astronaut_003.png`` ↔ ``astronaut_003.png``, or ``.jpg``). The
 folder is validated **before** use: missing or empty folders, names that do not match between gt
-and lr (the first few listed), pairs whose sizes differ, missing or malformed maps, or a crop larger
-than an image all raise :class:`dmdiff.errors.DmdiffError` with the reason.
+and lr (the first few listed), pairs whose sizes differ, missing or malformed maps (wrong shape, not
+real numbers, NaN or infinite values), or a crop larger than an image all raise
+:class:`dmdiff.errors.DmdiffError` with the reason.
 
 Random crops use the same window for every image of a pair, and the maps are resampled to the
 window: the crop's G × G nodes (at the node positions of the crop, see the conventions) take the
@@ -98,7 +99,7 @@ def read_lens(root: str | Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer too long to read
         raise DmdiffError(f"{path}: unreadable lens.json ({e})") from None
 
 
@@ -156,8 +157,10 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         if crop_px is not None:
             too_small = [f"{n} ({w}×{h} px)" for n, (h, w) in zip(self.names, self.sizes) if min(h, w) < crop_px]
             if too_small:
+                smallest = min(min(hw) for hw in self.sizes)
                 raise DmdiffError(f"crop_px = {crop_px} is larger than {len(too_small)} image(s) of {gt_dir}: "
-                                  f"{_first(too_small)}; use a smaller crop_px or crop_px=None")
+                                  f"{_first(too_small)}; use a crop_px of at most {smallest} (the smallest "
+                                  "image side)")
 
     # ---- validation -----------------------------------------------------------------------------
 
@@ -204,6 +207,12 @@ class PairedFolderDataset(torch.utils.data.Dataset):
                 raise DmdiffError(f"{p}: unreadable map file ({e})") from None
             if arr.ndim != 3 or arr.shape[0] != 7 or arr.shape[1] < 1 or arr.shape[2] < 1:
                 raise DmdiffError(f"{p}: maps must have shape (7, G, G), got {arr.shape}")
+            if arr.dtype.kind not in "fiu":
+                raise DmdiffError(f"{p}: maps must hold real numbers, got dtype {arr.dtype}")
+            bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise DmdiffError(f"{p}: {bad} of the {arr.size} map values are NaN or infinite "
+                                  "(regenerate the maps, or remove maps/ to use the pairs without maps)")
             shapes.add(arr.shape)
         if len(shapes) > 1:
             raise DmdiffError(f"{folder}: maps of different shapes {sorted(shapes)}; a dataset has one grid size")

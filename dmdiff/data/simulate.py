@@ -20,24 +20,27 @@ Sources:
   split, the test photos only for the test split (never seen in training);
 - ``--images DIR``: every image file in DIR (not recursive), split by a fixed hash of the file name
   (``test_fraction`` of them, at least one per split when there are two or more); unreadable files
-  are skipped with a warning that lists them; images smaller than the sensor are upscaled with a
-  warning (or rejected, ``small_images: reject``).
+  (and images over the pixel limit, :func:`dmdiff.imageio.max_pixels`) are skipped with a warning
+  that lists them, and recorded in ``lens.json`` (``skipped``: file and reason; the command then
+  exits with status 1); images smaller than the sensor are upscaled with a warning (or rejected,
+  ``small_images: reject``).
 
 Reproducible: every image's randomness derives from ``(seed, name)`` only, so the same seed gives
-byte-identical image and map files (lens.json differs only in its ``provenance`` block: time, versions, git revision, duration). Atomic:
-the dataset is built in a temporary folder beside ``--out`` and renamed into place at the end; on
-any failure nothing half-written remains. An existing dataset is replaced only with
-``--overwrite`` (and a folder that is not a dmdiff dataset never is).
+byte-identical image and map files (lens.json differs only in its ``provenance`` block: time,
+versions, git revision, duration). Atomic (:func:`dmdiff.outputs.atomic_directory`): the dataset
+is built in a hidden folder beside ``--out`` and renamed into place at the end; on any failure
+nothing half-written remains, and a later run removes what a killed one left. An existing dataset
+is replaced only with ``--overwrite``, and only when the folder holds nothing but the dataset's
+own files (those its ``lens.json`` lists): a folder with anything else is never replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,12 +51,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dmdiff.config import load_config, merge, read_yaml, to_dict
-from dmdiff.errors import ConfigError, DmdiffError, ImageReadError
+from dmdiff.errors import EXIT_PARTIAL, ConfigError, DmdiffError, ImageReadError
 from dmdiff.optics.spec import MetalensSpec
+from dmdiff.outputs import atomic_directory, check_replaceable, write_json
+from dmdiff.runinfo import provenance
 
 __all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", "SMOKE", "DATASET_FOLDERS",
            "resize_image", "random_crop", "centre_square"]
 
+#: The kind of folder :func:`simulate_dataset` builds (:mod:`dmdiff.outputs`).
+DATASET_KIND = "dataset"
 DATASET_FOLDERS = ("gt_train", "lr_train", "gt_blur_train", "gt_test", "lr_test", "gt_blur_test", "maps")
 FORMAT_VERSION = 1
 
@@ -104,6 +111,9 @@ class SimulationConfig:
         for name in ("crops_per_train_photo", "crops_per_test_photo", "dead_leaves_train"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.crops_per_train_photo == self.crops_per_test_photo == self.dead_leaves_train == 0:
+            raise ConfigError("crops_per_train_photo, crops_per_test_photo and dead_leaves_train are all 0: "
+                              "the dataset would hold no images")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
@@ -227,8 +237,12 @@ def _bundled_sources(cfg: SimulationConfig) -> list[_Source]:
     return out
 
 
-def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> list[_Source]:
-    """Check every image file of ``folder`` and split them by a hash of the file name."""
+def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[list[_Source], list[dict]]:
+    """Check every image file of ``folder`` and split them by a hash of the file name.
+
+    Returns:
+        (the sources, the skipped files as ``{"file": name, "reason": why}``).
+    """
     from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
 
     if not folder.is_dir():
@@ -240,32 +254,38 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> list[_Sou
         raise DmdiffError(f"--images {folder}: no image files there (looked for {', '.join(IMAGE_EXTENSIONS)}"
                           + (f"; found only {_first(ignored)}" if ignored else "") + ")")
     size = cfg.spec.image_size_px
-    readable, bad, small = [], [], []
+    readable, bad, small = [], [], []    # bad / small: {"file": name, "reason": why}
     for p in tqdm(candidates, desc="checking images", unit="img", leave=False, disable=len(candidates) < 50):
         try:
             img = read_image(p)
         except ImageReadError as e:
-            bad.append(f"{p.name} ({e.reason})")
+            bad.append({"file": p.name, "reason": e.reason})
             continue
         h, w = img.shape[:2]
         if min(h, w) < size and (cfg.small_images == "reject" or min(h, w) < 16):
-            small.append(f"{p.name} ({w}×{h} px)")
+            limit = size if cfg.small_images == "reject" else 16
+            small.append({"file": p.name, "reason": f"{w}×{h} px, smaller than {limit} px"})
             continue
         if min(h, w) < size:
             warnings.warn(f"{p.name} is {w}×{h} px, smaller than the {size} px sensor: upscaled "
                           "(its crops are softer than the sensor's resolution)", SimulationWarning, stacklevel=3)
         readable.append(p)
+
+    def listing(items: list[dict], n: int) -> str:
+        return _first([f"{d['file']} ({d['reason']})" for d in items], n)
+
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}: {_first(bad, 10)}",
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}: {listing(bad, 10)}",
                       SimulationWarning, stacklevel=3)
     if small:
         why = "smaller than the sensor" if cfg.small_images == "reject" else "smaller than 16 px"
-        warnings.warn(f"skipped {len(small)} image(s) {why} ({size} px): {_first(small, 10)}",
+        warnings.warn(f"skipped {len(small)} image(s) {why} ({size} px): {listing(small, 10)}",
                       SimulationWarning, stacklevel=3)
     if not readable:
         raise DmdiffError(f"--images {folder}: none of the {len(candidates)} image file(s) could be used"
-                          + (f"; unreadable: {_first(bad, 5)}" if bad else "")
-                          + (f"; too small: {_first(small, 5)}" if small else ""))
+                          + (f"; unreadable: {listing(bad, 5)}" if bad else "")
+                          + (f"; too small: {listing(small, 5)}" if small else ""))
+    skipped = bad + small
     # names: unique, filesystem-safe stems
     names, seen = {}, set()
     for p in readable:
@@ -294,7 +314,7 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> list[_Sou
         train, test = train[:SMOKE_MAX_FILES], test[:SMOKE_MAX_FILES]
     out = [_Source(names[p], "train", "file", p, cfg.crops_per_train_photo) for p in train]
     out += [_Source(names[p], "test", "file", p, cfg.crops_per_test_photo) for p in test]
-    return out
+    return out, skipped
 
 
 def _first(items: list[str], n: int = 5) -> str:
@@ -305,19 +325,37 @@ def _first(items: list[str], n: int = 5) -> str:
 # ---- the simulation ----------------------------------------------------------------------------
 
 
+def dataset_parts(folder: Path) -> set[str] | None:
+    """The files a dmdiff dataset in ``folder`` consists of, from its ``lens.json`` (relative POSIX
+    paths: ``lens.json``, and per image of its record ``gt_<split>/``, ``lr_<split>/``,
+    ``gt_blur_<split>/<name>.png`` and ``maps/<name>.npy``); None when ``folder`` has no
+    ``lens.json`` with the dataset format tag. Datasets of every version list their images there."""
+    from dmdiff.data.dataset import read_lens
+
+    try:
+        meta = read_lens(folder)
+    except DmdiffError:
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != "dmdiff-dataset" or not isinstance(meta.get("images"), dict):
+        return None
+    parts = {"lens.json"}
+    for name, entry in meta["images"].items():
+        split = entry.get("split") if isinstance(entry, dict) else None
+        if split in ("train", "test"):
+            parts |= {f"{d}_{split}/{name}.png" for d in ("gt", "lr", "gt_blur")} | {f"maps/{name}.npy"}
+    return parts
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing dataset without --overwrite, or anything else at all."""
+    """Refuse an existing ``out`` unless it is empty, or a dmdiff dataset that holds nothing else and
+    ``overwrite`` is set."""
     if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir():
+    if not out.is_dir() or out.is_symlink():
         raise DmdiffError(f"--out {out} exists and is not a folder; choose another --out")
-    entries = list(out.iterdir())
-    if not entries:
+    if not any(out.iterdir()):
         return
-    looks_like_dataset = (out / "lens.json").is_file() or any((out / d).is_dir() for d in DATASET_FOLDERS)
-    if not looks_like_dataset:
-        raise DmdiffError(f"--out {out} is a non-empty folder that is not a dmdiff dataset; refusing to "
-                          "replace it (choose a new or empty folder)")
+    check_replaceable(out, DATASET_KIND, dataset_parts)
     if not overwrite:
         raise DmdiffError(f"--out {out} already holds a dataset; pass --overwrite to replace it, "
                           "or choose another --out")
@@ -342,21 +380,17 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
     Raises:
         DmdiffError: bad settings, unusable inputs, or an existing ``out`` (see ``overwrite``).
     """
-    from dmdiff.runinfo import provenance, write_json
-
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
     cfg = resolve_config(config, smoke)
     out = Path(out)
     _check_out(out, overwrite)
-    sources = _user_sources(Path(images), cfg, smoke) if images is not None else _bundled_sources(cfg)
+    sources, skipped = _user_sources(Path(images), cfg, smoke) if images is not None else (_bundled_sources(cfg), [])
     n_dead = cfg.dead_leaves_train if images is None or cfg.dead_leaves_with_images else 0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    with atomic_directory(out, DATASET_KIND, replace=True, legacy=dataset_parts) as tmp:
         record = _build(tmp, cfg, seed, sources, n_dead, cache_dir, progress)
         meta = {
             "format": "dmdiff-dataset",
@@ -366,34 +400,14 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
             "seed": seed,
             "smoke": bool(smoke),
             "source": "bundled" if images is None else "images",
+            "skipped": skipped,
             **record,
             "provenance": provenance(config=to_dict(cfg), seed=seed, command="dmdiff simulate",
                                      images=None if images is None else str(Path(images).resolve()),
                                      elapsed_s=round(time.perf_counter() - t0, 1)),
         }
         write_json(tmp / "lens.json", meta)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished dataset into place (replacing an old one only at the last moment)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source], n_dead: int,
@@ -461,19 +475,15 @@ def _capture_seed(seed: int, name: str) -> np.random.SeedSequence:
 
 
 def main(args) -> int:
-    """Entry point of ``dmdiff simulate`` (args: images, out, seed, config, smoke, overwrite)."""
+    """Entry point of ``dmdiff simulate`` (args: images, out, seed, config, smoke, overwrite).
+
+    Returns:
+        0, or 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when input files were skipped (they are
+        listed, and recorded in ``lens.json`` under ``skipped``).
+    """
     start = time.perf_counter()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"dmdiff simulate: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", SimulationWarning)
-        warnings.showwarning = show
-        out = simulate_dataset(args.out, seed=args.seed, config=args.config, images=args.images,
-                               smoke=args.smoke, overwrite=args.overwrite)
-    import json
-
+    out = simulate_dataset(args.out, seed=args.seed, config=args.config, images=args.images,
+                           smoke=args.smoke, overwrite=args.overwrite)
     meta = json.loads((out / "lens.json").read_text())
     counts = meta["counts"]
     total = sum(counts.values())
@@ -481,4 +491,9 @@ def main(args) -> int:
     print(f"dmdiff simulate: wrote {total} pairs ({counts['train']} train, {counts['test']} test, "
           f"{meta['spec']['image_size_px']} px) to {out} ({size / 1e6:.1f} MB) in "
           f"{time.perf_counter() - start:.0f} s")
+    if meta["skipped"]:
+        print(f"dmdiff simulate: {len(meta['skipped'])} input file(s) skipped (listed in lens.json):", file=sys.stderr)
+        for entry in meta["skipped"]:
+            print(f"  {entry['file']}: {entry['reason']}", file=sys.stderr)
+        return EXIT_PARTIAL
     return 0

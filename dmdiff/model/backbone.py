@@ -22,23 +22,26 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from safetensors import SafetensorError
+
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.tokenizer import MAX_LENGTH, build_tokenizer
-from dmdiff.runinfo import atomic_directory, write_json
+from dmdiff.outputs import atomic_directory, check_replaceable, folder_files, write_json
+from dmdiff.weights import PICKLE_HELP, PICKLE_SUFFIXES, check_safetensors
 
 PRESETS = ("tiny", "sd-turbo", "sd-turbo-shape")
 SD_TURBO_HUB_ID = "stabilityai/sd-turbo"
 TINY_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_backbone"
 WEIGHTED = ("unet", "vae", "text_encoder")
 COMPONENTS = (*WEIGHTED, "tokenizer", "scheduler")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")   # without them CLIPTokenizer loads an empty vocabulary
 ONE_STEP_FILE = "dmdiff_backbone.json"   # {"one_step_timestep": t}: the step a folder's UNet was trained for
 SD_TURBO_TIMESTEP = 999                  # SD-Turbo generates in one step from t = 999 (DESIGN §2)
 
@@ -115,6 +118,13 @@ DOWNLOAD_HELP = (
     "load_backbone('sd-turbo', path='models/sd-turbo') in Python. "
     "Alternatively load_backbone('sd-turbo', allow_download=True) fetches it into the Hugging Face cache."
 )
+TINY_HELP = ("A tiny backbone folder is written by save_backbone (a tiny pipeline folder embeds its own as "
+             "backbone/): save the model again, or copy the folder again from where it was made.")
+
+# What diffusers and transformers raise for a component folder they cannot load: unreadable files
+# (OSError), invalid JSON or config values (ValueError), a config that is not an object (TypeError),
+# missing entries (KeyError), weights that do not fit the config (RuntimeError), bad safetensors.
+LIBRARY_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -218,19 +228,50 @@ def load_backbone(preset: str = "tiny", path: str | Path | None = None, dtype: t
     return backbone.to(device, dtype)
 
 
-def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = False) -> Path:
+#: The kind of folder :func:`save_backbone` builds (:mod:`dmdiff.outputs`).
+BACKBONE_KIND = "backbone"
+#: Files a backbone folder may hold at its top besides the component folders.
+BACKBONE_TOP_FILES = ("model_index.json", ONE_STEP_FILE, "pretrain_report.json")
+
+
+def backbone_parts(folder: Path) -> set[str] | None:
+    """The files of a backbone folder written before manifests (it has ``model_index.json``): the
+    top-level files of :data:`BACKBONE_TOP_FILES` and everything in the component folders; None
+    for any other folder."""
+    if not (folder / "model_index.json").is_file():
+        return None
+    return {f for f in folder_files(folder) if f in BACKBONE_TOP_FILES or f.split("/")[0] in COMPONENTS}
+
+
+def check_backbone_out(folder: str | Path, overwrite: bool) -> None:
+    """Raise unless a backbone may be written to ``folder``: it is missing or empty, or it is a
+    backbone folder holding nothing else and ``overwrite`` is set (a folder of other files never is).
+
+    Raises:
+        DmdiffError: naming the folder and why.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    check_replaceable(folder, BACKBONE_KIND, backbone_parts)
+    if any(folder.iterdir()) and not overwrite:
+        raise DmdiffError(f"{folder} already holds a backbone; pass overwrite=True (--overwrite) to replace it")
+
+
+def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = False,
+                  extra_json: Mapping[str, Any] | None = None) -> Path:
     """Write ``backbone`` to ``folder`` in SD-Turbo's diffusers layout (safetensors), atomically.
 
     The folder loads back with ``load_backbone("sd-turbo", path=folder)`` and with diffusers'
     ``StableDiffusionPipeline.from_pretrained(folder)``. The tokenizer folder holds ``vocab.json``
     and ``merges.txt`` (as SD-Turbo's) besides transformers' ``tokenizer.json``. Adapters injected
-    into the networks are saved as part of them; save LoRA weights separately.
+    into the networks are saved as part of them; save LoRA weights separately. ``extra_json``:
+    more top-level JSON files (name → content) written into the same atomic folder (e.g. the
+    pretraining report). An existing folder is replaced as :func:`check_backbone_out` allows.
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise DmdiffError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(folder, replace=True) as tmp:
+    check_backbone_out(folder, overwrite)
+    with atomic_directory(folder, BACKBONE_KIND, replace=True, legacy=backbone_parts) as tmp:
         backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         backbone.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         backbone.text_encoder.save_pretrained(tmp / "text_encoder")   # transformers: safetensors only
@@ -239,6 +280,8 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
         backbone.scheduler.save_pretrained(tmp / "scheduler")
         write_json(tmp / "model_index.json", {**MODEL_INDEX, "_diffusers_version": diffusers.__version__})
         write_json(tmp / ONE_STEP_FILE, {"one_step_timestep": int(backbone.one_step_timestep)})
+        for name, content in (extra_json or {}).items():
+            write_json(tmp / name, content)
     return folder
 
 
@@ -298,41 +341,65 @@ def _resolve_sd_turbo(path: str, allow_download: bool) -> Path:
         raise DmdiffError(f"{path!r} is not a local folder, and {what}. {DOWNLOAD_HELP}") from err
 
 
-def _weights_variant(subfolder: Path) -> str | None:
+def _folder_help(preset: str) -> str:
+    """What to do about a damaged or incomplete backbone folder of ``preset``."""
+    return TINY_HELP if preset == "tiny" else DOWNLOAD_HELP
+
+
+def _weights_variant(subfolder: Path, preset: str) -> str | None:
     """``None`` for full-precision safetensors, ``"fp16"`` when only the fp16 variant is present.
 
-    Raises a DmdiffError for pickle-only weights (never unpickled: pickle files can run code) and
-    for a folder without weights.
+    The weights files of that variant are checked with :func:`check_safetensors`. Raises a
+    DmdiffError for pickle-only weights (never unpickled: pickle files can run code), for a folder
+    without weights and for damaged weights files.
     """
-    names = [p.name for p in subfolder.iterdir()]
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    if any(not n.endswith(".fp16.safetensors") for n in safetensors):
-        return None
+    files = sorted(subfolder.iterdir())
+    safetensors = [p for p in files if p.name.endswith(".safetensors")]
+    full = [p for p in safetensors if not p.name.endswith(".fp16.safetensors")]
+    for weights in full or safetensors:
+        check_safetensors(weights)
     if safetensors:
-        return "fp16"
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        return None if full else "fp16"
+    pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise DmdiffError(
-            f"{subfolder} holds only pickle weights ({', '.join(sorted(pickles))}); dmdiff loads "
-            "safetensors only, because unpickling can run arbitrary code. Download the .safetensors "
-            "files of the model instead, or convert these once, in a trusted environment, with "
-            "safetensors.torch.save_file(torch.load(path, weights_only=True), ...).")
-    raise DmdiffError(f"{subfolder} holds no weights (*.safetensors). {DOWNLOAD_HELP}")
+        raise DmdiffError(f"{subfolder} holds only pickle weights ({', '.join(pickles)}); {PICKLE_HELP}")
+    raise DmdiffError(f"{subfolder} holds no weights (*.safetensors). {_folder_help(preset)}")
+
+
+def _load_component(loader, folder: Path, name: str, preset: str, **kwargs):
+    """``loader.from_pretrained(folder, subfolder=name)`` offline, with the libraries' errors (a
+    broken ``config.json``, tokenizer file or weights) turned into a DmdiffError naming the folder."""
+    try:
+        return loader.from_pretrained(folder, subfolder=name, local_files_only=True, **kwargs)
+    except LIBRARY_LOAD_ERRORS as err:
+        raise DmdiffError(f"{folder / name}: the backbone's {name} cannot be loaded ({type(err).__name__}: {err}). "
+                          f"{_folder_help(preset)}") from err
+
+
+def _load_network(loader, folder: Path, name: str, preset: str):
+    """The network ``name`` (unet, vae, text_encoder) with every weight from its safetensors files;
+    a DmdiffError naming the folder when some are missing (the libraries would leave them random
+    or on the meta device)."""
+    network, info = _load_component(loader, folder, name, preset, use_safetensors=True, output_loading_info=True,
+                                     variant=_weights_variant(folder / name, preset))
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise DmdiffError(f"{folder / name}: its weights lack {len(missing)} of the {name}'s tensors "
+                          f"({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}). {_folder_help(preset)}")
+    return network
 
 
 def _load_folder(folder: Path, preset: str) -> Backbone:
     """Load a backbone from a folder in the diffusers layout, safetensors only, no network."""
     missing = [f"{c}/" for c in COMPONENTS if not (folder / c).is_dir()]
+    missing = missing or [f"tokenizer/{n}" for n in TOKENIZER_FILES if not (folder / "tokenizer" / n).is_file()]
     if missing:
         raise DmdiffError(f"{folder} is not a complete backbone folder: missing {', '.join(missing)}. "
-                          f"{DOWNLOAD_HELP}")
-    offline = dict(local_files_only=True)
-    weights = {c: dict(offline, use_safetensors=True, variant=_weights_variant(folder / c)) for c in WEIGHTED}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights["unet"])
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights["vae"])
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights["text_encoder"])
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **offline)
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **offline)
+                          f"{_folder_help(preset)}")
+    unet, vae, text_encoder = (_load_network(loader, folder, name, preset) for loader, name
+                               in zip((UNet2DConditionModel, AutoencoderKL, CLIPTextModel), WEIGHTED))
+    tokenizer = _load_component(CLIPTokenizer, folder, "tokenizer", preset)
+    scheduler = _load_component(DDPMScheduler, folder, "scheduler", preset)
     backbone = _assemble(unet, vae, text_encoder, tokenizer, scheduler, preset, str(folder.resolve()))
     backbone.one_step_timestep = _one_step_timestep(folder)
     return backbone

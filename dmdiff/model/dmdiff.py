@@ -123,8 +123,10 @@ class DMDiffConfig:
                 raise ConfigError(f"anchor_rl_iterations must be an integer >= 1 or None, got {n!r}")
             if self.anchor_sigma_px is None:
                 raise ConfigError("anchor_rl_iterations needs a colour anchor: set anchor_sigma_px too")
-        if self.grid_size < 1:
-            raise ConfigError(f"grid_size must be at least 1, got {self.grid_size}")
+        if not 1 <= self.grid_size <= 64:
+            raise ConfigError(f"grid_size must be in [1, 64], got {self.grid_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         for name in ("unet_rank", "vae_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer or None, got {getattr(self, name)}")

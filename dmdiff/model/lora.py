@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dmdiff.errors import DmdiffError
+from dmdiff.weights import load_safetensors, save_safetensors
 
 ADAPTER_NAME = "dmdiff"
 
@@ -297,12 +297,11 @@ class ModulatedLora:
         """Write :meth:`state_dict` to a safetensors file (metadata: part, rank)."""
         path = Path(path)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"part": self.part, "rank": str(self.rank)})
-        return path
+        return save_safetensors(path, tensors, metadata={"part": self.part, "rank": str(self.rank)})
 
     def load(self, path: str | Path) -> None:
         """Load weights written by :meth:`save`."""
-        self.load_state_dict(load_file(str(path), device=str(next(self.model.parameters()).device)))
+        self.load_state_dict(load_safetensors(path, device=next(self.model.parameters()).device))
 
     def remove_hooks(self) -> None:
         """Detach the hooks: the adapter then acts as plain LoRA."""

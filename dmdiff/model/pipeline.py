@@ -14,11 +14,14 @@ Folder layout of ``save_pretrained`` / ``from_pretrained`` (safetensors only; do
       backbone/                       tiny preset only: the base backbone in SD-Turbo's layout
 
 There is no top-level ``model_index.json``: ``DiffusionPipeline.from_pretrained`` cannot build this
-class from a folder anyway, and ``backbone/`` keeps its own for ``StableDiffusionPipeline``.
+class from a folder anyway, and ``backbone/`` keeps its own for ``StableDiffusionPipeline``. A
+pipeline folder is self-contained: the paths its config names, and its symbolic links, must stay
+inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,13 +32,14 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file, save_file
 
 from dmdiff.config import merge, to_dict
 from dmdiff.errors import ConfigError, DmdiffError
-from dmdiff.model.backbone import PICKLE_SUFFIXES, Backbone, load_backbone, save_backbone
+from dmdiff.model.backbone import Backbone, load_backbone, save_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents, check_alpha
-from dmdiff.runinfo import atomic_directory, provenance, write_json
+from dmdiff.outputs import atomic_directory, folder_files, write_json
+from dmdiff.runinfo import provenance
+from dmdiff.weights import PICKLE_HELP, PICKLE_SUFFIXES, load_safetensors, save_safetensors
 
 FORMAT = "dmdiff-pipeline"
 FORMAT_VERSION = 1
@@ -43,6 +47,25 @@ CONFIG_FILE = "dmdiff_config.json"
 TRAINABLE_FILE = "dmdiff_trainable.safetensors"
 ANCHOR_PSF_FILE = "anchor_psf.safetensors"
 BACKBONE_DIR = "backbone"
+PATH_KEYS = {"trainable_file": "the trained weights", "anchor_psf_file": "the anchor PSF",
+             "backbone.embedded": "the embedded backbone folder"}   # the config's paths in the folder
+RESAVE = "save the model again, or copy the folder again from where it was made"
+#: The kind of folder :meth:`DMDiffPipeline.save_pretrained` builds (:mod:`dmdiff.outputs`).
+PIPELINE_KIND = "pipeline"
+
+
+def pipeline_parts(folder: Path) -> set[str] | None:
+    """The files of a pipeline folder written before manifests (its ``dmdiff_config.json`` has the
+    pipeline format tag): the config, the weight files and the embedded backbone; None for any
+    other folder."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    top = {CONFIG_FILE, TRAINABLE_FILE, ANCHOR_PSF_FILE}
+    return {f for f in folder_files(folder) if f in top or f.startswith(BACKBONE_DIR + "/")}
 
 
 class ImageInputError(DmdiffError, ValueError):
@@ -140,15 +163,15 @@ class DMDiffPipeline(DiffusionPipeline):
         folder.parent.mkdir(parents=True, exist_ok=True)
         model: DMDiff = self.model
         reference: dict[str, Any] = {"preset": model.config.preset, "source": model.backbone.source}
-        with atomic_directory(folder, replace=True) as tmp:
+        with atomic_directory(folder, PIPELINE_KIND, replace=True, legacy=pipeline_parts) as tmp:
             if model.config.preset == "tiny":
                 save_backbone(base_backbone(model), tmp / BACKBONE_DIR)
                 reference["embedded"] = BACKBONE_DIR
             tensors = {k: v.cpu() for k, v in model.trainable_state_dict().items()}
-            save_file(tensors, str(tmp / TRAINABLE_FILE), metadata={"format": FORMAT, "preset": model.config.preset})
+            save_safetensors(tmp / TRAINABLE_FILE, tensors, metadata={"format": FORMAT, "preset": model.config.preset})
             files = {"trainable_file": TRAINABLE_FILE}
             if model.anchor_psf is not None:
-                save_file({"psf": model.anchor_psf.cpu().contiguous()}, str(tmp / ANCHOR_PSF_FILE))
+                save_safetensors(tmp / ANCHOR_PSF_FILE, {"psf": model.anchor_psf.cpu().contiguous()})
                 files["anchor_psf_file"] = ANCHOR_PSF_FILE
             write_json(tmp / CONFIG_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(model.config),
@@ -168,34 +191,39 @@ class DMDiffPipeline(DiffusionPipeline):
             device, torch_dtype: where and in which precision to load the networks.
 
         Raises:
-            DmdiffError: not a pipeline folder, pickle weight files in it, weights that do not fit.
+            DmdiffError: not a pipeline folder; a damaged one (an invalid config file or key, a
+                truncated or non-safetensors weights file, a broken embedded backbone: the message
+                names the file and key); pickle files in it; a path in it that leads outside it;
+                weights that do not fit.
         """
         folder = Path(pretrained_model_name_or_path)
-        if not (folder / CONFIG_FILE).is_file():
+        config_file = folder / CONFIG_FILE
+        if not config_file.is_file():
             hint = (" It looks like a backbone folder: load it with DMDiff(DMDiffConfig(preset='sd-turbo', "
                     "model_path=...))." if (folder / "model_index.json").is_file() else "")
             raise DmdiffError(f"{folder} is not a DMDiff pipeline folder (no {CONFIG_FILE}).{hint}")
-        pickles = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise DmdiffError(f"{folder} holds pickle weight files ({', '.join(pickles[:5])}); dmdiff loads "
-                              "safetensors only, because unpickling can run arbitrary code. Remove them, or "
-                              "convert them once, in a trusted environment, to .safetensors.")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise DmdiffError(f"{folder / CONFIG_FILE}: not a {FORMAT} v{FORMAT_VERSION} file "
-                              f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
-        config = merge(DMDiffConfig(), meta["config"])
+        _check_contents(folder)
+        meta = _read_meta(config_file)
+        with _naming(config_file):
+            config = merge(DMDiffConfig(), meta["config"], prefix="config.")
+        weights = _inside(folder, meta.get("trainable_file"), "trainable_file")
+        psf_file = _inside(folder, meta.get("anchor_psf_file", ANCHOR_PSF_FILE), "anchor_psf_file")
+        if not weights.is_file():
+            raise DmdiffError(f"{folder} lacks its trained weights {weights.name}; {RESAVE}")
+        anchored = config.anchor_rl_iterations is not None
+        if anchored and not psf_file.is_file():
+            raise DmdiffError(f"{folder} lacks {psf_file.name}, the PSF its colour anchor deconvolves with; {RESAVE}")
         backbone = _load_reference(folder, config, meta["backbone"], model_path, device, torch_dtype)
         model = DMDiff(config, backbone)
-        weights = folder / meta["trainable_file"]
-        if not weights.is_file():
-            raise DmdiffError(f"{folder} lacks its trained weights {weights.name}")
-        model.load_trainable_state_dict(load_file(str(weights), device=str(model.device)))
-        if config.anchor_rl_iterations is not None:
-            psf_file = folder / meta.get("anchor_psf_file", ANCHOR_PSF_FILE)
-            if not psf_file.is_file():
-                raise DmdiffError(f"{folder} lacks {psf_file.name}, the PSF its colour anchor deconvolves with")
-            model.set_anchor_psf(load_file(str(psf_file))["psf"])
+        state = load_safetensors(weights, model.device)
+        with _naming(weights):
+            model.load_trainable_state_dict(state)
+        if anchored:
+            psf = load_safetensors(psf_file).get("psf")
+            with _naming(psf_file):
+                if psf is None:
+                    raise DmdiffError(f"no tensor 'psf' (the (3, K, K) PSF of the colour anchor); {RESAVE}")
+                model.set_anchor_psf(psf)
         return cls.from_model(model)
 
 
@@ -218,16 +246,83 @@ def base_backbone(model: DMDiff) -> Backbone:
                     b.one_step_timestep)
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Prefix the message of a DmdiffError (or ConfigError) raised in the block with ``path``."""
+    try:
+        yield
+    except DmdiffError as err:
+        raise type(err)(f"{path}: {err}") from err
+
+
+def _inside(folder: Path, relative: Any, key: str | None = None) -> Path:
+    """``folder / relative``, refused unless it stays inside ``folder`` (symbolic links resolved).
+
+    Args:
+        relative: a path relative to ``folder``: the value of the config file's ``key``, or (``key``
+            None) a path found in the folder.
+        key: a key of :data:`PATH_KEYS`, named in the error; None for a found path (then named).
+
+    Raises:
+        DmdiffError: ``relative`` is not a non-empty string (without NUL), is absolute, or leads
+            outside ``folder``.
+    """
+    where = f"{folder / CONFIG_FILE}: {key} ({PATH_KEYS[key]})" if key else None
+    if key and (not isinstance(relative, str) or not relative or "\0" in relative):
+        raise DmdiffError(f"{where} must be a path relative to {folder}, got {relative!r}; {RESAVE}")
+    path = folder / relative
+    if not Path(relative).is_absolute() and path.resolve().is_relative_to(folder.resolve()):
+        return path
+    what = f"{where} = {relative!r}" if key else f"{path} (a link to {path.resolve()})"
+    raise DmdiffError(f"{what} leads outside the model folder {folder}. A model folder must be self-contained: "
+                      "keep its files inside it, named by paths relative to it, as save_pretrained writes them.")
+
+
+def _check_contents(folder: Path) -> None:
+    """Refuse pickle files anywhere in ``folder`` (by name; never opened) and links leading out of it."""
+    entries = sorted(folder.rglob("*"))     # does not descend into linked folders
+    pickles = [str(p.relative_to(folder)) for p in entries if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise DmdiffError(f"{folder} holds pickle weight files ({', '.join(pickles[:5])}); {PICKLE_HELP} "
+                          "Remove them from the folder.")
+    for link in (p for p in entries if p.is_symlink()):
+        _inside(folder, link.relative_to(folder))
+
+
+def _read_meta(path: Path) -> dict:
+    """The record of a pipeline's ``dmdiff_config.json``: its format and the ``config`` and
+    ``backbone`` objects checked (the paths are checked by :func:`_inside`)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:         # ValueError: invalid JSON or UTF-8
+        raise DmdiffError(f"{path}: unreadable or not valid JSON ({err}); {RESAVE}") from err
+    if not isinstance(meta, dict):
+        raise DmdiffError(f"{path}: expected a JSON object at the top level, got {type(meta).__name__}; {RESAVE}")
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise DmdiffError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file "
+                          f"(format {meta.get('format')!r}, version {meta.get('format_version')!r})")
+    for key in ("config", "backbone"):
+        if not isinstance(meta.get(key), dict):
+            state = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
+            raise DmdiffError(f"{path}: key {key!r} must be a JSON object, but it is {state}; {RESAVE}")
+    return meta
+
+
 def _load_reference(folder: Path, config: DMDiffConfig, reference: dict, model_path: str | None,
                     device, dtype) -> Backbone:
     """The base backbone a pipeline folder refers to (see :meth:`DMDiffPipeline.save_pretrained`)."""
     kwargs = dict(dtype=dtype, device=device)
     if config.preset == "tiny":
-        return load_backbone("tiny", path=folder / reference["embedded"], **kwargs)
+        return load_backbone("tiny", path=_inside(folder, reference.get("embedded"), "backbone.embedded"), **kwargs)
     if config.preset == "sd-turbo-shape":
         return load_backbone("sd-turbo-shape", seed=config.seed, **kwargs)
-    saved = Path(reference["source"])
-    return load_backbone("sd-turbo", path=model_path or (saved if saved.is_dir() else config.model_path), **kwargs)
+    if model_path is None:
+        saved = reference.get("source")
+        if not isinstance(saved, str):
+            raise DmdiffError(f"{folder / CONFIG_FILE}: backbone.source (the SD-Turbo folder the model was saved "
+                              f"with) must be a string, got {saved!r}; pass model_path (--model-path) instead")
+        model_path = saved if Path(saved).is_dir() else config.model_path
+    return load_backbone("sd-turbo", path=model_path, **kwargs)
 
 
 def as_images(images) -> list[torch.Tensor]:

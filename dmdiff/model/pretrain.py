@@ -37,9 +37,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,9 +49,10 @@ from tqdm.auto import tqdm
 
 from dmdiff.data.sources import TEST_PHOTOS, bundled_photos, dead_leaves, named_rng, photo_palette
 from dmdiff.errors import DmdiffError
-from dmdiff.model.backbone import TINY_ASSETS, Backbone, check_timestep, load_backbone, save_backbone
+from dmdiff.model.backbone import (TINY_ASSETS, Backbone, check_backbone_out, check_timestep, load_backbone,
+                                   save_backbone)
 from dmdiff.model.tokenizer import WORDS
-from dmdiff.runinfo import provenance, write_json
+from dmdiff.runinfo import provenance
 
 REPORT_NAME = "pretrain_report.json"
 LOGVAR_INIT = -6.0          # added to the VAE's initial log-variance output
@@ -347,12 +345,12 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
         of the random-init and of the pretrained backbone, the scaling factor, provenance.
 
     Raises:
-        DmdiffError: ``out`` exists, is not empty and ``overwrite`` is False; with ``unet_only``,
-            ``out`` holds no pretrained backbone.
+        DmdiffError: ``out`` holds files that are not a backbone's (it is never replaced then), or
+            a backbone and ``overwrite`` is False; with ``unet_only``, ``out`` holds no pretrained
+            backbone.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DmdiffError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_backbone_out(out, overwrite)
     start = time.monotonic()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -373,17 +371,7 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
                         timestep=cfg.timestep, torch_threads=torch.get_num_threads(), parameters=backbone.num_parameters(),
                         data={"train": sorted(sampler.names) + [f"{len(sampler.dead_leaves)} dead-leaves images (seeded)"],
                               "heldout_eval_only": list(TEST_PHOTOS)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
-    try:
-        folder = save_backbone(backbone, staging / out.name)
-        write_json(folder / REPORT_NAME, report)
-        old = staging / "old"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_backbone(backbone, out, overwrite=True, extra_json={REPORT_NAME: report})
     return report
 
 

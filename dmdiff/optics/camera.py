@@ -36,9 +36,9 @@ noise std at mid grey (0.5 linear) in ``[0, 1]`` units.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from dmdiff.optics.sensor import (
     srgb_to_linear,
 )
 from dmdiff.optics.spec import MetalensSpec
+from dmdiff.outputs import atomic_write_bytes
 
 __all__ = ["MetalensCamera", "Capture", "CameraInputError", "MAP_CHANNELS", "disc_kernel"]
 
@@ -353,16 +354,12 @@ class MetalensCamera:
         except (OSError, ValueError):
             pass
         arr = compute()
-        tmp = None
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, buf.getvalue())
         except OSError:  # a read-only cache is not fatal: the array is just recomputed next time
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            pass
         return arr
 
     def ideal(self, image: np.ndarray) -> np.ndarray:

@@ -20,19 +20,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from dmdiff.optics.propagation import LensSpectrum, bin_pixels
 from dmdiff.optics.spec import OPTICS_MODEL_VERSION, MetalensSpec
+from dmdiff.weights import save_safetensors
 
 FWHM_OVERSAMPLE = 8       # bilinear sub-samples per pixel side when measuring the half-max area
 EE_BIN_PX = 0.02          # radial bin (pixels) of the encircled-energy curve
@@ -92,7 +92,11 @@ def psf_grid(spec: MetalensSpec, cache_dir: str | os.PathLike | None = None,
     data = _read(path, {"psfs": (3, g, g, k, k), "field_deg": (g, g, 2)})
     if data is None:
         data = {"psfs": _compute_psfs(spec, progress), "field_deg": node_field_deg(spec)}
-        _write(path, data, spec)
+        try:
+            _write(path, data, spec)
+        except OSError as exc:   # a read-only or full cache is not fatal: the grid is recomputed next time
+            warnings.warn(f"could not cache the PSF grid in {path} ({exc.strerror or exc}); it will be "
+                          "computed again next time (set DMDIFF_CACHE to a writable folder)", stacklevel=2)
     return PSFGrid(data["psfs"].astype(np.float32), data["field_deg"].astype(np.float64), spec)
 
 
@@ -232,15 +236,7 @@ def _read(path: Path, shapes: dict[str, tuple]) -> dict[str, np.ndarray] | None:
 
 
 def _write(path: Path, arrays: dict[str, np.ndarray], spec: MetalensSpec) -> None:
-    """Save ``arrays`` as safetensors (with the spec as metadata) via a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    """Save ``arrays`` as safetensors (with the spec as metadata), atomically."""
     metadata = {"spec": json.dumps(spec.to_dict(), sort_keys=True),
                 "optics_model_version": str(OPTICS_MODEL_VERSION)}
-    try:
-        save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(tmp),
-                  metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors(path, {name: np.ascontiguousarray(a) for name, a in arrays.items()}, metadata)

@@ -46,7 +46,8 @@ def _check_range(name: str, value: float, lo: float, hi: float, unit: str = "",
     below = value < hi if hi_open else value <= hi
     if not (above and below):
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise SpecError(f"{name} must be in {interval}{' ' + unit if unit else ''}, got {value:g}")
+        shown = f"{value:g}" if isinstance(value, float) else value  # an int may be too large for :g
+        raise SpecError(f"{name} must be in {interval}{' ' + unit if unit else ''}, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,15 @@ class MetalensSpec:
 
     @staticmethod
     def _validated_bands(bands) -> tuple:
-        """Bands as a tuple of three (lo, hi) float pairs with 100 nm <= lo <= hi <= 20 µm."""
-        if isinstance(bands, (str, bytes)) or not hasattr(bands, "__len__") or len(bands) != 3:
+        """Bands as a tuple of three (lo, hi) float pairs with 100 nm <= lo <= hi <= 20 µm (given as
+        lists, tuples or arrays: a mapping or set of the right length is no pair)."""
+        sequence = (list, tuple, np.ndarray)
+        if not isinstance(bands, sequence) or len(bands) != 3:
             raise SpecError(f"bands_m must be three (lo, hi) wavelength pairs for R, G, B, got {bands!r}")
         out = []
         for channel, band in zip(CHANNELS, bands):
             name = f"bands_m[{channel}]"
-            if isinstance(band, (str, bytes)) or not hasattr(band, "__len__") or len(band) != 2:
+            if not isinstance(band, sequence) or len(band) != 2:
                 raise SpecError(f"{name} must be a (lo, hi) pair in metres, got {band!r}")
             lo, hi = _real(name, band[0]), _real(name, band[1])
             _check_range(f"{name} lower edge", lo, 100e-9, 20e-6, "m", lo_open=False)

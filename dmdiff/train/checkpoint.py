@@ -32,16 +32,19 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from dmdiff.errors import DmdiffError
+from dmdiff.weights import load_safetensors, save_safetensors
 
 PREFIX = "checkpoint-"
 STATE = "state.json"
 FORMAT = "dmdiff-checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+#: ``state.json``'s keys and their JSON types (``files``: file name → tensor shapes, or None for JSON files).
+STATE_KEYS = {"step": int, "samples_seen": int, "world_size": int, "extra": dict, "files": dict}
+REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json")
+DAMAGED = "the checkpoint is damaged; resume from another one (--resume latest skips damaged ones)"
 
 
 class CheckpointWarning(UserWarning):
@@ -145,7 +148,7 @@ def _fsync(path: Path) -> None:
 
 def _save(folder: Path, name: str, tensors: Mapping[str, torch.Tensor], files: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(folder / name))
+    save_safetensors(folder / name, tensors)
     files[name] = {k: list(v.shape) for k, v in tensors.items()}
 
 
@@ -157,7 +160,7 @@ def _dump(folder: Path, name: str, data: Any, files: dict) -> None:
 def write_rng(folder: Path, rank: int) -> None:
     """Write this process's generator states into a checkpoint being assembled (every rank)."""
     tensors, js = rng_state()
-    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    save_safetensors(folder / f"rng-{rank}.safetensors", tensors)
     (folder / f"rng-{rank}.json").write_text(json.dumps(js) + "\n")
 
 
@@ -256,11 +259,31 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _check_state(state_file: Path, state: Any) -> dict:
+    """``state`` (the parsed ``state.json``) if it has the :data:`STATE_KEYS` with their types and
+    lists the :data:`REQUIRED_FILES` by plain file names; else a DmdiffError naming the file and key."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DmdiffError(f"{state_file}: not a dmdiff checkpoint")
+    for key, kind in STATE_KEYS.items():
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+            wanted = "a non-negative integer" if kind is int else "a JSON object"
+            raise DmdiffError(f"{state_file}: {key!r} must be {wanted}, got {value!r}; {DAMAGED}")
+    names = state["files"]
+    strange = [name for name in names if name in ("", "..") or Path(name).name != name]
+    lacking = [name for name in REQUIRED_FILES if name not in names]
+    if strange or lacking:
+        what = f"names no file of the folder: {strange}" if strange else f"lacks {lacking}"
+        raise DmdiffError(f"{state_file}: 'files' {what}; {DAMAGED}")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> Checkpoint:
     """Read and verify a checkpoint folder.
 
     Raises:
-        DmdiffError: no ``state.json``, a listed file missing or unreadable, or tensor shapes that
+        DmdiffError: naming the file: no ``state.json``, an invalid one (see :func:`_check_state`),
+            a listed file missing, unreadable, truncated or not safetensors, or tensor shapes that
             differ from those recorded.
     """
     path = Path(path)
@@ -269,11 +292,9 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> Checkpoint:
         raise DmdiffError(f"{path}: not a complete checkpoint (no {STATE})")
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:       # ValueError: invalid JSON or UTF-8
         raise DmdiffError(f"{state_file}: unreadable ({e})") from None
-    if state.get("format") != FORMAT:
-        raise DmdiffError(f"{state_file}: not a dmdiff checkpoint")
-    files = state["files"]
+    files = _check_state(state_file, state)["files"]
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise DmdiffError(f"{path}: incomplete checkpoint, missing {missing}")
@@ -281,10 +302,7 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> Checkpoint:
     def tensors(name: str) -> dict[str, torch.Tensor] | None:
         if name not in files:
             return None
-        try:
-            out = load_file(str(path / name))
-        except (SafetensorError, OSError) as e:
-            raise DmdiffError(f"{path / name}: unreadable ({e})") from None
+        out = load_safetensors(path / name)
         shapes = {k: list(v.shape) for k, v in out.items()}
         if files[name] is not None and shapes != files[name]:
             raise DmdiffError(f"{path / name}: tensors differ from those recorded in {STATE}")
@@ -293,14 +311,14 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> Checkpoint:
     def json_file(name: str) -> Any:
         try:
             return json.loads((path / name).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise DmdiffError(f"{path / name}: unreadable ({e})") from None
 
     rng = None
     if f"rng-{rank}.safetensors" in files:
         rng = {"tensors": tensors(f"rng-{rank}.safetensors"), "json": json_file(f"rng-{rank}.json")}
     optimizer = unflatten_optimizer(tensors("optimizer.safetensors"), json_file("optimizer.json"))
-    return Checkpoint(path=path, step=int(state["step"]), model=tensors("model.safetensors"), optimizer=optimizer,
+    return Checkpoint(path=path, step=state["step"], model=tensors("model.safetensors"), optimizer=optimizer,
                       ema=tensors("ema.safetensors"), rng=rng, state=state)
 
 

@@ -16,9 +16,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import torch
+
 from dmdiff.config import load_config, merge
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiffConfig
+
+#: Largest seed of any kind: accelerate's ``set_seed`` seeds numpy's legacy generator, which takes
+#: seeds in ``[0, 2**32 - 1]`` only; the other seeds share the range so any seed can go anywhere.
+MAX_SEED = 2**32 - 1
+#: Most ``threads`` / ``num_workers``: more cannot be meant (and torch's thread count is a C int).
+MAX_THREADS = 1024
+
+
+def _check_seed(name: str, value: int) -> None:
+    """ConfigError naming ``name`` unless ``0 <= value <= MAX_SEED``."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be in [0, 2**32 - 1] (numpy's seed range), got {value}")
+
+
+def _check_svda_grid(name: str, size_px: int | None, model: DMDiffConfig) -> None:
+    """ConfigError naming ``name`` when images of side ``size_px`` (None: not known here) are smaller
+    than the model's SVDA grid, which needs at least one pixel per cell."""
+    if size_px is not None and model.svda and size_px < model.grid_size:
+        raise ConfigError(f"{name} = {size_px} px is smaller than the SVDA grid (model.grid_size = "
+                          f"{model.grid_size}), which needs at least one pixel per cell")
+
 
 class TrainWarning(UserWarning):
     """Something about the training setup the user should know (a fallback in effect)."""
@@ -106,8 +129,7 @@ class PseudoConfig:
             raise ConfigError(f"{prefix}noise_strength must be >= 0, got {self.noise_strength}")
         if self.size_px is not None and self.size_px < 8:
             raise ConfigError(f"{prefix}size_px must be >= 8 or null, got {self.size_px}")
-        if self.seed < 0:
-            raise ConfigError(f"{prefix}seed must be >= 0, got {self.seed}")
+        _check_seed(f"{prefix}seed", self.seed)
         return self
 
 
@@ -131,6 +153,9 @@ class RecipeConfig:
         there with these :class:`~dmdiff.data.simulate.SimulationConfig` settings (e.g. ``{}``
         for the defaults); None: the dataset must exist.
     simulate_seed: seed of that simulation.
+
+    :meth:`TrainConfig.validate` checks ``simulate`` as ``dmdiff simulate`` would, so a bad
+    simulation setting fails before stage 1 rather than when the recipe reaches it.
     """
 
     stage1: dict[str, Any] = field(default_factory=dict)
@@ -148,7 +173,9 @@ class TrainConfig:
     data: dataset folder (``dmdiff simulate`` layout; ``gt_train/`` + ``lr_train/`` at least).
     extra_data: more dataset folders whose train split joins ``data``'s (e.g. pseudo pairs).
     crop_px: side of the random square training crops (same window for LR, GT, gt_blur; maps
-        resampled to it).
+        resampled to it). Required (null is rejected although ``PairedFolderDataset`` accepts
+        ``crop_px=None``): a batch stacks images of one size, and the images of real captures or
+        of several datasets differ in size (and whole images rarely fit a batch in memory).
     flips: random horizontal flips of the crops.
     exposure_range: ``[lo, hi]``: scale every training pair (input, target, ideal-lens image) by one
         random gain drawn log-uniformly from this range, in linear light (then clipped to [0, 1]),
@@ -221,17 +248,22 @@ class TrainConfig:
         return self
 
     def validate_fields(self) -> None:
-        """The range checks of :meth:`validate`, without the recipe."""
+        """The range checks of :meth:`validate`, without the recipe (NaN and infinities never get
+        this far: :func:`dmdiff.config.merge` rejects them)."""
         positive = ["crop_px", "batch_size", "grad_accum", "steps", "checkpoint_every", "keep_last", "log_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "validate_every", "val_images", "num_workers", "seed"):
+        for name in ("warmup_steps", "validate_every", "val_images", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        _check_seed("seed", self.seed)
+        _check_seed("model.seed", self.model.seed)
+        if self.num_workers > MAX_THREADS:
+            raise ConfigError(f"num_workers must be <= {MAX_THREADS}, got {self.num_workers}")
+        if not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
@@ -239,31 +271,44 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be in [1, {MAX_THREADS}] or null, got {self.threads}")
         if self.exposure_range is not None:
             lo, hi = self.exposure_range
-            if not (0 < lo <= hi and math.isfinite(hi)):
-                raise ConfigError(f"exposure_range must be [lo, hi] with 0 < lo <= hi, or null, got {list(self.exposure_range)}")
+            if not (0 < lo <= hi and math.isfinite(hi / lo)):  # the gain is lo · (hi / lo) ** u
+                raise ConfigError(f"exposure_range must be [lo, hi] with 0 < lo <= hi (hi / lo a finite "
+                                  f"number), or null, got {list(self.exposure_range)}")
         if self.val_crop_px is not None and self.val_crop_px < 1:
             raise ConfigError(f"val_crop_px must be >= 1 or null, got {self.val_crop_px}")
+        for name in ("crop_px", "val_crop_px"):
+            _check_svda_grid(name, getattr(self, name), self.model)
         probs = (self.path_probs.positive, self.path_probs.neutral, self.path_probs.negative)
-        if any(p < 0 or not math.isfinite(p) for p in probs) or sum(probs) <= 0:
-            raise ConfigError(f"path_probs must be non-negative with a positive sum, got "
+        if not (all(p >= 0 for p in probs) and 0 < sum(probs) < math.inf):
+            raise ConfigError(f"path_probs must be non-negative with a positive (finite) sum, got "
                               f"positive={probs[0]}, neutral={probs[1]}, negative={probs[2]}")
-        if self.loss.mse < 0 or self.loss.lpips < 0 or self.loss.mse + self.loss.lpips <= 0:
-            raise ConfigError(f"loss weights must be >= 0 and not all 0, got mse={self.loss.mse}, "
-                              f"lpips={self.loss.lpips}")
+        if not (self.loss.mse >= 0 and self.loss.lpips >= 0 and 0 < self.loss.mse + self.loss.lpips < math.inf):
+            raise ConfigError(f"loss weights must be >= 0 and not all 0 (with a finite sum), got "
+                              f"mse={self.loss.mse}, lpips={self.loss.lpips}")
         if self.loss.substitute_weight is not None and not self.loss.substitute_weight >= 0:
             raise ConfigError(f"loss.substitute_weight must be >= 0 or null, got {self.loss.substitute_weight}")
 
     def _validate_recipe(self) -> None:
         self.recipe.pseudo.validate("recipe.pseudo.")
+        _check_seed("recipe.simulate_seed", self.recipe.simulate_seed)
+        if self.recipe.simulate is not None:
+            from dmdiff.data.simulate import resolve_config  # numpy, the optics: only when needed
+
+            try:
+                resolve_config(self.recipe.simulate)
+            except ConfigError as e:
+                raise ConfigError(f"recipe.simulate: {e}") from None
+        stages = {}
         for stage in ("stage1", "stage2"):
-            overrides = getattr(self.recipe, stage)
-            if "recipe" in overrides:
+            if "recipe" in getattr(self.recipe, stage):
                 raise ConfigError(f"recipe.{stage} may not override 'recipe'")
-            stage_config(self, stage)
+            stages[stage] = stage_config(self, stage)
+        # the pseudo pairs are made by the stage-1 model
+        _check_svda_grid("recipe.pseudo.size_px", self.recipe.pseudo.size_px, stages["stage1"].model)
 
 
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
@@ -280,6 +325,18 @@ def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
     except ConfigError as e:
         raise ConfigError(f"recipe.{stage}: {e}") from None
     return out
+
+
+def check_device_support(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when this machine cannot train with ``cfg`` as it is: fp16 mixed
+    precision needs a CUDA GPU (accelerate refuses fp16 on a CPU).
+
+    Call it with the config that is trained (for a recipe, each stage's :func:`stage_config`); the
+    checks of :meth:`TrainConfig.validate` hold on every machine, these depend on this one.
+    """
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU and none is available here; use bf16 "
+                          "or no on a CPU")
 
 
 def load_train_config(source: str | Path | Mapping | None = None, **overrides: Any) -> TrainConfig:

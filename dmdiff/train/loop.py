@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -31,13 +32,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from dmdiff.errors import DmdiffError
-from dmdiff.runinfo import write_json
+from dmdiff.errors import DmdiffError, RunFault
+from dmdiff.outputs import write_json
+from dmdiff.weights import load_safetensors
 from dmdiff.train import checkpoint as ckpt_io
-from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning, load_train_config
+from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning, check_device_support, load_train_config
 from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
@@ -52,7 +53,7 @@ def _load_init_weights(model, source: str) -> None:
     path = Path(source)
     for candidate in (path / PIPELINE / TRAINABLE_FILE, path / TRAINABLE_FILE, path):
         if candidate.is_file():
-            model.load_trainable_state_dict(load_file(str(candidate)))
+            model.load_trainable_state_dict(load_safetensors(candidate))
             return
     raise DmdiffError(f"init_weights: {source} is neither a finished run folder, a pipeline folder nor a "
                       "safetensors file")
@@ -235,6 +236,8 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
     from dmdiff.model.dmdiff import DMDiff
 
     cfg.validate()
+    check_device_support(cfg)
+    check_run(out, cfg, resume)
     sets = open_train_sets(cfg)
     use_maps = sets[0].map_paths is not None
     val_pairs = validation_pairs(cfg, use_maps)
@@ -253,7 +256,6 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
-    check_run(out, cfg, resume)
     if main:
         write_run_info(out, cfg, resume, command)
         ckpt_io.clean_partial(out)
@@ -271,17 +273,26 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
 
     def save_checkpoint(step: int) -> None:
         folder = ckpt_io.partial_dir(out, step)
+        try:
+            if main:
+                folder.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            ckpt_io.write_rng(folder, rank)
+            accelerator.wait_for_everyone()
+            if main:
+                scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+                ckpt_io.write_checkpoint(folder, step, model=params, optimizer=optimizer.state_dict(),
+                                         ema=ema.shadow if ema else None,
+                                         samples_seen=step * cfg.grad_accum * cfg.batch_size * world,
+                                         world_size=world, extra={"scaler": scaler, "backbone": model.backbone.source})
+        except OSError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            kept = [p.name for _, p in ckpt_io.list_checkpoints(out)]
+            raise RunFault(f"could not write the checkpoint of step {step} into {out} ({e.strerror or e}"
+                           f"{': ' + str(e.filename) if e.filename else ''}); the unfinished checkpoint was "
+                           f"removed and the run keeps {', '.join(kept) or 'no checkpoint yet'}. Free some "
+                           "space and rerun with --resume latest") from None
         if main:
-            folder.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        ckpt_io.write_rng(folder, rank)
-        accelerator.wait_for_everyone()
-        if main:
-            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            ckpt_io.write_checkpoint(folder, step, model=params, optimizer=optimizer.state_dict(),
-                                     ema=ema.shadow if ema else None,
-                                     samples_seen=step * cfg.grad_accum * cfg.batch_size * world,
-                                     world_size=world, extra={"scaler": scaler, "backbone": model.backbone.source})
             ckpt_io.prune(out, cfg.keep_last)
         accelerator.wait_for_everyone()
 
@@ -319,6 +330,8 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
             with accelerator.accumulate(wrapped):
                 output = wrapped(batch["input"], batch.get("maps"), [PATHS[i] for i in path_ids])
                 loss, terms = loss_fn(output, batch["target"])
+                if not torch.isfinite(loss):
+                    raise non_finite_loss(step + 1, loss, terms, [PATHS[i] for i in path_ids], out)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip is not None:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.grad_clip)
@@ -367,6 +380,16 @@ def _train(cfg: TrainConfig, out: Path, resume: str | None, progress: bool, stop
         _export(out, model, params, ema, report)
     accelerator.wait_for_everyone()
     return report
+
+
+def non_finite_loss(step: int, loss: torch.Tensor, terms: dict, paths: list[str], out: Path) -> RunFault:
+    """The error for a NaN/Inf training loss at optimizer step ``step`` (1-based): what was computed
+    and what to check. The checkpoints written so far are untouched."""
+    detail = ", ".join(f"{k} {float(torch.as_tensor(v).detach()):.4g}" for k, v in terms.items())
+    return RunFault(f"step {step}: the training loss is {loss.detach().item()} ({detail}; paths {', '.join(sorted(set(paths)))}). "
+                    "Check the learning rate (lr, warmup_steps), the loss weights and the data (NaN or "
+                    f"infinite pixels or maps); {out}'s earlier checkpoints are kept: fix the cause and "
+                    "rerun, with --resume latest to continue from the last one")
 
 
 def show_warnings(prog: str):

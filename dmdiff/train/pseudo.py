@@ -42,9 +42,27 @@ from tqdm.auto import tqdm
 
 from dmdiff.config import to_dict
 from dmdiff.errors import DmdiffError
+from dmdiff.outputs import atomic_directory, check_replaceable, write_json
 from dmdiff.train.config import PseudoConfig, load_train_config
 
 RECORD = "pseudo.json"
+#: The kind of folder :func:`make_pseudo_pairs` builds (:mod:`dmdiff.outputs`).
+PSEUDO_KIND = "pseudo-pairs"
+PAIR_FOLDERS = ("gt_train", "lr_train", "gt_blur_train")
+
+
+def pseudo_parts(folder: Path) -> set[str] | None:
+    """The files of a pseudo-pair folder from its ``pseudo.json`` (the record, and per name its
+    images and maps); None when ``folder`` has no such record."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != "dmdiff-pseudo-pairs" \
+            or not isinstance(record.get("names"), list):
+        return None
+    return {RECORD} | {f"{d}/{n}.png" for n in record["names"] for d in PAIR_FOLDERS} \
+        | {f"maps/{n}.npy" for n in record["names"]}
 
 
 def load_trained(run: str | Path):
@@ -175,8 +193,10 @@ def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Pat
 
     settings.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DmdiffError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, PSEUDO_KIND, pseudo_parts)
+        if not overwrite:
+            raise DmdiffError(f"--out {out} already holds pseudo pairs; pass --overwrite to replace them")
     model, run_cfg = load_trained(model_run)
     with torch_threads(run_cfg.threads):
         return _write_pairs(model, run_cfg, Path(model_run), out, dataset, images, settings, progress)
@@ -188,7 +208,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
     from dmdiff.data.sources import named_rng
     from dmdiff.imageio import write_png
     from dmdiff.optics.sensor import pseudo_noise_augment, quantize
-    from dmdiff.runinfo import atomic_directory, provenance, write_json
+    from dmdiff.runinfo import provenance
 
     dataset = Path(dataset if dataset is not None else run_cfg.data)
     size = settings.size_px or _lens_size(dataset)
@@ -201,7 +221,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     names = []
-    with atomic_directory(out, replace=True) as tmp:
+    with atomic_directory(out, PSEUDO_KIND, replace=True, legacy=pseudo_parts) as tmp:
         folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if camera else []) + (["maps"] if maps is not None else [])
         for d in folders:
             (tmp / d).mkdir()

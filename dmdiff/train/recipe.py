@@ -22,9 +22,20 @@ from pathlib import Path
 from typing import Callable
 
 from dmdiff.errors import ConfigError
+from dmdiff.outputs import claim_folder
 from dmdiff.train.config import TrainConfig, stage_config
 from dmdiff.train.pseudo import RECORD, make_pseudo_pairs
 from dmdiff.train.rundir import REPORT, is_complete
+
+#: The kind of output folder a recipe run is (:mod:`dmdiff.outputs`).
+RECIPE_KIND = "recipe-run"
+
+
+def recipe_folder_parts(folder: Path) -> set[str] | None:
+    """Recognises a recipe run of a dmdiff version before output markers (its ``stage1/`` run or
+    its ``recipe.json``): an empty set, else None."""
+    return set() if (folder / "stage1" / "run.json").is_file() or (folder / "recipe.json").is_file() else None
+
 
 #: Folder of the shipped configs (``configs/`` at the repository root).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -78,7 +89,7 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
     from dmdiff.train.loop import train
 
     cfg.validate()
-    out = Path(out)
+    out = claim_folder(out, RECIPE_KIND, recipe_folder_parts)
     data = Path(cfg.data)
     if not data.exists() and cfg.recipe.simulate is not None:
         from dmdiff.data.simulate import simulate_dataset

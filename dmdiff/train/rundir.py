@@ -25,11 +25,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from dmdiff.config import to_dict
+from dmdiff.config import dump_yaml, to_dict
 from dmdiff.errors import DmdiffError
-from dmdiff.runinfo import atomic_write_text, provenance, write_json
+from dmdiff.outputs import atomic_write_text, check_claimable, claim_folder, write_json
+from dmdiff.runinfo import provenance
 from dmdiff.train.checkpoint import list_checkpoints
 from dmdiff.train.config import TrainConfig, load_train_config
 
@@ -38,6 +38,8 @@ RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
 PIPELINE = "pipeline"
 REPORT = "train_report.json"
+#: The kind of output folder a training run is (:mod:`dmdiff.outputs`).
+RUN_KIND = "training-run"
 
 #: Settings that may change when a run is resumed: they do not change the trained weights
 #: (``steps`` extends or shortens the run).
@@ -74,16 +76,22 @@ def is_complete(run: str | Path, steps: int | None = None) -> bool:
     return bool(report.get("completed")) and (steps is None or report.get("steps") == steps)
 
 
+def run_folder_parts(folder: Path) -> set[str] | None:
+    """Recognises a training run of a dmdiff version before output markers (its ``run.json`` and
+    ``config.yaml``): an empty set (nothing to list), else None."""
+    return set() if (folder / RUN_INFO).is_file() and (folder / CONFIG).is_file() else None
+
+
 def check_run(run: Path, cfg: TrainConfig, resume: str | None) -> None:
     """Check that ``run`` may be started or resumed with ``cfg`` (read-only; every process).
 
     Raises:
-        DmdiffError: ``run`` already holds checkpoints or a model and ``resume`` is None; or, when
+        DmdiffError: ``run`` is a file, or a folder holding files that are not a dmdiff training
+            run's; it already holds checkpoints or a model and ``resume`` is None; or, when
             resuming, the run's config differs from ``cfg`` in settings that change the weights (the
             keys are listed).
     """
-    if run.exists() and not run.is_dir():
-        raise DmdiffError(f"--out {run} exists and is not a folder")
+    check_claimable(run, RUN_KIND, run_folder_parts)
     if resume is None and (list_checkpoints(run) or (run / PIPELINE).exists()):
         raise DmdiffError(f"{run} already holds a training run; pass --resume latest to continue it, "
                           "or choose another --out")
@@ -100,9 +108,13 @@ def write_run_info(run: Path, cfg: TrainConfig, resume: str | None, command: str
     resuming, one appended to the run's ``resumes`` list."""
     info = {}
     if resume is not None and (run / RUN_INFO).is_file():
-        info = json.loads((run / RUN_INFO).read_text())
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        try:
+            info = json.loads((run / RUN_INFO).read_text())
+        except (OSError, ValueError):
+            info = {}       # damaged (e.g. edited by hand): a new record replaces it
+        info = info if isinstance(info, dict) else {}
+    claim_folder(run, RUN_KIND, run_folder_parts)
+    atomic_write_text(run / CONFIG, dump_yaml(to_dict(cfg)))
     record = provenance(config=to_dict(cfg), seed=cfg.seed, command=command)
     if info:
         info.setdefault("resumes", []).append(record)
@@ -118,8 +130,7 @@ class MetricsLog:
     def __init__(self, run: Path, resumed_step: int):
         self.path = run / METRICS
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            kept = [json.dumps(r, sort_keys=True) for r in read_metrics(run) if r.get("step", 0) <= resumed_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -129,8 +140,17 @@ class MetricsLog:
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    """The records of ``run/metrics.jsonl`` in order (empty when the run has not logged yet)."""
+    """The records of ``run/metrics.jsonl`` in order (empty when the run has not logged yet). A line
+    that is not a JSON object (the half-written last line of a killed run) is left out."""
     path = Path(run) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
