@@ -220,6 +220,25 @@ def read_yaml(path: str | Path) -> dict:
     return dict(data)
 
 
+#: The configs shipped with the repository (``configs/`` at its root).
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+#: The smoke presets of every job, in one file (:func:`smoke_preset`).
+SMOKE_FILE = CONFIGS / "smoke.yaml"
+
+
+def smoke_preset(job: str) -> dict:
+    """What ``--smoke`` lays over the settings of ``job`` (``"simulate"``, ``"recipe"``,
+    ``"pretrain"``): its section of :data:`SMOKE_FILE`, a plain mapping of config keys.
+
+    Raises:
+        ConfigError: the file is missing or invalid, or has no such section.
+    """
+    presets = read_yaml(SMOKE_FILE)
+    if not isinstance(presets.get(job), Mapping):
+        raise ConfigError(f"{SMOKE_FILE}: no '{job}' section of smoke settings")
+    return dict(presets[job])
+
+
 def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None, **overrides: Any) -> T:
     """Build ``cls()`` then lay a YAML file (or mapping) and keyword overrides over it."""
     cfg = cls()

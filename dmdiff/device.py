@@ -1,12 +1,20 @@
-"""Choosing the torch device from a user's ``--device`` value, with errors that say what to do."""
+"""How torch runs: choosing the device from a user's ``--device`` value (with errors that say what to
+do), CPU thread counts for a block, eval mode for a block, and wall-clock timing that waits for the
+device."""
 
 from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from dmdiff.errors import DmdiffError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "torch_threads", "eval_mode", "synchronize", "timed"]
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -35,3 +43,42 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     elif device.type != "cpu":
         raise DmdiffError(f"--device {name}: dmdiff runs on cpu, cuda or mps devices")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: unchanged); restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode; every sub-module's train/eval flag is restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Wall time (seconds) of ``fn()``, the device synchronised before and after, and its result."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out

@@ -45,11 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import png
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dmdiff.errors import DmdiffError, ImageReadError
-from dmdiff.runinfo import atomic_write_bytes
+from dmdiff.outputs import atomic_write_bytes
 
-__all__ = ["read_image", "write_png", "png_bytes", "check_min_size", "ImageSizeError", "IMAGE_EXTENSIONS",
+__all__ = ["read_image", "write_png", "png_bytes", "to_samples", "check_min_size", "ImageSizeError", "IMAGE_EXTENSIONS",
            "DEFAULT_MAX_PIXELS", "max_pixels", "parse_max_pixels"]
 
 
@@ -72,7 +73,7 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: ``dmdiff --max-pixels N``.
 DEFAULT_MAX_PIXELS = 160_000_000
 
-_MAX_PIXELS_ENV = "DMDIFF_MAX_PIXELS"
+MAX_PIXELS_ENV = "DMDIFF_MAX_PIXELS"
 
 
 def parse_max_pixels(text: str) -> int:
@@ -97,13 +98,13 @@ def max_pixels() -> int:
     Raises:
         DmdiffError: ``$DMDIFF_MAX_PIXELS`` is not a positive whole number (the message names it).
     """
-    text = os.environ.get(_MAX_PIXELS_ENV, "")
+    text = os.environ.get(MAX_PIXELS_ENV, "")
     if not text.strip():
         return DEFAULT_MAX_PIXELS
     try:
         return parse_max_pixels(text)
     except ValueError as e:
-        raise DmdiffError(f"environment variable {_MAX_PIXELS_ENV}: {e}") from None
+        raise DmdiffError(f"environment variable {MAX_PIXELS_ENV}: {e}") from None
 
 
 def _pixel_limit(override: int | None) -> int:
@@ -121,7 +122,7 @@ def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
     if pixels > limit:
         raise ImageReadError(
             path, f"image is {width}×{height} px ({pixels / 1e6:.4g} megapixels), over the pixel limit "
-                  f"of {limit / 1e6:.4g} megapixels ({limit} px); set {_MAX_PIXELS_ENV} or pass "
+                  f"of {limit / 1e6:.4g} megapixels ({limit} px); set {MAX_PIXELS_ENV} or pass "
                   "dmdiff --max-pixels N to raise it")
 
 
@@ -233,7 +234,6 @@ def _pillow_limit_lifted():
     that ours (:func:`max_pixels`, checked from the header) is the one that applies. Concurrent reads
     in threads share one lifting; the last to finish restores Pillow's value."""
     global _pillow_reads, _pillow_saved_limit
-    from PIL import Image
 
     with _pillow_lock:
         if _pillow_reads == 0:
@@ -251,7 +251,6 @@ def _pillow_limit_lifted():
 
 def _read_pillow(path: Path, limit: int) -> np.ndarray:
     """Decode with Pillow (any format it knows), at most ``limit`` px → (H, W, 3) float array."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings(), _pillow_limit_lifted():
@@ -422,8 +421,13 @@ def _read_png16(path: Path, limit: int) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _quantise(image: np.ndarray, bits: int) -> np.ndarray:
-    """Float [0, 1] (clipped) or matching unsigned integers → uint8/uint16 samples."""
+def to_samples(image: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Integer samples of an image as a ``bits``-bit file stores them: float ``[0, 1]`` (clipped,
+    rounded to the nearest level) or matching unsigned integers (kept) → uint8 (8) / uint16 (16).
+
+    Raises:
+        ValueError: another dtype, or NaN/Inf values.
+    """
     a = np.asarray(image)
     dtype = np.uint8 if bits == 8 else np.uint16
     if np.issubdtype(a.dtype, np.integer):
@@ -471,10 +475,9 @@ def png_bytes(image: np.ndarray, bits: int = 8) -> bytes:
         a = a[:, :, 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"write_png takes an (H, W, 3) or (H, W) image, got shape {a.shape}")
-    samples = _quantise(a, bits)
+    samples = to_samples(a, bits)
     if bits == 16:
         return _png16_bytes(samples if samples.ndim == 3 else samples[:, :, None])
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(samples), mode="L" if samples.ndim == 2 else "RGB").save(

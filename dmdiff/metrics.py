@@ -3,7 +3,7 @@
 Used by training validation, ``dmdiff evaluate``, the notebooks and the widgets. All full-reference
 metrics take the **output first, the reference second** (PSNR and SSIM are symmetric anyway).
 
-Inputs (DESIGN §6 conventions): numpy ``(H, W, 3)`` or a stack ``(N, H, W, 3)``, or torch ``(3, H, W)``
+Inputs (the conventions of docs/architecture.md): numpy ``(H, W, 3)`` or a stack ``(N, H, W, 3)``, or torch ``(3, H, W)``
 or ``(B, 3, H, W)``; float sRGB values nominally in ``[0, 1]``, channel order R, G, B. Values are
 **not clipped** here (clip and quantise outputs first if that is your protocol); NaN/inf and integer
 dtypes are refused. A single image gives a ``float``, a batch a float64 ``numpy`` array ``(N,)``.
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+import scipy.ndimage
+from skimage.metrics import structural_similarity
 
 from dmdiff.errors import DmdiffError
 
@@ -244,7 +246,6 @@ def ssim(output, reference, on: str = "rgb", crop_border: int = 0, gaussian: boo
     Raises:
         MetricInputError: bad inputs, or an image smaller than the window (11 or 7 pixels).
     """
-    from skimage.metrics import structural_similarity
 
     _check_on(on)
     a, b, batched = _pair(output, reference, crop_border)
@@ -284,7 +285,6 @@ def mean_gradient_magnitude(image, crop_border: int = 0):
     Returns:
         ``float`` for one image, float64 ``(N,)`` array for a batch (luma units per pixel).
     """
-    import scipy.ndimage
 
     a, batched = to_numpy_images(image)
     out = []

@@ -15,6 +15,7 @@ parameters.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import papermill
 from tqdm.auto import tqdm
 
 from dmdiff.errors import EXIT_PARTIAL, DmdiffError
@@ -64,7 +66,6 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 def declared_parameters(path: Path) -> dict[str, dict]:
     """The parameters a notebook declares in its ``parameters`` cell (papermill's inspection)."""
-    import papermill
 
     return papermill.inspect_notebook(str(path))
 
@@ -108,7 +109,6 @@ def _failure_details(exc: BaseException, executed: Path) -> dict:
 
 def run_notebook(path: Path, executed: Path, params: dict, cwd: Path) -> None:
     """Execute one notebook with papermill (kernel ``python3``), writing the executed copy."""
-    import papermill
 
     executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
@@ -275,6 +275,22 @@ def check_params(extra: dict[str, Any], paths: list[Path]) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DmdiffError(f"-p seed={seed}: the seed must be a non-negative integer")
     return seed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "sd-turbo", "sd-turbo-shape"),
+                        help="backbone preset of the study (default tiny: the 2-core CPU study)")
+    parser.add_argument("--smoke", action="store_true", help="CI-sized run")
+    parser.add_argument("--out", default="runs/repro", help="run folder (ignored by git)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra notebook parameter (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="skip notebooks already done with the same parameters")
+    parser.add_argument("--until", default=None, metavar="NN",
+                        help="stop after the notebook numbered NN (e.g. 01: the tour and the dataset only)")
+    parser.add_argument("--compare", metavar="OTHER_RUN", default=None,
+                        help="afterwards, compare every notebook's metrics.json with those of an earlier run "
+                             "folder (to 1e-6; timings left out); differences make the exit status non-zero")
 
 
 def main(args) -> int:

@@ -1,14 +1,14 @@
 """``dmdiff restore``: restore your own photos, of any size, with a trained DMDiff model.
 
 ``dmdiff restore --model RUN --input FILE|DIR --out DIR`` reads one image or every image of a
-folder (not recursive; names sorted; hidden files skipped), restores each in blended tiles
-(:mod:`dmdiff.model.tiling`: bounded memory for any size and aspect ratio, exactly
-:meth:`DMDiff.restore` when the image fits in one tile) and writes ``DIR/<name>.png``.
+folder (not recursive; names sorted; hidden files skipped), restores each with
+:class:`~dmdiff.model.pipeline.DMDiffPipeline` in blended tiles (:mod:`dmdiff.model.tiling`:
+bounded memory for any size and aspect ratio, exactly :meth:`DMDiff.restore` when the image fits in
+one tile) and writes ``DIR/<name>.png``: this module is the file reading and writing around it.
 
-* **Model.** ``RUN`` is a pipeline folder, a training run or a recipe run (its ``stage2/``), found by
-  :func:`dmdiff.evaluate.resolve_model` and loaded by :meth:`DMDiffPipeline.from_pretrained`:
-  safetensors only; a folder holding pickle weights (``.bin``/``.pt``/``.pth``/``.ckpt``/``.pkl``)
-  is refused before anything is loaded.
+* **Model.** ``RUN`` is a pipeline folder, a training run or a recipe run (its ``stage2/``), loaded
+  by :func:`dmdiff.runs.load_pipeline`: safetensors only; a folder holding pickle files is refused
+  before anything is loaded.
 * **Inputs** go through :func:`dmdiff.imageio.read_image`: grayscale is replicated to RGB,
   palette images expanded, alpha composited over white, 16-bit PNG/TIFF read at full precision;
   NaN/Inf, corrupt or truncated files raise :class:`ImageReadError`. Images must be at least the
@@ -30,16 +30,8 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
   of a dmdiff dataset (:mod:`dmdiff.data.simulate`) and that file exists, else none (SVDA then
   sets its maps-missing flag: right for real captures); ``"none"`` never uses maps; a ``.npy``
   path uses that array for every input. Each tile gets the maps resampled to its own window.
-* **Colour correction** against the input, ``"auto"`` by default (:data:`DEFAULT_COLOR_CORRECTION`
-  says why; ``"none"`` writes the model's own output) (:data:`COLOR_CORRECTIONS`):
-  ``"meanstd"`` matches each channel's mean and standard deviation to the input's (a global
-  colour-cast fix); ``"lowpass"`` replaces the output's low-frequency part (Gaussian,
-  σ = :data:`LOWPASS_SIGMA_PX`) by the input's, per channel, keeping the restored detail and the
-  input's large-scale colours. Both also bring back some of the capture's haze: use them when the
-  model shifts colours. ``"auto"`` (:func:`resolve_color_correction`) is ``"none"`` for a model
-  with a colour anchor (``DMDiffConfig.anchor_sigma_px``: it keeps the large-scale colours of the
-  input — deconvolved first with ``anchor_rl_iterations`` — itself, in training and inference) and
-  ``"lowpass"`` for one without.
+* **Colour correction** against the input (:mod:`dmdiff.model.color`), ``"auto"`` by default:
+  none for a model with a colour anchor, ``"lowpass"`` for one without.
 * **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
   orientations (rotations by 90° and mirrorings, maps turned alike) and the results averaged
   (:mod:`dmdiff.model.ensemble`: 8× the time; sound for lenses symmetric about the optical axis).
@@ -53,6 +45,7 @@ folder (not recursive; names sorted; hidden files skipped), restores each in ble
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -62,30 +55,38 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from dmdiff.data.dataset import images_by_stem
 from dmdiff.device import resolve_device
-from dmdiff.errors import EXIT_PARTIAL, NO_SPACE, ConfigError, DmdiffError, ImageReadError
+from dmdiff.errors import (
+    EXIT_PARTIAL,
+    NO_SPACE,
+    ConfigError,
+    DmdiffError,
+    ImageReadError,
+)
 from dmdiff.imageio import IMAGE_EXTENSIONS, check_min_size, png_bytes, read_image
+from dmdiff.model.color import (
+    COLOR_CORRECTIONS,
+    DEFAULT_COLOR_CORRECTION,
+    resolve_color_correction,
+)
 from dmdiff.model.dmdiff import check_alpha
-from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling, tiled_restore
-from dmdiff.outputs import atomic_write_bytes, clean_stale_temp_files, unwritable, write_json
+from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE
+from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling
+from dmdiff.outputs import (
+    atomic_write_bytes,
+    clean_stale_temp_files,
+    unwritable,
+    write_json,
+)
 from dmdiff.runinfo import provenance
+from dmdiff.runs import load_pipeline
 
-__all__ = ["COLOR_CORRECTIONS", "DEFAULT_COLOR_CORRECTION", "LOWPASS_SIGMA_PX", "REPORT_FILE", "list_inputs",
-           "output_paths", "load_maps", "find_maps", "resolve_color_correction", "color_correct", "previous_report",
+__all__ = ["REPORT_FILE", "list_inputs", "output_paths", "load_maps", "find_maps", "previous_report",
            "written_outputs", "check_outputs", "model_digest", "restore", "main"]
 
-#: What :func:`color_correct` does; ``"auto"`` is resolved to one of them per model.
-CORRECTIONS = ("none", "meanstd", "lowpass")
-COLOR_CORRECTIONS = ("auto", *CORRECTIONS)
-#: The default colour correction: a tiny model trained without the colour anchor shifts colours by
-#: an amount that depends on what each tile holds, which shows as soft colour steps between tiles
-#: on large photos; ``lowpass`` keeps the restored detail and takes the large-scale colours from
-#: the input (on the held-out test split it also adds PSNR: README, "Training and evaluation"). A
-#: model with the anchor does this itself, so ``auto`` leaves its output as it is.
-DEFAULT_COLOR_CORRECTION = "auto"
-#: Gaussian σ (px) that separates "colour" from "detail" in the ``lowpass`` correction.
-LOWPASS_SIGMA_PX = 12.0
 REPORT_FILE = "restore.json"
 REPORT_FORMAT = "dmdiff-restore"
 N_MAP_CHANNELS = 7          # len(MAP_CHANNELS)
@@ -105,8 +106,6 @@ def list_inputs(path: str | Path) -> list[Path]:
         DmdiffError: ``path`` missing, a folder without images (extensions ``IMAGE_EXTENSIONS``),
             or two images with the same name stem.
     """
-    from dmdiff.data.dataset import images_by_stem
-
     path = Path(path)
     if path.is_file():
         return [path]
@@ -173,53 +172,6 @@ def find_maps(image: Path, option: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# colour correction
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_color_correction(method: str, model) -> str:
-    """``method`` with ``"auto"`` replaced by what it means for ``model`` (a :class:`DMDiff`):
-    ``"none"`` when it has a colour anchor (``config.anchor_sigma_px``), else ``"lowpass"``.
-
-    Raises:
-        ConfigError: ``method`` is not one of :data:`COLOR_CORRECTIONS`.
-    """
-    if method not in COLOR_CORRECTIONS:
-        raise ConfigError(f"color correction must be one of {', '.join(COLOR_CORRECTIONS)}, got {method!r}")
-    if method != "auto":
-        return method
-    return "none" if model.config.anchor_sigma_px is not None else "lowpass"
-
-
-def color_correct(restored: np.ndarray, reference: np.ndarray, method: str,
-                  sigma_px: float = LOWPASS_SIGMA_PX) -> np.ndarray:
-    """Correct the colours of ``restored`` against ``reference`` (both float ``(H, W, 3)`` in ``[0, 1]``).
-
-    ``"none"``: unchanged; ``"meanstd"``: per channel ``(o − mean_o) / std_o · std_r + mean_r``;
-    ``"lowpass"``: per channel ``o − G_σ(o) + G_σ(r)`` with a Gaussian ``G_σ`` of ``sigma_px``
-    (reflected edges). Returns float32 ``(H, W, 3)`` clipped to ``[0, 1]``.
-    """
-    if method not in CORRECTIONS:
-        hint = " (resolve 'auto' for a model with resolve_color_correction)" if method == "auto" else ""
-        raise ConfigError(f"color correction must be one of {', '.join(CORRECTIONS)}, got {method!r}{hint}")
-    out = np.asarray(restored, dtype=np.float64)
-    ref = np.asarray(reference, dtype=np.float64)
-    if method == "meanstd":
-        mean_o, std_o = out.mean(axis=(0, 1)), out.std(axis=(0, 1))
-        mean_r, std_r = ref.mean(axis=(0, 1)), ref.std(axis=(0, 1))
-        gain = np.where(std_o > 1e-6, std_r / np.maximum(std_o, 1e-6), 1.0)
-        out = (out - mean_o) * gain + mean_r
-    elif method == "lowpass":
-        from scipy.ndimage import gaussian_filter
-
-        def low(a: np.ndarray) -> np.ndarray:
-            return gaussian_filter(a, sigma=(sigma_px, sigma_px, 0), mode="reflect")
-
-        out = out - low(out) + low(ref)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------
 
@@ -281,10 +233,30 @@ def check_outputs(outputs: list[Path], written: dict[str, str | None], overwrite
                           f"{names}. Choose another --out, or pass --overwrite to replace them.")
 
 
+def _restore_file(pipe, source: Path, maps: str, shared_maps: np.ndarray | None, settings: dict, entry: dict,
+                  on_tile) -> bytes:
+    """Read, restore and encode one image with ``settings`` (alpha, tile, overlap, colour
+    correction, bits, self-ensemble); its size, maps and tile count go into its report ``entry``.
+    Returns the PNG bytes."""
+    image = read_image(source)
+    check_min_size(image, pipe.model.config.grid_size, "SVDA grid", path=source)
+    entry["size"] = list(image.shape[:2])
+    maps_file = find_maps(source, maps)
+    entry["maps"] = None if maps_file is None else str(maps_file)
+    image_maps = shared_maps if shared_maps is not None or maps_file is None else load_maps(maps_file)
+
+    def count_tiles(done: int, total: int) -> None:
+        entry["tiles"] = total
+        on_tile(done, total)
+
+    restored = pipe(image, image_maps, settings["alpha"], tile=settings["tile"], overlap=settings["overlap"],
+                    self_ensemble=settings["self_ensemble"], color_correct=settings["color_correct"],
+                    on_tile=count_tiles).images[0]
+    return png_bytes(restored, bits=settings["bits"])
+
+
 def model_digest(pipeline_dir: Path) -> str:
     """A sha256 of a pipeline folder's config and trained weights: what ``--resume`` compares."""
-    from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE
-
     h = hashlib.sha256()
     for name in (CONFIG_FILE, TRAINABLE_FILE):
         h.update((pipeline_dir / name).read_bytes())
@@ -302,7 +274,7 @@ def _finished(report: dict | None, settings: dict, written: dict[str, str | None
 
 
 def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float = 1.0,
-            tile: int | None = None, overlap: int | None = None, color: str = DEFAULT_COLOR_CORRECTION,
+            tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX, color: str = DEFAULT_COLOR_CORRECTION,
             maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
             model_path: str | None = None, overwrite: bool = False, resume: bool = False,
             progress: bool = True) -> dict[str, Any]:
@@ -313,8 +285,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         images: an image file or a folder of images.
         out: output folder (created if missing).
         alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path).
-        tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`;
-            None: ``DEFAULT_TILE_PX`` = 256, ``DEFAULT_OVERLAP_PX`` = 32).
+        tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`).
         color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
         bits: 8 or 16 bits per output sample.
@@ -332,11 +303,6 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     Raises:
         DmdiffError: bad arguments, model, inputs or output folder (nothing is written then).
     """
-    from tqdm.auto import tqdm
-
-    from dmdiff.evaluate import resolve_model
-    from dmdiff.model.pipeline import DMDiffPipeline
-
     alpha = check_alpha(alpha)
     if color not in COLOR_CORRECTIONS:
         raise ConfigError(f"--color-correct must be one of {', '.join(COLOR_CORRECTIONS)}, got {color!r}")
@@ -349,11 +315,10 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     written = written_outputs(report)
     check_outputs(outputs, written, overwrite)
     shared_maps = load_maps(maps) if maps not in ("auto", "none") else None
-    pipeline_dir, run = resolve_model(model, stage="stage2")
     device = resolve_device(device)
-    net = DMDiffPipeline.from_pretrained(pipeline_dir, model_path=model_path, device=device).model
-    tile, overlap = check_tiling(net, DEFAULT_TILE_PX if tile is None else tile,
-                                 DEFAULT_OVERLAP_PX if overlap is None else overlap)
+    loaded = load_pipeline(model, device=device, model_path=model_path)
+    pipe, net, pipeline_dir, run = loaded.pipeline, loaded.model, loaded.pipeline_dir, loaded.run_dir
+    tile, overlap = check_tiling(net, tile, overlap)
     color = resolve_color_correction(color, net)
     settings = {"model": str(pipeline_dir.resolve()), "model_sha256": model_digest(pipeline_dir), "alpha": alpha,
                 "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
@@ -382,24 +347,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         entry: dict[str, Any] = {"input": str(source), "output": str(target), "status": "ok"}
         start = time.perf_counter()
         try:
-            image = read_image(source)
-            check_min_size(image, net.config.grid_size, "SVDA grid", path=source)
-            entry["size"] = list(image.shape[:2])
-            maps_file = find_maps(source, maps)
-            entry["maps"] = None if maps_file is None else str(maps_file)
-            if shared_maps is not None or maps_file is None:
-                image_maps = shared_maps
-            else:
-                image_maps = load_maps(maps_file)
-            tiles = []
-
-            def on_tile(done: int, total: int) -> None:
-                tiles[:] = [total]
-                bar.set_postfix_str(f"{source.name}: tile {done}/{total}")
-
-            restored = _restore_array(net, image, image_maps, alpha, tile, overlap, on_tile, self_ensemble)
-            entry["tiles"] = tiles[0]
-            payload = png_bytes(color_correct(restored, image, color), bits=bits)
+            payload = _restore_file(pipe, source, maps, shared_maps, settings, entry,
+                                    lambda done, total: bar.set_postfix_str(f"{source.name}: tile {done}/{total}"))
             # the report names the file (and its hash) before it exists, so a run killed in between
             # leaves no output that a later run would take for a file dmdiff did not write
             record["written"][target.name] = _sha256(payload)
@@ -418,19 +367,37 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     return record
 
 
-def _restore_array(model, image: np.ndarray, maps: np.ndarray | None, alpha: float, tile: int, overlap: int,
-                   on_tile, self_ensemble: bool = False) -> np.ndarray:
-    """One image ``(H, W, 3)`` float32 → restored ``(H, W, 3)`` float32 in ``[0, 1]`` (tiled; with
-    ``self_ensemble``, the mean over the 8 orientations)."""
-    from dmdiff.model.ensemble import self_ensemble as ensemble
-    from dmdiff.model.pipeline import as_image, to_numpy
-
-    def run(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        return tiled_restore(model, x, m, alpha=alpha, tile=tile, overlap=overlap, on_tile=on_tile)
-
-    x = as_image(image)[None]
-    m = None if maps is None else torch.from_numpy(maps)[None]
-    return to_numpy((ensemble(run, x, m) if self_ensemble else run(x, m))[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    parser.add_argument("--model", required=True, metavar="RUN_OR_PIPELINE",
+                        help="training run, recipe run (its stage2/) or pipeline folder")
+    parser.add_argument("--input", required=True, metavar="FILE|DIR", help="an image, or a folder of images (not recursive)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: <name>.png per image and restore.json")
+    parser.add_argument("--alpha", type=float, default=1.0,
+                        help="0 fidelity (neutral path) … 1 perceptual (positive), up to 1.2 (default %(default)s)")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE_PX,
+                        help="tile side in px, a multiple of the backbone's latent multiple (default %(default)s)")
+    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP_PX,
+                        help="minimum overlap of tiles in px, blended (default %(default)s)")
+    parser.add_argument("--color-correct", default=DEFAULT_COLOR_CORRECTION, choices=COLOR_CORRECTIONS,
+                        help="colour correction against the input (lowpass: the restored detail with the input's "
+                             "large-scale colours; none: the model's own output; default auto: none for a model "
+                             "with a colour anchor, which keeps the input's large-scale colours itself, else lowpass)")
+    parser.add_argument("--maps", default="auto", metavar="auto|none|FILE.npy",
+                        help="optics maps: auto (DATA/maps/<name>.npy for DATA/lr_*/ inputs), none, or one .npy for all")
+    parser.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default %(default)s)")
+    parser.add_argument("--self-ensemble", action="store_true",
+                        help="average the restorations of the 8 rotations/mirrorings of each image (8× the time; "
+                             "for lenses symmetric about the optical axis, see dmdiff.model.ensemble)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files of the output names that dmdiff did not write (default: refuse them; "
+                             "outputs of earlier restores into --out are always replaced)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip images an earlier restore into --out finished with the same model and settings")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -12,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 # the atomic writers moved to dmdiff.outputs; these names stay importable from here
-from dmdiff.outputs import atomic_directory, atomic_write_bytes, atomic_write_text, write_json  # noqa: F401
+from dmdiff.outputs import (  # noqa: F401
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    write_json,
+)
 
 PACKAGES = ("dmdiff", "torch", "torchvision", "numpy", "scipy", "scikit-image", "diffusers",
             "transformers", "peft", "accelerate", "safetensors", "deepinv", "lpips", "papermill")

@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from dmdiff.runinfo import atomic_write_text
+from dmdiff.outputs import atomic_write_text
 
 
 def as_numpy_image(image) -> np.ndarray:
@@ -188,8 +189,6 @@ class TrainingMonitor:
     """
 
     def __init__(self, min_interval_s: float = 2.0, title: str | None = None, default_stage: str = "train"):
-        from matplotlib.figure import Figure
-
         self.min_interval_s, self.title, self.default_stage = min_interval_s, title, default_stage
         self.records: dict[str, list[dict]] = {}
         self.fig = Figure(figsize=(11, 3.8))

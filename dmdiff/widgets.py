@@ -24,17 +24,17 @@ column and the restored image from it on (no marker line is drawn, so every pixe
 
 from __future__ import annotations
 
-import io
 import time
 
 import ipywidgets as widgets
 import numpy as np
 
 from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.evaluation.tradeoff import model_of
+from dmdiff.imageio import png_bytes, to_samples
 from dmdiff.metrics import psnr, ssim
 from dmdiff.model.dmdiff import ALPHA_RANGE, DMDiff, RestoreLatents, check_alpha
 from dmdiff.model.pipeline import DMDiffPipeline, as_image, as_maps, to_numpy
-from dmdiff.tradeoff import model_of
 
 #: The panel's views (the view selector's options).
 VIEWS = ("side by side", "split")
@@ -44,20 +44,6 @@ GAP_PX = 4
 ALPHA_STEP = 0.05
 #: Smaller images are shown enlarged by an integer factor to about this width (display pixels).
 DISPLAY_PX = 512
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float ``[0, 1]`` image → uint8 samples (clipped, rounded to the nearest level, as ``write_png``)."""
-    return np.rint(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """``(H, W, 3)`` uint8 samples → PNG file bytes (for ``ipywidgets.Image``)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _contiguous(image) -> np.ndarray:
@@ -121,7 +107,7 @@ class TunableDecoderPanel:
         shown = {"capture": capture, "neutral (α = 0)": self.neutral, "positive (α = 1)": self.positive}
         if gt is not None:
             shown["ground truth"] = gt
-        self.previews = {label: widgets.Image(value=png_bytes(to_uint8(img)), format="png",
+        self.previews = {label: widgets.Image(value=png_bytes(to_samples(img)), format="png",
                                               width=str(min(int(_display_width(img.shape[1])), 192)))
                          for label, img in shown.items()}
         preview_row = widgets.HBox([widgets.VBox([widgets.HTML(self._preview_label(label, img)), self.previews[label]])
@@ -184,7 +170,7 @@ class TunableDecoderPanel:
     def _render(self) -> None:
         """Compose the current view into ``view_array`` and the main image (no decoding)."""
         alpha = self.metrics["alpha"]
-        capture, restored = to_uint8(self.capture), to_uint8(self.restored)
+        capture, restored = to_samples(self.capture), to_samples(self.restored)
         if self.view.value == "split":
             column = int(round(self.split.value * capture.shape[1]))
             view = restored.copy()
@@ -193,7 +179,7 @@ class TunableDecoderPanel:
         else:
             parts, names = [capture, restored], ["capture", f"restored (α = {alpha:.2f})"]
             if self.gt is not None:
-                parts.append(to_uint8(self.gt))
+                parts.append(to_samples(self.gt))
                 names.append("ground truth")
             gap = np.full((capture.shape[0], GAP_PX, 3), 255, np.uint8)
             view = np.concatenate([p for part in parts for p in (gap, part)][1:], axis=1)

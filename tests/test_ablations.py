@@ -18,12 +18,16 @@ from dmdiff.cli import main as cli_main  # noqa: E402
 from dmdiff.config import to_dict  # noqa: E402
 from dmdiff.errors import ConfigError, DmdiffError  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
+from dmdiff.runs import read_metrics  # noqa: E402
 from dmdiff.train.ablations import (  # noqa: E402
-    ABLATIONS, ablation_config, ablation_names, default_workers, run_ablations,
+    ABLATIONS,
+    ablation_config,
+    ablation_names,
+    default_workers,
+    run_ablations,
 )
 from dmdiff.train.config import load_train_config  # noqa: E402
 from dmdiff.train.recipe import recipe_config_path, stage2_config  # noqa: E402
-from dmdiff.train.rundir import read_metrics  # noqa: E402
 
 NO_SVDA = {"model.svda": False}
 ONLY_POSITIVE = {"path_probs.positive": 1.0, "path_probs.neutral": 0.0, "path_probs.negative": 0.0}

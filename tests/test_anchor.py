@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from test_dmdiff import _images, _maps, make_model  # noqa: E402
 
-from dmdiff.baselines import richardson_lucy
 from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.evaluation.baselines import richardson_lucy
 from dmdiff.model.dmdiff import DMDiffConfig
 from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.model.tiling import tiled_restore
-
-from test_dmdiff import _images, _maps, make_model  # noqa: E402
 
 SIGMA = 6.0
 

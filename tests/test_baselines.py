@@ -1,13 +1,14 @@
-"""dmdiff.baselines: Wiener and Richardson-Lucy on a synthetic image blurred by a known PSF."""
+"""dmdiff.evaluation.baselines: Wiener and Richardson-Lucy on a synthetic image blurred by a known PSF."""
 
 import numpy as np
 import pytest
 import scipy.ndimage
 
-from dmdiff import baselines
-from dmdiff.baselines import BaselineInputError
 from dmdiff.errors import DmdiffError
+from dmdiff.evaluation import baselines
 from dmdiff.metrics import psnr
+from dmdiff.optics.deconvolution import DeconvolutionInputError as BaselineInputError
+from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
 
@@ -119,7 +120,7 @@ def test_richardson_lucy_matches_skimage_away_from_borders():
 
 def test_central_psf():
     psfs = np.random.default_rng(0).random((3, 5, 5, 7, 7)).astype(np.float32)
-    out = baselines.central_psf(psfs)
+    out = central_psf(psfs)
     assert out.shape == (3, 7, 7) and out.dtype == np.float64
     np.testing.assert_array_equal(out, psfs[:, 2, 2])
 
@@ -128,9 +129,9 @@ def test_central_psf():
 
     grid = Grid()
     grid.psfs = psfs
-    np.testing.assert_array_equal(baselines.central_psf(grid), psfs[:, 2, 2])
+    np.testing.assert_array_equal(central_psf(grid), psfs[:, 2, 2])
     with pytest.raises(BaselineInputError, match=r"\(3, G, G, K, K\)"):
-        baselines.central_psf(psfs[0])
+        central_psf(psfs[0])
 
 
 def test_bad_inputs_raise_clear_errors(scene):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from dmdiff.errors import DmdiffError
-from dmdiff.optics.camera import MAP_CHANNELS, CameraInputError, Capture, MetalensCamera, disc_kernel
+from dmdiff.optics.camera import (
+    MAP_CHANNELS,
+    CameraInputError,
+    Capture,
+    MetalensCamera,
+    disc_kernel,
+)
 from dmdiff.optics.sensor import srgb_to_linear
 from dmdiff.optics.spec import MetalensSpec
 

@@ -19,7 +19,12 @@ from dmdiff.errors import DmdiffError
 from dmdiff.imageio import write_png
 from dmdiff.model.backbone import load_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
-from dmdiff.model.pipeline import ANCHOR_PSF_FILE, CONFIG_FILE, TRAINABLE_FILE, DMDiffPipeline
+from dmdiff.model.pipeline import (
+    ANCHOR_PSF_FILE,
+    CONFIG_FILE,
+    TRAINABLE_FILE,
+    DMDiffPipeline,
+)
 from dmdiff.train import checkpoint as ckpt_io
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from dmdiff.baselines import richardson_lucy
+from dmdiff.evaluation.baselines import richardson_lucy
 from dmdiff.optics.deconvolution import richardson_lucy_linear, richardson_lucy_srgb
 
 

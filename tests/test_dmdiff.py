@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
+from conftest import perturb_trainable  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import load_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents
-
-from conftest import perturb_trainable  # noqa: E402
 
 ODD_HW = (37, 53)
 

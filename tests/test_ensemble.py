@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_trainable  # noqa: E402
 
 from dmdiff.cli import main as cli
 from dmdiff.imageio import read_image, write_png
@@ -12,8 +13,6 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.ensemble import ORIENTATIONS, orient, self_ensemble, unorient
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.restore import REPORT_FILE
-
-from conftest import perturb_trainable  # noqa: E402
 
 
 def _coordinates(h, w, grid=5):

@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -15,24 +16,43 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import perturb_trainable  # noqa: E402
 
-from dmdiff.baselines import central_psf, richardson_lucy, wiener_deconvolve  # noqa: E402
 from dmdiff.cli import main as cli_main  # noqa: E402
 from dmdiff.data.dataset import PairedFolderDataset, read_lens  # noqa: E402
 from dmdiff.data.simulate import simulate_dataset  # noqa: E402
 from dmdiff.errors import DmdiffError  # noqa: E402
-from dmdiff.evaluate import (  # noqa: E402
-    DEGRADE, METHODS, evaluate, format_table, quality_bar, quantize, resolve_model, vae_reconstruct,
+from dmdiff.evaluation.baselines import richardson_lucy, wiener_deconvolve  # noqa: E402
+from dmdiff.evaluation.job import evaluate  # noqa: E402
+from dmdiff.evaluation.methods import DEGRADE, METHODS  # noqa: E402
+from dmdiff.evaluation.report import (  # noqa: E402
+    TABLE_FILE,
+    format_table,
+    plot_spread,
+    quality_bar,
+    quality_bar_lines,
 )
 from dmdiff.imageio import read_image  # noqa: E402
-from dmdiff.outputs import MANIFEST  # noqa: E402
 from dmdiff.metrics import compute_metrics, lpips_status, psnr  # noqa: E402
 from dmdiff.model.backbone import load_backbone  # noqa: E402
+from dmdiff.model.color import (  # noqa: E402
+    DEFAULT_COLOR_CORRECTION,
+    color_correct,
+    resolve_color_correction,
+)
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.ensemble import self_ensemble  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
+from dmdiff.optics.deconvolution import central_psf  # noqa: E402
 from dmdiff.optics.grid import psf_grid  # noqa: E402
+from dmdiff.optics.sensor import quantize  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
-from dmdiff.restore import DEFAULT_COLOR_CORRECTION, color_correct, resolve_color_correction  # noqa: E402
+from dmdiff.outputs import MANIFEST  # noqa: E402
+from dmdiff.runs import resolve_model  # noqa: E402
+
+
+def quantize8(image):
+    """8-bit levels, as evaluate stores and measures outputs."""
+    return quantize(image, 8)
+
 
 GRIDS = {"wiener": [0.01, 0.1, 1.0], "richardson_lucy": [1, 2]}   # RL's best at the top edge: widened
 
@@ -136,9 +156,9 @@ def test_dmdiff_outputs_are_the_models(report, dataset, pipeline_dir):
     item = test[0]
     lr, maps = item["lr"][None], item["maps"][None]
     for alpha, method in ((1.0, "dmdiff_a1"), (0.0, "dmdiff_a0")):
-        expected = quantize(model.restore(lr, maps, alpha=alpha)[0].permute(1, 2, 0).numpy())
+        expected = quantize8(model.restore(lr, maps, alpha=alpha)[0].permute(1, 2, 0).numpy())
         np.testing.assert_array_equal(read_image(out / "images" / method / f"{item['name']}.png"), expected)
-    fake = quantize(model.degrade(item["gt"][None], maps)[0].permute(1, 2, 0).numpy())
+    fake = quantize8(model.degrade(item["gt"][None], maps)[0].permute(1, 2, 0).numpy())
     np.testing.assert_array_equal(read_image(out / "images" / DEGRADE / f"{item['name']}.png"), fake)
     a0, a1 = (metrics["means"][m]["psnr"] for m in ("dmdiff_a0", "dmdiff_a1"))
     assert a0 != a1                                   # the two paths really differ
@@ -154,7 +174,7 @@ def test_color_corrected_row_is_restores_default(report, dataset, pipeline_dir):
     capture = item["lr"].permute(1, 2, 0).numpy()
     correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, model)
     assert correction == "lowpass"                              # the test model has no colour anchor
-    expected = quantize(color_correct(restored, capture, correction))
+    expected = quantize8(color_correct(restored, capture, correction))
     saved = read_image(out / "images" / "dmdiff_a1_cc" / f"{name}.png")
     positive = read_image(out / "images" / "dmdiff_a1" / f"{name}.png")
     np.testing.assert_array_equal(saved, expected)
@@ -172,7 +192,7 @@ def test_self_ensemble_row_averages_the_eight_orientations(report, dataset, pipe
     item = PairedFolderDataset(dataset, "test")[0]
     expected = self_ensemble(lambda x, m: model.restore(x, m, alpha=1.0), item["lr"][None], item["maps"][None])
     saved = read_image(out / "images" / "dmdiff_a1_x8" / f"{item['name']}.png")
-    np.testing.assert_array_equal(saved, quantize(expected[0].permute(1, 2, 0).numpy()))
+    np.testing.assert_array_equal(saved, quantize8(expected[0].permute(1, 2, 0).numpy()))
     assert np.abs(saved - read_image(out / "images" / "dmdiff_a1" / f"{item['name']}.png")).max() > 1 / 255
     bar = metrics["quality_bar_self_ensemble"]
     assert bar["positive_psnr"] == metrics["means"]["dmdiff_a1_x8"]["psnr"]
@@ -184,7 +204,7 @@ def test_self_ensemble_row_averages_the_eight_orientations(report, dataset, pipe
 def test_ceiling_is_the_frozen_base_vae(dataset, pipeline_dir):
     model = DMDiffPipeline.from_pretrained(pipeline_dir).model
     gt = PairedFolderDataset(dataset, "test")[0]["gt"][None, :, 3:, 5:]      # 61 × 59: padding is used
-    ours = vae_reconstruct(model, gt)
+    ours = model.reconstruct(gt)
     assert ours.shape == gt.shape
     base = load_backbone("tiny", path=pipeline_dir / "backbone")
     m = model.backbone.latent_multiple
@@ -217,9 +237,9 @@ def test_baselines_use_the_true_psf_and_train_tuning(report, dataset):
     name = metrics["names"][0]
     lr = read_image(dataset / "lr_test" / f"{name}.png")
     np.testing.assert_array_equal(read_image(out / "images" / "wiener" / f"{name}.png"),
-                                  quantize(wiener_deconvolve(lr, psf, base["wiener"]["nsr"])))
+                                  quantize8(wiener_deconvolve(lr, psf, base["wiener"]["nsr"])))
     np.testing.assert_array_equal(read_image(out / "images" / "richardson_lucy" / f"{name}.png"),
-                                  quantize(richardson_lucy(lr, psf, rl["iterations"])))
+                                  quantize8(richardson_lucy(lr, psf, rl["iterations"])))
 
 
 def _means(**psnrs):
@@ -296,7 +316,7 @@ def test_resolve_model_and_default_out(tmp_path, pipeline_dir, dataset):
 def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_path, monkeypatch):
     """No lens.json: no true PSF, so no baselines (and the bar cannot pass); LPIPS fills its column
     when its weights exist (a stand-in metric here: the real weights are a download)."""
-    import dmdiff.metrics
+    import dmdiff.evaluation.job as job
 
     class FakeLPIPS:
         name = "lpips_alex"
@@ -307,8 +327,8 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
         def __call__(self, output, reference):
             return float(np.mean(np.abs(np.asarray(output, np.float64) - np.asarray(reference, np.float64))))
 
-    monkeypatch.setattr(dmdiff.metrics, "lpips_status", lambda net="alex": (True, "stand-in"))
-    monkeypatch.setattr(dmdiff.metrics, "LPIPSMetric", FakeLPIPS)
+    monkeypatch.setattr(job, "lpips_status", lambda net="alex": (True, "stand-in"))
+    monkeypatch.setattr(job, "LPIPSMetric", FakeLPIPS)
     real = tmp_path / "real"
     for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
         shutil.copytree(dataset / folder, real / folder)
@@ -362,7 +382,7 @@ def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipelin
     item = PairedFolderDataset(dataset, "test")[0]
     gt = read_image(dataset / "gt_test" / f"{name}.png")
     plain = DMDiffPipeline.from_pretrained(ablation_run / "ablations" / "no_svda" / "pipeline").model
-    expected = quantize(plain.restore(item["lr"][None], item["maps"][None], alpha=1.0)[0].permute(1, 2, 0).numpy())
+    expected = quantize8(plain.restore(item["lr"][None], item["maps"][None], alpha=1.0)[0].permute(1, 2, 0).numpy())
     for method in ("ablation_no_svda", "ablation_again"):
         saved = read_image(out / "images" / method / f"{name}.png")
         values = record["methods"][method]
@@ -408,7 +428,7 @@ def _record(**psnrs):
 
 
 def test_discussion_sentences_follow_the_numbers():
-    from dmdiff.discussion import discuss, paired_difference
+    from dmdiff.evaluation.discussion import discuss, paired_difference
 
     metrics = _record(input=[20.0, 25.0, 30.0, 22.0], dmdiff_a1=[21.0, 26.2, 30.9, 23.1],
                       dmdiff_a1_x8=[21.2, 26.3, 31.1, 23.2], ablation_no_svda=[21.3, 25.9, 31.0, 22.9], ablation_single_path=[19.0, 24.3, 28.9, 21.0])
@@ -434,3 +454,41 @@ def test_discussion_sentences_follow_the_numbers():
     first = discuss(flipped)[0]
     assert first.startswith("DMDIFF_A1: 1.00 dB below INPUT") and "too few to judge" in first
     assert discuss(_record(input=[1.0, 2.0])) == []
+
+
+def test_quality_bar_lines_are_the_reports(report):
+    out, metrics = report
+    lines = quality_bar_lines(metrics["quality_bar"])
+    assert "\n".join(lines) + "\n" in (out / TABLE_FILE).read_text()
+    assert lines[0].endswith("PASS" if metrics["quality_bar"]["pass"] else "FAIL")
+    assert lines[1].startswith("- over the input: ") and lines[2].startswith("- over ")
+    bar = quality_bar({"means": {"dmdiff_a1": {"psnr": 30.0}, "input": {"psnr": 26.5}}})
+    assert quality_bar_lines(bar) == ["Quality bar (positive path 30.00 dB): FAIL",
+                                      "- over the input: PASS (gain +3.50 dB, needs +3.0, margin +0.50 dB)",
+                                      "- over best baseline: FAIL (no baseline (Wiener / RL) was evaluated)"]
+    bar = quality_bar({"means": {"dmdiff_a1": {"psnr": 30.0}, "input": {"psnr": 26.5}, "wiener": {"psnr": 28.0}}})
+    assert quality_bar_lines(bar)[0].endswith("PASS")
+    assert quality_bar_lines(bar)[2] == "- over Wiener: PASS (gain +2.00 dB, needs +1.0, margin +1.00 dB)"
+
+
+def test_spread_figure(report):
+    _, metrics = report
+    shown = [m for m in metrics["methods"] if metrics["references"][m] == "gt"]
+    assert DEGRADE in metrics["methods"] and DEGRADE not in shown      # measured against the capture
+    fig = plot_spread(metrics)
+    psnr_ax, gain_ax, time_ax = fig.axes
+    rows = dict(zip(psnr_ax.get_yticks(), (t.get_text() for t in psnr_ax.get_yticklabels())))
+    assert rows == {k + 1: metrics["labels"][m] for k, m in enumerate(shown)}
+    per_image = {m: [r["methods"][m]["psnr"] for r in metrics["per_image"]] for m in shown}
+    for ax, expected in ((psnr_ax, per_image),
+                         (gain_ax, {m: np.subtract(per_image[m], per_image["input"]) for m in shown})):
+        dots = [line for line in ax.get_lines() if line.get_marker() == "o"]
+        assert len(dots) == len(shown)
+        for line, m in zip(dots, shown):
+            np.testing.assert_allclose(line.get_xdata(), expected[m], rtol=0, atol=1e-12)
+    timed = [m for m in shown if "runtime_s" in metrics["means"][m]]
+    assert "input" not in timed and len(time_ax.patches) == len(timed) > 0
+    for bar, m in zip(time_ax.patches, timed):
+        assert bar.get_width() == pytest.approx(np.mean([r["methods"][m]["runtime_s"] for r in metrics["per_image"]]))
+    assert time_ax.get_xscale() == "log"
+    plt.close(fig)

@@ -17,7 +17,14 @@ from PIL import Image
 
 from dmdiff import imageio
 from dmdiff.errors import DmdiffError, ImageReadError
-from dmdiff.imageio import DEFAULT_MAX_PIXELS, ImageSizeError, check_min_size, max_pixels, read_image, write_png
+from dmdiff.imageio import (
+    DEFAULT_MAX_PIXELS,
+    ImageSizeError,
+    check_min_size,
+    max_pixels,
+    read_image,
+    write_png,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +305,7 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Temporary files/folders are private (0600/0700); what lands must follow the umask instead."""
     import os
 
-    from dmdiff.runinfo import atomic_directory, atomic_write_text
+    from dmdiff.outputs import atomic_directory, atomic_write_text
 
     mask = os.umask(0o022)
     try:

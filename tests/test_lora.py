@@ -7,8 +7,15 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from dmdiff.model.backbone import SD_TURBO_UNET, SD_VAE, load_backbone
-from dmdiff.model.lora import (PARTS, ModulationMLP, ModulationState, add_modulated_lora, block_id, token_grid,
-                               trainable_parameters)
+from dmdiff.model.lora import (
+    PARTS,
+    ModulationMLP,
+    ModulationState,
+    add_modulated_lora,
+    block_id,
+    token_grid,
+    trainable_parameters,
+)
 from dmdiff.model.svda import SVDA
 
 B = 2

@@ -9,15 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_trainable  # noqa: E402
 from PIL import Image
 
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import load_backbone, save_backbone
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.model.pipeline import (
+    CONFIG_FILE,
+    TRAINABLE_FILE,
+    DMDiffPipeline,
+    DMDiffPipelineOutput,
+    ImageInputError,
+)
 from dmdiff.outputs import MANIFEST
-from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE, DMDiffPipeline, DMDiffPipelineOutput, ImageInputError
-
-from conftest import perturb_trainable  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

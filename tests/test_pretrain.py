@@ -8,7 +8,7 @@ import torch
 from dmdiff.cli import main as cli_main
 from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
 from dmdiff.model.backbone import TINY_ASSETS, load_backbone
-from dmdiff.model.pretrain import REPORT_NAME, CropSampler, decode, encode, eval_crops, one_step, psnr
+from dmdiff.model.pretrain import REPORT_NAME, CropSampler, eval_crops, psnr
 
 
 def test_sampler_uses_training_photos_only():
@@ -34,8 +34,8 @@ def test_smoke_pretrain_writes_a_loadable_backbone(tmp_path, capsys):
     backbone = load_backbone("tiny", path=out)
     assert backbone.vae.config.scaling_factor == pytest.approx(report["scaling_factor"], rel=1e-4)
     with torch.no_grad():
-        z = encode(backbone, torch.rand(1, 3, 16, 16))
-        z0 = one_step(backbone, z, backbone.encode_prompt(""))
+        z = backbone.encode(torch.rand(1, 3, 16, 16))
+        z0 = backbone.one_step(z, backbone.encode_prompt(""))
     assert z0.shape == z.shape == (1, 4, 8, 8) and torch.isfinite(z0).all()
 
     assert cli_main(["pretrain-backbone", "--smoke", "--out", str(out)]) == 2   # no --overwrite
@@ -74,10 +74,10 @@ def test_shipped_backbone_reconstructs_heldout_photos():
     scores, identity = {}, {}
     with torch.no_grad():
         for name, b in (("shipped", shipped), ("random", random_init)):
-            z = encode(b, x)
-            scores[name] = float(psnr(decode(b, z), x))
+            z = b.encode(x)
+            scores[name] = float(psnr(b.decode(z), x))
             text = b.encode_prompt("").expand(len(x), -1, -1)
-            identity[name] = float(psnr(decode(b, one_step(b, z, text)), x))
+            identity[name] = float(psnr(b.decode(b.one_step(z, text)), x))
     assert scores["shipped"] >= 30.0 and scores["shipped"] >= scores["random"] + 15, scores
     assert shipped.one_step_timestep == 250
     assert identity["shipped"] >= 30.0 and identity["shipped"] >= identity["random"] + 15, identity

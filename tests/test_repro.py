@@ -5,8 +5,8 @@ import json
 import nbformat
 import pytest
 
-from dmdiff.repro import metrics_differences, notebooks, parse_params, run_study
 from dmdiff.errors import DmdiffError
+from dmdiff.repro import metrics_differences, notebooks, parse_params, run_study
 
 
 def _notebook(path, body: str, fail: bool = False):

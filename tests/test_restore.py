@@ -10,19 +10,26 @@ import png
 import pytest
 import tifffile
 import torch
+from conftest import perturb_trainable  # noqa: E402
 from PIL import Image
 
 from dmdiff.cli import main as cli
 from dmdiff.data.dataset import crop_maps
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import read_image, write_png
+from dmdiff.model.color import color_correct, resolve_color_correction
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline
-from dmdiff.model.tiling import (axis_tiles, check_tiling, ramp_profile, tile_windows, tiled_decode,
-                                 tiled_latents, tiled_restore)
-from dmdiff.restore import REPORT_FILE, color_correct, resolve_color_correction
-
-from conftest import perturb_trainable  # noqa: E402
+from dmdiff.model.tiling import (
+    axis_tiles,
+    check_tiling,
+    ramp_profile,
+    tile_windows,
+    tiled_decode,
+    tiled_latents,
+    tiled_restore,
+)
+from dmdiff.restore import REPORT_FILE
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from dmdiff.optics.sensor import (
-    add_sensor_noise, isp, linear_to_srgb, noise_std, pseudo_noise_augment, quantize, sample_noise_levels,
-    smooth_noise_field, srgb_to_linear, white_balance,
+    add_sensor_noise,
+    isp,
+    linear_to_srgb,
+    noise_std,
+    pseudo_noise_augment,
+    quantize,
+    sample_noise_levels,
+    smooth_noise_field,
+    srgb_to_linear,
+    white_balance,
 )
 
 

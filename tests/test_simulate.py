@@ -11,7 +11,12 @@ from PIL import Image
 from dmdiff.cli import main as cli_main
 from dmdiff.data.dataset import PairedFolderDataset, read_lens
 from dmdiff.data.simulate import (
-    SimulationConfig, SimulationWarning, centre_square, random_crop, resolve_config, simulate_dataset,
+    SimulationConfig,
+    SimulationWarning,
+    centre_square,
+    random_crop,
+    resolve_config,
+    simulate_dataset,
 )
 from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
 from dmdiff.errors import ConfigError, DmdiffError

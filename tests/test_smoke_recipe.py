@@ -6,10 +6,15 @@ that a missing model is an error outside smoke mode while an existing one is use
 
 import pytest
 
+from dmdiff.config import smoke_preset
 from dmdiff.data.simulate import resolve_config
 from dmdiff.errors import DmdiffError
 from dmdiff.train.config import load_train_config
-from dmdiff.train.recipe import SMOKE_RECIPE_OVERRIDES, ensure_recipe_model, recipe_config_path, smoke_recipe_config
+from dmdiff.train.recipe import (
+    ensure_recipe_model,
+    recipe_config_path,
+    smoke_recipe_config,
+)
 
 
 def test_smoke_config_cuts_the_recipe_down_and_keeps_the_rest(tmp_path):
@@ -17,8 +22,9 @@ def test_smoke_config_cuts_the_recipe_down_and_keeps_the_rest(tmp_path):
                             model={"preset": "tiny", "svda_spatial": True},
                             recipe={"stage1": {"steps": 200, "lr": 1e-3}, "simulate": {"raw_bits": 12}})
     smoke = smoke_recipe_config(cfg)
-    for key, value in SMOKE_RECIPE_OVERRIDES.items():
-        assert getattr(smoke, key) == value
+    for key, value in smoke_preset("recipe").items():
+        if key != "recipe":
+            assert getattr(smoke, key) == value
     assert smoke.steps < cfg.steps and smoke.recipe.stage1 == {"steps": 8, "lr": 1e-3}
     assert (smoke.recipe.pseudo.count, smoke.recipe.pseudo.batch_size) == (2, 2)
     assert (smoke.data, smoke.seed, smoke.model, smoke.loss) == (cfg.data, cfg.seed, cfg.model, cfg.loss)
@@ -42,3 +48,17 @@ def test_ensure_recipe_model_uses_a_finished_run_and_refuses_to_train_outside_sm
     DMDiffPipeline.from_model(DMDiff(DMDiffConfig(), load_backbone("tiny", pretrained=False))).save_pretrained(folder)
     assert ensure_recipe_model(run, tmp_path / "data", smoke=True) == folder
     assert not (tmp_path / "data").exists(), "a finished run must not trigger training"
+
+
+def test_every_smoke_preset_loads_into_its_config():
+    """configs/smoke.yaml is the one place of the smoke presets; each section is a valid overlay."""
+    from dataclasses import replace
+
+    from dmdiff.model.pretrain import PretrainConfig
+
+    assert resolve_config(smoke=True).spec.image_size_px == smoke_preset("simulate")["spec"]["image_size_px"]
+    assert replace(PretrainConfig(), **smoke_preset("pretrain")).max_steps == smoke_preset("pretrain")["max_steps"]
+    with pytest.raises(DmdiffError, match="no 'nothing' section"):
+        smoke_preset("nothing")
+    with pytest.raises(DmdiffError, match="no shipped recipe"):
+        recipe_config_path("smoke")          # the presets file is not a recipe

@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from dmdiff.model.lora import ModulationMLP
-from dmdiff.model.svda import (FEATURE_CHANNELS, MAP_CHANNELS, SVDA, degradation_features, image_statistics,
-                               positional_encoding)
+from dmdiff.model.svda import (
+    FEATURE_CHANNELS,
+    MAP_CHANNELS,
+    SVDA,
+    degradation_features,
+    image_statistics,
+    positional_encoding,
+)
 
 BLOCKS = {"vae": 6, "unet": 10}
 

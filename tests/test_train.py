@@ -277,7 +277,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_config(run_a, dataset):
 
 def test_on_log_gets_every_logged_record_and_path_losses(dataset, tmp_path):
     """The callback sees exactly the metrics.jsonl records; one path per micro-batch gives per-path losses."""
-    from dmdiff.train.rundir import read_metrics
+    from dmdiff.runs import read_metrics
     from dmdiff.viz import TrainingMonitor, plot_training
 
     calls = []
@@ -475,8 +475,8 @@ def test_substitute_term_has_its_own_weight():
 def test_deconvolved_anchor_takes_the_datas_central_psf(dataset, tmp_path, psf_cache):
     """A model with anchor_rl_iterations trains with its data's central lens PSF (normalised) and
     its pipeline folder carries it."""
-    from dmdiff.baselines import central_psf
     from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.optics.deconvolution import central_psf
     from dmdiff.optics.grid import psf_grid
 
     out = tmp_path / "run"

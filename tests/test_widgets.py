@@ -1,4 +1,4 @@
-"""The tunable-decoder panel (dmdiff.widgets) and the α sweep (dmdiff.tradeoff), headless."""
+"""The tunable-decoder panel (dmdiff.widgets) and the α sweep (dmdiff.evaluation.tradeoff), headless."""
 
 import io
 import math
@@ -7,17 +7,24 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_trainable  # noqa: E402
 from PIL import Image
 
 from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.evaluation.tradeoff import (
+    PERCEPTION_LABELS,
+    alpha_sweep,
+    plot_psnr_along_alpha,
+    plot_tradeoff,
+    psnr_along_alpha,
+    redecode_timing,
+)
+from dmdiff.imageio import to_samples as to_uint8
 from dmdiff.metrics import gradient_sharpness_ratio, lpips_status, psnr, ssim
 from dmdiff.model.backbone import load_backbone
 from dmdiff.model.dmdiff import ALPHA_RANGE, DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline, ImageInputError
-from dmdiff.tradeoff import PERCEPTION_LABELS, alpha_sweep, plot_tradeoff, redecode_timing
-from dmdiff.widgets import GAP_PX, build_panel, to_uint8
-
-from conftest import perturb_trainable  # noqa: E402
+from dmdiff.widgets import GAP_PX, build_panel
 
 H, W = 24, 30
 
@@ -234,3 +241,34 @@ def test_redecode_is_cheaper_than_a_restore(model, pair):
     assert timing["ratio"] == pytest.approx(timing["decode_s"] / timing["restore_s"])
     with pytest.raises(ConfigError, match="repeats"):
         redecode_timing(model, capture, repeats=0)
+
+
+def test_psnr_along_alpha_scores_each_re_decode(model, pair):
+    capture, gt, _ = pair
+    lr = torch.from_numpy(np.stack([capture, _photo(3)])).permute(0, 3, 1, 2)
+    refs = {"gt": torch.from_numpy(np.stack([gt, _photo(4)])).permute(0, 3, 1, 2), "gt_blur": lr}
+    _, latents = model.restore(lr, None, alpha=1.0, return_latents=True)
+    alphas = np.array([0.0, 0.6, 1.2])
+    with counting(model) as calls:
+        sweep = psnr_along_alpha(model, latents, refs, alphas)
+    assert calls["vae decoder"] == len(alphas) and calls["unet"] == calls["vae encoder"] == 0
+    assert list(sweep) == [0.0, 0.6, 1.2] and all(type(a) is float for a in sweep)
+    for alpha, scores in sweep.items():
+        y = model.decode(latents, alpha)
+        assert scores == {"gt": float(psnr(y, refs["gt"]).mean()), "gt_blur": float(psnr(y, lr).mean())}
+    assert sweep[0.0] != sweep[1.2]
+    assert psnr_along_alpha(DMDiffPipeline.from_model(model), latents, refs, [0.6]) == {0.6: sweep[0.6]}
+    with pytest.raises(ConfigError, match="alpha"):
+        psnr_along_alpha(model, latents, refs, [1.3])
+
+    fig = plot_psnr_along_alpha(sweep, {"gt": 20.0, "gt_blur": 25.0}, title="t")
+    ax = fig.axes[0]
+    curve_gt, capture_gt, curve_blur, capture_blur = ax.get_lines()
+    assert list(curve_gt.get_ydata()) == [s["gt"] for s in sweep.values()]
+    assert list(curve_blur.get_ydata()) == [s["gt_blur"] for s in sweep.values()]
+    assert list(capture_gt.get_ydata()) == [20.0, 20.0] and list(capture_blur.get_ydata()) == [25.0, 25.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["against gt", "against gt_blur"]
+    with pytest.raises(ConfigError, match="references"):
+        plot_psnr_along_alpha({}, {})
+    with pytest.raises(ConfigError, match="references"):
+        plot_psnr_along_alpha({0.0: {"a": 1.0, "b": 2.0, "c": 3.0}}, {"a": 0, "b": 0, "c": 0})

@@ -33,19 +33,18 @@ from typing import Callable, Iterator
 
 import psutil
 import torch
+from diffusers import UNet2DConditionModel
 
+from dmdiff.device import synchronize, timed
 from dmdiff.errors import DmdiffError
+from dmdiff.model.backbone import SD_TURBO_UNET
+from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 
 RATIO_TARGET = 0.35
 RATIO_SIZE = 512
 WARMUP_SIZE = 64
 STAGES = ("svda", "vae encoder", "unet", "vae decoder")
 _HWM_RESET = Path("/proc/self/clear_refs")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -116,25 +115,16 @@ class StageTimes:
                 handle.remove()
 
     def _start(self) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         self._started = time.perf_counter()
 
     def _stop(self, name: str) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         self._current[name] += time.perf_counter() - self._started
 
     def lap(self) -> None:
         self.laps.append(self._current)
         self._current = dict.fromkeys(self.modules, 0.0)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    """Wall time (s) of ``fn()`` with the device synchronised before and after, and its result."""
-    _synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    _synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device: str = "cpu",
@@ -146,7 +136,6 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         medians over ``repeats`` (seconds), the backbone's source, the peak memory of the first
         restore at this size (bytes), and the median time per stage of a restore.
     """
-    from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 
     torch.set_num_threads(threads)
     device = torch.device(device)
@@ -181,9 +170,6 @@ def unet_benchmark(size: int, repeats: int, threads: int) -> dict:
         the first call's time, the median of ``repeats`` later calls (seconds), and the peak RSS of
         the first call above the RSS after the build (bytes).
     """
-    from diffusers import UNet2DConditionModel
-
-    from dmdiff.model.backbone import SD_TURBO_UNET
 
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
@@ -227,6 +213,15 @@ def format_tiny(sizes: list[int], results: list[dict], repeats: int, threads: in
                      f"(target ≤ {RATIO_TARGET}: {verdict})")
     lines.append("  (peak RSS: first restore at that size in a fresh process, above the RSS before it)")
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this benchmark."""
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides of the tiny restore (px)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: the most stable figures on a shared box)")
+    parser.add_argument("--no-sd-turbo-shape", dest="sd_turbo_shape", action="store_false",
+                        help="skip the SD-Turbo-shape measurements (a ~5 GB model)")
 
 
 def main(args: argparse.Namespace) -> int:

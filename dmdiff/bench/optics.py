@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.blur import SpatiallyVaryingBlur, node_weights
+from dmdiff.optics.grid import psf_grid
+from dmdiff.optics.spec import MetalensSpec
 
 
 def deepinv_blur(psfs: np.ndarray, height: int, width: int):
@@ -122,10 +124,14 @@ def format_table(build_s: float, psfs_shape: tuple, size: int, repeats: int, res
     return "\n".join(lines)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this benchmark."""
+    parser.add_argument("--size", type=int, default=1024, help="image side for the blur benchmark (px)")
+    parser.add_argument("--repeats", type=int, default=3)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark (``args.size``: image side in px, ``args.repeats``: timed runs)."""
-    from dmdiff.optics.grid import psf_grid
-    from dmdiff.optics.spec import MetalensSpec
 
     if args.repeats < 1:
         raise DmdiffError(f"--repeats must be at least 1, got {args.repeats}")

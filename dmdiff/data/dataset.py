@@ -23,15 +23,22 @@ so it is reproducible and identical across DataLoader workers; call :meth:`set_e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dmdiff.errors import DmdiffError
 from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
+from dmdiff.optics.blur import node_weights
+from dmdiff.optics.deconvolution import central_psf
+from dmdiff.optics.grid import psf_grid
+from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["PairedFolderDataset", "crop_maps", "read_lens"]
+__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "dataset_central_psf", "images_by_stem",
+           "DEAD_LEAVES", "image_source"]
 
 
 def _first(items, n: int = 5) -> str:
@@ -59,7 +66,6 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header (the pixels are not decoded)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -80,7 +86,6 @@ def crop_maps(maps: np.ndarray, image_hw: tuple[int, int], window: tuple[int, in
         float32 ``(C, G, G)``: bilinear interpolation (clamped beyond the outer nodes) at the crop's
         own nodes ``y0 + (i + 0.5)·h/G − 0.5``.
     """
-    from dmdiff.optics.blur import node_weights
 
     maps = np.asarray(maps, dtype=np.float64)
     _, gy, gx = maps.shape
@@ -101,6 +106,42 @@ def read_lens(root: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer too long to read
         raise DmdiffError(f"{path}: unreadable lens.json ({e})") from None
+
+
+def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """The true central PSF of a simulated dataset's lens: ``(psf (3, K, K) float64, spec dict, None)``,
+    or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with a lens spec (real captures).
+    The PSF grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`; ``progress``: its bar
+    when it must be computed)."""
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens:
+        return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
+    spec = MetalensSpec.from_dict(lens["spec"])
+    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
+
+
+#: What :func:`image_source` calls a procedural dead-leaves image.
+DEAD_LEAVES = "dead leaves"
+
+
+def image_source(name: str) -> str:
+    """Where a pair came from, read from its name alone: :data:`DEAD_LEAVES` or the source photo.
+
+    The naming of ``dmdiff simulate`` (:mod:`dmdiff.data.simulate`): a crop is ``<source>_<kkk>``
+    (``coffee_002``: the third crop of the photo ``coffee``; with ``--images``, ``<source>`` is the
+    file's sanitised stem), a dead-leaves image ``deadleaves_<kkk>``. Pseudo pairs
+    (:mod:`dmdiff.train.pseudo`) prefix the same names with ``pseudo_`` (``pseudo_coffee_002``,
+    ``pseudo_deadleaves_000``); the prefix is dropped. A name without a trailing ``_<digits>`` crop
+    index (a pseudo pair of a whole ``--images`` file, ``pseudo_<stem>``) is its own source.
+
+    ``"coffee_002"`` → ``"coffee"``, ``"pseudo_grace_hopper_001"`` → ``"grace_hopper"``,
+    ``"deadleaves_007"`` → ``"dead leaves"``.
+    """
+    stem = name.removeprefix("pseudo_")
+    if re.fullmatch(r"deadleaves_\d+", stem):
+        return DEAD_LEAVES
+    source, sep, index = stem.rpartition("_")
+    return source if sep and source and index.isdigit() else stem
 
 
 class PairedFolderDataset(torch.utils.data.Dataset):

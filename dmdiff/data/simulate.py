@@ -36,6 +36,7 @@ own files (those its ``lens.json`` lists): a folder with anything else is never 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -48,15 +49,28 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
-from dmdiff.config import load_config, merge, read_yaml, to_dict
+from dmdiff.config import load_config, merge, read_yaml, smoke_preset, to_dict
+from dmdiff.data.dataset import read_lens
+from dmdiff.data.sources import (
+    TEST_PHOTOS,
+    TRAIN_PHOTOS,
+    dead_leaves,
+    load_photo,
+    named_rng,
+    photo_palette,
+)
 from dmdiff.errors import EXIT_PARTIAL, ConfigError, DmdiffError, ImageReadError
+from dmdiff.imageio import IMAGE_EXTENSIONS, read_image, write_png
+from dmdiff.optics.camera import MAP_CHANNELS, MetalensCamera
+from dmdiff.optics.sensor import quantize
 from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import atomic_directory, check_replaceable, write_json
 from dmdiff.runinfo import provenance
 
-__all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", "SMOKE", "DATASET_FOLDERS",
+__all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", "DATASET_FOLDERS",
            "resize_image", "random_crop", "centre_square"]
 
 #: The kind of folder :func:`simulate_dataset` builds (:mod:`dmdiff.outputs`).
@@ -126,24 +140,18 @@ class SimulationConfig:
         return self
 
 
-#: What --smoke changes (a config file's values still win over these).
-SMOKE = {
-    "crops_per_train_photo": 1,
-    "crops_per_test_photo": 1,
-    "dead_leaves_train": 2,
-    "spec": {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2},
-}
 SMOKE_MAX_FILES = 3  # --smoke with --images: at most this many files per split
 
 
 def resolve_config(config: str | os.PathLike | Mapping | SimulationConfig | None = None,
                    smoke: bool = False) -> SimulationConfig:
-    """The simulation settings: defaults (or the smoke settings), with ``config`` laid over them."""
+    """The simulation settings: defaults (or, with ``smoke``, the smoke preset of configs/smoke.yaml:
+    :func:`dmdiff.config.smoke_preset`), with ``config`` laid over them."""
     if isinstance(config, SimulationConfig):
         return config.validate()
     data = {} if config is None else dict(config) if isinstance(config, Mapping) else read_yaml(config)
     if smoke:
-        base = merge(SimulationConfig(), SMOKE)
+        base = merge(SimulationConfig(), smoke_preset("simulate"))
         return merge(base, data).validate()
     return load_config(SimulationConfig, data).validate()
 
@@ -153,7 +161,6 @@ def resolve_config(config: str | os.PathLike | Mapping | SimulationConfig | None
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a float (H, W, 3) image with Lanczos filtering (area-aware when shrinking), clipped."""
-    from PIL import Image
 
     if image.shape[:2] == (height, width):
         return image.astype(np.float32, copy=True)
@@ -230,8 +237,6 @@ class _Source:
 
 
 def _bundled_sources(cfg: SimulationConfig) -> list[_Source]:
-    from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
-
     out = [_Source(p, "train", "photo", crops=cfg.crops_per_train_photo) for p in TRAIN_PHOTOS]
     out += [_Source(p, "test", "photo", crops=cfg.crops_per_test_photo) for p in TEST_PHOTOS]
     return out
@@ -243,7 +248,6 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
     Returns:
         (the sources, the skipped files as ``{"file": name, "reason": why}``).
     """
-    from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
 
     if not folder.is_dir():
         raise DmdiffError(f"--images {folder}: not a folder")
@@ -330,7 +334,6 @@ def dataset_parts(folder: Path) -> set[str] | None:
     paths: ``lens.json``, and per image of its record ``gt_<split>/``, ``lr_<split>/``,
     ``gt_blur_<split>/<name>.png`` and ``maps/<name>.npy``); None when ``folder`` has no
     ``lens.json`` with the dataset format tag. Datasets of every version list their images there."""
-    from dmdiff.data.dataset import read_lens
 
     try:
         meta = read_lens(folder)
@@ -372,7 +375,7 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
         seed: the seed; the same seed (and settings, inputs, package versions) gives the same files.
         config: YAML file, mapping or :class:`SimulationConfig` laid over the defaults.
         images: folder of clean images (default: bundled photos + dead leaves).
-        smoke: a tiny dataset (:data:`SMOKE`) for quick checks.
+        smoke: a tiny dataset (the ``simulate`` smoke preset of configs/smoke.yaml) for quick checks.
         overwrite: replace an existing dataset at ``out``.
         cache_dir: PSF cache folder (default: the optics default, ``$DMDIFF_CACHE``).
         progress: show progress bars.
@@ -413,10 +416,6 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
 def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source], n_dead: int,
            cache_dir, progress: bool) -> dict:
     """Write all image pairs and maps into ``root``; return the lens.json record parts."""
-    from dmdiff.data.sources import dead_leaves, load_photo, named_rng, photo_palette
-    from dmdiff.imageio import read_image, write_png
-    from dmdiff.optics.camera import MAP_CHANNELS, MetalensCamera
-    from dmdiff.optics.sensor import quantize
 
     size = cfg.spec.image_size_px
     camera = MetalensCamera(cfg.spec, cache_dir=cache_dir, raw_bits=cfg.raw_bits, haze=cfg.haze,
@@ -472,6 +471,17 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
 def _capture_seed(seed: int, name: str) -> np.random.SeedSequence:
     digest = hashlib.sha256(f"{name}/capture".encode("utf-8")).digest()
     return np.random.SeedSequence([int(seed), *(int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4))])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    parser.add_argument("--images", default=None, help="folder of clean images (default: bundled photos + procedural images)")
+    parser.add_argument("--out", required=True, help="dataset folder to create")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=None, help="YAML file overriding the simulation/lens defaults")
+    parser.add_argument("--smoke", action="store_true", help="a tiny dataset for quick checks")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset in --out (only a dmdiff dataset that holds nothing else)")
 
 
 def main(args) -> int:

@@ -1,6 +1,6 @@
 """Clean images available offline: bundled natural photos (fixed split) and procedural dead leaves.
 
-Photos (DESIGN §5): scikit-image's ``astronaut``, ``chelsea``, ``coffee``, ``rocket``,
+Photos (docs/method.md, "Data"): scikit-image's ``astronaut``, ``chelsea``, ``coffee``, ``rocket``,
 ``hubble_deep_field``, ``retina``, ``immunohistochemistry`` and matplotlib's sample
 ``grace_hopper.jpg``. The split is fixed at the image level, so no crop of a test photo ever
 reaches a training set (the backbone's included)::
@@ -8,7 +8,7 @@ reaches a training set (the backbone's included)::
     TEST_PHOTOS  = ("chelsea", "coffee", "rocket")
     TRAIN_PHOTOS = ("astronaut", "grace_hopper", "hubble_deep_field", "immunohistochemistry", "retina")
 
-Eight photos are too few to train even a tiny backbone well (DESIGN §4), so training sets add
+Eight photos are too few to train even a tiny backbone well (docs/method.md, "Data"), so training sets add
 **dead leaves** images (:func:`dead_leaves`): random occluding discs with power-law radii, the
 classic model of natural-image statistics (scale invariance, occlusion edges, flat regions);
 Achddou et al. (2021) report that restoration networks trained on it generalise to real photos.
@@ -24,9 +24,13 @@ import hashlib
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import scipy.ndimage
+import skimage.data
 
 from dmdiff.errors import DmdiffError
+from dmdiff.imageio import read_image
 
 __all__ = ["TEST_PHOTOS", "TRAIN_PHOTOS", "PHOTOS", "bundled_photos", "load_photo", "photo_palette",
            "dead_leaves", "training_images", "named_rng"]
@@ -47,15 +51,9 @@ def named_rng(seed: int, name: str) -> np.random.Generator:
 @functools.lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
     if name == "grace_hopper":
-        import matplotlib
-
-        from dmdiff.imageio import read_image
-
         path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         image = read_image(path)
     else:
-        import skimage.data
-
         try:
             raw = getattr(skimage.data, name)()
         except Exception as e:  # noqa: BLE001 - a broken or partial scikit-image install
@@ -139,7 +137,7 @@ def dead_leaves(size: int | tuple[int, int], rng: np.random.Generator, *, rmin: 
                 rmax: float | None = None, alpha: float = 3.0, palette: np.ndarray | None = None,
                 palette_prob: float = 0.7, texture_prob: float = 0.35, blur_sigma: float = 0.6, supersample: int = 2,
                 coverage: float = 0.998, max_discs: int = 200_000) -> np.ndarray:
-    """A dead-leaves image: random occluding discs with power-law radii (DESIGN §4).
+    """A dead-leaves image: random occluding discs with power-law radii (docs/method.md, "Data").
 
     Discs are drawn front to back: each new disc lies *behind* all earlier ones and only paints
     the pixels still uncovered, until ``coverage`` of the image is covered (any last gaps take the
@@ -159,7 +157,6 @@ def dead_leaves(size: int | tuple[int, int], rng: np.random.Generator, *, rmin: 
     Returns:
         float32 ``(H, W, 3)`` sRGB in ``[0, 1]``.
     """
-    import scipy.ndimage
 
     height, width = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
     if height < 1 or width < 1:

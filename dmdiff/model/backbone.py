@@ -22,14 +22,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
+from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.tokenizer import MAX_LENGTH, build_tokenizer
@@ -43,7 +44,7 @@ WEIGHTED = ("unet", "vae", "text_encoder")
 COMPONENTS = (*WEIGHTED, "tokenizer", "scheduler")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")   # without them CLIPTokenizer loads an empty vocabulary
 ONE_STEP_FILE = "dmdiff_backbone.json"   # {"one_step_timestep": t}: the step a folder's UNet was trained for
-SD_TURBO_TIMESTEP = 999                  # SD-Turbo generates in one step from t = 999 (DESIGN §2)
+SD_TURBO_TIMESTEP = 999                  # SD-Turbo generates in one step from t = 999 (docs/method.md)
 
 # SD-Turbo's noise schedule (SD 2.x training betas); DDPMScheduler reads it from SD-Turbo's
 # scheduler/ folder too (that file names EulerDiscreteScheduler; the betas are what we use).
@@ -64,7 +65,7 @@ TINY_VAE = dict(  # (32, 32) and 8 channels per norm group: see docs/tiny_backbo
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
     norm_num_groups=4,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    mid_block_add_attention=False,  # ~40 % faster steps, same quality at this size (DESIGN §4)
+    mid_block_add_attention=False,  # ~40 % faster steps, same quality at this size (docs/tiny_backbone.md)
     sample_size=128, scaling_factor=0.18215,
 )
 TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
@@ -180,6 +181,33 @@ class Backbone:
                              max_length=self.text_encoder.config.max_position_embeddings).input_ids
         return self.text_encoder(ids.to(self.device)).last_hidden_state
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE latents of images: ``(B, 3, H, W)`` sRGB in ``[0, 1]`` → ``(B, 4, H/f, W/f)``, the
+        posterior mode times the VAE's ``scaling_factor`` (f = :attr:`vae_scale_factor`; the sides
+        must be multiples of f). Whatever adapters are injected into the encoder take part."""
+        return self.vae.encode(images * 2 - 1).latent_dist.mode() * self.vae.config.scaling_factor
+
+    def one_step(self, latents: torch.Tensor, text: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """The one-step prediction ``ẑ0 = (z − sqrt(1 − ᾱ_t)·ε̂) / sqrt(ᾱ_t)`` with ``ε̂ = unet(z, t, text)``.
+
+        Args:
+            latents: ``(B, 4, h, w)`` scaled latents (:meth:`encode`).
+            text: ``(B, 77, D)`` prompt embeddings (:meth:`encode_prompt`).
+            timestep: ``t`` (default :attr:`one_step_timestep`).
+
+        Returns:
+            ``(B, 4, h, w)`` in the latents' dtype.
+        """
+        t = self.one_step_timestep if timestep is None else timestep
+        eps = self.unet(latents, t, encoder_hidden_states=text).sample
+        alpha_bar = self.alpha_bar(t)
+        return (latents - (1 - alpha_bar).sqrt().to(latents.dtype) * eps) / alpha_bar.sqrt().to(latents.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images of scaled latents: ``(B, 4, h, w)`` → ``(B, 3, h·f, w·f)`` sRGB, about ``[0, 1]``
+        (not clamped)."""
+        return (self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2
+
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: ``{"unet", "vae", "text_encoder", "total"}``."""
         counts = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in WEIGHTED}
@@ -243,6 +271,22 @@ def backbone_parts(folder: Path) -> set[str] | None:
     return {f for f in folder_files(folder) if f in BACKBONE_TOP_FILES or f.split("/")[0] in COMPONENTS}
 
 
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """Inside the block, diffusers and transformers draw no progress bars of their own ("Loading
+    weights", "Writing model shards"): a library call that takes well under a second needs none, and
+    they fill notebooks and logs. Each library's setting is restored afterwards."""
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in was:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def check_backbone_out(folder: str | Path, overwrite: bool) -> None:
     """Raise unless a backbone may be written to ``folder``: it is missing or empty, or it is a
     backbone folder holding nothing else and ``overwrite`` is set (a folder of other files never is).
@@ -271,7 +315,7 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
     """
     folder = Path(folder)
     check_backbone_out(folder, overwrite)
-    with atomic_directory(folder, BACKBONE_KIND, replace=True, legacy=backbone_parts) as tmp:
+    with atomic_directory(folder, BACKBONE_KIND, replace=True, legacy=backbone_parts) as tmp, library_bars_off():
         backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         backbone.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         backbone.text_encoder.save_pretrained(tmp / "text_encoder")   # transformers: safetensors only
@@ -286,7 +330,7 @@ def save_backbone(backbone: Backbone, folder: str | Path, overwrite: bool = Fals
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     """Run the block with torch's CPU generator seeded, restoring the caller's RNG state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -299,11 +343,11 @@ def _random_init(preset: str, seed: int) -> Backbone:
     tokenizer = build_tokenizer()
     text_config = {**text_config, "bos_token_id": tokenizer.bos_token_id,   # the built tokenizer's
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNet2DConditionModel.from_config(unet_config)
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = AutoencoderKL.from_config(vae_config)
-    with _seeded(seed + 2):
+    with seeded(seed + 2):
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     return _assemble(unet, vae, text_encoder, tokenizer, DDPMScheduler.from_config(SCHEDULER),
                      preset, "random-init")
@@ -370,7 +414,8 @@ def _load_component(loader, folder: Path, name: str, preset: str, **kwargs):
     """``loader.from_pretrained(folder, subfolder=name)`` offline, with the libraries' errors (a
     broken ``config.json``, tokenizer file or weights) turned into a DmdiffError naming the folder."""
     try:
-        return loader.from_pretrained(folder, subfolder=name, local_files_only=True, **kwargs)
+        with library_bars_off():
+            return loader.from_pretrained(folder, subfolder=name, local_files_only=True, **kwargs)
     except LIBRARY_LOAD_ERRORS as err:
         raise DmdiffError(f"{folder / name}: the backbone's {name} cannot be loaded ({type(err).__name__}: {err}). "
                           f"{_folder_help(preset)}") from err

@@ -1,4 +1,4 @@
-"""DMDiff: one-step, degradation-modulated, multipath diffusion restoration (DESIGN §2).
+"""DMDiff: one-step, degradation-modulated, multipath diffusion restoration (docs/method.md).
 
 Design note
 -----------
@@ -39,19 +39,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmdiff.device import eval_mode
 from dmdiff.errors import ConfigError, DmdiffError
-from dmdiff.model.backbone import PRESETS, Backbone, _seeded, check_timestep, load_backbone
+from dmdiff.model.backbone import (
+    PRESETS,
+    Backbone,
+    check_timestep,
+    load_backbone,
+    seeded,
+)
 from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
 from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.svda import SVDA
-from dmdiff.optics.deconvolution import richardson_lucy_srgb
+from dmdiff.optics.deconvolution import (
+    DeconvolutionInputError,
+    check_psf,
+    richardson_lucy_srgb,
+)
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
 
 
 @dataclass
 class Prompts:
-    """The text of each path (our own wording, DESIGN §2)."""
+    """The text of each path (our own wording, docs/method.md)."""
 
     positive: str = ("a sharp, detailed, high-quality photo with crisp edges, clean fine textures, "
                      "natural vivid colours and good exposure")
@@ -190,7 +201,7 @@ class DMDiff(nn.Module):
         self.svda, self.mlp = None, None
         if config.svda:
             loras = {"vae": self.vae_lora, "unet": self.unet_lora}
-            with _seeded(config.seed):
+            with seeded(config.seed):
                 self.svda = SVDA({part: lora.state.n_blocks for part, lora in loras.items()},
                                  dim=config.svda_dim, grid_size=config.grid_size, spatial=config.svda_spatial)
                 self.mlp = nn.ModuleDict({part: ModulationMLP(lora.state.n_blocks, config.svda_dim, lora.rank)
@@ -340,19 +351,18 @@ class DMDiff(nn.Module):
         Args:
             psf: ``(3, K, K)`` per-channel PSF (numpy or tensor), ``K`` odd, centred at ``K // 2``,
                 non-negative, each channel with some energy; stored float32, each channel normalised
-                to sum 1 (:func:`dmdiff.baselines.check_psf`, the baselines' checks and white-balance
-                convention), on the model's device. Typically ``dmdiff.baselines.central_psf`` of the training lens's PSF grid.
+                to sum 1 (:func:`dmdiff.optics.deconvolution.check_psf`, the baselines' checks and
+                white-balance convention), on the model's device. Typically
+                :func:`~dmdiff.optics.deconvolution.central_psf` of the training lens's PSF grid.
 
         Raises:
             DmdiffError: the model does not deconvolve its anchor, or ``psf`` is malformed.
         """
-        from dmdiff.baselines import BaselineInputError, check_psf
-
         if self.config.anchor_rl_iterations is None:
             raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve (anchor_rl_iterations is None)")
         try:
             normalised = check_psf(torch.as_tensor(psf).detach().cpu().numpy())
-        except BaselineInputError as err:
+        except DeconvolutionInputError as err:
             raise DmdiffError(f"the anchor PSF is unusable: {err}") from None
         self.anchor_psf = torch.from_numpy(normalised).to(self.device, torch.float32)
 
@@ -372,6 +382,24 @@ class DMDiff(nn.Module):
             y = self._mix(latents, alpha)
         return y.clamp(0, 1) if clamp else y
 
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's own round trip, ``decode(encode(x))`` through the frozen base VAE (no UNet):
+        ``(B, 3, H, W)`` in ``[0, 1]`` → the same, clamped, with this model's padding; no grad.
+
+        The VAE encoder carries this model's LoRA; the modulation ``M = 0`` switches that branch
+        off exactly (``base(x) + B(0·A(x)) = base(x)``, :mod:`dmdiff.model.lora`), and the decoder
+        has none, so this is what the backbone alone can reproduce: a ceiling for every output
+        decoded by this VAE.
+        """
+        lora = self.vae_lora
+        zeros = torch.zeros(len(images), lora.state.n_blocks, lora.rank, lora.rank, device=self.device, dtype=self.dtype)
+        with self._inference():
+            x = images.to(self.device, self.dtype)
+            padded, pad = self.pad(x)
+            with lora.state.using(zeros):
+                z = self.backbone.encode(padded)
+            return self._decode(z, tuple(x.shape[-2:]), pad).clamp(0, 1)
+
     def degrade(self, gt: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
         """The negative path, GT → metalens-like capture: ``(B, 3, H, W)`` → ``(B, 3, H, W)`` in
         ``[0, 1]`` (clamped), no grad, eval mode. ``maps`` describe the lens to imitate."""
@@ -389,14 +417,8 @@ class DMDiff(nn.Module):
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
         """no_grad and eval mode for the block; every sub-module's train/eval flag restored after."""
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with eval_mode(self), torch.no_grad():
+            yield
 
     def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """Pad ``(B, 3, H, W)`` to multiples of ``latent_multiple``, centred; returns the image and
@@ -426,20 +448,17 @@ class DMDiff(nn.Module):
         else:
             vae_m = unet_m = None
         padded, pad = self.pad(x)
-        scaling = self.vae.config.scaling_factor
         with self.vae_lora.state.using(vae_m):
-            z = self.vae.encode(padded * 2 - 1).latent_dist.mode() * scaling
+            z = self.backbone.encode(padded)
         z = z.repeat(copies, 1, 1, 1)
         text = self.text_embeddings[torch.as_tensor(text_index, device=self.device)]
         with self.unet_lora.state.using(unet_m, repeat=copies):
-            eps = self.unet(z, self.config.timestep, encoder_hidden_states=text).sample
-        alpha_bar = self.backbone.alpha_bar(self.config.timestep)
-        z0 = (z - (1 - alpha_bar).sqrt().to(z.dtype) * eps) / alpha_bar.sqrt().to(z.dtype)
+            z0 = self.backbone.one_step(z, text, self.config.timestep)
         return z0, (tuple(x.shape[-2:]), pad)
 
     def _decode(self, z0: torch.Tensor, size: tuple[int, int], pad: tuple[int, int, int, int]) -> torch.Tensor:
-        """Frozen VAE decoder, ``[-1, 1] → [0, 1]``, cropped to ``size``: ``(B, 3, H, W)``, not clamped."""
-        y = (self.vae.decode(z0 / self.vae.config.scaling_factor).sample + 1) / 2
+        """Frozen VAE decoder, cropped to ``size``: ``(B, 3, H, W)``, not clamped."""
+        y = self.backbone.decode(z0)
         left, _, top, _ = pad
         return y[..., top:top + size[0], left:left + size[1]]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from dmdiff.device import eval_mode
 from dmdiff.model.dmdiff import DMDiff
 
 
@@ -26,14 +27,10 @@ def modulation(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = N
     """
     if model.svda is None:
         raise ValueError("this model has no SVDA (config.svda=False): there is no modulation to show")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         image = image.to(model.device, model.dtype)
         out = model.svda(image, None if maps is None else maps.to(model.device, model.dtype))
         matrices = {part: model.mlp[part](out.embeddings[part]) for part in ("vae", "unet")}
-    finally:
-        model.train(was_training)
     return out, matrices
 
 

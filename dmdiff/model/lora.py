@@ -1,4 +1,4 @@
-"""Degradation-modulated LoRA on the UNet and the VAE encoder (DESIGN §2, after S3Diff).
+"""Degradation-modulated LoRA on the UNet and the VAE encoder (docs/method.md, after S3Diff).
 
 Design note
 -----------
@@ -57,7 +57,7 @@ from dmdiff.weights import load_safetensors, save_safetensors
 
 ADAPTER_NAME = "dmdiff"
 
-# Default LoRA ranks per backbone preset (DESIGN §2: 32 / 16 for SD-Turbo).
+# Default LoRA ranks per backbone preset (docs/method.md: 32 / 16 for SD-Turbo).
 RANKS = {"tiny": {"unet": 8, "vae": 4},
          "sd-turbo": {"unet": 32, "vae": 16},
          "sd-turbo-shape": {"unet": 32, "vae": 16}}

@@ -4,7 +4,7 @@
 edge rule of ``scipy.ndimage.gaussian_filter(..., mode="reflect", truncate=4.0)`` (edges mirrored
 with the edge pixel repeated: ``d c b a | a b c d``), so the colour anchor of the model
 (:class:`dmdiff.model.dmdiff.DMDiffConfig` ``anchor_sigma_px``) and ``dmdiff restore``'s numpy
-colour correction (:func:`dmdiff.restore.color_correct`) compute the same low-pass.
+colour correction (:func:`dmdiff.model.color.color_correct`) compute the same low-pass.
 
 Along an axis of up to :data:`MATRIX_MAX_PX` pixels it is the product with an ``n × n`` blur matrix
 built by scipy itself, which also covers kernels longer than the axis (σ = 24 px on a 64-px
@@ -22,6 +22,7 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter1d
 
 __all__ = ["gaussian_lowpass", "TRUNCATE", "MATRIX_MAX_PX"]
 
@@ -41,8 +42,6 @@ def _kernel(sigma: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _matrix(n: int, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter1d
-
     return gaussian_filter1d(np.eye(n), sigma, axis=0, mode="reflect", truncate=TRUNCATE)
 
 

@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,24 @@ from diffusers.utils import BaseOutput
 from dmdiff.config import merge, to_dict
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import Backbone, load_backbone, save_backbone
+from dmdiff.model.color import color_correct as color_correct_image
+from dmdiff.model.color import resolve_color_correction
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents, check_alpha
+from dmdiff.model.ensemble import self_ensemble as ensemble_mean
+from dmdiff.model.tiling import (
+    DEFAULT_OVERLAP_PX,
+    check_tiling,
+    tiled_decode,
+    tiled_restore,
+)
 from dmdiff.outputs import atomic_directory, folder_files, write_json
 from dmdiff.runinfo import provenance
-from dmdiff.weights import PICKLE_HELP, PICKLE_SUFFIXES, load_safetensors, save_safetensors
+from dmdiff.weights import (
+    PICKLE_HELP,
+    PICKLE_SUFFIXES,
+    load_safetensors,
+    save_safetensors,
+)
 
 FORMAT = "dmdiff-pipeline"
 FORMAT_VERSION = 1
@@ -106,8 +120,14 @@ class DMDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ inference
 
-    def __call__(self, images, maps=None, alpha: float = 1.0, return_latents: bool = False) -> DMDiffPipelineOutput:
+    def __call__(self, images, maps=None, alpha: float = 1.0, *, tile: int | None = None,
+                 overlap: int = DEFAULT_OVERLAP_PX, self_ensemble: bool = False, color_correct: str = "none",
+                 return_latents: bool = False, on_tile: Callable[[int, int], None] | None = None
+                 ) -> DMDiffPipelineOutput:
         """Restore one image or a list of images, one by one (sizes may differ).
+
+        The one inference path of dmdiff: ``dmdiff restore`` reads and writes files around it and
+        ``dmdiff evaluate`` measures it.
 
         Args:
             images: an image or a list of them; each a PIL image (converted to RGB, alpha dropped),
@@ -118,29 +138,63 @@ class DMDiffPipeline(DiffusionPipeline):
                 of each image: one for a single image, a list (items may be None) or a
                 ``(B, 7, G, G)`` array parallel to ``images``.
             alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path).
+            tile: restore in blended tiles of this side in pixels (bounded memory for any size,
+                :mod:`dmdiff.model.tiling`; exactly the whole-image result when the image fits in
+                one tile); None: the whole image in one call.
+            overlap: with ``tile``, the minimum overlap of tiles in pixels, blended.
+            self_ensemble: average the restorations of the 8 rotations/mirrorings of each image
+                and its maps (:mod:`dmdiff.model.ensemble`; 8× the time; no latents).
+            color_correct: ``"none"``, ``"auto"``, ``"meanstd"`` or ``"lowpass"`` against the input
+                (:mod:`dmdiff.model.color`; ``"auto"``: none for a model with a colour anchor).
             return_latents: also return the cached latents, for :meth:`decode`.
+            on_tile: with ``tile``, called as ``on_tile(done, total)`` after each tile.
         """
         alpha = check_alpha(alpha)
+        if return_latents and self_ensemble:
+            raise DmdiffError("return_latents cannot be combined with self_ensemble (8 restorations, no one latent)")
+        correction = resolve_color_correction(color_correct, self.model)
+        if tile is not None:
+            tile, overlap = check_tiling(self.model, tile, overlap)
         items = as_images(images)
         map_items = as_maps(maps, len(items))
         outputs, latents = [], []
-        for image, image_maps in zip(self.progress_bar(items), map_items):
-            batch_maps = None if image_maps is None else image_maps[None]
-            restored, cached = self.model.restore(image[None], batch_maps, alpha=alpha, return_latents=True)
-            outputs.append(to_numpy(restored[0]))
+        for image, image_maps in zip(self.progress_bar(items) if len(items) > 1 else items, map_items):
+            batch, batch_maps = image[None], None if image_maps is None else image_maps[None]
+            cached = None
+            if self_ensemble:
+                restored = ensemble_mean(lambda x, m: self._restore(x, m, alpha, tile, overlap, on_tile)[0],
+                                         batch, batch_maps)
+            else:
+                restored, cached = self._restore(batch, batch_maps, alpha, tile, overlap, on_tile)
+            restored = to_numpy(restored[0])
+            if correction != "none":
+                restored = color_correct_image(restored, to_numpy(image), correction)
+            outputs.append(restored)
             if return_latents:
                 latents.append(cached)
         return DMDiffPipelineOutput(images=outputs, latents=latents if return_latents else None)
 
-    def decode(self, latents: DMDiffPipelineOutput | Sequence[RestoreLatents], alpha: float) -> list[np.ndarray]:
-        """Re-decode the latents of an earlier call at another ``alpha`` (VAE decoder only):
-        float32 ``(H, W, 3)`` images, one per :class:`RestoreLatents`."""
+    def _restore(self, image: torch.Tensor, maps: torch.Tensor | None, alpha: float, tile: int | None,
+                 overlap: int, on_tile) -> tuple[torch.Tensor, RestoreLatents]:
+        """One ``(1, 3, H, W)`` image, whole or tiled: the restored ``(1, 3, H, W)`` and its latents."""
+        if tile is None:
+            return self.model.restore(image, maps, alpha=alpha, return_latents=True)
+        return tiled_restore(self.model, image, maps, alpha=alpha, tile=tile, overlap=overlap, return_latents=True,
+                             on_tile=on_tile)
+
+    def decode(self, latents: DMDiffPipelineOutput | Sequence[RestoreLatents], alpha: float,
+               tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX) -> list[np.ndarray]:
+        """Re-decode the latents of an earlier call at another ``alpha`` (VAE decoder only; ``tile``
+        and ``overlap`` as in that call): float32 ``(H, W, 3)`` images, one per :class:`RestoreLatents`.
+        No colour correction is applied."""
         if isinstance(latents, DMDiffPipelineOutput):
             if latents.latents is None:
                 raise DmdiffError("this output holds no latents; call the pipeline with return_latents=True")
             latents = latents.latents
         alpha = check_alpha(alpha)
-        return [image for cached in latents for image in map(to_numpy, self.model.decode(cached, alpha))]
+        decode = (lambda cached: self.model.decode(cached, alpha)) if tile is None else \
+            (lambda cached: tiled_decode(self.model, cached, alpha, tile, overlap))
+        return [image for cached in latents for image in map(to_numpy, decode(cached))]
 
     # ------------------------------------------------------------------ folders
 

@@ -45,12 +45,27 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
-from dmdiff.data.sources import TEST_PHOTOS, bundled_photos, dead_leaves, named_rng, photo_palette
+from dmdiff.config import smoke_preset
+from dmdiff.data.sources import (
+    TEST_PHOTOS,
+    bundled_photos,
+    dead_leaves,
+    named_rng,
+    photo_palette,
+)
 from dmdiff.errors import DmdiffError
-from dmdiff.model.backbone import (TINY_ASSETS, Backbone, check_backbone_out, check_timestep, load_backbone,
-                                   save_backbone)
+from dmdiff.metrics import psnr_torch
+from dmdiff.model.backbone import (
+    TINY_ASSETS,
+    Backbone,
+    check_backbone_out,
+    check_timestep,
+    load_backbone,
+    save_backbone,
+)
 from dmdiff.model.tokenizer import WORDS
 from dmdiff.runinfo import provenance
 
@@ -87,10 +102,6 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_timestep(self.timestep)
-
-
-SMOKE = dict(vae_minutes=1.0, unet_minutes=1.0, max_steps=2, batch_size=2, crop_min_px=32,
-             crop_max_px=32, dead_leaves_images=2, dead_leaves_px=64, eval_px=32, eval_crops_per_photo=1)
 
 
 class CropSampler:
@@ -155,34 +166,13 @@ def eval_crops(split: str, size: int, per_photo: int, seed: int = 0) -> torch.Te
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the PSNR (dB) between ``(B, 3, H, W)`` images in [0, 1] (clamped)."""
-    mse = (a.clamp(0, 1) - b.clamp(0, 1)).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+    return float(psnr_torch(a.clamp(0, 1), b.clamp(0, 1)).mean())
 
 
-def encode(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
-    """Scaled latents ``(B, 4, H/f, W/f)`` = scaling · mode of the posterior of ``x`` ((B, 3, H, W) in [0, 1])."""
-    return backbone.vae.encode(x * 2 - 1).latent_dist.mode() * backbone.vae.config.scaling_factor
-
-
-def decode(backbone: Backbone, z: torch.Tensor) -> torch.Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1] (clamped) from scaled latents."""
-    return ((backbone.vae.decode(z / backbone.vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
-
-
-def one_step(backbone: Backbone, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """DMDiff's one-step prediction ẑ0 = (z − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ) at ``backbone.one_step_timestep``;
-    ``z`` scaled latents ``(B, 4, h, w)``, ``text`` embeddings ``(B, 77, D)``."""
-    alpha_bar = backbone.alpha_bar(backbone.one_step_timestep)
-    t = torch.full((z.shape[0],), backbone.one_step_timestep, device=z.device, dtype=torch.long)
-    eps = backbone.unet(z, t, text).sample
-    return (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-
-
-def degrade(x: torch.Tensor, cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor:
+def degrade_crops(x: torch.Tensor, cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor:
     """Mild degradation of ``(B, 3, H, W)`` images in [0, 1]: with probability ``cfg.degrade_prob``
     each image gets a Gaussian blur (σ uniform in [0, max_blur_sigma_px]) and Gaussian noise (std
     uniform in [0, max_noise_std]); the others stay clean."""
-    from torchvision.transforms.functional import gaussian_blur
 
     out = []
     for image in x:
@@ -292,10 +282,10 @@ def train_unet(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, pr
             group["lr"] = _lr(cfg.unet_lr, step, frac, cfg.warmup_steps)
         x = sampler.batch(cfg.batch_size, _random_size(rng, cfg, backbone.latent_multiple))
         with torch.no_grad():
-            target = encode(backbone, x)
-            z = encode(backbone, degrade(x, cfg, rng))
+            target = backbone.encode(x)
+            z = backbone.encode(degrade_crops(x, cfg, rng))
             text = backbone.encode_prompt(random_prompts(len(x), rng))
-        loss = F.mse_loss(one_step(backbone, z, text), target)
+        loss = F.mse_loss(backbone.one_step(z, text), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -307,7 +297,7 @@ def train_unet(backbone: Backbone, sampler: CropSampler, cfg: PretrainConfig, pr
 
 
 @torch.no_grad()
-def evaluate(backbone: Backbone, cfg: PretrainConfig) -> dict:
+def reconstruction_psnrs(backbone: Backbone, cfg: PretrainConfig) -> dict:
     """PSNRs (dB) on fixed ``eval_px``² crops of the train and the held-out (TEST) photos.
 
     ``vae_*``: ``decode(encode(x))`` vs ``x`` (mode of the posterior); ``unet_identity_*``: the
@@ -318,12 +308,12 @@ def evaluate(backbone: Backbone, cfg: PretrainConfig) -> dict:
     texts = {"": backbone.encode_prompt(""), "_prompted": backbone.encode_prompt("a sharp, high quality photo")}
     for split, key in (("train", "train"), ("test", "heldout")):
         x = eval_crops(split, cfg.eval_px, cfg.eval_crops_per_photo, cfg.seed)
-        z = encode(backbone, x)
-        out[f"vae_{key}"] = psnr(decode(backbone, z), x)
+        z = backbone.encode(x)
+        out[f"vae_{key}"] = psnr(backbone.decode(z), x)
         for suffix, text in texts.items():
             if key == "heldout" or not suffix:
-                z0 = one_step(backbone, z, text.expand(len(x), -1, -1))
-                out[f"unet_identity_{key}{suffix}"] = psnr(decode(backbone, z0), x)
+                z0 = backbone.one_step(z, text.expand(len(x), -1, -1))
+                out[f"unet_identity_{key}{suffix}"] = psnr(backbone.decode(z0), x)
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -357,14 +347,14 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
         backbone = load_backbone("tiny", pretrained=False, seed=cfg.seed)
         backbone.one_step_timestep = cfg.timestep
         sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction, cfg.dead_leaves_images, cfg.dead_leaves_px)
-        before = evaluate(backbone, cfg)
+        before = reconstruction_psnrs(backbone, cfg)
         if unet_only:
             vae_stats, scaling = _reuse_vae(backbone, out)
         else:
             vae_stats = train_vae(backbone, sampler, cfg, progress)
             scaling = set_scaling_factor(backbone, sampler, cfg)
         unet_stats = train_unet(backbone, sampler, cfg, progress)
-        after = evaluate(backbone, cfg)
+        after = reconstruction_psnrs(backbone, cfg)
     report = provenance(asdict(cfg), cfg.seed, stage_vae=vae_stats, stage_unet=unet_stats,
                         scaling_factor=round(scaling, 5), psnr_db_random_init=before, psnr_db=after,
                         total_seconds=round(time.monotonic() - start, 1), unet_only=unet_only,
@@ -391,15 +381,37 @@ def _reuse_vae(backbone: Backbone, folder: Path) -> tuple[dict, float]:
     return stats, float(vae.config.scaling_factor)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    defaults = PretrainConfig()
+    smoke = smoke_preset("pretrain")
+    parser.add_argument("--out", default=str(TINY_ASSETS), help="backbone folder to write (default: the shipped one)")
+    parser.add_argument("--vae-minutes", type=float, default=None,
+                        help=f"wall-clock budget of the VAE stage (default {defaults.vae_minutes:g}, "
+                             f"{smoke['vae_minutes']:g} with --smoke)")
+    parser.add_argument("--unet-minutes", type=float, default=None,
+                        help=f"wall-clock budget of the UNet stage (default {defaults.unet_minutes:g}, "
+                             f"{smoke['unet_minutes']:g} with --smoke)")
+    parser.add_argument("--timestep", type=int, default=defaults.timestep, metavar="T",
+                        help="the UNet's one-step timestep, 0-999 (default %(default)s; SD-Turbo's is 999; "
+                             "docs/tiny_backbone.md)")
+    parser.add_argument("--unet-only", action="store_true",
+                        help="keep the VAE of the backbone in --out and retrain only the UNet (from random init)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on tiny crops, for quick checks")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing backbone in --out (only a backbone folder that holds nothing else)")
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``dmdiff pretrain-backbone [--out DIR] [--vae-minutes M] [--unet-minutes M]
     [--timestep T] [--unet-only] [--seed S] [--smoke] [--overwrite]``; prints the PSNRs."""
     cfg = PretrainConfig(seed=args.seed, timestep=args.timestep)
     if args.smoke:
-        cfg = replace(cfg, **SMOKE)
+        cfg = replace(cfg, **smoke_preset("pretrain"))
     cfg = replace(cfg, **{k: v for k, v in (("vae_minutes", args.vae_minutes),
                                               ("unet_minutes", args.unet_minutes)) if v is not None})
-    out = Path(args.out) if args.out else TINY_ASSETS
+    out = Path(args.out)
     report = pretrain_backbone(out, cfg, overwrite=args.overwrite or args.unet_only, unet_only=args.unet_only)
     print(f"wrote {out} in {report['total_seconds']:.0f} s "
           f"(VAE {report['stage_vae']['steps']} steps, UNet {report['stage_unet']['steps']} steps)")

@@ -1,4 +1,4 @@
-"""SVDA: the spatially varying degradation-aware attention module (the paper's design, DESIGN §2).
+"""SVDA: the spatially varying degradation-aware attention module (the paper's design, docs/method.md).
 
 Design note
 -----------
@@ -38,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmdiff.optics.camera import MAP_CHANNELS  # order of the optics maps and of maps/*.npy
+from dmdiff.optics.camera import (
+    MAP_CHANNELS,  # order of the optics maps and of maps/*.npy
+)
 
 IMAGE_STAT_CHANNELS = ("brightness", "contrast", "gradient_r", "gradient_g", "gradient_b", "laplacian", "noise")
 FEATURE_CHANNELS = (*MAP_CHANNELS, "maps_missing", *(f"image_{c}" for c in IMAGE_STAT_CHANNELS))
-BLOCKS = {"vae": 6, "unet": 10}       # block ids per backbone part (DESIGN §2), as in dmdiff.model.lora
+BLOCKS = {"vae": 6, "unet": 10}       # block ids per backbone part (docs/method.md), as in dmdiff.model.lora
 
 LUMA = (0.299, 0.587, 0.114)          # Y' of gamma-encoded R, G, B (as in PSNR-Y)
 # Immerkær (1996): zero response to constants, ramps and (mostly) edges; its L2 norm is 6.

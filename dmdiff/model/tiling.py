@@ -44,13 +44,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from dmdiff.data.dataset import crop_maps
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiff, RestoreLatents, check_alpha
 
 __all__ = ["DEFAULT_TILE_PX", "DEFAULT_OVERLAP_PX", "check_tiling", "axis_tiles", "ramp_profile",
            "tile_windows", "tiled_latents", "tiled_decode", "tiled_restore"]
 
-#: Default tile side and overlap in pixels (README "Restoring your own photos": 2048² on a CPU).
+#: Default tile side and overlap in pixels (docs/experiments.md, "Speed and memory": 2048² on a CPU).
 DEFAULT_TILE_PX = 256
 DEFAULT_OVERLAP_PX = 32
 
@@ -123,7 +124,6 @@ def _tile_maps(maps: torch.Tensor | None, image_hw: tuple[int, int],
     """Each image's maps ``(B, 7, G, G)`` resampled to ``window = (y0, x0, h, w)`` (image pixels)."""
     if maps is None:
         return None
-    from dmdiff.data.dataset import crop_maps
 
     cropped = [crop_maps(m.detach().cpu().double().numpy(), image_hw, window) for m in maps]
     return torch.from_numpy(np.stack(cropped)).to(maps.device)

@@ -1,6 +1,6 @@
 """The simulated metalens camera: a clean sRGB image in, a realistic capture and its degradation maps out.
 
-Pipeline of :meth:`MetalensCamera.capture` (DESIGN §3), in this order:
+Pipeline of :meth:`MetalensCamera.capture` (docs/method.md, "The optics"), in this order:
 
 1. sRGB → linear light (:func:`~dmdiff.optics.sensor.srgb_to_linear`).
 2. Spatially varying blur with the PSF grid (:class:`~dmdiff.optics.blur.SpatiallyVaryingBlur`,
@@ -43,10 +43,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
+import scipy.signal
 
 from dmdiff.errors import DmdiffError
+from dmdiff.optics.blur import SpatiallyVaryingBlur, node_weights
+from dmdiff.optics.grid import (
+    default_cache_dir,
+    ideal_psf_rgb,
+    psf_grid,
+    sharpness_maps,
+)
 from dmdiff.optics.sensor import (
-    SHOT_RANGE, add_sensor_noise, isp, linear_to_srgb, noise_std, quantize, sample_noise_levels,
+    SHOT_RANGE,
+    add_sensor_noise,
+    isp,
+    linear_to_srgb,
+    noise_std,
+    quantize,
+    sample_noise_levels,
     srgb_to_linear,
 )
 from dmdiff.optics.spec import MetalensSpec
@@ -162,8 +177,6 @@ class MetalensCamera:
     def grid(self):
         """The :class:`dmdiff.optics.grid.PSFGrid` of the spec (computed or loaded from the cache)."""
         if self._grid is None:
-            from dmdiff.optics.grid import psf_grid
-
             self._grid = psf_grid(self.spec, cache_dir=self.cache_dir, progress=self.progress)
         return self._grid
 
@@ -171,8 +184,6 @@ class MetalensCamera:
     def blur(self):
         """The :class:`SpatiallyVaryingBlur` over the PSF grid."""
         if self._blur is None:
-            from dmdiff.optics.blur import SpatiallyVaryingBlur
-
             self._blur = SpatiallyVaryingBlur(self.grid.psfs)
         return self._blur
 
@@ -189,8 +200,6 @@ class MetalensCamera:
     def _weights(self) -> tuple[np.ndarray, np.ndarray]:
         """Node weights over the sensor's rows and columns, each (G, N) (see ``blur.node_weights``)."""
         if self._pixel_weights is None:
-            from dmdiff.optics.blur import node_weights
-
             n, g = self.spec.image_size_px, self.spec.grid_size
             w = node_weights(np.arange(n), n, g)
             self._pixel_weights = (w, w)
@@ -239,7 +248,6 @@ class MetalensCamera:
 
     def _veil(self, x: np.ndarray) -> np.ndarray:
         """``disc * (η ⊙ x)`` for a (3, H, W) linear image, reflect-padded (module docstring, step 3)."""
-        import scipy.signal
 
         if self._veil_setup is None:
             wy, wx = self._weights()
@@ -256,8 +264,6 @@ class MetalensCamera:
     def sharpness(self) -> np.ndarray:
         """(6, G, G) float32: FWHM R, G, B then EE80 radius R, G, B, in pixels (cached)."""
         if self._sharpness is None:
-            from dmdiff.optics.grid import sharpness_maps
-
             s = sharpness_maps(self.grid)
             self._sharpness = np.concatenate([s["fwhm_px"], s["ee80_px"]]).astype(np.float32)
         return self._sharpness
@@ -338,13 +344,10 @@ class MetalensCamera:
         return self._ideal_kernel
 
     def _ideal_psf(self, size: int) -> np.ndarray:
-        from dmdiff.optics.grid import ideal_psf_rgb
-
         return np.asarray(ideal_psf_rgb(self.spec, size), dtype=np.float32)
 
     def _cached(self, name: str, shape: tuple, compute) -> np.ndarray:
         """An array cached as ``<cache>/<name>-<spec.cache_key()>.npy`` (atomic write, checked shape)."""
-        from dmdiff.optics.grid import default_cache_dir
 
         path = Path(self.cache_dir or default_cache_dir()) / f"{name}-{self.spec.cache_key()}.npy"
         try:
@@ -371,7 +374,6 @@ class MetalensCamera:
         Returns:
             (H, W, 3) float32 sRGB in [0, 1].
         """
-        import scipy.ndimage
 
         x = srgb_to_linear(self._check_image(image, any_size=True)).astype(np.float64)
         out = np.empty_like(x)

@@ -1,7 +1,7 @@
 """Richardson–Lucy deconvolution of image batches with FFTs on the even mirror extension (torch).
 
 One implementation serves two callers: the classical baseline
-(:func:`dmdiff.baselines.richardson_lucy`, float64, one photo at a time) and the model's
+(:func:`dmdiff.evaluation.baselines.richardson_lucy`, float64, one photo at a time) and the model's
 deconvolved colour anchor (:class:`dmdiff.model.dmdiff.DMDiffConfig` ``anchor_rl_iterations``,
 float32 batches on the model's device, training crops and whole photos alike).
 
@@ -9,7 +9,7 @@ The update is scikit-image's ``richardson_lucy``: ``x ← x · (h̃ ⋆ (y / (h 
 constant 0.5 (``h̃`` the flipped PSF), with negative FFT round-off clipped to 0. Convolutions are
 circular FFTs on the even (mirror) extension of each image — the image followed by its reflection
 without the edge pixel repeated, ``(2H − 2) × (2W − 2)`` pixels, periodic and continuous, so the
-circular convolution sees no border jump (:mod:`dmdiff.baselines`, "Boundaries"). An extension
+circular convolution sees no border jump (:mod:`dmdiff.evaluation.baselines`, "Boundaries"). An extension
 still smaller than the PSF (images under about ``K / 2`` pixels a side) is padded further by
 repeating its last row and column, so any size works.
 """
@@ -18,12 +18,63 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmdiff.errors import DmdiffError
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
-__all__ = ["richardson_lucy_linear", "richardson_lucy_srgb"]
+__all__ = ["DeconvolutionInputError", "central_psf", "check_psf", "richardson_lucy_linear", "richardson_lucy_srgb"]
+
+
+class DeconvolutionInputError(DmdiffError, ValueError):
+    """An image, PSF or parameter handed to a deconvolution is wrong (shape, values, range)."""
+
+
+def central_psf(psfs) -> np.ndarray:
+    """The PSF of the grid node at the centre of the field: ``psfs[:, G // 2, G // 2]``.
+
+    For odd ``G`` (the default 7) this node sits on the optical axis; for even ``G`` it is the node
+    just below and right of the centre.
+
+    Args:
+        psfs: a PSF grid ``(3, G, G, K, K)`` (numpy or torch) or an object with a ``psfs`` attribute
+            (``dmdiff.optics.grid.PSFGrid``).
+
+    Returns:
+        float64 ``(3, K, K)``, as stored (not renormalised; the baselines renormalise).
+    """
+    arr = getattr(psfs, "psfs", psfs)
+    if type(arr).__module__.startswith("torch"):
+        arr = arr.detach().cpu().numpy()
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 5 or arr.shape[0] != 3 or arr.shape[1] != arr.shape[2] or arr.shape[3] != arr.shape[4]:
+        raise DeconvolutionInputError(f"expected a PSF grid of shape (3, G, G, K, K), got {arr.shape}")
+    g = arr.shape[1]
+    return arr[:, g // 2, g // 2].copy()
+
+
+def check_psf(psf_rgb) -> np.ndarray:
+    """Validate a ``(3, K, K)`` PSF (``K`` odd, finite, non-negative, energy in every channel) and
+    return it float64, each channel normalised to sum 1 (the white-balance convention of :mod:`dmdiff.evaluation.baselines`).
+
+    Raises:
+        DeconvolutionInputError: any of those conditions fails.
+    """
+    psf = np.asarray(psf_rgb, dtype=np.float64)
+    if psf.ndim != 3 or psf.shape[0] != 3 or psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
+        raise DeconvolutionInputError(f"psf_rgb must have shape (3, K, K) with K odd (centred at K // 2), "
+                                      f"got {psf.shape}; central_psf(grid.psfs) gives one")
+    if not np.all(np.isfinite(psf)):
+        raise DeconvolutionInputError("psf_rgb contains NaN or infinite values")
+    if psf.min() < 0:
+        raise DeconvolutionInputError(f"psf_rgb has negative values (min {psf.min():.3g}); a PSF is an intensity")
+    sums = psf.sum(axis=(1, 2))
+    if np.any(sums <= 0):
+        raise DeconvolutionInputError(f"psf_rgb has a channel with no energy (sums {sums})")
+    return psf / sums[:, None, None]
+
 
 
 def _extension(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,7 +102,7 @@ def richardson_lucy_linear(observed: torch.Tensor, psf: torch.Tensor,
     Args:
         observed: ``(B, C, H, W)`` non-negative linear light (any float dtype; computed in it).
         psf: ``(C, K, K)`` kernels, ``K`` odd, centred at ``K // 2``, each summing to 1 (not checked
-            here; :func:`dmdiff.baselines.richardson_lucy` validates and normalises).
+            here; :func:`check_psf` validates and normalises).
         iterations: counts >= 1; one run serves all of them.
 
     Returns:

@@ -1,6 +1,6 @@
 """Metalens point-spread functions by band-limited, shifted angular-spectrum propagation.
 
-Model (scalar diffraction, see docs/architecture.md and DESIGN.md §3):
+Model (scalar diffraction, see docs/architecture.md and docs/method.md, "The optics"):
 
 * The lens plane holds a circular aperture of radius R = D/2 with the hyperbolic phase
   ``φ(r) = (2π/λ0)(f − sqrt(r² + f²))``. At wavelength λ the metasurface imposes the *wrapped*

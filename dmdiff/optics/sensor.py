@@ -3,7 +3,7 @@
 Everything here is numpy with an explicit ``numpy.random.Generator`` (no global random state).
 Values are in ``[0, 1]`` units of the sensor's full scale.
 
-Camera order (DESIGN §3): blur in linear light → :func:`add_sensor_noise` (shot + read) →
+Camera order (docs/method.md, "The optics"): blur in linear light → :func:`add_sensor_noise` (shot + read) →
 :func:`quantize` (clip and A/D conversion, e.g. 10-bit raw) → :func:`white_balance` →
 :func:`linear_to_srgb` (gamma) → 8-bit. :func:`isp` runs the last three steps.
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.ndimage
+import torch
 
 __all__ = [
     "srgb_to_linear", "linear_to_srgb", "sample_noise_levels", "noise_std", "add_sensor_noise",
@@ -109,14 +111,19 @@ def add_sensor_noise(x_linear: np.ndarray, shot: float, read: float, rng: np.ran
     return (x + std * rng.standard_normal(x.shape)).astype(dtype)
 
 
-def quantize(x: np.ndarray, bits: int) -> np.ndarray:
-    """Clip to ``[0, 1]`` and round to the ``2**bits`` levels ``k / (2**bits − 1)`` (an A/D converter).
+def quantize(x, bits: int):
+    """Clip to ``[0, 1]`` and round to the ``2**bits`` levels ``k / (2**bits − 1)`` (an A/D converter;
+    8 bits: what an 8-bit PNG stores).
 
-    Returns float32 (the level values, not integer codes).
+    Returns the level values, not integer codes: float32 numpy for numpy input (computed in
+    float64), or a tensor of the input's dtype and device for a torch tensor (computed in it, ties
+    to even).
     """
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 24:
         raise ValueError(f"bits must be an integer in [1, 24], got {bits!r}")
     top = float((1 << int(bits)) - 1)
+    if isinstance(x, torch.Tensor):
+        return x.clamp(0, 1).mul(top).round().div(top)
     return (np.rint(np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0) * top) / top).astype(np.float32)
 
 
@@ -143,7 +150,7 @@ def isp(raw_linear: np.ndarray, gains=(1.0, 1.0, 1.0), bits: int | None = 8) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# pseudo-data noise augmentation (DESIGN §2)
+# pseudo-data noise augmentation (docs/method.md)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -155,7 +162,6 @@ def smooth_noise_field(shape: tuple[int, int], scale_px: float, rng: np.random.G
     ``(H, W)`` with cubic-spline interpolation: blotches about ``scale_px`` wide, with almost no
     power above ``1 / scale_px`` cycles per pixel. Normalised to zero mean and unit std per channel.
     """
-    import scipy.ndimage
 
     height, width = shape
     if scale_px < 1:
@@ -180,7 +186,7 @@ def pseudo_noise_augment(img_srgb: np.ndarray, rng: np.random.Generator, strengt
                          shot_range: tuple[float, float] = (1e-4, 4e-3), blotch_amplitude: float = 0.03,
                          blotch_scale_px: tuple[float, float] = (8.0, 32.0), chroma_fraction: float = 0.5,
                          dark_exponent: float = 2.0, quantize_bits: int | None = 8) -> np.ndarray:
-    """Sensor-like noise for pseudo pairs (DESIGN §2, stage 2): shot noise + low-frequency blotches.
+    """Sensor-like noise for pseudo pairs (docs/method.md, stage 2): shot noise + low-frequency blotches.
 
     1. Signal-dependent noise in linear light: variance ``λ_shot·x + λ_read`` with levels drawn by
        :func:`sample_noise_levels` (``shot_range``, scaled by ``strength²`` so the std scales by

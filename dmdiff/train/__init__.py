@@ -1,3 +1,11 @@
 """Multipath training of DMDiff (``dmdiff train``) and the pseudo-pair step (``dmdiff pseudo``)."""
 
-from dmdiff.train.config import PATHS, LossConfig, PathProbs, PseudoConfig, RecipeConfig, TrainConfig, load_train_config  # noqa: F401
+from dmdiff.train.config import (  # noqa: F401
+    PATHS,
+    LossConfig,
+    PathProbs,
+    PseudoConfig,
+    RecipeConfig,
+    TrainConfig,
+    load_train_config,
+)

@@ -45,20 +45,25 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dmdiff.config import merge
-from dmdiff.errors import ConfigError, DmdiffError
-from dmdiff.train.config import TrainConfig, stage_config
-from dmdiff.train.recipe import recipe_config_path, run_recipe, stage2_config
-from dmdiff.train.rundir import CONFIG, REPORT, config_differences, is_complete
+from tqdm.auto import tqdm
 
-__all__ = ["Ablation", "ABLATIONS", "ABLATIONS_DIR", "RECORD", "ablation_names", "ablation_config",
-           "ablation_changes", "default_workers", "run_ablations", "main"]
+from dmdiff.config import merge, to_dict
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.outputs import write_json
+from dmdiff.runinfo import provenance
+from dmdiff.runs import ABLATIONS_DIR, CONFIG, REPORT, STAGE2, is_complete
+from dmdiff.train.config import TrainConfig, load_train_config, stage_config
+from dmdiff.train.loop import train
+from dmdiff.train.recipe import run_recipe, stage2_config
+from dmdiff.train.rundir import config_differences
+
+__all__ = ["Ablation", "ABLATIONS", "RECORD", "ablation_names", "ablation_config",
+           "ablation_changes", "default_workers", "run_ablations"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,8 @@ ABLATIONS = {
                              "stage 2 with one SVDA modulation per grid cell instead of one per image"),
     "global_svda": Ablation("global SVDA", "stage 2 with one SVDA modulation per image instead of one per grid cell"),
 }
-#: Folder of the ablation runs inside a recipe run, and the record written there.
-ABLATIONS_DIR, RECORD = "ablations", "ablations.json"
+#: The record written in a recipe run's ablations folder (:data:`dmdiff.runs.ABLATIONS_DIR`).
+RECORD = "ablations.json"
 #: Config keys that name files or folders: not compared when checking a run's settings.
 PATH_KEYS = ("data", "extra_data", "init_weights")
 
@@ -157,7 +162,6 @@ def _lookup(record: dict, dotted: str) -> Any:
 
 def ablation_changes(stage2: TrainConfig, ablation: TrainConfig) -> dict[str, dict[str, Any]]:
     """``{dotted key: {"stage2": value, "ablation": value}}`` for every setting that differs."""
-    from dmdiff.config import to_dict
 
     a, b = to_dict(stage2), to_dict(ablation)
     return {key: {"stage2": _lookup(a, key), "ablation": _lookup(b, key)}
@@ -166,7 +170,6 @@ def ablation_changes(stage2: TrainConfig, ablation: TrainConfig) -> dict[str, di
 
 def _check_settings(run: Path, expected: TrainConfig, what: str) -> None:
     """Refuse a run folder trained with other weight-changing settings than ``expected`` (paths aside)."""
-    from dmdiff.train.config import load_train_config
 
     if not (run / CONFIG).is_file():
         return
@@ -201,7 +204,6 @@ def default_workers(cfg: TrainConfig, pending: int) -> int:
 
 def _train_ablation(config: TrainConfig, run: Path, name: str) -> None:
     """One ablation run in a worker process (no progress bar: the parent shows one over the runs)."""
-    from dmdiff.train.loop import train
 
     train(config, run, "latest", progress=False, command=f"dmdiff train --recipe --ablations ({name})")
 
@@ -230,16 +232,13 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
             before anything is trained.
         DmdiffError: ``out``'s stage 2 or an ablation folder was trained with other settings.
     """
-    from dmdiff.config import to_dict
-    from dmdiff.runinfo import provenance, write_json
-    from dmdiff.train.loop import train
 
     cfg.validate()
     out = Path(out)
     names = _resolve_names(cfg, names)
     configs = {name: ablation_config(cfg, name, out) for name in names}
     stage2 = stage2_config(cfg, out)
-    _check_settings(out / "stage2", stage2, "the recipe's stage 2")
+    _check_settings(out / STAGE2, stage2, "the recipe's stage 2")
     for name, config in configs.items():
         _check_settings(out / ABLATIONS_DIR / name, config, f"ablation {name}")
 
@@ -278,7 +277,6 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
 def _train_in_parallel(pending: dict[str, TrainConfig], out: Path, workers: int, progress: bool) -> None:
     """Train ``pending`` ablations ``workers`` at a time in spawned processes; a failed run's error
     is raised after the others have finished (their checkpoints stay, so a rerun resumes)."""
-    from tqdm.auto import tqdm
 
     context = multiprocessing.get_context("spawn")     # no fork of a process that holds torch threads
     failures = []
@@ -295,24 +293,3 @@ def _train_in_parallel(pending: dict[str, TrainConfig], out: Path, workers: int,
     if failures:
         name, error = failures[0]
         raise DmdiffError(f"ablation {name} failed: {error}") from error
-
-
-def main(args) -> int:
-    """Entry point of ``dmdiff train --recipe NAME --ablations [NAME ...]`` (args: recipe, out,
-    ablations, workers, no_progress)."""
-    from dmdiff.train.config import TrainWarning, load_train_config
-    from dmdiff.train.loop import show_warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", TrainWarning)
-        warnings.showwarning = show_warnings("dmdiff train")
-        path = recipe_config_path(args.recipe)
-        out = Path(args.out or Path("runs") / path.stem)
-        record = run_ablations(load_train_config(path), out, args.ablations, progress=not args.no_progress,
-                               workers=args.workers)
-    for name, entry in record["ablations"].items():
-        val = entry["report"].get("val") or {}
-        extra = f", val PSNR {val['psnr']:.2f} dB" if "psnr" in val else ""
-        print(f"dmdiff train: ablation {name} ({entry['label']}): {entry['report']['steps']} steps{extra}; "
-              f"model in {out / entry['folder'] / 'pipeline'}")
-    return 0

@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from dmdiff.config import load_config, merge
+from dmdiff.data.simulate import resolve_config  # numpy, the optics: only when needed
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiffConfig
 
@@ -49,7 +50,7 @@ class TrainWarning(UserWarning):
 
 #: The three paths, in the order of :class:`PathProbs` and of the integer path ids in batches.
 PATHS = ("positive", "neutral", "negative")
-#: Input and target image of each path (DESIGN §2); a missing ``gt_blur`` falls back to ``gt``.
+#: Input and target image of each path (docs/method.md); a missing ``gt_blur`` falls back to ``gt``.
 PATH_IO = {"positive": ("lr", "gt"), "neutral": ("lr", "gt_blur"), "negative": ("gt", "lr")}
 
 
@@ -58,7 +59,7 @@ class PathProbs:
     """How often each path is trained (weights; normalised to sum 1, so ``1, 0, 0`` is fine).
 
     positive: LR → GT (restoration, perceptual); neutral: LR → ideal-lens image (fidelity);
-    negative: GT → LR (the forward degradation, DESIGN §2).
+    negative: GT → LR (the forward degradation, docs/method.md).
     """
 
     positive: float = 0.7
@@ -74,7 +75,7 @@ class PathProbs:
 
 @dataclass
 class LossConfig:
-    """``mse · MSE(out, target) + lpips · LPIPS(out, target)`` (DESIGN §2: 2 and 5, VGG trunk).
+    """``mse · MSE(out, target) + lpips · LPIPS(out, target)`` (docs/method.md: 2 and 5, VGG trunk).
 
     LPIPS needs its trunk's ImageNet weights (:func:`dmdiff.metrics.lpips_status`); when they are
     absent, ``lpips_substitute`` is used instead, with a warning that LPIPS is not being used:
@@ -139,7 +140,7 @@ STAGE_BASE = {"stage1": {"path_probs": {"positive": 0.0, "neutral": 0.0, "negati
 
 @dataclass
 class RecipeConfig:
-    """The two-stage pseudo-data recipe (``dmdiff train --recipe``; DESIGN §2).
+    """The two-stage pseudo-data recipe (``dmdiff train --recipe``; docs/method.md).
 
     stage1, stage2: overrides laid over the rest of this config for each stage (same keys as the
         top level, checked as strictly; nested keys merge). Stage 1 first sets ``path_probs`` to
@@ -296,8 +297,6 @@ class TrainConfig:
         self.recipe.pseudo.validate("recipe.pseudo.")
         _check_seed("recipe.simulate_seed", self.recipe.simulate_seed)
         if self.recipe.simulate is not None:
-            from dmdiff.data.simulate import resolve_config  # numpy, the optics: only when needed
-
             try:
                 resolve_config(self.recipe.simulate)
             except ConfigError as e:

@@ -12,7 +12,7 @@ one would have seen. Global micro-batch ``m`` (optimizer step ``m // grad_accum`
   every process); ``"sample"`` one per slot from ``(seed, p)``;
 - **exposure** (``exposure_range``): one gain per slot from ``(seed, p)``.
 
-Targets (DESIGN §2): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
+Targets (docs/method.md): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
 where a dataset has none); negative ``gt → lr``.
 """
 

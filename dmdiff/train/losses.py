@@ -1,4 +1,4 @@
-"""The training loss: ``mse · MSE + lpips · LPIPS`` (DESIGN §2), with an honest fallback.
+"""The training loss: ``mse · MSE + lpips · LPIPS`` (docs/method.md), with an honest fallback.
 
 LPIPS uses the published weights only (:class:`dmdiff.metrics.LPIPSMetric` loads them; its network
 is frozen here and gradients flow to the images). When they are absent, the LPIPS weight goes to

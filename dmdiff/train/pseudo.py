@@ -1,4 +1,4 @@
-"""``dmdiff pseudo``: pseudo pairs from a stage-1 (negative-path) model (DESIGN §2, stage 2 data).
+"""``dmdiff pseudo``: pseudo pairs from a stage-1 (negative-path) model (docs/method.md, stage 2 data).
 
 For each clean image ``gt`` (8-bit sRGB, ``size × size``): ``lr = pseudo_noise_augment(
 DMDiff.degrade(gt, maps))`` — the learned GT → metalens-capture mapping, then signal-dependent shot
@@ -28,10 +28,10 @@ beside ``OUT`` and renamed into place).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -40,9 +40,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dmdiff.config import to_dict
+from dmdiff.config import merge, to_dict
+from dmdiff.data.dataset import PairedFolderDataset, read_lens
+from dmdiff.data.simulate import random_crop, resize_image
+from dmdiff.data.sources import (
+    TRAIN_PHOTOS,
+    dead_leaves,
+    load_photo,
+    named_rng,
+    photo_palette,
+)
+from dmdiff.device import torch_threads
 from dmdiff.errors import DmdiffError
+from dmdiff.imageio import IMAGE_EXTENSIONS, read_image, write_png
+from dmdiff.optics.camera import MetalensCamera
+from dmdiff.optics.sensor import pseudo_noise_augment, quantize
+from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import atomic_directory, check_replaceable, write_json
+from dmdiff.runinfo import provenance
+from dmdiff.runs import CONFIG, PIPELINE, load_pipeline
 from dmdiff.train.config import PseudoConfig, load_train_config
 
 RECORD = "pseudo.json"
@@ -72,21 +88,17 @@ def load_trained(run: str | Path):
     Raises:
         DmdiffError: not a run folder, or the run has no final model yet.
     """
-    from dmdiff.model.pipeline import DMDiffPipeline
-    from dmdiff.train.rundir import CONFIG, PIPELINE
-
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise DmdiffError(f"--model {run}: not a training run folder (no {CONFIG})")
     if not (run / PIPELINE).is_dir():
         raise DmdiffError(f"--model {run}: the run has no final model ({PIPELINE}/); finish it first "
                           "(dmdiff train ... --resume latest)")
-    return DMDiffPipeline.from_pretrained(run / PIPELINE).model, load_train_config(run / CONFIG)
+    return load_pipeline(run / PIPELINE).model, load_train_config(run / CONFIG)
 
 
 def _lens_size(dataset: Path) -> int:
     """The dataset's sensor side (lens.json), else its first training image's shorter side."""
-    from dmdiff.data.dataset import PairedFolderDataset, read_lens
 
     lens = read_lens(dataset)
     if lens and "camera" in lens:
@@ -96,7 +108,6 @@ def _lens_size(dataset: Path) -> int:
 
 def dataset_maps(dataset: Path) -> np.ndarray | None:
     """Median of the training maps ``(7, G, G)`` float32 of ``dataset``; None when it has no maps."""
-    from dmdiff.data.dataset import PairedFolderDataset
 
     ds = PairedFolderDataset(dataset, "train")
     if ds.map_paths is None:
@@ -106,9 +117,6 @@ def dataset_maps(dataset: Path) -> np.ndarray | None:
 
 def _ideal_lens(dataset: Path):
     """``MetalensCamera`` of the dataset's lens when it has lens.json and gt_blur images, else None."""
-    from dmdiff.data.dataset import read_lens
-    from dmdiff.optics.camera import MetalensCamera
-    from dmdiff.optics.spec import MetalensSpec
 
     lens = read_lens(dataset)
     if not lens or "spec" not in lens or not (dataset / "gt_blur_train").is_dir():
@@ -117,8 +125,6 @@ def _ideal_lens(dataset: Path):
 
 
 def _square_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    from dmdiff.data.simulate import random_crop, resize_image
-
     h, w = image.shape[:2]
     if min(h, w) < size:
         f = size / min(h, w)
@@ -130,7 +136,6 @@ def bundled_clean_images(count: int, size: int, seed: int, dead_leaves_fraction:
                          ) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, float32 (size, size, 3) sRGB)``: dead leaves first, then crops of the training photos
     in turn (``pseudo_<photo>_<k>``); names start with ``pseudo_``."""
-    from dmdiff.data.sources import TRAIN_PHOTOS, dead_leaves, load_photo, named_rng, photo_palette
 
     n_dead = int(round(count * dead_leaves_fraction))
     palette = photo_palette() if n_dead else None
@@ -152,8 +157,6 @@ def folder_clean_images(folder: Path, size: int, seed: int) -> Iterator[tuple[st
     Raises:
         DmdiffError: not a folder, or no image files in it.
     """
-    from dmdiff.data.sources import named_rng
-    from dmdiff.imageio import IMAGE_EXTENSIONS, read_image
 
     if not folder.is_dir():
         raise DmdiffError(f"--images {folder}: not a folder")
@@ -189,8 +192,6 @@ def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Pat
     Raises:
         DmdiffError: unusable model run, dataset or image folder, or an existing ``out``.
     """
-    from dmdiff.train.loop import torch_threads
-
     settings.validate()
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -205,10 +206,6 @@ def make_pseudo_pairs(model_run: str | Path, out: str | Path, dataset: str | Pat
 def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, settings: PseudoConfig,
                  progress: bool) -> Path:
     """The body of :func:`make_pseudo_pairs`, with the model loaded."""
-    from dmdiff.data.sources import named_rng
-    from dmdiff.imageio import write_png
-    from dmdiff.optics.sensor import pseudo_noise_augment, quantize
-    from dmdiff.runinfo import provenance
 
     dataset = Path(dataset if dataset is not None else run_cfg.data)
     size = settings.size_px or _lens_size(dataset)
@@ -266,19 +263,32 @@ def _take(it: Iterator, n: int) -> list:
     return out
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    parser.add_argument("--model", required=True, help="finished training run folder (stage 1)")
+    parser.add_argument("--out", required=True, help="folder to write (dataset layout: gt_train/, lr_train/, ...)")
+    parser.add_argument("--images", default=None,
+                        help="folder of clean images (default: bundled dead leaves + training-photo crops)")
+    parser.add_argument("--dataset", default=None, help="real dataset whose lens maps/size to use (default: the run's data)")
+    defaults = PseudoConfig()
+    parser.add_argument("--count", type=int, default=defaults.count,
+                        help="number of bundled clean images (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the clean images and the noise (default %(default)s)")
+    parser.add_argument("--noise-strength", type=float, default=defaults.noise_strength,
+                        help="sensor-noise augmentation scale (default %(default)s)")
+    parser.add_argument("--size", type=int, default=None, help="image side in px (default: the dataset's sensor size)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing pseudo pairs in --out (only a pseudo-pair folder that holds nothing else)")
+
+
 def main(args) -> int:
     """Entry point of ``dmdiff pseudo`` (args: model, out, images, dataset, count, seed,
     noise_strength, size, overwrite)."""
-    from dmdiff.config import merge
-    from dmdiff.train.loop import show_warnings
-
-    changes = {k: v for k, v in (("count", args.count), ("seed", args.seed), ("noise_strength", args.noise_strength),
-                                 ("size_px", args.size)) if v is not None}
-    settings = merge(PseudoConfig(), changes).validate()
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warnings("dmdiff pseudo")
-        out = make_pseudo_pairs(args.model, args.out, dataset=args.dataset, images=args.images, settings=settings,
-                                overwrite=args.overwrite)
+    settings = merge(PseudoConfig(), {"count": args.count, "seed": args.seed, "noise_strength": args.noise_strength,
+                                      "size_px": args.size}).validate()
+    out = make_pseudo_pairs(args.model, args.out, dataset=args.dataset, images=args.images, settings=settings,
+                            overwrite=args.overwrite)
     record = json.loads((out / RECORD).read_text())
     print(f"dmdiff pseudo: wrote {len(record['names'])} pseudo pairs ({record['settings']['size_px']} px) to {out}")
     return 0

@@ -1,4 +1,4 @@
-"""``dmdiff train --recipe NAME``: the two-stage pseudo-data recipe in one command (DESIGN §2).
+"""``dmdiff train --recipe NAME``: the two-stage pseudo-data recipe in one command (docs/method.md).
 
 ::
 
@@ -21,24 +21,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from dmdiff.errors import ConfigError
-from dmdiff.outputs import claim_folder
-from dmdiff.train.config import TrainConfig, stage_config
+from dmdiff.config import CONFIGS, SMOKE_FILE, merge, smoke_preset, to_dict
+from dmdiff.data.simulate import resolve_config, simulate_dataset
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.outputs import claim_folder, write_json
+from dmdiff.runinfo import provenance
+from dmdiff.runs import (
+    PSEUDO,
+    RECIPE_KIND,
+    RECIPE_RECORD,
+    REPORT,
+    STAGE1,
+    STAGE2,
+    STAGES,
+    is_complete,
+    recipe_folder_parts,
+    resolve_model,
+)
+from dmdiff.train.config import TrainConfig, load_train_config, stage_config
+from dmdiff.train.loop import train
 from dmdiff.train.pseudo import RECORD, make_pseudo_pairs
-from dmdiff.train.rundir import REPORT, is_complete
-
-#: The kind of output folder a recipe run is (:mod:`dmdiff.outputs`).
-RECIPE_KIND = "recipe-run"
-
-
-def recipe_folder_parts(folder: Path) -> set[str] | None:
-    """Recognises a recipe run of a dmdiff version before output markers (its ``stage1/`` run or
-    its ``recipe.json``): an empty set, else None."""
-    return set() if (folder / "stage1" / "run.json").is_file() or (folder / "recipe.json").is_file() else None
-
-
-#: Folder of the shipped configs (``configs/`` at the repository root).
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def recipe_config_path(name: str) -> Path:
@@ -51,9 +53,9 @@ def recipe_config_path(name: str) -> Path:
     if path.is_file():
         return path
     shipped = CONFIGS / f"{name}.yaml"
-    if shipped.is_file():
+    if shipped.is_file() and shipped != SMOKE_FILE:
         return shipped
-    names = sorted(p.stem for p in CONFIGS.glob("*.yaml")) if CONFIGS.is_dir() else []
+    names = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p != SMOKE_FILE) if CONFIGS.is_dir() else []
     raise ConfigError(f"--recipe {name}: no such config file and no shipped recipe of that name "
                       f"(shipped: {', '.join(names) or 'none'} in {CONFIGS})")
 
@@ -68,8 +70,8 @@ def stage2_config(cfg: TrainConfig, out: str | Path) -> TrainConfig:
     """
     out = Path(out)
     stage2 = stage_config(cfg, "stage2")
-    return replace(stage2, extra_data=(*stage2.extra_data, str(out / "pseudo")),
-                   init_weights=str(out / "stage1") if cfg.recipe.stage2_init == "stage1" else stage2.init_weights)
+    return replace(stage2, extra_data=(*stage2.extra_data, str(out / PSEUDO)),
+                   init_weights=str(out / STAGE1) if cfg.recipe.stage2_init == "stage1" else stage2.init_weights)
 
 
 def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
@@ -84,67 +86,57 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
         ConfigError / DmdiffError: as :func:`~dmdiff.train.loop.train` and
             :func:`~dmdiff.train.pseudo.make_pseudo_pairs`, before each part starts.
     """
-    from dmdiff.config import to_dict
-    from dmdiff.runinfo import provenance, write_json
-    from dmdiff.train.loop import train
 
     cfg.validate()
     out = claim_folder(out, RECIPE_KIND, recipe_folder_parts)
     data = Path(cfg.data)
     if not data.exists() and cfg.recipe.simulate is not None:
-        from dmdiff.data.simulate import simulate_dataset
-
         simulate_dataset(data, seed=cfg.recipe.simulate_seed, config=cfg.recipe.simulate, progress=progress)
 
     def tagged(stage: str):
         return None if on_log is None else lambda step, record: on_log(step, {**record, "stage": stage})
 
     stage1 = stage_config(cfg, "stage1")
-    if not is_complete(out / "stage1", stage1.steps):
-        train(stage1, out / "stage1", "latest", progress=progress, command="dmdiff train --recipe (stage 1)",
+    if not is_complete(out / STAGE1, stage1.steps):
+        train(stage1, out / STAGE1, "latest", progress=progress, command="dmdiff train --recipe (stage 1)",
               on_log=tagged("stage1"))
-    pseudo = out / "pseudo"
+    pseudo = out / PSEUDO
     if not (pseudo / RECORD).is_file():
-        make_pseudo_pairs(out / "stage1", pseudo, dataset=data, settings=cfg.recipe.pseudo, overwrite=True,
+        make_pseudo_pairs(out / STAGE1, pseudo, dataset=data, settings=cfg.recipe.pseudo, overwrite=True,
                           progress=progress)
     stage2 = stage2_config(cfg, out)
-    if not is_complete(out / "stage2", stage2.steps):
-        train(stage2, out / "stage2", "latest", progress=progress, command="dmdiff train --recipe (stage 2)",
+    if not is_complete(out / STAGE2, stage2.steps):
+        train(stage2, out / STAGE2, "latest", progress=progress, command="dmdiff train --recipe (stage 2)",
               on_log=tagged("stage2"))
     record = {
-        "stages": {s: json.loads((out / s / REPORT).read_text()) for s in ("stage1", "stage2")},
+        "stages": {s: json.loads((out / s / REPORT).read_text()) for s in STAGES},
         "pseudo": {k: v for k, v in json.loads((pseudo / RECORD).read_text()).items() if k != "names"},
         "provenance": provenance(config=to_dict(cfg), seed=cfg.seed, command="dmdiff train --recipe"),
     }
-    write_json(out / "recipe.json", record)
+    write_json(out / RECIPE_RECORD, record)
     return record
-
-
-#: What :func:`smoke_recipe_config` lays over a config: the recipe cut down to seconds on the smoke
-#: dataset (64 px images): 48 px crops, batch 2, 8 stage-1 and 16 stage-2 steps, two pseudo pairs.
-SMOKE_RECIPE_OVERRIDES = {"crop_px": 48, "batch_size": 2, "steps": 16, "warmup_steps": 2, "log_every": 2,
-                          "validate_every": 8, "checkpoint_every": 8, "val_images": 1, "val_crop_px": None}
 
 
 def smoke_recipe_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` cut down to a smoke-sized recipe (CI, the notebooks' ``smoke=True``): seconds on a CPU.
 
-    Lays :data:`SMOKE_RECIPE_OVERRIDES` over ``cfg``, sets ``recipe.stage1.steps = 8`` (other
-    stage overrides kept) and pseudo pairs ``count = 2, batch_size = 2``; when ``recipe.simulate``
-    is set, the dataset it simulates (only when ``data`` is missing) becomes the smoke one
-    (:data:`dmdiff.data.simulate.SMOKE`, the config's own simulation keys on top). The result is
-    validated; everything else (data, seed, model, loss) is ``cfg``'s.
+    Lays the ``recipe`` smoke preset of configs/smoke.yaml (:func:`dmdiff.config.smoke_preset`:
+    48 px crops, batch 2, 8 stage-1 and 16 stage-2 steps, two pseudo pairs) over ``cfg``, its
+    ``recipe.stage1`` merged into ``cfg``'s own stage-1 overrides; when ``recipe.simulate`` is set,
+    the dataset it simulates (only when ``data`` is missing) becomes the smoke one (the config's own
+    simulation keys on top). The result is validated; everything else (data, seed, model, loss) is
+    ``cfg``'s.
 
     Raises:
         ConfigError: the cut-down config is invalid (e.g. ``cfg`` sets keys it contradicts).
     """
-    from dmdiff.config import merge, to_dict
-    from dmdiff.data.simulate import resolve_config
 
-    recipe = {"stage1": {**cfg.recipe.stage1, "steps": 8}, "pseudo": {"count": 2, "batch_size": 2}}
+    preset = smoke_preset("recipe")
+    recipe = dict(preset.pop("recipe", {}))
+    recipe["stage1"] = {**cfg.recipe.stage1, **recipe.get("stage1", {})}
     if cfg.recipe.simulate is not None:
         recipe["simulate"] = to_dict(resolve_config(cfg.recipe.simulate, smoke=True))
-    return merge(cfg, {**SMOKE_RECIPE_OVERRIDES, "recipe": recipe}).validate()
+    return merge(cfg, {**preset, "recipe": recipe}).validate()
 
 
 def ensure_recipe_model(run: str | Path, data: str | Path, *, smoke: bool, seed: int = 0, preset: str = "tiny",
@@ -161,9 +153,6 @@ def ensure_recipe_model(run: str | Path, data: str | Path, *, smoke: bool, seed:
         DmdiffError: no final model in ``run`` and ``smoke`` is False (the message says to run
             notebook 03 or ``dmdiff train --recipe tiny --out RUN``).
     """
-    from dmdiff.errors import DmdiffError
-    from dmdiff.evaluate import resolve_model
-    from dmdiff.train.config import load_train_config
 
     try:
         return resolve_model(run)[0]

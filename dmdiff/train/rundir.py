@@ -1,22 +1,12 @@
-"""The run folder of ``dmdiff train``: what it holds, starting/resuming checks, the metrics log.
+"""Writing a training run's folder (:mod:`dmdiff.runs` has the layout): the checks before a run
+starts or resumes, its config and provenance records, and the metrics log.
 
-::
-
-    RUN/
-      config.yaml          the resolved TrainConfig (reloads with load_train_config)
-      run.json             provenance (seed, versions, git revision, command) and resume records
-      metrics.jsonl        one JSON object per line: {"step", "kind": "train", "loss", terms, "lr",
-                           "paths", "path_loss", "step_time_s"} and {"step", "kind": "val", "path",
-                           "psnr", "ssim", "psnr_input", "ssim_input"}; a train line averages the
-                           log_every steps before it: "paths" counts the images of each path,
-                           "path_loss" is the mean loss of the micro-batches that trained that path
-                           alone (paths absent when none did; with path_sampling: sample, mixed
-                           micro-batches count in "loss" only). read_metrics(RUN) reads it.
-      checkpoint-N/        see dmdiff.train.checkpoint (the newest keep_last)
-      pipeline/            the final model (EMA weights with EMA) as DMDiffPipeline.save_pretrained
-                           writes it (docs/architecture.md "Pipeline folder layout"; the tiny backbone
-                           embedded): DMDiffPipeline.from_pretrained(RUN / "pipeline")
-      train_report.json    written last: steps done, timings, final validation, loss notes
+``metrics.jsonl`` holds one JSON object per line: ``{"step", "kind": "train", "loss", terms, "lr",
+"paths", "path_loss", "step_time_s"}`` and ``{"step", "kind": "val", "path", "psnr", "ssim",
+"psnr_input", "ssim_input"}``; a train line averages the ``log_every`` steps before it: ``paths``
+counts the images of each path, ``path_loss`` is the mean loss of the micro-batches that trained
+that path alone (paths absent when none did; with ``path_sampling: sample``, mixed micro-batches
+count in ``loss`` only). :func:`dmdiff.runs.read_metrics` reads it.
 """
 
 from __future__ import annotations
@@ -25,21 +15,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from dmdiff.config import dump_yaml, to_dict
 from dmdiff.errors import DmdiffError
 from dmdiff.outputs import atomic_write_text, check_claimable, claim_folder, write_json
 from dmdiff.runinfo import provenance
+from dmdiff.runs import (
+    CONFIG,
+    METRICS,
+    PIPELINE,
+    RUN_INFO,
+    RUN_KIND,
+    read_metrics,
+    run_folder_parts,
+)
 from dmdiff.train.checkpoint import list_checkpoints
 from dmdiff.train.config import TrainConfig, load_train_config
-
-CONFIG = "config.yaml"
-RUN_INFO = "run.json"
-METRICS = "metrics.jsonl"
-PIPELINE = "pipeline"
-REPORT = "train_report.json"
-#: The kind of output folder a training run is (:mod:`dmdiff.outputs`).
-RUN_KIND = "training-run"
 
 #: Settings that may change when a run is resumed: they do not change the trained weights
 #: (``steps`` extends or shortens the run).
@@ -62,24 +52,6 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
     fa, fb = _flat(to_dict(a)), _flat(to_dict(b))
     return sorted(k for k in fa.keys() | fb.keys()
                   if fa.get(k) != fb.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES)
-
-
-def is_complete(run: str | Path, steps: int | None = None) -> bool:
-    """Whether ``run`` finished (its ``train_report.json`` says so, for ``steps`` steps if given)."""
-    path = Path(run) / REPORT
-    if not path.is_file() or not (Path(run) / PIPELINE).is_dir():
-        return False
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(report.get("completed")) and (steps is None or report.get("steps") == steps)
-
-
-def run_folder_parts(folder: Path) -> set[str] | None:
-    """Recognises a training run of a dmdiff version before output markers (its ``run.json`` and
-    ``config.yaml``): an empty set (nothing to list), else None."""
-    return set() if (folder / RUN_INFO).is_file() and (folder / CONFIG).is_file() else None
 
 
 def check_run(run: Path, cfg: TrainConfig, resume: str | None) -> None:
@@ -137,20 +109,3 @@ class MetricsLog:
         """Append one record as a JSON line."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    """The records of ``run/metrics.jsonl`` in order (empty when the run has not logged yet). A line
-    that is not a JSON object (the half-written last line of a killed run) is left out."""
-    path = Path(run) / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records

@@ -1,7 +1,8 @@
-"""Classical restoration baselines for metalens captures: Wiener and Richardson–Lucy deconvolution.
+"""Classical restoration baselines for metalens captures: Wiener and Richardson–Lucy deconvolution,
+and the tuning of their one parameter on training pairs.
 
 Both deconvolve each colour channel with one shift-invariant PSF — for metalens captures, the true
-**central** PSF (:func:`central_psf`: the on-axis grid node), so they ignore that the real blur
+**central** PSF (:func:`dmdiff.optics.deconvolution.central_psf`: the on-axis grid node), so they ignore that the real blur
 varies over the field; that, and the lack of any image prior beyond a noise-to-signal ratio or
 early stopping, is what a learned method is compared against.
 
@@ -41,17 +42,24 @@ candidate iteration count off one run.
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from skimage.restoration import wiener
+from tqdm.auto import tqdm
 
-from dmdiff.errors import DmdiffError
-from dmdiff.optics.deconvolution import richardson_lucy_linear
+from dmdiff.data.dataset import PairedFolderDataset
+from dmdiff.metrics import psnr
+from dmdiff.optics.deconvolution import (
+    DeconvolutionInputError,
+    check_psf,
+    richardson_lucy_linear,
+)
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
-__all__ = ["BaselineInputError", "central_psf", "check_psf", "dataset_central_psf", "wiener_deconvolve", "richardson_lucy", "tune_baseline",
-           "METHODS", "DEFAULT_GRIDS"]
+__all__ = ["wiener_deconvolve", "richardson_lucy", "tune_baseline", "tune_baselines", "METHODS", "DEFAULT_GRIDS"]
 
 #: Method name → the name of its tuned parameter.
 METHODS = {"wiener": "nsr", "richardson_lucy": "iterations"}
@@ -61,83 +69,19 @@ DEFAULT_GRIDS = {"wiener": tuple(float(v) for v in np.logspace(-5, 0, 11)),
                  "richardson_lucy": (5, 10, 20, 40, 80, 160)}
 
 
-class BaselineInputError(DmdiffError, ValueError):
-    """An image, PSF or parameter handed to a baseline is wrong (shape, values, range)."""
-
-
-def central_psf(psfs) -> np.ndarray:
-    """The PSF of the grid node at the centre of the field: ``psfs[:, G // 2, G // 2]``.
-
-    For odd ``G`` (the default 7) this node sits on the optical axis; for even ``G`` it is the node
-    just below and right of the centre.
-
-    Args:
-        psfs: a PSF grid ``(3, G, G, K, K)`` (numpy or torch) or an object with a ``psfs`` attribute
-            (``dmdiff.optics.grid.PSFGrid``).
-
-    Returns:
-        float64 ``(3, K, K)``, as stored (not renormalised; the baselines renormalise).
-    """
-    arr = getattr(psfs, "psfs", psfs)
-    if type(arr).__module__.startswith("torch"):
-        arr = arr.detach().cpu().numpy()
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim != 5 or arr.shape[0] != 3 or arr.shape[1] != arr.shape[2] or arr.shape[3] != arr.shape[4]:
-        raise BaselineInputError(f"expected a PSF grid of shape (3, G, G, K, K), got {arr.shape}")
-    g = arr.shape[1]
-    return arr[:, g // 2, g // 2].copy()
-
-
-def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
-    """The true central PSF of a simulated dataset's lens: ``(psf (3, K, K) float64, spec dict, None)``,
-    or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with a lens spec (real captures).
-    The PSF grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`; ``progress``: its bar
-    when it must be computed)."""
-    from dmdiff.data.dataset import read_lens
-    from dmdiff.optics.grid import psf_grid
-    from dmdiff.optics.spec import MetalensSpec
-
-    lens = read_lens(dataset)
-    if not lens or "spec" not in lens:
-        return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
-    spec = MetalensSpec.from_dict(lens["spec"])
-    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
-
-
-def check_psf(psf_rgb) -> np.ndarray:
-    """Validate a ``(3, K, K)`` PSF (``K`` odd, finite, non-negative, energy in every channel) and
-    return it float64, each channel normalised to sum 1 (the module's white-balance convention).
-
-    Raises:
-        BaselineInputError: any of those conditions fails.
-    """
-    psf = np.asarray(psf_rgb, dtype=np.float64)
-    if psf.ndim != 3 or psf.shape[0] != 3 or psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
-        raise BaselineInputError(f"psf_rgb must have shape (3, K, K) with K odd (centred at K // 2), "
-                                 f"got {psf.shape}; central_psf(grid.psfs) gives one")
-    if not np.all(np.isfinite(psf)):
-        raise BaselineInputError("psf_rgb contains NaN or infinite values")
-    if psf.min() < 0:
-        raise BaselineInputError(f"psf_rgb has negative values (min {psf.min():.3g}); a PSF is an intensity")
-    sums = psf.sum(axis=(1, 2))
-    if np.any(sums <= 0):
-        raise BaselineInputError(f"psf_rgb has a channel with no energy (sums {sums})")
-    return psf / sums[:, None, None]
-
-
 def _check_image(image, psf_size: int, name: str = "image") -> np.ndarray:
     """Validate an ``(H, W, 3)`` float sRGB image; return it float64, clipped to ``[0, 1]``."""
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[2] != 3:
-        raise BaselineInputError(f"{name} must be an (H, W, 3) RGB image, got shape {a.shape}")
+        raise DeconvolutionInputError(f"{name} must be an (H, W, 3) RGB image, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
-        raise BaselineInputError(f"{name} must hold float sRGB values in [0, 1], got dtype {a.dtype} "
-                                 "(for 8-bit data divide by 255)")
+        raise DeconvolutionInputError(f"{name} must hold float sRGB values in [0, 1], got dtype {a.dtype} "
+                                      "(for 8-bit data divide by 255)")
     if not np.all(np.isfinite(a)):
-        raise BaselineInputError(f"{name} contains NaN or infinite values")
+        raise DeconvolutionInputError(f"{name} contains NaN or infinite values")
     if min(a.shape[:2]) < psf_size // 2 + 2:
-        raise BaselineInputError(f"{name} is {a.shape[1]}×{a.shape[0]} px, too small for a {psf_size}×{psf_size} "
-                                 f"PSF (each side needs at least {psf_size // 2 + 2} px)")
+        raise DeconvolutionInputError(f"{name} is {a.shape[1]}×{a.shape[0]} px, too small for a {psf_size}×{psf_size} "
+                                      f"PSF (each side needs at least {psf_size // 2 + 2} px)")
     return np.clip(a.astype(np.float64), 0.0, 1.0)
 
 
@@ -145,7 +89,7 @@ def _check_nsr(values) -> None:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
                 np.isfinite(v) and v > 0):
-            raise BaselineInputError(f"nsr must be a finite number > 0, got {v!r}")
+            raise DeconvolutionInputError(f"nsr must be a finite number > 0, got {v!r}")
 
 
 def _even_extension(channel: np.ndarray) -> np.ndarray:
@@ -179,8 +123,6 @@ def wiener_deconvolve(image_srgb: np.ndarray, psf_rgb: np.ndarray, nsr: float) -
     Returns:
         ``(H, W, 3)`` float32 sRGB in ``[0, 1]``.
     """
-    from skimage.restoration import wiener
-
     psf = check_psf(psf_rgb)
     x = srgb_to_linear(_check_image(image_srgb, psf.shape[1]))
     _check_nsr([nsr])
@@ -206,7 +148,7 @@ def _rl_outputs(image_srgb, psf_rgb, iterations: Sequence[int]) -> dict[int, np.
 def _check_iterations(values) -> None:
     for n in values:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise BaselineInputError(f"iterations must be an integer >= 1, got {n!r}")
+            raise DeconvolutionInputError(f"iterations must be an integer >= 1, got {n!r}")
 
 
 def richardson_lucy(image_srgb: np.ndarray, psf_rgb: np.ndarray, iterations: int) -> np.ndarray:
@@ -239,7 +181,7 @@ def tune_baseline(method: str, captures: Sequence[np.ndarray], targets: Sequence
         method: ``"wiener"`` (tunes ``nsr``) or ``"richardson_lucy"`` (tunes ``iterations``).
         captures: training captures, each ``(H, W, 3)`` float sRGB (a list, or an ``(N, H, W, 3)`` array).
         targets: the matching ground truths, same shapes.
-        psf_rgb: ``(3, K, K)`` PSF (e.g. :func:`central_psf` of the lens's grid).
+        psf_rgb: ``(3, K, K)`` PSF (e.g. :func:`~dmdiff.optics.deconvolution.central_psf` of the lens's grid).
         grid: candidate values (default :data:`DEFAULT_GRIDS`: NSR ``1e-5 … 1`` in half-decade
             steps, RL 5, 10, 20, 40, 80, 160 iterations). Check that the best value is not at an
             end of the grid; if it is, widen the grid.
@@ -251,27 +193,23 @@ def tune_baseline(method: str, captures: Sequence[np.ndarray], targets: Sequence
         one row per grid value, ``{<param name>: value, "psnr": mean dB, "psnr_std": std dB,
         "n": pairs}``, in grid order.
     """
-    from tqdm.auto import tqdm
-
-    from dmdiff.metrics import psnr
-
     if method not in METHODS:
-        raise BaselineInputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise DeconvolutionInputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     param = METHODS[method]
     values = tuple(DEFAULT_GRIDS[method] if grid is None else grid)
     if not values:
-        raise BaselineInputError("the tuning grid is empty")
+        raise DeconvolutionInputError("the tuning grid is empty")
     captures, targets = list(captures), list(targets)
     if not captures or len(captures) != len(targets):
-        raise BaselineInputError(f"need matching, non-empty lists of captures and targets, got "
-                                 f"{len(captures)} and {len(targets)}")
+        raise DeconvolutionInputError(f"need matching, non-empty lists of captures and targets, got "
+                                      f"{len(captures)} and {len(targets)}")
     psf = check_psf(psf_rgb)
     for i, (cap, tgt) in enumerate(zip(captures, targets)):
         _check_image(cap, psf.shape[1], f"captures[{i}]")
         _check_image(tgt, psf.shape[1], f"targets[{i}]")
         if np.shape(cap) != np.shape(tgt):
-            raise BaselineInputError(f"captures[{i}] and targets[{i}] differ in shape: "
-                                     f"{np.shape(cap)} vs {np.shape(tgt)}")
+            raise DeconvolutionInputError(f"captures[{i}] and targets[{i}] differ in shape: "
+                                          f"{np.shape(cap)} vs {np.shape(tgt)}")
     if method == "richardson_lucy":
         _check_iterations(values)
     else:
@@ -289,3 +227,54 @@ def tune_baseline(method: str, captures: Sequence[np.ndarray], targets: Sequence
              for value, row in zip(values, scores)]
     best = max(range(len(table)), key=lambda i: (table[i]["psnr"], -i))
     return values[best], table
+
+
+def _widened(method: str, values: Sequence, low: bool) -> list:
+    """Grid values beyond the low or high end of ``values`` (empty when there is no room)."""
+    if method == "richardson_lucy":     # one more doubling only: RL costs grow with the count
+        lo, hi = int(min(values)), int(max(values))
+        return [n for n in (1, 2, 3) if n < lo] if low else [2 * hi]
+    lo, hi = float(min(values)), float(max(values))
+    return [lo / 10 ** 1.0, lo / 10 ** 0.5] if low else [hi * 10 ** 0.5, hi * 10 ** 1.0]
+
+
+def _tune_one(method: str, captures, targets, psf, grid, progress: bool) -> dict:
+    """Tune ``method`` on the pairs, widening a grid whose best value sits at an end once."""
+    param = METHODS[method]
+    values = list(DEFAULT_GRIDS[method] if grid is None else grid)
+    best, table = tune_baseline(method, captures, targets, psf, values, progress=progress)
+    widened = []
+    index = values.index(best)
+    if len(values) > 1 and index in (0, len(values) - 1):
+        extra = _widened(method, values, low=index == 0)
+        if extra:
+            _, more = tune_baseline(method, captures, targets, psf, extra, progress=progress)
+            widened = extra
+            table = sorted(table + more, key=lambda row: row[param])
+            values = [row[param] for row in table]
+            best = max(table, key=lambda row: row["psnr"])[param]
+    index = values.index(best)
+    return {param: best, "table": table, "grid": values, "widened_with": widened,
+            "at_grid_edge": len(values) > 1 and index in (0, len(values) - 1)}
+
+
+def tune_baselines(dataset: str | Path, psf: np.ndarray, pairs: int = 8, grids: Mapping | None = None,
+                   progress: bool = True) -> dict:
+    """Tune Wiener's NSR and RL's iteration count on ≤ ``pairs`` full-frame **train** pairs.
+
+    Pairs are evenly spaced over the sorted train names (so crops of one photo do not dominate).
+
+    Returns:
+        ``{"train_names": [...], "wiener": {"nsr", "table", "grid", "widened_with", "at_grid_edge"},
+        "richardson_lucy": {"iterations", ...}}``.
+    """
+    train = PairedFolderDataset(dataset, "train", use_maps=False)
+    count = max(1, min(int(pairs), len(train)))
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(train) - 1, count)})
+    items = [train[i] for i in picks]
+    captures = [item["lr"].permute(1, 2, 0).numpy() for item in items]
+    targets = [item["gt"].permute(1, 2, 0).numpy() for item in items]
+    record: dict[str, Any] = {"train_names": [item["name"] for item in items]}
+    for method in METHODS:
+        record[method] = _tune_one(method, captures, targets, psf, (grids or {}).get(method), progress)
+    return record

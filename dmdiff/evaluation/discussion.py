@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from dmdiff.evaluate import ABLATION_PREFIX
+from dmdiff.evaluation.methods import ABLATION_PREFIX
 
 __all__ = ["paired_difference", "discuss", "CONSISTENT_SE"]
 

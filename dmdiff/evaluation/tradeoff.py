@@ -13,20 +13,31 @@ restore at that α), scoring each output against its ground truth:
 
 :func:`plot_tradeoff` draws PSNR and SSIM against that measure, one point per α (annotated), with
 the capture's own point for reference. :func:`redecode_timing` measures what moving α costs next to
-a full restore.
+a full restore. :func:`psnr_along_alpha` is the lighter sweep of latents already restored (mean
+PSNR against several references, e.g. the scene and the ideal-lens image), drawn by
+:func:`plot_psnr_along_alpha`.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from dmdiff.device import timed
 from dmdiff.errors import ConfigError, DmdiffError
-from dmdiff.metrics import LPIPSMetric, gradient_sharpness_ratio, lpips_status, psnr, ssim, summarize
-from dmdiff.model.dmdiff import DMDiff, check_alpha
+from dmdiff.metrics import (
+    LPIPSMetric,
+    gradient_sharpness_ratio,
+    lpips_status,
+    psnr,
+    ssim,
+    summarize,
+)
+from dmdiff.model.dmdiff import DMDiff, RestoreLatents, check_alpha
 from dmdiff.model.pipeline import DMDiffPipeline, as_image, as_images, as_maps, to_numpy
 
 #: The perception-side measures :func:`alpha_sweep` can use, and how plots and tables name them.
@@ -149,7 +160,6 @@ def plot_tradeoff(sweep: AlphaSweep, title: str | None = None, label_px: float =
     points do not pile their labels up). For the gradient sharpness ratio a dotted
     line marks 1 (the GT's edge contrast); for LPIPS lower is perceptually closer.
     """
-    import matplotlib.pyplot as plt
 
     x = np.array([r[sweep.measure] for r in sweep.records])
     alphas = np.array([r["alpha"] for r in sweep.records])
@@ -198,8 +208,6 @@ def redecode_timing(model_or_pipeline: DMDiff | DMDiffPipeline, capture, maps=No
         ``{"restore_s", "decode_s"}`` (medians, seconds, device synchronised), ``"ratio"``
         (decode / restore), ``"repeats"``, ``"size"`` (``[H, W]``), ``"device"``.
     """
-    from dmdiff.bench.model import timed
-
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
     model = model_of(model_or_pipeline)
@@ -214,3 +222,57 @@ def redecode_timing(model_or_pipeline: DMDiff | DMDiffPipeline, capture, maps=No
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
     return {"restore_s": restore, "decode_s": decode, "ratio": decode / restore, "repeats": repeats,
             "size": list(lr.shape[-2:]), "device": str(model.device)}
+
+
+def psnr_along_alpha(model_or_pipeline: DMDiff | DMDiffPipeline, latents: RestoreLatents,
+                     references: Mapping[str, object], alphas: Sequence[float]) -> dict[float, dict[str, float]]:
+    """Mean PSNR (dB) of a batch re-decoded at each α against each reference.
+
+    Args:
+        model_or_pipeline: the model that restored the batch.
+        latents: its cached latents (:meth:`DMDiff.restore <dmdiff.model.dmdiff.DMDiff.restore>` with
+            ``return_latents=True``) of ``B`` images.
+        references: name → ``(B, 3, H, W)`` tensor (or ``(B, H, W, 3)`` array) in ``[0, 1]``, e.g.
+            ``{"gt": gt, "gt_blur": gt_blur}``.
+        alphas: the α values, each in ``[0, 1.2]``; each costs one VAE decode of the batch.
+
+    Returns:
+        ``{alpha (float): {name: mean PSNR over the B images, dB}}``, α in the given order.
+
+    Raises:
+        ConfigError: an α outside ``[0, 1.2]``.
+    """
+    model = model_of(model_or_pipeline)
+    out = {}
+    for alpha in map(check_alpha, alphas):
+        y = model.decode(latents, alpha=alpha)
+        out[alpha] = {name: float(np.mean(psnr(y, ref))) for name, ref in references.items()}
+    return out
+
+
+def plot_psnr_along_alpha(sweep: Mapping[float, Mapping[str, float]], capture: Mapping[str, float],
+                          title: str = "tunable decoding", colours: Sequence[str] = ("tab:green", "tab:blue")):
+    """Mean PSNR against α, one line per reference, each with the capture's own PSNR against that
+    reference as a dotted line of its colour. Returns a matplotlib ``Figure``.
+
+    Args:
+        sweep: :func:`psnr_along_alpha`'s result, ``{alpha: {name: dB}}``.
+        capture: name → the capture's mean PSNR (dB) against that reference (every name of ``sweep``).
+        title: the axes' title.
+        colours: one per reference, in ``sweep``'s order.
+
+    Raises:
+        ConfigError: an empty ``sweep``, or more references than ``colours``.
+    """
+    alphas = list(sweep)
+    names = list(sweep[alphas[0]]) if alphas else []
+    if not names or len(names) > len(colours):
+        raise ConfigError(f"plot_psnr_along_alpha needs 1 to {len(colours)} references (one colour each), "
+                          f"got {len(names)}")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, colour in zip(names, colours):
+        ax.plot(alphas, [sweep[a][name] for a in alphas], "o-", color=colour, label=f"against {name}")
+        ax.axhline(capture[name], color=colour, ls=":", lw=1)
+    ax.set(xlabel="α (0: neutral path, 1: positive path)", ylabel="mean PSNR (dB)", title=title)
+    ax.legend()
+    return fig

@@ -1,0 +1,7 @@
+"""``python -m dmdiff``: the ``dmdiff`` command line (:mod:`dmdiff.cli`)."""
+
+import sys
+
+from dmdiff.cli import main
+
+sys.exit(main())

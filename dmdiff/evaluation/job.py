@@ -1,0 +1,420 @@
+"""``dmdiff evaluate``: the held-out quality report of a trained DMDiff model.
+
+On the dataset's **test** split (held out from training; full frames, no crops) every image is
+restored or reconstructed by each method of :mod:`dmdiff.evaluation.methods` and measured against
+its reference with :func:`dmdiff.metrics.compute_metrics` (PSNR and SSIM on RGB and on BT.601 Y,
+the gradient sharpness ratio, LPIPS only with its real weights):
+
+=====================  ==========================================================  =========
+method key             what                                                        reference
+=====================  ==========================================================  =========
+``input``              the simulated/real capture itself (``lr``)                   gt
+``wiener``             Wiener deconvolution with the lens's true central PSF        gt
+``richardson_lucy``    Richardson–Lucy with the same PSF                            gt
+``dmdiff_a0``          DMDiff at α = 0 (the neutral, fidelity path)                 gt
+``dmdiff_a1``          DMDiff at α = 1 (the positive path)                          gt
+``dmdiff_a1_cc``       ``dmdiff_a1`` after ``dmdiff restore``'s default colour      gt
+                       correction against the capture
+                       (:func:`dmdiff.model.color.color_correct`); absent for a
+                       model with a colour anchor (``auto`` adds no correction)
+``dmdiff_a1_x8``       ``dmdiff_a1`` averaged over the 8 rotations/mirrorings of    gt
+                       capture and maps (:mod:`dmdiff.model.ensemble`, as
+                       ``dmdiff restore --self-ensemble``)
+``ablation_<name>``    an ablation model at α = 1 (its positive path), as           gt
+                       ``dmdiff_a1``: ``RUN/ablations/<name>/pipeline`` of a
+                       recipe run (:mod:`dmdiff.train.ablations`) or ``--ablation
+                       NAME=PATH``; in table order after ``dmdiff_a1_x8``
+``vae_ceiling``        the frozen base VAE's encode → decode of the GT (no UNet)    gt
+``stage1_degrade``     a stage-1 model's ``degrade(gt)`` (GT → capture)             lr
+=====================  ==========================================================  =========
+
+Protocol and choices (also written to ``metrics.json`` under ``settings``):
+
+* **8-bit outputs.** Every output is clipped to ``[0, 1]`` and rounded to 8 bits *before* it is
+  measured, and exactly those pixels are saved as PNGs under ``images/<method>/`` (captures and
+  GT are 8-bit PNGs already), so every number can be recomputed from the files.
+* **Maps.** DMDiff (and the stage-1 model) get the dataset's ``maps/<name>.npy`` when the
+  dataset has them, else None.
+* **Baselines** deconvolve with the *true* per-channel PSF of the dataset's lens at the centre of
+  the field (:func:`dmdiff.data.dataset.dataset_central_psf`). Their parameter (Wiener NSR, RL
+  iterations) is tuned by mean RGB PSNR on at most ``tune_pairs`` full-frame **train** pairs,
+  evenly spaced over the sorted names (:func:`dmdiff.evaluation.baselines.tune_baselines`; a best
+  value at an end of the grid widens it once and is flagged ``at_grid_edge`` if it stays there).
+  Cost on a 2-core CPU at 256²: RL about 60 ms per iteration and image, Wiener about 1 s per value
+  and image, so the default 8 pairs take a few minutes. Without ``lens.json`` or a train split the
+  baselines are skipped, with a warning, and the reason recorded.
+* **Ceiling.** The backbone's own reconstruction PSNR: ``decode(encode(gt))`` with the frozen
+  base VAE (:meth:`dmdiff.model.dmdiff.DMDiff.reconstruct`: the model's VAE with its encoder
+  LoRA switched off exactly), with the model's padding. It bounds what any output decoded by
+  this VAE can reach.
+* **Runtimes** (seconds per image, wall clock, after one untimed warm-up call, CUDA synchronised):
+  the baselines' deconvolution only; DMDiff's one ``restore`` call, which always runs both paths
+  (so α = 0 and α = 1 cost the same and share that number); ``redecode_s`` of ``dmdiff_a0`` is
+  the extra cost of moving α on cached latents (VAE decoder only). An ablation's runtime is its
+  own ``restore`` call, measured the same way; ``dmdiff_a1_x8``'s is its 8 ``restore`` calls.
+* **Ablations** are found automatically only for a recipe run whose ``stage2/`` is the evaluated
+  model; each is loaded as its own pipeline (its config, e.g. ``svda: false``, is recorded under
+  ``settings.ablations``).
+
+Outputs in ``out`` (default :func:`dmdiff.runs.eval_dir`: ``RUN/eval`` for a training or recipe
+run, ``<PIPELINE>-eval`` next to a bare pipeline folder), see :mod:`dmdiff.evaluation.report`:
+``metrics.json`` (per image, means and spreads, tuned baseline parameters with their tuning
+tables, the quality bar, settings, provenance), ``metrics.csv``, ``table.md`` (also printed),
+``grid.png`` (a few test images, evenly spaced over the names) and, with ablations,
+``grid_ablations.png``, and ``images/``. The folder is written atomically and replaces only an
+earlier report (:mod:`dmdiff.outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dmdiff.config import to_dict
+from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf
+from dmdiff.device import resolve_device
+from dmdiff.errors import DmdiffError
+from dmdiff.evaluation.baselines import tune_baselines
+from dmdiff.evaluation.methods import (
+    ABLATION_PREFIX,
+    LABELS,
+    REFERENCES,
+    Context,
+    Sample,
+    ablation_method,
+    methods_for,
+    to_hwc,
+)
+from dmdiff.evaluation.report import (
+    ABLATION_GRID_FILE,
+    BAR_VARIANTS,
+    CSV_FILE,
+    GRID_FILE,
+    IMAGES_DIR,
+    METRICS_FILE,
+    TABLE_FILE,
+    csv_text,
+    format_table,
+    quality_bar,
+    write_grids,
+)
+from dmdiff.imageio import write_png
+from dmdiff.metrics import LPIPSMetric, compute_metrics, lpips_status, summarize
+from dmdiff.model.color import (
+    DEFAULT_COLOR_CORRECTION,
+    LOWPASS_SIGMA_PX,
+    resolve_color_correction,
+)
+from dmdiff.optics.sensor import quantize
+from dmdiff.outputs import (
+    atomic_directory,
+    atomic_write_text,
+    check_replaceable,
+    folder_files,
+    write_json,
+)
+from dmdiff.runinfo import provenance
+from dmdiff.runs import (
+    PIPELINE,
+    STAGE1,
+    STAGE2,
+    eval_dir,
+    find_ablations,
+    load_pipeline,
+    resolve_model,
+)
+from dmdiff.train.ablations import ABLATIONS
+
+__all__ = ["EVALUATION_KIND", "EvaluationWarning", "evaluation_parts", "evaluate", "parse_ablation_args", "main"]
+
+#: The kind of folder an evaluation report is (:mod:`dmdiff.outputs`).
+EVALUATION_KIND = "evaluation"
+
+
+class EvaluationWarning(UserWarning):
+    """Part of the evaluation cannot run (e.g. the baselines without the lens's PSF)."""
+
+
+def evaluation_parts(folder: Path) -> set[str] | None:
+    """The files of a report folder written by a dmdiff version before manifests (its
+    ``metrics.json`` says it is one): the report files and everything under ``images/``; None
+    for any other folder."""
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or "methods" not in metrics:
+        return None
+    top = {METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE, ABLATION_GRID_FILE}
+    return {f for f in folder_files(folder) if f in top or f.startswith(IMAGES_DIR + "/")}
+
+
+def _check_dataset(data: Path, limit: int | None, tune_pairs: int) -> None:
+    """Refuse a dataset without a test split, or a bad ``limit`` / ``tune_pairs``, before any work."""
+    if not data.is_dir():
+        raise DmdiffError(f"dataset folder not found: {data}")
+    if not ((data / "gt_test").is_dir() and (data / "lr_test").is_dir()):
+        raise DmdiffError(f"{data}: no held-out test split (gt_test/ + lr_test/); evaluate needs one "
+                          "(`dmdiff simulate` writes it)")
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise DmdiffError(f"--limit must be a positive integer, got {limit!r}")
+    if isinstance(tune_pairs, bool) or int(tune_pairs) < 1:
+        raise DmdiffError(f"tune_pairs must be a positive integer, got {tune_pairs!r}")
+
+
+def _baselines(data: Path, tune_pairs: int, grids: Mapping | None, progress: bool) -> tuple[Any, dict, dict, dict]:
+    """The baselines' PSF and tuned parameters: ``(psf or None, params, metrics.json record, tuning)``."""
+    psf, spec, skip = dataset_central_psf(data, progress)
+    if psf is not None and not ((data / "gt_train").is_dir() and (data / "lr_train").is_dir()):
+        psf, skip = None, f"{data} has no train split (gt_train/ + lr_train/) to tune the baselines on"
+    if psf is None:
+        warnings.warn(f"the Wiener and Richardson–Lucy baselines cannot run and are left out: {skip}",
+                      EvaluationWarning, stacklevel=3)
+        return None, {}, {"skipped": skip}, {}
+    tuning = tune_baselines(data, psf, tune_pairs, grids, progress)
+    params = {m: tuning[m][p] for m, p in (("wiener", "nsr"), ("richardson_lucy", "iterations"))}
+    record = {"psf": "true per-channel PSF of the dataset's lens at the centre of the field "
+                     "(lens.json spec → psf_grid → central_psf)",
+              "spec": spec, "params": params, "tuned_on": "train split, full frames, mean RGB PSNR", **tuning}
+    return psf, params, record, tuning
+
+
+def _models(model, stage1, ablations: Mapping | None) -> tuple:
+    """The pipeline folders an evaluation loads: ``(pipeline, run or None, stage-1 pipeline or None,
+    where the stage-1 model came from, {ablation name: (pipeline, where it came from)})``; a recipe
+    run's own stage 1 and ablations are found automatically."""
+    pipeline_dir, run_dir = resolve_model(model, STAGE2)
+    from_recipe = run_dir is not None and pipeline_dir == run_dir / STAGE2 / PIPELINE
+    stage1_dir, stage1_source = None, None
+    if stage1 is not None:
+        stage1_dir, stage1_source = resolve_model(stage1, STAGE1)[0], str(stage1)
+    elif from_recipe and (run_dir / STAGE1 / PIPELINE).is_dir():
+        stage1_dir, stage1_source = run_dir / STAGE1 / PIPELINE, "the recipe run's stage1/ (automatic)"
+    ablation_dirs: dict[str, tuple[Path, str]] = {}
+    if from_recipe:
+        ablation_dirs = {name: (path, "the recipe run's ablations/ (automatic)")
+                         for name, path in _ordered_ablations(find_ablations(run_dir)).items()}
+    for name, path in (ablations or {}).items():
+        ablation_method(name)
+        ablation_dirs[name] = (resolve_model(path, STAGE2)[0], str(path))
+    return pipeline_dir, run_dir, stage1_dir, stage1_source, ablation_dirs
+
+
+def _ordered_ablations(found: Mapping[str, Path]) -> dict[str, Path]:
+    """Ablations in :data:`dmdiff.train.ablations.ABLATIONS` order, then other names sorted."""
+    return {name: found[name] for name in [n for n in ABLATIONS if n in found] + sorted(set(found) - set(ABLATIONS))}
+
+
+def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None, *,
+             stage1: str | Path | None = None, ablations: Mapping[str, str | Path] | None = None,
+             limit: int | None = None, tune_pairs: int = 8, grids: Mapping[str, Sequence] | None = None,
+             device: str | None = None, model_path: str | None = None, grid_rows: int = 4,
+             progress: bool = True) -> dict:
+    """Evaluate a trained model on the test split of ``data``; write the report into ``out``.
+
+    Args:
+        model: pipeline folder, training run or recipe run (:func:`dmdiff.runs.resolve_model`).
+        data: dataset folder with ``gt_test/`` + ``lr_test/`` (and, for the baselines,
+            ``gt_train/`` + ``lr_train/`` and ``lens.json``).
+        out: report folder (default: see the module docstring). Replaced only if it holds an
+            earlier report or is empty.
+        stage1: a stage-1 (GT → capture) model, as ``model``; for a recipe run its ``stage1/`` is
+            used when this is None.
+        ablations: ``{name: model}`` (as ``model``) evaluated at α = 1 as ``ablation_<name>``, added
+            to (or, for the same name, replacing) the ablations found in a recipe run
+            (:func:`dmdiff.runs.find_ablations`, when ``model`` is the run or its ``stage2/``).
+        limit: evaluate only the first ``limit`` test images (sorted names).
+        tune_pairs: at most this many train pairs tune the baselines.
+        grids: baseline tuning grids ``{"wiener": [...], "richardson_lucy": [...]}`` (default:
+            :data:`dmdiff.evaluation.baselines.DEFAULT_GRIDS`).
+        device: torch device (default: CUDA when available, else CPU).
+        model_path: ``sd-turbo`` pipelines: where SD-Turbo is (see ``DMDiffPipeline.from_pretrained``).
+        grid_rows: test images shown in ``grid.png`` (evenly spaced over the sorted names, so crops
+            of one photo do not fill it).
+        progress: progress bars.
+
+    Returns:
+        The ``metrics.json`` record, with ``"out"`` (the report folder) added.
+
+    Raises:
+        DmdiffError: bad folders or arguments (before any work starts).
+    """
+    # ---- check everything before any work: dataset, models, output folder, device
+    data = Path(data)
+    _check_dataset(data, limit, tune_pairs)
+    pipeline_dir, run_dir, stage1_dir, stage1_source, ablation_dirs = _models(model, stage1, ablations)
+    out = Path(out) if out is not None else eval_dir(pipeline_dir, run_dir)
+    if out.exists() or out.is_symlink():
+        check_replaceable(out, EVALUATION_KIND, evaluation_parts)
+    test = PairedFolderDataset(data, "test")
+    count = len(test) if limit is None else min(int(limit), len(test))
+    device = resolve_device(device)
+
+    # ---- models, baselines (tuned on the train split only), LPIPS
+    pipeline = load_pipeline(pipeline_dir, device=device, model_path=model_path).pipeline
+    net = pipeline.model
+    degrader = load_pipeline(stage1_dir, device=device, model_path=model_path).model if stage1_dir else None
+    ablation_pipes = {ablation_method(name): load_pipeline(path, device=device, model_path=model_path).pipeline
+                      for name, (path, _) in ablation_dirs.items()}
+    psf, params, baselines_record, tuning = _baselines(data, tune_pairs, grids, progress)
+    lpips_ok, lpips_reason = lpips_status("alex")
+    lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
+    correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
+    context = Context(pipeline, degrader, ablation_pipes, psf, params, correction)
+    rows = methods_for(context)
+    methods = ["input", *(m.name for m in rows)]
+    labels = {**LABELS, **{m.name: m.label for m in rows}}
+    references = {**REFERENCES, **{m.name: m.reference for m in rows}}
+
+    # ---- every test image through every method
+    records, shown = [], []
+    show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
+    with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
+        warm = Sample.of(test[0])                                   # networks only, untimed
+        for method in rows:
+            if method.name not in ("wiener", "richardson_lucy"):
+                method.run(context, warm)
+        for index in tqdm(range(count), desc="evaluate", disable=not progress):
+            item = test[index]
+            name, sample = item["name"], Sample.of(item)
+            gt = to_hwc(item["gt"])
+            row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
+            outputs = {}
+            for method in rows:
+                image, seconds, extra = method.run(context, sample)
+                image = outputs[method.name] = quantize(image, 8)
+                reference = sample.capture if method.reference == "lr" else gt
+                row[method.name] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds, **extra}
+                write_png(tmp / IMAGES_DIR / method.name / f"{name}.png", image)
+            records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
+                            "maps": "maps" in item, "methods": row})
+            if index in show:
+                shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
+
+        # ---- the report
+        summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
+        metrics: dict[str, Any] = {
+            "dataset": str(data), "split": "test", "count": count, "names": [r["name"] for r in records],
+            "methods": methods, "labels": {m: labels[m] for m in methods},
+            "references": {m: references[m] for m in methods},
+            "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
+            "summary": summary,
+            "per_image": records,
+            "lpips": {"available": lpips_ok, "reason": lpips_reason, "net": "alex" if lpips_ok else None},
+            "baselines": baselines_record,
+            "settings": _settings(model, pipeline_dir, net, stage1_dir, stage1_source, ablation_dirs, ablation_pipes,
+                                  methods, correction, device, limit, tune_pairs),
+        }
+        metrics["quality_bar"] = quality_bar(metrics)
+        for method, (key, _) in BAR_VARIANTS.items():
+            if method in methods:
+                metrics[key] = quality_bar(metrics, method=method)
+        metrics["provenance"] = provenance(command="dmdiff evaluate")
+        write_json(tmp / METRICS_FILE, metrics)
+        atomic_write_text(tmp / CSV_FILE, csv_text(records, methods, references))
+        atomic_write_text(tmp / TABLE_FILE, format_table(metrics))
+        if shown:
+            write_grids(shown, methods, tmp)
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_source: str | None,
+              ablation_dirs: Mapping[str, tuple[Path, str]], ablation_pipes: Mapping, methods: Sequence[str],
+              correction: str, device: torch.device, limit: int | None, tune_pairs: int) -> dict:
+    """``metrics.json``'s ``settings``: what was evaluated and how."""
+    ablation_keys = [m for m in methods if m.startswith(ABLATION_PREFIX)]
+    return {
+        "model": str(model), "pipeline": str(pipeline_dir), "model_config": to_dict(net.config),
+        "stage1": None if stage1_dir is None else {"pipeline": str(stage1_dir), "source": stage1_source},
+        "ablations": {name: {"method": ablation_method(name), "pipeline": str(path), "source": source,
+                             "model_config": to_dict(ablation_pipes[ablation_method(name)].model.config)}
+                      for name, (path, source) in ablation_dirs.items()},
+        "device": str(device), "dtype": str(net.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(), "limit": limit, "tune_pairs": tune_pairs,
+        "full_frames": True,
+        "protocol": "outputs clipped to [0, 1] and rounded to 8 bits before measuring; the saved "
+                    "images/<method>/<name>.png hold exactly those pixels",
+        "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0, **({"dmdiff_a1_cc": 1.0} if "dmdiff_a1_cc" in methods else {}),
+                   "dmdiff_a1_x8": 1.0, **{m: 1.0 for m in ablation_keys}},
+        "self_ensemble": {"dmdiff_a1_x8": "mean of the positive path over the 8 rotations/mirrorings of "
+                                          "capture and maps (dmdiff.model.ensemble), no colour correction"},
+        "color_correction": (
+            {"dmdiff_a1_cc": {"method": correction, "sigma_px": LOWPASS_SIGMA_PX, "reference": "the capture"}}
+            if "dmdiff_a1_cc" in methods else
+            {"dmdiff_a1_cc": None, "reason": f"the model has a colour anchor (anchor_sigma_px = "
+                                             f"{net.config.anchor_sigma_px:g}): restore's default adds no correction"}),
+        "maps": "the dataset's maps/<name>.npy when present (per image: per_image[].maps)",
+        "ceiling": "model VAE with the encoder LoRA modulation M = 0 (= the frozen base VAE), "
+                   "decode(encode(gt)) at the posterior mode, model padding, no UNet",
+        "runtime": "seconds per image after one untimed warm-up; DMDiff α=0 and α=1 share one "
+                   "restore call (both paths); redecode_s: moving α on cached latents; "
+                   "dmdiff_a1_cc: the restore call plus the colour correction; dmdiff_a1_x8: "
+                   "its 8 restore calls; an ablation: its own restore call",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_ablation_args(pairs: Sequence[str]) -> dict[str, str]:
+    """``["NAME=PATH", ...]`` (``--ablation``) → ``{NAME: PATH}``; DmdiffError on a malformed or
+    repeated name."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not path:
+            raise DmdiffError(f"--ablation expects NAME=PIPELINE_OR_RUN, got {pair!r}")
+        ablation_method(name)
+        if name in found:
+            raise DmdiffError(f"--ablation {name} is given twice")
+        found[name] = path
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this subcommand (the defaults are this module's own)."""
+    parser.add_argument("--model", required=True, metavar="RUN_OR_PIPELINE",
+                        help="training run, recipe run (its stage2/) or pipeline folder")
+    parser.add_argument("--data", required=True, metavar="DATASET", help="dataset folder (its test split is evaluated)")
+    parser.add_argument("--out", default=None, help="report folder (default: RUN/eval, or <PIPELINE>-eval)")
+    parser.add_argument("--stage1", default=None, metavar="RUN",
+                        help="stage-1 (GT → capture) run or pipeline: PSNR of degrade(GT) vs the capture "
+                             "(default: a recipe run's stage1/)")
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=PIPELINE_OR_RUN",
+                        help="also evaluate this model at α=1 as ablation_NAME (repeatable; a recipe run's "
+                             "ablations/*/pipeline are added automatically)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
+    parser.add_argument("--tune-pairs", type=int, default=8, metavar="N",
+                        help="train pairs that tune the Wiener/RL parameters (default 8)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``dmdiff evaluate`` (args: model, data, out, stage1, ablation, limit, tune_pairs,
+    device, threads, model_path, no_progress)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1,
+                       ablations=parse_ablation_args(args.ablation), limit=args.limit,
+                       tune_pairs=args.tune_pairs, device=args.device, model_path=args.model_path,
+                       progress=not args.no_progress)
+    out = Path(metrics["out"])
+    print((out / TABLE_FILE).read_text())
+    grids = f"{GRID_FILE}, {ABLATION_GRID_FILE}" if (out / ABLATION_GRID_FILE).is_file() else GRID_FILE
+    print(f"dmdiff evaluate: wrote {METRICS_FILE}, {CSV_FILE}, {TABLE_FILE}, {grids} and images/ to {out}")
+    return 0

@@ -1,0 +1,221 @@
+"""The methods ``dmdiff evaluate`` measures, as one registry: name, label, reference and how to run it.
+
+Adding a row to the report is adding a :class:`Method` to :data:`REGISTRY` (or, for models found
+at run time such as ablations, to :func:`methods_for`). Each method's ``run`` restores (or
+reconstructs) one test image and returns its float32 ``(H, W, 3)`` output, the seconds it took
+and any extra per-image figures; outputs are then clipped and rounded to 8 bits
+(:func:`dmdiff.optics.sensor.quantize`) before they are measured against the method's reference
+(``"gt"``, or ``"lr"`` for the learned degradation).
+
+DMDiff's rows run through :class:`~dmdiff.model.pipeline.DMDiffPipeline`, dmdiff's one inference
+path, as ``dmdiff restore`` does. Methods that share work share it through the :class:`Sample`
+cache: the pipeline's one restore call gives α = 1 and, by re-decoding its cached latents, α = 0,
+and the colour-corrected row reuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dmdiff.device import timed
+from dmdiff.errors import DmdiffError
+from dmdiff.evaluation.baselines import richardson_lucy, wiener_deconvolve
+from dmdiff.model.color import color_correct
+from dmdiff.model.dmdiff import DMDiff
+from dmdiff.model.pipeline import DMDiffPipeline
+from dmdiff.train.ablations import ABLATIONS
+
+__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE", "ABLATION_PREFIX",
+           "LABELS", "REFERENCES", "ablation_method", "ablation_label", "methods_for", "to_hwc"]
+
+ABLATION_PREFIX = "ablation_"
+BASELINES = ("wiener", "richardson_lucy")
+#: The learned-degradation check (measured against the capture).
+DEGRADE = "stage1_degrade"
+
+
+@dataclass
+class Context:
+    """What the methods of one evaluation share.
+
+    pipeline: the evaluated model's pipeline; degrader: a stage-1 model (GT → capture) or None;
+    ablations: method key → ablation pipeline; psf: ``(3, K, K)`` true central PSF for the
+    baselines (None: no baselines); params: the baselines' tuned parameters; correction: the colour
+    correction :func:`dmdiff.model.color.resolve_color_correction` gives the model.
+    """
+
+    pipeline: DMDiffPipeline
+    degrader: DMDiff | None = None
+    ablations: dict[str, DMDiffPipeline] = field(default_factory=dict)
+    psf: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    correction: str = "none"
+
+    @property
+    def model(self) -> DMDiff:
+        """The evaluated :class:`~dmdiff.model.dmdiff.DMDiff` model."""
+        return self.pipeline.model
+
+
+@dataclass
+class Sample:
+    """One test image: tensors ``lr``, ``gt`` ``(1, 3, H, W)`` and ``maps`` ``(1, 7, G, G)`` or None,
+    the capture as float32 ``(H, W, 3)`` (``capture``), and a cache for work methods share."""
+
+    lr: torch.Tensor
+    gt: torch.Tensor
+    maps: torch.Tensor | None
+    capture: np.ndarray
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, item: dict) -> "Sample":
+        """From a :class:`~dmdiff.data.dataset.PairedFolderDataset` item."""
+        return cls(item["lr"][None], item["gt"][None], item["maps"][None] if "maps" in item else None,
+                   to_hwc(item["lr"]))
+
+
+#: ``run(context, sample) -> (output (H, W, 3) float32, seconds, extra per-image figures)``.
+Runner = Callable[[Context, Sample], tuple[np.ndarray, float, dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the report: ``name`` (its key in ``metrics.json``), ``label`` (the table's words),
+    ``reference`` (``"gt"`` or ``"lr"``), ``run`` (:data:`Runner`) and ``applies`` (whether the row
+    exists in this evaluation)."""
+
+    name: str
+    label: str
+    reference: str
+    run: Runner
+    applies: Callable[[Context], bool] = lambda context: True
+
+
+def to_hwc(image: torch.Tensor) -> np.ndarray:
+    """``(1, 3, H, W)`` or ``(3, H, W)`` tensor → float32 numpy ``(H, W, 3)``."""
+    image = image[0] if image.dim() == 4 else image
+    return image.detach().float().cpu().permute(1, 2, 0).numpy()
+
+
+# ---- the runners -----------------------------------------------------------------------------------
+
+
+def _restored(context: Context, sample: Sample) -> tuple[Any, float]:
+    """The pipeline's one restore call of the sample (both paths; the α = 1 output and the cached
+    latents), made once per sample."""
+    if "restore" not in sample.cache:
+        sample.cache["restore"] = timed(lambda: context.pipeline(sample.lr, sample.maps, 1.0, return_latents=True),
+                                        context.model.device)
+    seconds, output = sample.cache["restore"]
+    return output, seconds
+
+
+def _positive(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    output, seconds = _restored(context, sample)
+    return output.images[0], seconds, {}
+
+
+def _neutral(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    output, seconds = _restored(context, sample)
+    redecode_s, images = timed(lambda: context.pipeline.decode(output, 0.0), context.model.device)
+    return images[0], seconds, {"redecode_s": redecode_s}   # one restore call gives any α
+
+
+def _color_corrected(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    positive, seconds, _ = _positive(context, sample)
+    extra_s, image = timed(lambda: color_correct(positive, sample.capture, context.correction), torch.device("cpu"))
+    return image, seconds + extra_s, {}
+
+
+def _self_ensemble(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    seconds, output = timed(lambda: context.pipeline(sample.lr, sample.maps, 1.0, self_ensemble=True),
+                            context.model.device)
+    return output.images[0], seconds, {}
+
+
+def _baseline(deconvolve: Callable, param: str) -> Runner:
+    def run(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+        seconds, image = timed(lambda: deconvolve(sample.capture, context.psf, context.params[param]),
+                               torch.device("cpu"))
+        return image, seconds, {}
+
+    return run
+
+
+def _ceiling(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    seconds, image = timed(lambda: context.model.reconstruct(sample.gt), context.model.device)
+    return to_hwc(image), seconds, {}
+
+
+def _degrade(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    degrader = context.degrader
+    seconds, image = timed(lambda: degrader.degrade(sample.gt, sample.maps), degrader.device)
+    return to_hwc(image), seconds, {}
+
+
+def _ablation(method: str) -> Runner:
+    def run(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+        pipeline = context.ablations[method]
+        seconds, output = timed(lambda: pipeline(sample.lr, sample.maps, 1.0), pipeline.model.device)
+        return output.images[0], seconds, {}
+
+    return run
+
+
+def _has_baselines(context: Context) -> bool:
+    return context.psf is not None
+
+
+#: The methods every evaluation may have, in table order (ablations follow ``dmdiff_a1_x8``:
+#: :func:`methods_for`; the learned degradation comes last). ``input`` is measured, not run.
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("wiener", "Wiener, true central PSF", "gt", _baseline(wiener_deconvolve, "wiener"), _has_baselines),
+    Method("richardson_lucy", "Richardson–Lucy, true central PSF", "gt",
+           _baseline(richardson_lucy, "richardson_lucy"), _has_baselines),
+    Method("dmdiff_a0", "DMDiff α=0 (fidelity)", "gt", _neutral),
+    Method("dmdiff_a1", "DMDiff α=1 (positive path)", "gt", _positive),
+    Method("dmdiff_a1_cc", "DMDiff α=1 + restore's colour correction", "gt", _color_corrected,
+           lambda context: context.correction != "none"),
+    Method("dmdiff_a1_x8", "DMDiff α=1, ×8 self-ensemble", "gt", _self_ensemble),
+    Method("vae_ceiling", "backbone VAE recon. of GT (ceiling)", "gt", _ceiling),
+    Method(DEGRADE, "stage-1 degrade(GT)", "lr", _degrade, lambda context: context.degrader is not None),
+)}
+#: Every method key a report may hold besides ablations, in table order (``input`` first).
+METHODS = ("input", *(name for name in REGISTRY if name != DEGRADE))
+LABELS = {"input": "capture (input)", **{m.name: m.label for m in REGISTRY.values()}}
+REFERENCES = {"input": "gt", **{m.name: m.reference for m in REGISTRY.values()}}
+
+
+def ablation_method(name: str) -> str:
+    """The method key of ablation ``name`` (``ablation_<name>``); DmdiffError for names that could not
+    be a folder (letters, digits, ``_`` and ``-`` only)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
+        raise DmdiffError(f"ablation name {name!r}: use letters, digits, '_' and '-' only")
+    return f"{ABLATION_PREFIX}{name}"
+
+
+def ablation_label(name: str, short: bool = False) -> str:
+    """``"ablation: no SVDA (α=1)"`` for the table, ``"no SVDA"`` (``short``) for the grid; the name
+    itself for ablations not in :data:`dmdiff.train.ablations.ABLATIONS`."""
+    label = ABLATIONS[name].label if name in ABLATIONS else name
+    return label if short else f"ablation: {label} (α=1)"
+
+
+def methods_for(context: Context) -> list[Method]:
+    """The rows of this evaluation, in table order: the registry's that apply, with one row per
+    ablation model of ``context`` (keys :func:`ablation_method`) after ``dmdiff_a1_x8``."""
+    ablations = [Method(key, ablation_label(key[len(ABLATION_PREFIX):]), "gt", _ablation(key))
+                 for key in context.ablations]
+    rows = []
+    for method in REGISTRY.values():
+        if method.applies(context):
+            rows.append(method)
+        if method.name == "dmdiff_a1_x8":
+            rows += ablations
+    return rows
