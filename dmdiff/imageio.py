@@ -316,7 +316,7 @@ def _read_tiff(path: Path, limit: int) -> np.ndarray | None:
     """TIFF through tifffile (8/16-bit integer or float samples), first page, at most ``limit`` px →
     (H, W, 3) float array from :func:`_to_rgb`; None if tifffile cannot decode it."""
     try:
-        import tifffile
+        import tifffile  # local: an optional decoder
     except ImportError:  # pragma: no cover - tifffile is a dependency of scikit-image
         return None
     try:

@@ -48,6 +48,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import scipy.ndimage
+import torch
 from skimage.metrics import structural_similarity
 
 from dmdiff.errors import DmdiffError
@@ -209,7 +210,6 @@ def psnr_torch(output, reference, data_range: float = 1.0, on: str = "rgb", crop
     Returns:
         ``(B,)`` tensor (a 0-d tensor for ``(3, H, W)`` input); ``inf`` where images are equal.
     """
-    import torch
 
     _check_on(on)
     if not (_is_torch(output) and _is_torch(reference)):
@@ -326,7 +326,7 @@ _LPIPS_NETS = ("alex", "vgg")
 
 def _backbone_weights(net: str):
     """The torchvision weights enum entry that ``lpips`` asks for (``pretrained=True``) for a trunk."""
-    from torchvision import models
+    from torchvision import models  # local: LPIPS only, with downloaded weights
 
     if net == "alex":
         return models.AlexNet_Weights.IMAGENET1K_V1
@@ -337,7 +337,6 @@ def _backbone_weights(net: str):
 
 def _backbone_path(net: str) -> tuple[Path, str]:
     """Where torch's hub cache keeps the trunk's checkpoint, and the URL it comes from."""
-    import torch
 
     url = _backbone_weights(net).url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
@@ -345,7 +344,7 @@ def _backbone_path(net: str) -> tuple[Path, str]:
 
 def _linear_path(net: str) -> Path:
     """The LPIPS linear-layer weights shipped inside the ``lpips`` package (v0.1)."""
-    import lpips
+    import lpips  # local: LPIPS is optional (its weights are a download)
 
     return Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
 
@@ -417,8 +416,6 @@ class LPIPSMetric:
     """
 
     def __init__(self, net: str = "alex", device="cpu", check_hash: bool = True):
-        import torch
-
         available, reason = lpips_status(net)
         if not available:
             raise DmdiffError(f"LPIPS is unavailable: {reason}")
@@ -467,8 +464,6 @@ class LPIPSMetric:
         return f"LPIPSMetric(net={self.net!r}, device={str(self.device)!r})"
 
     def __call__(self, output, reference):
-        import torch
-
         a, b, batched = _pair(output, reference, 0)
         ta = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float().to(self.device)
         tb = torch.from_numpy(np.ascontiguousarray(b.transpose(0, 3, 1, 2))).float().to(self.device)

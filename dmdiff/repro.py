@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import papermill
 from tqdm.auto import tqdm
 
@@ -92,8 +93,6 @@ def _failure_details(exc: BaseException, executed: Path) -> dict:
     if ename:
         details["error"] = f"{ename}: {getattr(exc, 'evalue', '')}"
     try:
-        import nbformat
-
         nb = nbformat.read(str(executed), as_version=4)
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":

@@ -202,7 +202,7 @@ class TrainingMonitor:
 
     def refresh(self) -> None:
         """Redraw the figure and update (or first show) its displayed copy."""
-        from IPython.display import display
+        from IPython.display import display  # local: only inside a notebook
 
         plot_training(self.records, fig=self.fig, title=self.title)
         if self._handle is None:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage
 import scipy.signal
+import torch
 
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.blur import SpatiallyVaryingBlur, node_weights
@@ -234,7 +235,6 @@ class MetalensCamera:
         Returns:
             (H, W, 3) float32 linear values (not clipped).
         """
-        import torch
 
         n = self.spec.image_size_px
         if np.shape(x_linear) != (n, n, 3):

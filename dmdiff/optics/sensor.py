@@ -44,8 +44,6 @@ def srgb_to_linear(x):
     (float dtype kept, integers become float32) and on torch tensors.
     """
     if _is_torch(x):
-        import torch
-
         return torch.where(x <= 0.04045, x / 12.92, ((x.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
@@ -61,8 +59,6 @@ def linear_to_srgb(y):
     stay above 1). numpy arrays or torch tensors.
     """
     if _is_torch(y):
-        import torch
-
         return torch.where(y <= 0.0031308, 12.92 * y, 1.055 * y.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.floating):

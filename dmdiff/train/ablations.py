@@ -50,6 +50,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from dmdiff.config import merge, to_dict
@@ -194,7 +195,6 @@ def default_workers(cfg: TrainConfig, pending: int) -> int:
     """How many of ``pending`` ablations :func:`run_ablations` trains at once by default: on a CPU,
     the usable cores divided by ``cfg.threads`` (at most ``pending``); 1 on a GPU (one device) or
     when ``cfg.threads`` is unset (torch then uses every core already)."""
-    import torch
 
     if pending <= 1 or cfg.threads is None or torch.cuda.is_available():
         return 1
