@@ -492,3 +492,26 @@ def test_spread_figure(report):
         assert bar.get_width() == pytest.approx(np.mean([r["methods"][m]["runtime_s"] for r in metrics["per_image"]]))
     assert time_ax.get_xscale() == "log"
     plt.close(fig)
+
+
+def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
+    """The same dataset given as the external set: its figures equal the main split's (same
+    methods, tuned parameters and PSF), in metrics.json and as a second table."""
+    external = tmp_path / "external"
+    for folder in ("gt_test", "lr_test", "maps"):
+        shutil.copytree(dataset / folder, external / folder)
+    shutil.copy(dataset / "lens.json", external / "lens.json")
+    metrics = evaluate(pipeline_dir, dataset, tmp_path / "out", limit=1, tune_pairs=1,
+                       grids={"wiener": [0.1], "richardson_lucy": [5]}, external=external, progress=False)
+    ext = metrics["external"]
+    assert ext["methods"] == metrics["methods"] and ext["count"] == len(PairedFolderDataset(dataset, "test"))
+    first = metrics["names"][0]
+    k = ext["names"].index(first)
+    for method in metrics["methods"]:
+        assert ext["per_image"][k]["methods"][method]["psnr"] == pytest.approx(
+            metrics["per_image"][0]["methods"][method]["psnr"], abs=1e-9), method
+    assert "quality_bar" in ext and (tmp_path / "out" / "external" / "images" / "dmdiff_a1" / f"{first}.png").is_file()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("## Held-out evaluation") == 2 and str(external) in table
+    with pytest.raises(DmdiffError, match="test split"):
+        evaluate(pipeline_dir, dataset, tmp_path / "o2", external=tmp_path, progress=False)

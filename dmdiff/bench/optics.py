@@ -45,7 +45,9 @@ def deepinv_blur(psfs: np.ndarray, height: int, width: int):
         a ``deepinv.physics.SpaceVaryingBlur`` whose ``A(x)`` maps ``(B, C, H, W)`` to
         ``(B, C, H, W)`` (true convolution, kernels centred at ``K // 2``, reflect padding).
     """
-    from deepinv.physics import SpaceVaryingBlur  # local: heavy, only for this comparison
+    from deepinv.physics import (
+        SpaceVaryingBlur,  # local: heavy, only for this comparison
+    )
 
     channels, gy, gx, ky, kx = psfs.shape
     rows = node_weights(np.arange(height), height, gy)  # (Gy, H)

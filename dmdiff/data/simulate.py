@@ -53,6 +53,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dmdiff.config import load_config, merge, read_yaml, smoke_preset, to_dict
+from dmdiff.data.corpus import corpus_record, external_photos
 from dmdiff.data.dataset import read_lens
 from dmdiff.data.sources import (
     TEST_PHOTOS,
@@ -248,7 +249,6 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
     Returns:
         (the sources, the skipped files as ``{"file": name, "reason": why}``).
     """
-
     if not folder.is_dir():
         raise DmdiffError(f"--images {folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -257,6 +257,13 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
     if not candidates:
         raise DmdiffError(f"--images {folder}: no image files there (looked for {', '.join(IMAGE_EXTENSIONS)}"
                           + (f"; found only {_first(ignored)}" if ignored else "") + ")")
+    return _file_sources(candidates, cfg, smoke, f"--images {folder}")
+
+
+def _file_sources(candidates: list[Path], cfg: SimulationConfig, smoke: bool, where: str,
+                  all_test: bool = False) -> tuple[list[_Source], list[dict]]:
+    """Check image files and split them by a hash of the file name (``all_test``: every one to the
+    test split); returns the sources and the skipped files (as :func:`_user_sources`)."""
     size = cfg.spec.image_size_px
     readable, bad, small = [], [], []    # bad / small: {"file": name, "reason": why}
     for p in tqdm(candidates, desc="checking images", unit="img", leave=False, disable=len(candidates) < 50):
@@ -279,14 +286,14 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
         return _first([f"{d['file']} ({d['reason']})" for d in items], n)
 
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {folder}: {listing(bad, 10)}",
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) of {where}: {listing(bad, 10)}",
                       SimulationWarning, stacklevel=3)
     if small:
         why = "smaller than the sensor" if cfg.small_images == "reject" else "smaller than 16 px"
         warnings.warn(f"skipped {len(small)} image(s) {why} ({size} px): {listing(small, 10)}",
                       SimulationWarning, stacklevel=3)
     if not readable:
-        raise DmdiffError(f"--images {folder}: none of the {len(candidates)} image file(s) could be used"
+        raise DmdiffError(f"{where}: none of the {len(candidates)} image file(s) could be used"
                           + (f"; unreadable: {listing(bad, 5)}" if bad else "")
                           + (f"; too small: {listing(small, 5)}" if small else ""))
     skipped = bad + small
@@ -301,9 +308,11 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
         seen.add(name)
         names[p] = name
     units = {p: _hash_unit(p.name) for p in readable}
-    test = [p for p in readable if units[p] < cfg.test_fraction]
-    train = [p for p in readable if units[p] >= cfg.test_fraction]
-    if len(readable) >= 2 and cfg.test_fraction > 0:
+    test = [p for p in readable if units[p] < cfg.test_fraction or all_test]
+    train = [p for p in readable if p not in test]
+    if all_test:
+        pass
+    elif len(readable) >= 2 and cfg.test_fraction > 0:
         if not test:  # keep at least one image out of training
             test = [min(train, key=units.get)]
             train.remove(test[0])
@@ -311,7 +320,7 @@ def _user_sources(folder: Path, cfg: SimulationConfig, smoke: bool) -> tuple[lis
             train = [max(test, key=units.get)]
             test.remove(train[0])
     elif cfg.test_fraction > 0:
-        warnings.warn(f"only one usable image in {folder}: it goes to the train split, the test split "
+        warnings.warn(f"only one usable image in {where}: it goes to the train split, the test split "
                       "is empty", SimulationWarning, stacklevel=3)
         train, test = readable, []
     if smoke:
@@ -367,7 +376,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def simulate_dataset(out: str | os.PathLike, seed: int = 0,
                      config: str | os.PathLike | Mapping | SimulationConfig | None = None,
                      images: str | os.PathLike | None = None, smoke: bool = False, overwrite: bool = False,
-                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                     external: str | os.PathLike | None = None) -> Path:
     """Simulate a dataset into ``out`` (see the module docstring); returns the dataset path.
 
     Args:
@@ -375,6 +385,9 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
         seed: the seed; the same seed (and settings, inputs, package versions) gives the same files.
         config: YAML file, mapping or :class:`SimulationConfig` laid over the defaults.
         images: folder of clean images (default: bundled photos + dead leaves).
+        external: instead, the root under which the external check set's Debian package is
+            installed (``/``) or extracted (:func:`dmdiff.data.corpus.external_photos`): every photo
+            goes to the **test** split, there is no train split (an evaluation set only).
         smoke: a tiny dataset (the ``simulate`` smoke preset of configs/smoke.yaml) for quick checks.
         overwrite: replace an existing dataset at ``out``.
         cache_dir: PSF cache folder (default: the optics default, ``$DMDIFF_CACHE``).
@@ -389,8 +402,16 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
     cfg = resolve_config(config, smoke)
     out = Path(out)
     _check_out(out, overwrite)
-    sources, skipped = _user_sources(Path(images), cfg, smoke) if images is not None else (_bundled_sources(cfg), [])
-    n_dead = cfg.dead_leaves_train if images is None or cfg.dead_leaves_with_images else 0
+    if images is not None and external is not None:
+        raise DmdiffError("--images and --external are two different sources: give one")
+    if external is not None:
+        photos = external_photos(external)
+        sources, skipped = _file_sources([p.path for p in photos], cfg, smoke, "the external check set", all_test=True)
+    elif images is not None:
+        sources, skipped = _user_sources(Path(images), cfg, smoke)
+    else:
+        sources, skipped = _bundled_sources(cfg), []
+    n_dead = cfg.dead_leaves_train if (images is None and external is None) or cfg.dead_leaves_with_images else 0
 
     t0 = time.perf_counter()
     with atomic_directory(out, DATASET_KIND, replace=True, legacy=dataset_parts) as tmp:
@@ -402,7 +423,8 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
             "simulation": {k: v for k, v in to_dict(cfg).items() if k != "spec"},
             "seed": seed,
             "smoke": bool(smoke),
-            "source": "bundled" if images is None else "images",
+            "source": "external" if external is not None else "bundled" if images is None else "images",
+            **({"corpus": corpus_record(photos)} if external is not None else {}),
             "skipped": skipped,
             **record,
             "provenance": provenance(config=to_dict(cfg), seed=seed, command="dmdiff simulate",
@@ -476,6 +498,9 @@ def _capture_seed(seed: int, name: str) -> np.random.SeedSequence:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line arguments of this subcommand (the defaults are this module's own)."""
     parser.add_argument("--images", default=None, help="folder of clean images (default: bundled photos + procedural images)")
+    parser.add_argument("--external", default=None, metavar="ROOT",
+                        help="instead, the external check set: the photos of lomiri-wallpapers-16.04 installed "
+                             "(ROOT /) or extracted under ROOT, all in the test split (dmdiff.data.corpus)")
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=None, help="YAML file overriding the simulation/lens defaults")
@@ -485,14 +510,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    """Entry point of ``dmdiff simulate`` (args: images, out, seed, config, smoke, overwrite).
+    """Entry point of ``dmdiff simulate`` (args: images, external, out, seed, config, smoke, overwrite).
 
     Returns:
         0, or 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when input files were skipped (they are
         listed, and recorded in ``lens.json`` under ``skipped``).
     """
     start = time.perf_counter()
-    out = simulate_dataset(args.out, seed=args.seed, config=args.config, images=args.images,
+    out = simulate_dataset(args.out, seed=args.seed, config=args.config, images=args.images, external=args.external,
                            smoke=args.smoke, overwrite=args.overwrite)
     meta = json.loads((out / "lens.json").read_text())
     counts = meta["counts"]

@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -136,6 +137,8 @@ __all__ = ["EVALUATION_KIND", "EvaluationWarning", "evaluation_parts", "evaluate
 
 #: The kind of folder an evaluation report is (:mod:`dmdiff.outputs`).
 EVALUATION_KIND = "evaluation"
+#: Where the external check set's images go in a report.
+EXTERNAL_DIR = "external"
 
 
 class EvaluationWarning(UserWarning):
@@ -153,7 +156,7 @@ def evaluation_parts(folder: Path) -> set[str] | None:
     if not isinstance(metrics, dict) or "methods" not in metrics:
         return None
     top = {METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE, ABLATION_GRID_FILE}
-    return {f for f in folder_files(folder) if f in top or f.startswith(IMAGES_DIR + "/")}
+    return {f for f in folder_files(folder) if f in top or f.startswith((IMAGES_DIR + "/", EXTERNAL_DIR + "/"))}
 
 
 def _check_dataset(data: Path, limit: int | None, tune_pairs: int) -> None:
@@ -216,7 +219,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              stage1: str | Path | None = None, ablations: Mapping[str, str | Path] | None = None,
              limit: int | None = None, tune_pairs: int = 8, grids: Mapping[str, Sequence] | None = None,
              device: str | None = None, model_path: str | None = None, grid_rows: int = 4,
-             progress: bool = True) -> dict:
+             external: str | Path | None = None, progress: bool = True) -> dict:
     """Evaluate a trained model on the test split of ``data``; write the report into ``out``.
 
     Args:
@@ -238,6 +241,10 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         model_path: ``sd-turbo`` pipelines: where SD-Turbo is (see ``DMDiffPipeline.from_pretrained``).
         grid_rows: test images shown in ``grid.png`` (evenly spaced over the sorted names, so crops
             of one photo do not fill it).
+        external: a second dataset (e.g. ``dmdiff simulate --external``: photos no training saw)
+            whose test split gets the same methods, the baselines' parameters tuned on ``data``'s
+            train split and its own lens's PSF; reported under ``external`` in ``metrics.json``, as
+            a second table in ``table.md`` and with its images under ``external/images/``.
         progress: progress bars.
 
     Returns:
@@ -249,6 +256,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     # ---- check everything before any work: dataset, models, output folder, device
     data = Path(data)
     _check_dataset(data, limit, tune_pairs)
+    if external is not None:
+        _check_dataset(Path(external), None, tune_pairs)
     pipeline_dir, run_dir, stage1_dir, stage1_source, ablation_dirs = _models(model, stage1, ablations)
     out = Path(out) if out is not None else eval_dir(pipeline_dir, run_dir)
     if out.exists() or out.is_symlink():
@@ -274,29 +283,12 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     references = {**REFERENCES, **{m.name: m.reference for m in rows}}
 
     # ---- every test image through every method
-    records, shown = [], []
-    show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
     with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
         warm = Sample.of(test[0])                                   # networks only, untimed
         for method in rows:
             if method.name not in ("wiener", "richardson_lucy"):
                 method.run(context, warm)
-        for index in tqdm(range(count), desc="evaluate", disable=not progress):
-            item = test[index]
-            name, sample = item["name"], Sample.of(item)
-            gt = to_hwc(item["gt"])
-            row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
-            outputs = {}
-            for method in rows:
-                image, seconds, extra = method.run(context, sample)
-                image = outputs[method.name] = quantize(image, 8)
-                reference = sample.capture if method.reference == "lr" else gt
-                row[method.name] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds, **extra}
-                write_png(tmp / IMAGES_DIR / method.name / f"{name}.png", image)
-            records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
-                            "maps": "maps" in item, "methods": row})
-            if index in show:
-                shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
+        records, shown = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows, progress)
 
         # ---- the report
         summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
@@ -316,14 +308,65 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         for method, (key, _) in BAR_VARIANTS.items():
             if method in methods:
                 metrics[key] = quality_bar(metrics, method=method)
+        table = format_table(metrics)
+        if external is not None:
+            metrics["external"] = _external_split(Path(external), context, lpips, tmp, progress)
+            table += "\n" + format_table({**metrics, **metrics["external"]})
         metrics["provenance"] = provenance(command="dmdiff evaluate")
         write_json(tmp / METRICS_FILE, metrics)
         atomic_write_text(tmp / CSV_FILE, csv_text(records, methods, references))
-        atomic_write_text(tmp / TABLE_FILE, format_table(metrics))
+        atomic_write_text(tmp / TABLE_FILE, table)
         if shown:
             write_grids(shown, methods, tmp)
     metrics["out"] = str(out)
     return metrics
+
+
+def _external_split(data: Path, context: Context, lpips, out: Path, progress: bool) -> dict:
+    """``metrics.json``'s ``external``: every test pair of ``data`` through the same methods (the
+    baselines with its own lens's central PSF and the parameters tuned for the main dataset), with
+    its means, spreads and quality bar; images under ``out/external/images/``."""
+    psf = dataset_central_psf(data)[0] if context.psf is not None else None
+    context = replace(context, psf=psf)
+    rows = methods_for(context)
+    test = PairedFolderDataset(data, "test")
+    records, _ = _run_split(test, len(test), rows, context, lpips, out / EXTERNAL_DIR / IMAGES_DIR, 0, progress)
+    methods = ["input", *(m.name for m in rows)]
+    summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
+    record = {"dataset": str(data), "split": "test", "count": len(records), "names": [r["name"] for r in records],
+              "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
+              "summary": summary, "per_image": records}
+    record["quality_bar"] = quality_bar(record)
+    record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
+                   if method in methods})
+    return record
+
+
+def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: Context, lpips, images: Path,
+               grid_rows: int, progress: bool) -> tuple[list[dict], list]:
+    """The first ``count`` pairs of ``test`` through every method of ``rows``: per image its record
+    (``name``, size, ``maps``, ``methods``: figures per method), its 8-bit outputs saved under
+    ``images/<method>/<name>.png``; returns the records and the ``(name, images, figures)`` of the
+    ``grid_rows`` images evenly spaced over the names (for the grids)."""
+    records, shown = [], []
+    show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
+    for index in tqdm(range(count), desc="evaluate", disable=not progress):
+        item = test[index]
+        name, sample = item["name"], Sample.of(item)
+        gt = to_hwc(item["gt"])
+        row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
+        outputs = {}
+        for method in rows:
+            image, seconds, extra = method.run(context, sample)
+            image = outputs[method.name] = quantize(image, 8)
+            reference = sample.capture if method.reference == "lr" else gt
+            row[method.name] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds, **extra}
+            write_png(images / method.name / f"{name}.png", image)
+        records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
+                        "maps": "maps" in item, "methods": row})
+        if index in show:
+            shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
+    return records, shown
 
 
 def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_source: str | None,
@@ -386,6 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="RUN_OR_PIPELINE",
                         help="training run, recipe run (its stage2/) or pipeline folder")
     parser.add_argument("--data", required=True, metavar="DATASET", help="dataset folder (its test split is evaluated)")
+    parser.add_argument("--external", default=None, metavar="DATASET",
+                        help="also evaluate the test split of this dataset (e.g. `dmdiff simulate --external`: "
+                             "photos no training saw) with the same methods, as a second table")
     parser.add_argument("--out", default=None, help="report folder (default: RUN/eval, or <PIPELINE>-eval)")
     parser.add_argument("--stage1", default=None, metavar="RUN",
                         help="stage-1 (GT → capture) run or pipeline: PSNR of degrade(GT) vs the capture "
@@ -412,7 +458,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1,
                        ablations=parse_ablation_args(args.ablation), limit=args.limit,
                        tune_pairs=args.tune_pairs, device=args.device, model_path=args.model_path,
-                       progress=not args.no_progress)
+                       external=args.external, progress=not args.no_progress)
     out = Path(metrics["out"])
     print((out / TABLE_FILE).read_text())
     grids = f"{GRID_FILE}, {ABLATION_GRID_FILE}" if (out / ABLATION_GRID_FILE).is_file() else GRID_FILE

@@ -372,7 +372,9 @@ def _resolve_sd_turbo(path: str, allow_download: bool) -> Path:
         return folder
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise DmdiffError(f"no SD-Turbo folder at {path!r}. {DOWNLOAD_HELP}")
-    from huggingface_hub import snapshot_download  # local: only for a hub id, the one path that may go online
+    from huggingface_hub import (
+        snapshot_download,  # local: only for a hub id, the one path that may go online
+    )
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:

@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,12 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from dmdiff.config import smoke_preset
+from dmdiff.data.corpus import (
+    CorpusPhoto,
+    corpus_record,
+    multiscale_crop,
+    training_photos,
+)
 from dmdiff.data.sources import (
     TEST_PHOTOS,
     bundled_photos,
@@ -57,6 +63,7 @@ from dmdiff.data.sources import (
     photo_palette,
 )
 from dmdiff.errors import DmdiffError
+from dmdiff.imageio import read_image
 from dmdiff.metrics import psnr_torch
 from dmdiff.model.backbone import (
     TINY_ASSETS,
@@ -87,6 +94,8 @@ class PretrainConfig:
     dead_leaves_fraction: float = 0.5   # share of each batch cropped from dead-leaves images
     dead_leaves_images: int = 128       # generated at the start of each run (seeded)
     dead_leaves_px: int = 128
+    corpus_root: str | None = None      # where the photo packages are (dmdiff.data.corpus); None: bundled only
+    sensor_px: int = 256                # corpus crops: the scales at which a sensor this size sees a scene
     vae_lr: float = 2e-3
     unet_lr: float = 2e-3
     warmup_steps: int = 20
@@ -105,21 +114,26 @@ class PretrainConfig:
 
 
 class CropSampler:
-    """Random training crops of the TRAIN photos and of dead-leaves images made for this run.
+    """Random training crops of the TRAIN photos, of the corpus photos and of dead-leaves images made
+    for this run.
 
-    A crop takes a square window of ``size · 2**u`` px (``u`` uniform in [-0.5, 1], clipped to the
-    image), resizes it to ``size`` (bilinear, antialiased) and flips it at random. The
+    A crop of a bundled photo takes a square window of ``size · 2**u`` px (``u`` uniform in
+    [-0.5, 1], clipped to the image), resizes it to ``size`` (bilinear, antialiased) and flips it at
+    random; a crop of a corpus photo (:mod:`dmdiff.data.corpus`, kept as uint8) is taken at a scale a
+    ``sensor_px`` sensor could see it at (:func:`dmdiff.data.corpus.multiscale_crop`). The
     ``dead_leaves_images`` dead-leaves images (``dead_leaves_px``² each, coloured from the training
     photos' palette) are generated once, here, from ``seed``: generating them per batch would take
     ~20 % of a CPU step.
     """
 
     def __init__(self, seed: int, dead_leaves_fraction: float, dead_leaves_images: int = 128,
-                 dead_leaves_px: int = 128):
+                 dead_leaves_px: int = 128, corpus: Sequence[CorpusPhoto] = (), sensor_px: int = 256):
         self.photos = bundled_photos("train")
+        self.corpus = {p.name: np.rint(read_image(p.path) * 255).astype(np.uint8) for p in corpus}
+        self.sensor_px = sensor_px
         leaked = set(self.photos) & set(TEST_PHOTOS)
         assert not leaked, f"test photos in the pretraining set: {sorted(leaked)}"
-        self.names = sorted(self.photos)
+        self.names = sorted(self.photos) + sorted(self.corpus)
         self.dead_leaves_fraction = dead_leaves_fraction
         palette = photo_palette()
         self.dead_leaves = [dead_leaves(dead_leaves_px, named_rng(seed, f"pretrain/deadleaves_{k:03d}"),
@@ -143,7 +157,12 @@ class CropSampler:
             if self.rng.uniform() < self.dead_leaves_fraction:
                 image = self.dead_leaves[self.rng.integers(len(self.dead_leaves))]
             else:
-                image = self.photos[self.names[self.rng.integers(len(self.names))]]
+                name = self.names[self.rng.integers(len(self.names))]
+                if name in self.corpus:
+                    crop = multiscale_crop(self.corpus[name], size, self.rng, self.sensor_px)
+                    images.append(torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))))
+                    continue
+                image = self.photos[name]
             images.append(self._crop(image, size))
         return torch.stack(images).clamp(0, 1)
 
@@ -346,7 +365,9 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
         torch.manual_seed(cfg.seed)
         backbone = load_backbone("tiny", pretrained=False, seed=cfg.seed)
         backbone.one_step_timestep = cfg.timestep
-        sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction, cfg.dead_leaves_images, cfg.dead_leaves_px)
+        photos = training_photos(cfg.corpus_root) if cfg.corpus_root else []
+        sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction, cfg.dead_leaves_images, cfg.dead_leaves_px,
+                              photos, cfg.sensor_px)
         before = reconstruction_psnrs(backbone, cfg)
         if unet_only:
             vae_stats, scaling = _reuse_vae(backbone, out)
@@ -360,7 +381,7 @@ def pretrain_backbone(out: str | Path = TINY_ASSETS, cfg: PretrainConfig = Pretr
                         total_seconds=round(time.monotonic() - start, 1), unet_only=unet_only,
                         timestep=cfg.timestep, torch_threads=torch.get_num_threads(), parameters=backbone.num_parameters(),
                         data={"train": sorted(sampler.names) + [f"{len(sampler.dead_leaves)} dead-leaves images (seeded)"],
-                              "heldout_eval_only": list(TEST_PHOTOS)})
+                              "heldout_eval_only": list(TEST_PHOTOS), "corpus": corpus_record(photos)})
     save_backbone(backbone, out, overwrite=True, extra_json={REPORT_NAME: report})
     return report
 
@@ -386,6 +407,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PretrainConfig()
     smoke = smoke_preset("pretrain")
     parser.add_argument("--out", default=str(TINY_ASSETS), help="backbone folder to write (default: the shipped one)")
+    parser.add_argument("--corpus", default=None, metavar="ROOT",
+                        help="also train on the photos of the Debian packages plasma-workspace-wallpapers and "
+                             "opencv-doc installed (ROOT /) or extracted (dpkg-deb -x) under ROOT "
+                             "(dmdiff.data.corpus; default: the bundled photos only)")
     parser.add_argument("--vae-minutes", type=float, default=None,
                         help=f"wall-clock budget of the VAE stage (default {defaults.vae_minutes:g}, "
                              f"{smoke['vae_minutes']:g} with --smoke)")
@@ -406,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``dmdiff pretrain-backbone [--out DIR] [--vae-minutes M] [--unet-minutes M]
     [--timestep T] [--unet-only] [--seed S] [--smoke] [--overwrite]``; prints the PSNRs."""
-    cfg = PretrainConfig(seed=args.seed, timestep=args.timestep)
+    cfg = PretrainConfig(seed=args.seed, timestep=args.timestep, corpus_root=args.corpus)
     if args.smoke:
         cfg = replace(cfg, **smoke_preset("pretrain"))
     cfg = replace(cfg, **{k: v for k, v in (("vae_minutes", args.vae_minutes),
