@@ -32,7 +32,7 @@ COMMANDS = {
     "simulate": ("dmdiff.data.simulate", "simulate a metalens dataset (DMDiff folder layout)"),
     "bench": ("dmdiff.bench", "benchmarks (print ratios against a baseline run in the same process)"),
     "repro": ("dmdiff.repro", "run the notebook study headlessly through papermill"),
-    "pretrain-backbone": ("dmdiff.model.pretrain", "pretrain the tiny backbone (VAE, then UNet as a one-step "
+    "pretrain-backbone": ("dmdiff.train.pretrain", "pretrain the tiny backbone (VAE, then UNet as a one-step "
                                                    "denoiser) on training images"),
     "train": ("dmdiff.train.command", "train DMDiff (multipath, on accelerate); --recipe runs the two-stage "
                                       "pseudo-data recipe"),

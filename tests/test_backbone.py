@@ -67,7 +67,7 @@ def test_tiny_builds_offline_with_expected_shapes(no_network):
     latent = backbone.vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean
     assert latent.shape == (1, 4, 32, 32)
     assert backbone.vae.decode(latent).sample.shape == (1, 3, 64, 64)
-    assert (backbone.vae_scale_factor, backbone.latent_multiple) == (2, 4)
+    assert (backbone.vae_scale_factor, backbone.latent_multiple) == (2, 16)
     assert not any(p.requires_grad for p in backbone.text_encoder.parameters())
     counts = backbone.num_parameters()
     assert counts["total"] == counts["unet"] + counts["vae"] + counts["text_encoder"] < 3_000_000
@@ -162,7 +162,7 @@ def test_fp16_variant_only_folder_loads(saved, tmp_path):
     folder = shutil.copytree(saved, tmp_path / "fp16")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
-    assert load_backbone("sd-turbo", path=folder).unet.conv_in.weight.shape == (32, 4, 3, 3)
+    assert load_backbone("sd-turbo", path=folder).unet.conv_in.weight.shape == (16, 4, 3, 3)
 
 
 def test_shipped_tiny_weights_are_used_when_present(saved, monkeypatch):

@@ -42,8 +42,11 @@ def fake_root(root, lomiri=True):
 
 def test_training_photos_with_licences(tmp_path):
     photos = corpus.training_photos(fake_root(tmp_path))
-    assert len(photos) == len(corpus.PLASMA_PHOTOS) + len(corpus.OPENCV_PHOTOS)
+    validation = corpus.validation_photos(tmp_path)
+    assert len(photos) + len(validation) == len(corpus.PLASMA_PHOTOS) + len(corpus.OPENCV_PHOTOS)
     assert len({p.name for p in photos}) == len(photos)
+    assert sorted(p.name for p in validation) == sorted(corpus.VALIDATION_PHOTOS)
+    assert not {p.name for p in photos} & set(corpus.VALIDATION_PHOTOS)      # held out of training
     plasma = [p for p in photos if p.package == "plasma-workspace-wallpapers"]
     assert all(p.path.name == "80x60.png" and p.licence == "LGPLv3" for p in plasma)     # the largest image
     assert {p.licence for p in photos if p.package == "opencv-doc"} == {"Apache-2.0 AND BSD-3-Clause"}
@@ -90,7 +93,7 @@ def test_a_sensor_never_sees_more_than_the_whole_scene():
 
 
 def test_the_pretraining_sampler_draws_corpus_crops(tmp_path):
-    from dmdiff.model.pretrain import CropSampler
+    from dmdiff.train.pretrain import CropSampler
 
     photos = corpus.training_photos(fake_root(tmp_path))
     sampler = CropSampler(0, dead_leaves_fraction=0.0, dead_leaves_images=1, dead_leaves_px=32, corpus=photos,

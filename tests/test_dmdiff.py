@@ -69,8 +69,8 @@ def test_decode_reuses_latents_without_the_unet(model):
         out, latents = model.restore(x, maps, alpha=0.4, return_latents=True)
         assert len(calls) == 1                               # both paths in one batched call
         assert isinstance(latents, RestoreLatents) and latents.size == ODD_HW
-        assert latents.z_neutral.shape == latents.z_positive.shape == (2, 4, 20, 28)   # 40×56 padded, /2
-        assert latents.pad == (1, 2, 1, 2)
+        assert latents.z_neutral.shape == latents.z_positive.shape == (2, 4, 24, 32)   # 48×64 padded (multiple of 16), /2
+        assert latents.pad == (5, 6, 5, 6)
         for alpha in (0.0, 0.4, 1.0, 1.2):
             assert torch.equal(model.decode(latents, alpha), model.restore(x, maps, alpha=alpha))
         calls.clear()
@@ -86,7 +86,7 @@ def test_batched_paths_equal_separate_calls(model):
         assert len(calls) == 1
         for path in ("neutral", "positive"):
             alone = model.latents(x, maps, (path,))[path]
-            assert both[path].shape == (2, 4, 20, 28)
+            assert both[path].shape == (2, 4, 24, 32)
             # batch size changes the GEMM blocking: float32 sums differ in the last bits (seen up to
             # 2.4e-5 on some CPUs); a path run with the wrong prompt or modulation differs far more
             torch.testing.assert_close(both[path], alone, atol=1e-4, rtol=1e-4)

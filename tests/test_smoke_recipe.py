@@ -54,10 +54,10 @@ def test_every_smoke_preset_loads_into_its_config():
     """configs/smoke.yaml is the one place of the smoke presets; each section is a valid overlay."""
     from dataclasses import replace
 
-    from dmdiff.model.pretrain import PretrainConfig
+    from dmdiff.train.pretrain import PretrainConfig
 
     assert resolve_config(smoke=True).spec.image_size_px == smoke_preset("simulate")["spec"]["image_size_px"]
-    assert replace(PretrainConfig(), **smoke_preset("pretrain")).max_steps == smoke_preset("pretrain")["max_steps"]
+    assert replace(PretrainConfig(), **smoke_preset("pretrain")).vae_steps == smoke_preset("pretrain")["vae_steps"]
     with pytest.raises(DmdiffError, match="no 'nothing' section"):
         smoke_preset("nothing")
     with pytest.raises(DmdiffError, match="no shipped recipe"):

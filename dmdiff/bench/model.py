@@ -2,21 +2,28 @@
 
 One run prints:
 
-- the ``tiny`` preset (``DMDiffConfig()`` defaults, batch 1, fp32, CPU): the latency of a full
-  :meth:`~dmdiff.model.dmdiff.DMDiff.restore` (both paths) and of an α-change re-decode
-  (:meth:`~dmdiff.model.dmdiff.DMDiff.decode`) at each size, their ratio (target ≤ 0.35 at 512²),
-  where the restore time goes (SVDA, VAE encoder, UNet, VAE decoder), and the peak memory of a restore;
+- the ``tiny`` preset (``DMDiffConfig()`` defaults, batch 1, fp32, CPU), restoring as ``dmdiff
+  restore`` does (:class:`~dmdiff.model.pipeline.DMDiffPipeline`, 256-px blended tiles with 32 px
+  of overlap by default): the latency of a full restore (both paths) and of an α-change re-decode
+  (:meth:`~dmdiff.model.pipeline.DMDiffPipeline.decode`) at each size, their ratio (target ≤ 0.35
+  at 512²), where the restore time goes (SVDA, VAE encoder, UNet, VAE decoder), and the peak memory
+  of a restore, for the shipped backbone and, side by side in the same run, for the tiny layout
+  shipped before it (:data:`PREVIOUS_TINY_LAYOUT`, random weights: the layout, not the weights,
+  sets the time), with the speed-up and the targets of the current layout;
 - ``sd-turbo-shape``: one plain UNet call at 512² (latent 64×64, batch 1, fp32, CPU), SD-Turbo's
   architecture with random weights;
 - with CUDA: the ``sd-turbo-shape`` restore at 512² in fp16 on the GPU (a figure, not a test).
 
 Times are medians over ``repeats`` calls (restore and re-decode interleaved, so both see the same
-load), after a warm-up restore at 64². Each measurement runs in a fresh process, so that memory
-freed by an earlier one and kept by the allocator does not hide this one's. Peak memory is the
-resident set size (RSS) of that process during its first restore at the size, above the RSS just
-before: the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) on Linux,
-else psutil RSS sampled every millisecond. On CUDA it is ``torch.cuda.max_memory_allocated`` above
-the memory allocated before. On a shared machine, one CPU thread (the default) gives the most stable figures.
+load; sizes above :data:`REPEAT_LIMIT` px are timed once), after a warm-up restore at 64². Each
+measurement runs in a fresh process, so that memory freed by an earlier one and kept by the
+allocator does not hide this one's. Peak memory is the resident set size (RSS) of that process
+during its first restore at the size: the whole process's peak (what ``/usr/bin/time -v`` reports
+for a ``dmdiff restore`` of that image, less the file reading) and the part above the RSS just
+before the restore; the kernel's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) on Linux, else psutil RSS sampled every millisecond. On CUDA it is
+``torch.cuda.max_memory_allocated`` above the memory allocated before. On a shared machine, one CPU
+thread (the default) gives the most stable figures.
 """
 
 from __future__ import annotations
@@ -37,12 +44,31 @@ from diffusers import UNet2DConditionModel
 
 from dmdiff.device import synchronize, timed
 from dmdiff.errors import DmdiffError
-from dmdiff.model.backbone import SD_TURBO_UNET
+from dmdiff.model.backbone import SD_TURBO_UNET, TINY_TEXT, random_init
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.model.pipeline import DMDiffPipeline
+from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX
 
 RATIO_TARGET = 0.35
 RATIO_SIZE = 512
 WARMUP_SIZE = 64
+REPEAT_LIMIT = 512               # larger sizes are timed once
+#: Targets of the tiny layout, one thread: (image side px, seconds, peak RSS bytes or None).
+SPEED_TARGETS = ((256, 0.5, None), (2048, 60.0, 1.5 * 2 ** 30))
+
+#: The tiny layout shipped until December 2026: VAE ×2 with (32, 32) channels, UNet (32, 64) with its
+#: attention on the second level and in the mid-block (a 64² token grid for a 256² image). The speed
+#: baseline of this benchmark, built with random weights.
+PREVIOUS_TINY_LAYOUT = {
+    "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TINY_TEXT["hidden_size"],
+                 attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=4),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+                norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, mid_block_add_attention=False, sample_size=128,
+                scaling_factor=0.18215),
+}
 STAGES = ("svda", "vae encoder", "unet", "vae decoder")
 _HWM_RESET = Path("/proc/self/clear_refs")
 
@@ -56,7 +82,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.bytes = 0
+        self.bytes = 0          # peak above the usage at entry
+        self.peak = 0           # the peak itself (CPU: the process's RSS; CUDA: allocated memory)
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -90,6 +117,7 @@ class PeakMemory:
             self._stop.set()
             self._sampler.join()
             peak = max(self._samples)
+        self.peak = peak
         self.bytes = max(peak - self._start, 0)
 
 
@@ -128,36 +156,50 @@ class StageTimes:
 
 
 def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device: str = "cpu",
-                      half: bool = False) -> dict:
-    """Time DMDiff restore and α re-decode of one ``size × size`` image (run it in a fresh process).
+                      half: bool = False, tile: int | None = DEFAULT_TILE_PX, layout: dict | None = None) -> dict:
+    """Time DMDiff restore and α re-decode of one ``size × size`` image through the pipeline, as
+    ``dmdiff restore`` runs it (run it in a fresh process).
+
+    Args:
+        tile: the pipeline's tile side in px (None: the whole image in one call); overlap 32 px.
+        layout: ``{"unet": config, "vae": config}`` of a random-init tiny backbone to time instead of
+            the preset's (e.g. :data:`PREVIOUS_TINY_LAYOUT`).
 
     Returns:
-        ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "stages_s"}``:
-        medians over ``repeats`` (seconds), the backbone's source, the peak memory of the first
-        restore at this size (bytes), and the median time per stage of a restore.
+        ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "peak_rss_bytes",
+        "stages_s"}``: medians over ``repeats`` timed calls (seconds; one above :data:`REPEAT_LIMIT`
+        px), the backbone's source, the peak memory of the first restore at this size (bytes above
+        the usage before it, and the process's peak), the median time per stage of a restore.
     """
 
     torch.set_num_threads(threads)
     device = torch.device(device)
     start = time.perf_counter()
-    model = DMDiff(DMDiffConfig(preset=preset)).to(device, torch.float16 if half else torch.float32)
+    backbone = None if layout is None else random_init("tiny", 0, layout["unet"], layout["vae"])
+    model = DMDiff(DMDiffConfig(preset=preset), backbone).to(device, torch.float16 if half else torch.float32)
+    pipe = DMDiffPipeline.from_model(model)
     build_s = time.perf_counter() - start
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
-    model.restore(x[..., :WARMUP_SIZE, :WARMUP_SIZE])
-    with PeakMemory(device) as memory:
-        model.restore(x)
+    pipe(x[..., :WARMUP_SIZE, :WARMUP_SIZE], tile=tile)
     stages = StageTimes({"svda": model.svda, "vae encoder": model.vae.encoder, "unet": model.unet,
                          "vae decoder": model.vae.decoder}, device)
     restore_s, decode_s = [], []
-    for _ in range(repeats):
+
+    def timed_restore() -> None:
         with stages.active():
-            seconds, (_, latents) = timed(lambda: model.restore(x, return_latents=True), device)
+            seconds, output = timed(lambda: pipe(x, tile=tile, overlap=DEFAULT_OVERLAP_PX, return_latents=True),
+                                    device)
         stages.lap()
         restore_s.append(seconds)
-        decode_s.append(timed(lambda: model.decode(latents, 0.5), device)[0])
+        decode_s.append(timed(lambda: pipe.decode(output, 0.5, tile=tile, overlap=DEFAULT_OVERLAP_PX), device)[0])
+
+    with PeakMemory(device) as memory:
+        timed_restore()
+    for _ in range(repeats - 1 if size <= REPEAT_LIMIT else 0):
+        timed_restore()
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
     return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
-            "ratio": decode / restore, "peak_bytes": memory.bytes,
+            "ratio": decode / restore, "peak_bytes": memory.bytes, "peak_rss_bytes": memory.peak,
             "stages_s": {s: statistics.median(lap[s] for lap in stages.laps) for s in STAGES}}
 
 
@@ -196,28 +238,55 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.0f} MiB"
 
 
-def format_tiny(sizes: list[int], results: list[dict], repeats: int, threads: int) -> str:
-    """The tiny-preset part of the report."""
-    lines = [f"tiny preset, DMDiffConfig() defaults, backbone: {results[0]['backbone']}; batch 1, fp32, CPU, "
-             f"{threads} thread(s), medians of {repeats}",
-             f"  {'size':<10}{'restore':>10}{'re-decode':>11}{'ratio':>8}{'peak RSS':>11}   restore time by stage",
-             ]
-    for size, r in zip(sizes, results):
-        stages = ", ".join(f"{s} {r['stages_s'][s]:.2f}" for s in STAGES)
-        lines.append(f"  {f'{size}×{size}':<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
-                     f"{_mib(r['peak_bytes']):>11}   {stages} s")
+def _row(label: str, r: dict) -> str:
+    stages = ", ".join(f"{s} {r['stages_s'][s]:.2f}" for s in STAGES)
+    return (f"{label:<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
+            f"{'+' + _mib(r['peak_bytes']):>11}{_mib(r['peak_rss_bytes']):>11}   {stages} s")
+
+
+def format_tiny(sizes: list[int], results: list[dict], previous: list[dict] | None, repeats: int, threads: int,
+                tile: int | None) -> str:
+    """The tiny-preset part of the report: per size the shipped backbone's row and, when measured,
+    the previous layout's and the speed-up; then the targets."""
+    tiles = f"{tile}-px tiles, {DEFAULT_OVERLAP_PX} px overlap" if tile else "untiled"
+    lines = [f"tiny preset, DMDiffConfig() defaults, restored as `dmdiff restore` does ({tiles}); batch 1, fp32, "
+             f"CPU, {threads} thread(s), medians of {repeats} (sizes above {REPEAT_LIMIT} px: one call)",
+             f"  shipped:  {results[0]['backbone']}"]
+    if previous:
+        lines.append("  previous: the tiny layout shipped before (PREVIOUS_TINY_LAYOUT, random weights)")
+    lines.append(f"  {'size':<11}{'backbone':<10}{'restore':>10}{'re-decode':>11}{'ratio':>8}{'peak RSS':>11}"
+                 f"{'process':>11}   restore time by stage")
+    for k, (size, r) in enumerate(zip(sizes, results)):
+        lines.append(f"  {f'{size}×{size}':<11}" + _row("shipped", r))
+        if previous:
+            p = previous[k]
+            lines.append(f"  {'':<11}" + _row("previous", p))
+            lines.append(f"  {'':<11}{'speed-up':<10}{p['restore_s'] / r['restore_s']:>9.1f}×")
     if RATIO_SIZE in sizes:
         ratio = results[sizes.index(RATIO_SIZE)]["ratio"]
         verdict = "met" if ratio <= RATIO_TARGET else "NOT met"
         lines.append(f"  α re-decode / full restore at {RATIO_SIZE}²: {ratio:.3f} "
                      f"(target ≤ {RATIO_TARGET}: {verdict})")
-    lines.append("  (peak RSS: first restore at that size in a fresh process, above the RSS before it)")
+    for size, seconds, peak in SPEED_TARGETS:
+        if size in sizes:
+            r = results[sizes.index(size)]
+            met = r["restore_s"] <= seconds and (peak is None or r["peak_rss_bytes"] < peak)
+            memory = "" if peak is None else f" at < {peak / 2 ** 30:.1f} GiB peak RSS ({r['peak_rss_bytes'] / 2 ** 30:.2f} GiB)"
+            lines.append(f"  target: {size}² restore ≤ {seconds:g} s{memory}: {r['restore_s']:.2f} s, "
+                         f"{'met' if met else 'NOT met'}")
+    lines.append("  (peak RSS: first restore at that size in a fresh process, above the RSS before it; "
+                 "process: that process's peak)")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line arguments of this benchmark."""
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides of the tiny restore (px)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 2048],
+                        help="image sides of the tiny restore (px; default %(default)s)")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE_PX,
+                        help="tile side of the restore in px, 0 for none (default %(default)s, as dmdiff restore)")
+    parser.add_argument("--no-previous", dest="previous", action="store_false",
+                        help="skip the previous tiny layout's measurements")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (the median is kept)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: the most stable figures on a shared box)")
     parser.add_argument("--no-sd-turbo-shape", dest="sd_turbo_shape", action="store_false",
@@ -230,9 +299,15 @@ def main(args: argparse.Namespace) -> int:
         raise DmdiffError(f"--repeats and --threads must be at least 1, got {args.repeats} and {args.threads}")
     if min(args.sizes) < WARMUP_SIZE:
         raise DmdiffError(f"--sizes must be at least {WARMUP_SIZE} px, got {args.sizes}")
+    tile = args.tile or None
     print(f"dmdiff bench model  (torch {torch.__version__}, {psutil.cpu_count()} CPUs)", flush=True)
-    tiny = [in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads) for size in args.sizes]
-    print(format_tiny(args.sizes, tiny, args.repeats, args.threads), flush=True)
+    tiny, previous = [], []
+    for size in args.sizes:
+        tiny.append(in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads, "cpu", False, tile))
+        if args.previous:
+            previous.append(in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads, "cpu", False,
+                                             tile, PREVIOUS_TINY_LAYOUT))
+    print(format_tiny(args.sizes, tiny, previous, args.repeats, args.threads, tile), flush=True)
     if args.sd_turbo_shape:
         u = in_fresh_process(unet_benchmark, RATIO_SIZE, args.repeats, args.threads)
         latent = RATIO_SIZE // 8
@@ -243,7 +318,8 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("CUDA: not available, so no sd-turbo-shape fp16 GPU restore figure")
     elif args.sd_turbo_shape:
-        r = in_fresh_process(restore_benchmark, "sd-turbo-shape", RATIO_SIZE, args.repeats, args.threads, "cuda", True)
+        r = in_fresh_process(restore_benchmark, "sd-turbo-shape", RATIO_SIZE, args.repeats, args.threads, "cuda", True,
+                             None)
         stages = ", ".join(f"{s} {1e3 * r['stages_s'][s]:.1f}" for s in STAGES)
         print(f"sd-turbo-shape restore at {RATIO_SIZE}², fp16, {torch.cuda.get_device_name()}: "
               f"{1e3 * r['restore_s']:.1f} ms, α re-decode {1e3 * r['decode_s']:.1f} ms (ratio {r['ratio']:.3f}), "

@@ -15,6 +15,9 @@ folder, and never redistributes them (the pretrained weights are what users get)
 * ``lomiri-wallpapers-16.04``: 15 contest photographs (CC-BY-4.0 / CC-BY-SA-4.0, per file). These
   are the **external check set**: no training of any kind sees them (:func:`external_photos`).
 
+Three of the training packages' photos (:data:`VALIDATION_PHOTOS`) are held out of pretraining as
+its validation set: layouts and settings are chosen on them, never on the external check set.
+
 :func:`multiscale_crop` takes crops at the whole range of scales at which a sensor of ``sensor_px``
 pixels could see such a scene: from one photo pixel per sensor pixel to the whole scene filling
 the sensor, so a ``size``-px crop covers a window of side log-uniform in ``[size, size · S /
@@ -34,8 +37,8 @@ from PIL import Image
 from dmdiff.data.sources import TRAIN_PHOTOS
 from dmdiff.errors import DmdiffError
 
-__all__ = ["CorpusPhoto", "PLASMA_PHOTOS", "OPENCV_PHOTOS", "PACKAGES", "training_photos", "external_photos",
-           "multiscale_crop", "corpus_record"]
+__all__ = ["CorpusPhoto", "PLASMA_PHOTOS", "OPENCV_PHOTOS", "VALIDATION_PHOTOS", "PACKAGES", "training_photos",
+           "validation_photos", "external_photos", "multiscale_crop", "corpus_record"]
 
 #: The photographs among plasma-workspace-wallpapers (folder names under usr/share/wallpapers).
 PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
@@ -44,6 +47,9 @@ PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "Eve
 OPENCV_PHOTOS = ("aero1", "aero3", "aloeL", "apple", "baboon", "board", "building", "butterfly", "chicky_512",
                  "ela_original", "fruits", "graf1", "home", "leuvenA", "messi5", "orange", "rubberwhale1",
                  "squirrel_cls", "stuff")
+#: Corpus photos held out of pretraining and only scored: they choose layouts and settings (the external
+#: check set never does).
+VALIDATION_PHOTOS = ("plasma_EveningGlow", "opencv_fruits", "opencv_leuvenA")
 #: The Debian packages the corpus comes from, and what each is for.
 PACKAGES = {"plasma-workspace-wallpapers": "training", "opencv-doc": "training", "lomiri-wallpapers-16.04": "external check"}
 
@@ -115,14 +121,28 @@ def _opencv(root: Path) -> list[CorpusPhoto]:
     return photos
 
 
+def _corpus(root: str | Path) -> list[CorpusPhoto]:
+    root = Path(root)
+    return _plasma(root) + _opencv(root)
+
+
 def training_photos(root: str | Path = "/") -> list[CorpusPhoto]:
-    """The corpus photos that training may use (plasma + opencv), from packages under ``root``.
+    """The corpus photos that training may use (plasma + opencv, less :data:`VALIDATION_PHOTOS`),
+    from packages under ``root``.
 
     Raises:
         DmdiffError: a package is neither installed nor extracted there (the message says how).
     """
-    root = Path(root)
-    return _plasma(root) + _opencv(root)
+    return [p for p in _corpus(root) if p.name not in VALIDATION_PHOTOS]
+
+
+def validation_photos(root: str | Path = "/") -> list[CorpusPhoto]:
+    """The corpus photos held out of pretraining (:data:`VALIDATION_PHOTOS`), from packages under ``root``.
+
+    Raises:
+        DmdiffError: a package is neither installed nor extracted there (the message says how).
+    """
+    return [p for p in _corpus(root) if p.name in VALIDATION_PHOTOS]
 
 
 def external_photos(root: str | Path = "/") -> list[CorpusPhoto]:

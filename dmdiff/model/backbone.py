@@ -52,14 +52,15 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
                  steps_offset=1, timestep_spacing="trailing")
 
-TINY_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+TINY_UNET = dict(  # layout chosen by profile and quality: docs/tiny_backbone.md "Layout"
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(16, 32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=32,
-    attention_head_dim=(2, 4),      # diffusers reads this as the head count: 16 channels per head
+    attention_head_dim=(1, 2, 4, 4),  # diffusers reads this as the head count: 16 channels per head
     use_linear_projection=True,     # as SD-Turbo: proj_in/proj_out are Linear layers
-    norm_num_groups=4,              # 8-16 channels per group (SD-Turbo: 10-40); see docs/tiny_backbone.md
+    norm_num_groups=4,              # 4-16 channels per group (SD-Turbo: 10-40); see docs/tiny_backbone.md
 )
 TINY_VAE = dict(  # (32, 32) and 8 channels per norm group: see docs/tiny_backbone.md
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
@@ -159,7 +160,7 @@ class Backbone:
     def latent_multiple(self) -> int:
         """Image sides should be multiples of this many pixels: VAE factor × UNet downsampling.
 
-        4 for tiny (2 × 2), 64 for SD-Turbo (8 × 8).
+        16 for tiny (2 × 8), 64 for SD-Turbo (8 × 8).
         """
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
@@ -252,7 +253,7 @@ def load_backbone(preset: str = "tiny", path: str | Path | None = None, dtype: t
     elif path is not None:
         raise ConfigError(f"preset {preset!r} is random-init and takes no path (got {str(path)!r})")
     else:
-        backbone = _random_init(preset, seed)
+        backbone = random_init(preset, seed)
     return backbone.to(device, dtype)
 
 
@@ -337,9 +338,13 @@ def seeded(seed: int):
         yield
 
 
-def _random_init(preset: str, seed: int) -> Backbone:
-    """Build a random-init preset on the CPU in fp32; each network seeded on its own."""
+def random_init(preset: str, seed: int = 0, unet: Mapping[str, Any] | None = None,
+                vae: Mapping[str, Any] | None = None) -> Backbone:
+    """A random-init backbone of ``preset``'s layout (``tiny`` or ``sd-turbo-shape``) on the CPU in
+    fp32, each network seeded on its own; ``unet`` / ``vae``: diffusers configs that replace the
+    preset's (another layout, e.g. for a speed comparison)."""
     unet_config, vae_config, text_config = RANDOM_INIT[preset]
+    unet_config, vae_config = unet or unet_config, vae or vae_config
     tokenizer = build_tokenizer()
     text_config = {**text_config, "bos_token_id": tokenizer.bos_token_id,   # the built tokenizer's
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}

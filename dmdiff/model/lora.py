@@ -22,8 +22,8 @@ replaces its output ``a = A(x)`` by ``M · a``. peft's forward is used as is; no
 
 Block ids (any depth): the adapted part is split into stages in data-flow order and stage ``s`` of
 ``S`` gets id ``floor(s · n_blocks / S)``. UNet stages: ``down_blocks.0 … down_blocks.D−1``,
-``mid_block``, ``up_blocks.0 … up_blocks.D−1``, ``conv_out`` (S = 2D + 2; SD-Turbo: D = 4, so
-ids 0–9 one-to-one; tiny: D = 2, ids 0, 1, 3, 5, 6, 8). VAE-encoder stages: ``down_blocks.0`` (with
+``mid_block``, ``up_blocks.0 … up_blocks.D−1``, ``conv_out`` (S = 2D + 2; SD-Turbo and tiny: D = 4,
+so ids 0–9 one-to-one). VAE-encoder stages: ``down_blocks.0`` (with
 ``conv_in``) … ``down_blocks.D−1``, ``mid_block``, ``conv_out`` (S = D + 2; SD-Turbo: ids 0–5;
 tiny: 0, 1, 3, 4).
 

@@ -62,7 +62,7 @@ Tile = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
 def check_tiling(model: DMDiff, tile: int, overlap: int) -> tuple[int, int]:
     """``(tile, overlap)`` in pixels if the model can use them, else a ConfigError saying why.
 
-    ``tile`` must be a multiple of ``latent_multiple`` (4 tiny, 64 SD-Turbo) and at least the SVDA
+    ``tile`` must be a multiple of ``latent_multiple`` (16 tiny, 64 SD-Turbo) and at least the SVDA
     grid (``grid_size`` px); ``overlap`` a multiple of ``vae_scale_factor`` (2 tiny, 8 SD-Turbo) in
     ``[0, tile / 2]``.
     """
