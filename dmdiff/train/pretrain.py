@@ -289,6 +289,7 @@ class Pretraining:
     cfg: PretrainConfig
     backbone: Backbone
     sampler: CropSampler
+    photos: list[CorpusPhoto]            # the corpus photos trained on (the report lists their licences)
     validation: list[CorpusPhoto]
     bf16: bool
     unet_only: bool
@@ -433,6 +434,9 @@ class SessionClock:
     def out_of_time(self) -> bool:
         return self.budget is not None and self.steps > 0 and time.monotonic() - self.start >= self.budget
 
+    def stepped(self) -> None:
+        self.steps += 1
+
     def checkpoint_due(self) -> bool:
         return time.monotonic() - self.last_checkpoint >= self.every
 
@@ -512,7 +516,7 @@ def advance(run: Pretraining, clock: SessionClock, run_dir: Path, progress: bool
                 start = time.monotonic()
                 loss = train_step(run)
                 stats["seconds"] = round(stats["seconds"] + time.monotonic() - start, 1)
-                clock.steps += 1
+                clock.stepped()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if clock.checkpoint_due():
@@ -545,7 +549,7 @@ def start_run(cfg: PretrainConfig, out: Path, unet_only: bool, score: bool = Tru
     validation = validation_photos(cfg.corpus_root) if cfg.corpus_root else []
     sampler = CropSampler(cfg.seed, cfg.dead_leaves_fraction, cfg.dead_leaves_images, cfg.dead_leaves_px,
                           photos, cfg.sensor_px)
-    run = Pretraining(cfg, backbone, sampler, validation, _bf16_default(cfg), unet_only,
+    run = Pretraining(cfg, backbone, sampler, photos, validation, _bf16_default(cfg), unet_only,
                       rngs={stage: named_rng(cfg.seed, f"pretrain/{stage}") for stage in STAGES})
     if score:
         run.before = reconstruction_psnrs(backbone, cfg, validation)
@@ -628,7 +632,6 @@ def _report(run: Pretraining, after: dict) -> dict:
     vae = run.extra_vae if run.unet_only else _stage_summary(run.stats["vae"])
     unet = _stage_summary(run.stats["unet"])
     trained_seconds = sum(s["seconds"] for s in run.stats.values())
-    photos = training_photos(cfg.corpus_root) if cfg.corpus_root else []
     return provenance(asdict(cfg), cfg.seed, finished=True, stage_vae=vae, stage_unet=unet,
                       sessions=run.sessions, training_seconds=round(trained_seconds, 1),
                       crops_seen=run.global_step * cfg.batch_size, bf16=run.bf16,
@@ -638,7 +641,7 @@ def _report(run: Pretraining, after: dict) -> dict:
                       parameters=run.backbone.num_parameters(),
                       data={"train": sorted(run.sampler.names) + [f"{len(run.sampler.dead_leaves)} dead-leaves images (seeded)"],
                             "heldout_eval_only": list(TEST_PHOTOS) + [p.name for p in run.validation],
-                            "corpus": corpus_record(photos),
+                            "corpus": corpus_record(run.photos),
                             "corpus_validation": corpus_record(run.validation)["packages"]})
 
 
