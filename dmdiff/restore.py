@@ -273,7 +273,7 @@ def _finished(report: dict | None, settings: dict, written: dict[str, str | None
             and _ours(out / Path(e["output"]).name, written)}
 
 
-def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float = 1.0,
+def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float | None = None,
             tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX, color: str = DEFAULT_COLOR_CORRECTION,
             maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
             model_path: str | None = None, overwrite: bool = False, resume: bool = False,
@@ -284,7 +284,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         model: pipeline folder, training run or recipe run.
         images: an image file or a folder of images.
         out: output folder (created if missing).
-        alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path).
+        alpha: in ``[0, 1.2]``: 0 fidelity (neutral path), 1 perceptual (positive path); None: the
+            model's recommended α (chosen on the validation split by the recipe), else 1.
         tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`).
         color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
@@ -303,7 +304,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     Raises:
         DmdiffError: bad arguments, model, inputs or output folder (nothing is written then).
     """
-    alpha = check_alpha(alpha)
+    if alpha is not None:
+        alpha = check_alpha(alpha)
     if color not in COLOR_CORRECTIONS:
         raise ConfigError(f"--color-correct must be one of {', '.join(COLOR_CORRECTIONS)}, got {color!r}")
     if bits not in (8, 16):
@@ -319,6 +321,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     loaded = load_pipeline(model, device=device, model_path=model_path)
     pipe, net, pipeline_dir, run = loaded.pipeline, loaded.model, loaded.pipeline_dir, loaded.run_dir
     tile, overlap = check_tiling(net, tile, overlap)
+    if alpha is None:
+        alpha = 1.0 if net.config.recommended_alpha is None else net.config.recommended_alpha
     color = resolve_color_correction(color, net)
     settings = {"model": str(pipeline_dir.resolve()), "model_sha256": model_digest(pipeline_dir), "alpha": alpha,
                 "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
@@ -373,8 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training run, recipe run (its stage2/) or pipeline folder")
     parser.add_argument("--input", required=True, metavar="FILE|DIR", help="an image, or a folder of images (not recursive)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder: <name>.png per image and restore.json")
-    parser.add_argument("--alpha", type=float, default=1.0,
-                        help="0 fidelity (neutral path) … 1 perceptual (positive), up to 1.2 (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="0 fidelity (neutral path) … 1 perceptual (positive), up to 1.2 (default: the "
+                             "model's recommended α, chosen on the validation split; 1 when it has none)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE_PX,
                         help="tile side in px, a multiple of the backbone's latent multiple (default %(default)s)")
     parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP_PX,

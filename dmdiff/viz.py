@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dmdiff.outputs import atomic_write_text
+from dmdiff.perception import radial_power_spectrum
 
 
 def as_numpy_image(image) -> np.ndarray:
@@ -119,7 +120,7 @@ PATH_COLOURS = {"positive": "tab:green", "neutral": "tab:blue", "negative": "tab
 
 
 def plot_training(stages: Mapping[str, Sequence[Mapping]], fig: plt.Figure | None = None,
-                  title: str | None = None) -> plt.Figure:
+                  title: str | None = None, stage_axes: bool = False) -> plt.Figure:
     """Loss per path (left) and validation PSNR (right) of one or more training stages.
 
     Args:
@@ -131,19 +132,28 @@ def plot_training(stages: Mapping[str, Sequence[Mapping]], fig: plt.Figure | Non
         fig: a figure to clear and draw into (live updates, :class:`TrainingMonitor`); None: a new
             pyplot figure.
         title: the figure's title.
+        stage_axes: give each stage's losses an axis of its own (one per stage, left of the
+            validation axis, which stays last), for stages whose losses have different terms or
+            weights and so no common scale; False: all losses on one axis.
     """
+    names = list(stages)
+    n_loss = max(len(names), 1) if stage_axes else 1
     if fig is None:
-        fig = plt.figure(figsize=(11, 3.8))
+        fig = plt.figure(figsize=(11 + 4 * (n_loss - 1), 3.8))
     fig.clear()
-    ax_loss, ax_val = fig.subplots(1, 2)
+    *loss_axes, ax_val = fig.subplots(1, n_loss + 1)
     offset, labelled = 0, set()
-    for stage, records in stages.items():
+    for index, (stage, records) in enumerate(stages.items()):
+        ax_loss = loss_axes[index if stage_axes else 0]
         train = [r for r in records if r.get("kind") == "train"]
         val = [r for r in records if r.get("kind") == "val"]
         if offset:
-            for ax in (ax_loss, ax_val):
+            for ax in (ax_val,) if stage_axes else (ax_loss, ax_val):
                 ax.axvline(offset, color="gray", lw=0.8, ls=":")
-        if records:
+        if stage_axes:
+            labelled = set()
+        shift = 0 if stage_axes else offset      # a stage's own axis counts its own steps
+        if records and not stage_axes:
             first = offset + min(r["step"] for r in records)
             ax_loss.annotate(stage, (first, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -12),
                              textcoords="offset points", fontsize=8, color="gray", annotation_clip=True)
@@ -154,7 +164,7 @@ def plot_training(stages: Mapping[str, Sequence[Mapping]], fig: plt.Figure | Non
                 points = [(r["step"], r["path_loss"][path]) for r in train if path in r.get("path_loss", {})]
             if points:
                 steps, values = zip(*points)
-                ax_loss.plot([s + offset for s in steps], values, ".-", color=colour, lw=1, ms=3,
+                ax_loss.plot([s + shift for s in steps], values, ".-", color=colour, lw=1, ms=3,
                              label=None if path in labelled else path)
                 labelled.add(path)
         for path in dict.fromkeys(r["path"] for r in val):
@@ -165,10 +175,18 @@ def plot_training(stages: Mapping[str, Sequence[Mapping]], fig: plt.Figure | Non
             ax_val.plot(steps, [r["psnr_input"] for r in rows], "--", color=colour, lw=0.8,
                         label=f"{stage}: {path} input")
         offset += max((r["step"] for r in records), default=0)
-    ax_loss.set(xlabel="step (stages end to end)", ylabel="training loss", title="loss per path")
-    if labelled:
-        ax_loss.set_yscale("log")
-        ax_loss.legend(fontsize=8)
+        if stage_axes:
+            ax_loss.set(xlabel=f"{stage} step", ylabel="training loss",
+                        title=f"{stage}: loss per path (its own terms and scale)")
+            if labelled:
+                ax_loss.set_yscale("log")
+                ax_loss.legend(fontsize=8)
+    if not stage_axes:
+        ax_loss = loss_axes[0]
+        ax_loss.set(xlabel="step (stages end to end)", ylabel="training loss", title="loss per path")
+        if labelled:
+            ax_loss.set_yscale("log")
+            ax_loss.legend(fontsize=8)
     ax_val.set(xlabel="step (stages end to end)", ylabel="PSNR (dB)", title="validation: output and input vs target")
     if ax_val.lines:
         ax_val.legend(fontsize=7)
@@ -215,3 +233,127 @@ class TrainingMonitor:
         """Draw the final state (when anything was logged)."""
         if self.records:
             self.refresh()
+
+
+def plot_power_spectra(image_sets: Mapping[str, Sequence], band: tuple[float, float] | None = None,
+                       title: str | None = None) -> plt.Figure:
+    """Radially averaged power spectra of the luminance, one line per named set of images, each the
+    mean over the set's frames (:func:`dmdiff.perception.radial_power_spectrum`), on a log y axis.
+
+    Args:
+        image_sets: name → its images (numpy ``(H, W, 3)`` or torch ``(3, H, W)``, in ``[0, 1]``);
+            the frames of one set share one size. The DC annulus (0 after mean removal) is not drawn.
+        band: ``(low, high)`` in cycles/pixel to shade (e.g. :data:`dmdiff.perception.DETAIL_BAND`);
+            None: no shading.
+        title: the axes' title.
+    """
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if band is not None:
+        ax.axvspan(*band, color="gold", alpha=0.25, label=f"detail band {band[0]:g}–{band[1]:g} cycles/px")
+    for name, images in image_sets.items():
+        spectra = [radial_power_spectrum(as_numpy_image(image)) for image in images]
+        power = np.mean([p for _, p in spectra], axis=0)
+        ax.semilogy(spectra[0][0][1:], np.where(power[1:] > 0, power[1:], np.nan), lw=1.4,
+                    label=f"{name} ({len(spectra)} frame{'s' if len(spectra) != 1 else ''})")
+    ax.set(xlabel="spatial frequency (cycles/pixel; 0.5 = Nyquist)", ylabel="power (luminance², log)",
+           xlim=(0, 0.5), title=title or "radially averaged power spectra")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def difference_figure(first, second, labels: tuple[str, str] = ("first", "second"), factor: float = 8.0,
+                      zoom: tuple[slice, slice] | None = None, size: float = 3.2,
+                      title: str | None = None) -> plt.Figure:
+    """Two images side by side and their amplified difference ``|second − first| × factor``
+    (per channel, clipped to 1; say the factor wherever the figure is shown).
+
+    With ``zoom`` (a ``(rows, cols)`` slice pair), a second row shows the same three panels cropped
+    to that window (nearest-neighbour, so pixels stay pixels) and the window is outlined above.
+    """
+    from matplotlib.patches import Rectangle
+
+    a, b = as_numpy_image(first), as_numpy_image(second)
+    panels = {labels[0]: a, labels[1]: b,
+              f"|{labels[1]} − {labels[0]}| × {factor:g}": np.clip(np.abs(b - a) * factor, 0, 1)}
+    windows = [None] if zoom is None else [None, zoom]
+    fig, axes = plt.subplots(len(windows), 3, figsize=(3 * size, size * len(windows)), squeeze=False)
+    for row, window in zip(axes, windows):
+        for ax, (name, image) in zip(row, panels.items()):
+            ax.imshow(np.clip(image if window is None else image[window], 0, 1), interpolation="nearest")
+            ax.set_title(name + ("" if window is None else " (zoom)"), fontsize=9)
+            ax.axis("off")
+            if window is not None:
+                rows, cols = window
+                axes[0][list(panels).index(name)].add_patch(Rectangle(
+                    (cols.start or 0, rows.start or 0), (cols.stop or a.shape[1]) - (cols.start or 0),
+                    (rows.stop or a.shape[0]) - (rows.start or 0), fill=False, ec="white", lw=1, ls="--"))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_perception_distortion(sweep: Mapping[str, Sequence], recommended_alpha: float | None = None,
+                               capture: Mapping[str, float] | None = None,
+                               reference: Sequence[Mapping[str, float]] | None = None,
+                               reference_title: str = "reference", label_px: float = 12.0,
+                               title: str | None = None) -> plt.Figure:
+    """The perception–distortion plane of an α sweep: mean PSNR (x) against each perception-side
+    measure of ``sweep`` that has a value at every α — ``niqe_set`` (set-level NIQE, lower: more
+    natural) and ``detail_ratio`` (set-level, 1 = the scene's fine detail) — one panel each.
+
+    Points are joined in α order, coloured and labelled by α (consecutive points within ``label_px``
+    display pixels of the first of their run share one label ``α=a…b``); the recommended α is ringed in red
+    and the capture, when given, is a grey star. ``reference``: rows of other figures (e.g. a
+    paper's own), drawn as a table in a last panel titled ``reference_title``; not plotted on the
+    axes, since they are other metrics on other data.
+
+    Args:
+        sweep: ``{"alpha": [...], "psnr": [...], "niqe_set": [...] or None, "detail_ratio": [...]}``.
+        capture: ``{"psnr", "niqe_set", "detail_ratio"}`` of the captures themselves (None values skipped).
+    """
+    labels = {"niqe_set": "set-level NIQE (lower: more natural)",
+              "detail_ratio": "detail ratio vs scene (1: the scene's fine detail)"}
+    keys = [k for k in labels if sweep.get(k) is not None and all(v is not None for v in sweep[k])]
+    alphas, psnr_db = np.asarray(sweep["alpha"], float), np.asarray(sweep["psnr"], float)
+    ncols = max(len(keys) + (reference is not None), 1)
+    fig, axes = plt.subplots(1, ncols, figsize=(5.4 * ncols, 4.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        y = np.asarray(sweep[key], float)
+        ax.plot(psnr_db, y, "-", color="lightgray", lw=1, zorder=1)
+        ax.scatter(psnr_db, y, c=alphas, cmap="viridis", vmin=0.0, vmax=1.2, s=30, zorder=2)
+        if recommended_alpha is not None and np.isclose(alphas, recommended_alpha).any():
+            i = int(np.argmin(np.abs(alphas - recommended_alpha)))
+            ax.plot(psnr_db[i], y[i], "o", ms=14, mfc="none", mec="tab:red", mew=1.6, zorder=3,
+                    label=f"recommended α = {recommended_alpha:g} (chosen on val)")
+        if capture and capture.get(key) is not None:
+            ax.plot(capture["psnr"], capture[key], "*", color="gray", ms=12, label="capture")
+        if key == "detail_ratio":
+            ax.axhline(1.0, color="gray", ls=":", lw=1)
+        ax.set(xlabel="mean PSNR vs scene (dB): fidelity →", ylabel=labels[key])
+        ax.autoscale_view()
+        where, runs = ax.transData.transform(np.column_stack([psnr_db, y])), [[0]]
+        for i in range(1, len(alphas)):     # runs of points within label_px of the run's first share a label
+            if np.hypot(*(where[i] - where[runs[-1][0]])) < label_px:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            text = f"α={alphas[run[0]]:g}" + (f"…{alphas[run[-1]]:g}" if len(run) > 1 else "")
+            ax.annotate(text, (psnr_db[run[0]], y[run[0]]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if reference is not None:
+        ax = axes[0][-1]
+        ax.axis("off")
+        columns = list(reference[0])
+        table = ax.table(cellText=[[f"{row[c]:g}" for c in columns] for row in reference], colLabels=columns,
+                         loc="center", cellLoc="center")
+        table.scale(1, 1.6)
+        ax.set_title(reference_title, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

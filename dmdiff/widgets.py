@@ -20,10 +20,20 @@ PNG bytes. Its state is plain numpy, so it is testable without a browser::
 Views: ``"side by side"`` — capture | restored | ground truth (when given), separated by
 :data:`GAP_PX` white columns; ``"split"`` — one ``(H, W)`` image, the capture left of the split
 column and the restored image from it on (no marker line is drawn, so every pixel is one of the two).
+
+Where the live widget cannot be drawn, ``panel.widget`` shows a still of its view instead of its
+``repr``: JupyterLab draws a widget output (the ``application/vnd.jupyter.widget-view+json`` MIME
+type) only in a *trusted* notebook, and a notebook executed elsewhere — e.g. by papermill in
+``dmdiff repro`` — is not trusted until it is signed (``jupyter trust NOTEBOOK``) or its cells are
+run again in JupyterLab. Its display bundle therefore also carries ``text/html`` (a PNG of the view
+when it was displayed, with a note saying how to get the live panel), which JupyterLab renders,
+sanitised, in untrusted notebooks too, as do nbconvert's HTML export and other viewers.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import time
 
 import ipywidgets as widgets
@@ -56,6 +66,43 @@ def _display_width(width_px: int) -> str:
     return str(width_px * max(1, DISPLAY_PX // max(width_px, 1)))
 
 
+#: What the still of the panel says where the live widget is not drawn.
+STILL_NOTE = ("a still of the α panel ({what}). The live panel needs a trusted notebook and a running kernel: "
+              "run this cell in JupyterLab, or trust the saved notebook (`jupyter trust NOTEBOOK`, or "
+              "'Trust Notebook' in JupyterLab's command palette) to see its saved state.")
+
+
+class PanelBox(widgets.VBox):
+    """The panel's top-level ``VBox``; its display bundle adds a still of the panel's current view.
+
+    ``application/vnd.jupyter.widget-view+json`` (the live widget) is what JupyterLab draws in a trusted
+    notebook; ``text/html`` (the readout, an inline PNG of the view as it was when displayed, and
+    :data:`STILL_NOTE`) is what an untrusted notebook, nbconvert's HTML export or another viewer
+    without the widget manager show instead of the ``VBox(children=…)`` repr; ``text/plain`` is the note.
+    """
+
+    def __init__(self, children, panel: TunableDecoderPanel):
+        super().__init__(children)
+        self._panel = panel
+
+    def _repr_mimebundle_(self, **kwargs):
+        data = super()._repr_mimebundle_(**kwargs)
+        panel = self._panel
+        if panel.view_array is None:
+            return data
+        png = base64.b64encode(png_bytes(panel.view_array)).decode("ascii")
+        width = _display_width(panel.view_array.shape[1])
+        what = f"{panel.name}, {panel.caption.value}"
+        note = STILL_NOTE.format(what=what)
+        readout = html.escape(panel.readout.value.replace("<b>", "").replace("</b>", ""))
+        data["text/html"] = (f'<div><p><b>{html.escape(panel.name)}</b>: {readout}</p>'
+                             f'<img src="data:image/png;base64,{png}" width="{width}" '
+                             f'style="image-rendering: pixelated" alt="{html.escape(what, quote=True)}">'
+                             f'<p><i>{html.escape(note)}</i></p></div>')
+        data["text/plain"] = note
+        return data
+
+
 class TunableDecoderPanel:
     """An α slider over one capture's cached latents, with a view, per-path previews and metrics.
 
@@ -72,7 +119,8 @@ class TunableDecoderPanel:
         readout: ``HTML`` with α, PSNR and SSIM against the GT ("no ground truth" without one) and
             the decode time.
         previews: ``{"capture", "neutral (α = 0)", "positive (α = 1)"[, "ground truth"]}`` → ``Image``.
-        widget: the top-level ``VBox`` to display.
+        widget: the top-level ``VBox`` to display (a :class:`PanelBox`: a still of the view where the
+            live widget is not drawn).
 
     State:
         model: the :class:`~dmdiff.model.dmdiff.DMDiff`; latents: its :class:`RestoreLatents` (batch 1).
@@ -113,10 +161,10 @@ class TunableDecoderPanel:
         preview_row = widgets.HBox([widgets.VBox([widgets.HTML(self._preview_label(label, img)), self.previews[label]])
                                     for label, img in shown.items()])
         h, w = capture.shape[:2]
-        title = widgets.HTML(f"<b>{name}</b> — {w}×{h} px; α mixes the cached latents, only the VAE decoder runs "
-                             f"(full restore: {1e3 * restore_s:.0f} ms)")
-        self.widget = widgets.VBox([title, widgets.HBox([self.alpha, self.view, self.split]), self.readout,
-                                    self.caption, self.image, widgets.HTML("<b>per-path previews</b>"), preview_row])
+        title = widgets.HTML(f"<b>{html.escape(name)}</b> — {w}×{h} px; α mixes the cached latents, only the VAE "
+                             f"decoder runs (full restore: {1e3 * restore_s:.0f} ms)")
+        self.widget = PanelBox([title, widgets.HBox([self.alpha, self.view, self.split]), self.readout,
+                                self.caption, self.image, widgets.HTML("<b>per-path previews</b>"), preview_row], self)
 
         self.alpha.observe(self._on_alpha, names="value")
         self.view.observe(self._on_view, names="value")

@@ -331,3 +331,59 @@ def test_check_device_support(monkeypatch):
         check_device_support(load_train_config({"mixed_precision": ok}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_device_support(fp16)
+
+
+# ---- per-path losses and the adversarial term ----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"adversarial": {"weight": -0.1}}, r"^adversarial.weight must be >= 0"),
+    ({"adversarial": {"start_step": -1}}, r"^adversarial.start_step must be >= 0"),
+    ({"adversarial": {"lr": 0.0}}, r"^adversarial.lr must be a positive number"),
+    ({"adversarial": {"r1_weight": -1.0}}, r"^adversarial.r1_weight must be >= 0"),
+    ({"adversarial": {"channels": 0}}, r"^adversarial.channels must be in \[1, 1024\]"),
+    ({"adversarial": {"paths": []}}, r"^adversarial.paths must name at least one path"),
+    ({"adversarial": {"paths": ["positive", "positive"]}}, r"^adversarial.paths lists a path twice"),
+    ({"adversarial": {"paths": ["neutral"]}}, r"^adversarial.paths may not include 'neutral'"),
+    ({"adversarial": {"paths": ["sharp"]}}, r"^adversarial.paths\[0\]: 'sharp' is not one of"),
+    ({"adversarial": {"wieght": 0.1}}, r"^unknown config key 'adversarial.wieght'"),
+    ({"adversarial": {"weight": NAN}}, r"^adversarial.weight: nan is not allowed"),
+    ({"adversarial": 0.1}, r"^adversarial: .* matches none of"),
+    ({"recipe": {"stage2": {"adversarial": {"lr": -1.0}}}}, r"^recipe.stage2: adversarial.lr must be a positive"),
+    ({"loss_by_path": {"neutrl": {"lpips": 0}}}, r"^loss_by_path: unknown path 'neutrl'; the paths are positive"),
+    ({"loss_by_path": {"neutral": 3}}, r"^loss_by_path.neutral: expected a mapping of loss weights, got int"),
+    ({"loss_by_path": {"neutral": {"lpips_net": "alex"}}}, r"^loss_by_path.neutral.lpips_net: only the weights"),
+    ({"loss_by_path": {"neutral": {"mse": "a lot"}}}, r"^loss_by_path.neutral.mse: expected a number"),
+    ({"loss_by_path": {"neutral": {"mse": 0, "lpips": 0}}}, r"^loss_by_path.neutral weights must be >= 0 and not all"),
+    ({"loss_by_path": {"negative": {"substitute_weight": -1}}},
+     r"^loss_by_path.negative.substitute_weight must be >= 0 or null"),
+    ({"loss_by_path": {"neutral": {"mse": INF}}}, r"^loss_by_path.neutral.mse: inf is not allowed"),
+    ({"loss_by_path": []}, r"^loss_by_path: expected a mapping"),
+])
+def test_adversarial_and_per_path_loss_values_name_the_key(overrides, needle):
+    from dmdiff.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_train_config(overrides)
+
+
+def test_adversarial_section_defaults_paths_and_round_trip(tmp_path):
+    from dmdiff.config import dump_yaml
+    from dmdiff.train.config import AdversarialConfig, load_train_config, stage_config
+
+    plain = load_train_config({})
+    assert plain.adversarial is None and plain.loss_by_path == {} and plain.adversarial_paths() == ()
+    assert plain.path_losses() == {p: plain.loss for p in ("positive", "neutral", "negative")}
+    on = load_train_config({"adversarial": {}, "loss_by_path": {"neutral": {"lpips": 0}}})
+    assert on.adversarial == AdversarialConfig() and on.adversarial_paths() == ("positive",)
+    assert on.path_losses()["neutral"].lpips == 0 and on.path_losses()["positive"] == on.loss
+    assert load_train_config({"adversarial": {"weight": 0}}).adversarial_paths() == ()
+    both = load_train_config({"adversarial": {"paths": ["negative", "positive"]},
+                              "path_probs": {"positive": 1, "neutral": 1, "negative": 0}})
+    assert both.adversarial_paths() == ("positive",)            # only trained paths get a critic
+    assert stage_config(on, "stage1").adversarial_paths() == ()  # stage 1 trains the negative path only
+    staged = load_train_config({"recipe": {"stage2": {"adversarial": {"weight": 0.01}}}})
+    assert staged.adversarial is None and stage_config(staged, "stage2").adversarial.weight == 0.01
+    for cfg in (plain, on, staged):
+        f = tmp_path / "config.yaml"
+        f.write_text(dump_yaml(to_dict(cfg)))
+        assert load_train_config(f) == cfg

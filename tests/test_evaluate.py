@@ -9,6 +9,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import scipy.ndimage
+import skimage.data
 import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -24,7 +26,10 @@ from dmdiff.evaluation.baselines import richardson_lucy, wiener_deconvolve  # no
 from dmdiff.evaluation.job import evaluate  # noqa: E402
 from dmdiff.evaluation.methods import DEGRADE, METHODS  # noqa: E402
 from dmdiff.evaluation.report import (  # noqa: E402
+    NIQE_COLUMN,
     TABLE_FILE,
+    SetPerception,
+    detail_column,
     format_table,
     plot_spread,
     quality_bar,
@@ -42,6 +47,7 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.ensemble import self_ensemble  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.deconvolution import central_psf  # noqa: E402
+from dmdiff.perception import DETAIL_BAND, detail_ratio_set, niqe_set  # noqa: E402
 from dmdiff.optics.grid import psf_grid  # noqa: E402
 from dmdiff.optics.sensor import quantize  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
@@ -55,6 +61,7 @@ def quantize8(image):
 
 
 GRIDS = {"wiener": [0.01, 0.1, 1.0], "richardson_lucy": [1, 2]}   # RL's best at the top edge: widened
+RECOMMENDED_ALPHA = 0.6                                              # the test model's recommended α
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +72,7 @@ def dataset(psf_cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A tiny untrained model with perturbed adapters (so LoRA, the paths and M = 0 all matter)."""
-    model = perturb_trainable(DMDiff(DMDiffConfig(svda_dim=32)), seed=5)
+    model = perturb_trainable(DMDiff(DMDiffConfig(svda_dim=32, recommended_alpha=RECOMMENDED_ALPHA)), seed=5)
     return DMDiffPipeline.from_model(model).save_pretrained(tmp_path_factory.mktemp("model") / "pipe")
 
 
@@ -124,6 +131,7 @@ def test_every_number_recomputes_from_the_saved_images(report, dataset):
             if method != "input":
                 assert values["runtime_s"] > 0
         assert record["methods"]["dmdiff_a0"]["redecode_s"] > 0
+        assert record["methods"]["dmdiff_arec"]["redecode_s"] > 0
 
 
 def test_means_csv_and_table_agree(report):
@@ -155,7 +163,7 @@ def test_dmdiff_outputs_are_the_models(report, dataset, pipeline_dir):
     test = PairedFolderDataset(dataset, "test")
     item = test[0]
     lr, maps = item["lr"][None], item["maps"][None]
-    for alpha, method in ((1.0, "dmdiff_a1"), (0.0, "dmdiff_a0")):
+    for alpha, method in ((1.0, "dmdiff_a1"), (0.0, "dmdiff_a0"), (RECOMMENDED_ALPHA, "dmdiff_arec")):
         expected = quantize8(model.restore(lr, maps, alpha=alpha)[0].permute(1, 2, 0).numpy())
         np.testing.assert_array_equal(read_image(out / "images" / method / f"{item['name']}.png"), expected)
     fake = quantize8(model.degrade(item["gt"][None], maps)[0].permute(1, 2, 0).numpy())
@@ -333,7 +341,8 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
         shutil.copytree(dataset / folder, real / folder)
     metrics = evaluate(pipeline_dir, real, tmp_path / "out", limit=1, device="cpu", progress=False)
-    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc", "dmdiff_a1_x8", "vae_ceiling"]
+    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_arec", "dmdiff_a1", "dmdiff_a1_cc", "dmdiff_a1_x8",
+                                  "vae_ceiling"]
     assert "no lens.json" in metrics["baselines"]["skipped"]
     assert metrics["quality_bar"]["pass"] is False and metrics["quality_bar"]["best_baseline"] is None
     assert metrics["per_image"][0]["maps"] is False
@@ -342,10 +351,11 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     gt, lr = (read_image(real / f"{k}_test" / f"{name}.png") for k in ("gt", "lr"))
     assert row["lpips_alex"] == pytest.approx(np.mean(np.abs(lr.astype(np.float64) - gt)))
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "Baselines skipped" in table and "unavailable" not in table
+    assert "Baselines skipped" in table and "LPIPS: unavailable" not in table
     assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
-                                                                                "dmdiff_a1_x8", "vae_ceiling"]
+                                                                                "dmdiff_a1_x8", "dmdiff_arec",
+                                                                                "vae_ceiling"]
 
 
 # ---- ablation rows ----------------------------------------------------------------------------
@@ -370,8 +380,8 @@ def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipelin
     assert cli_main(args) == 0
     assert "grid_ablations.png" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
-                                  "dmdiff_a1_x8", "ablation_no_svda", "ablation_again", "vae_ceiling"]
+    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_arec", "dmdiff_a1",
+                                  "dmdiff_a1_cc", "dmdiff_a1_x8", "ablation_no_svda", "ablation_again", "vae_ceiling"]
     assert metrics["labels"]["ablation_no_svda"] == "ablation: no SVDA (α=1)"
     assert metrics["labels"]["ablation_again"] == "ablation: again (α=1)"
     settings = metrics["settings"]["ablations"]
@@ -515,3 +525,95 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
     assert table.count("## Held-out evaluation") == 2 and str(external) in table
     with pytest.raises(DmdiffError, match="test split"):
         evaluate(pipeline_dir, dataset, tmp_path / "o2", external=tmp_path, progress=False)
+
+
+# ---- α rows and the perception columns ---------------------------------------------------------
+
+
+def test_alpha_rows_and_the_one_restore_per_image(dataset, pipeline_dir, tmp_path, monkeypatch):
+    """α = 0, the recommended α and α = 1 are re-decodings of one restore call per image: the UNet
+    runs once per image for them (8 more times for the ×8 self-ensemble), however many α rows."""
+    calls = []
+    real = DMDiff.restore_latents
+    monkeypatch.setattr(DMDiff, "restore_latents", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    metrics = evaluate(pipeline_dir, dataset, tmp_path / "out", limit=2, tune_pairs=1,
+                       grids={"wiener": [0.1], "richardson_lucy": [2]}, progress=False)
+    assert len(calls) == 3 * (1 + 8)                   # the warm-up image and 2 test images
+    assert metrics["labels"]["dmdiff_arec"] == f"DMDiff α={RECOMMENDED_ALPHA:g} (recommended)"
+    assert metrics["settings"]["alphas"]["dmdiff_arec"] == RECOMMENDED_ALPHA == metrics["settings"]["recommended_alpha"]
+    order = metrics["methods"]
+    assert order.index("dmdiff_a0") + 1 == order.index("dmdiff_arec") == order.index("dmdiff_a1") - 1
+    line = next(x for x in (tmp_path / "out" / "table.md").read_text().splitlines()
+                if x.startswith(f"| DMDiff α={RECOMMENDED_ALPHA:g} (recommended)"))
+    assert "(α change: " in line
+
+
+def test_no_recommended_alpha_no_row(dataset, tmp_path):
+    plain = perturb_trainable(DMDiff(DMDiffConfig(svda_dim=32)), seed=5)
+    pipe = DMDiffPipeline.from_model(plain).save_pretrained(tmp_path / "pipe")
+    metrics = evaluate(pipe, dataset, tmp_path / "out", limit=1, tune_pairs=1,
+                       grids={"wiener": [0.1], "richardson_lucy": [2]}, progress=False)
+    assert "dmdiff_arec" not in metrics["methods"] and "dmdiff_arec" not in metrics["settings"]["alphas"]
+    assert metrics["settings"]["recommended_alpha"] is None
+
+
+def test_perception_columns_recompute_from_the_saved_images(report, dataset):
+    """The set-level detail ratio from the 8-bit PNGs; NIQE is left out, and why, for 64-px frames."""
+    out, metrics = report
+    perception = metrics["perception"]
+    assert perception["detail_band_cpp"] == list(DETAIL_BAND) and perception["count"] == 2
+    assert set(perception["methods"]) == set(metrics["methods"])
+    for method in metrics["methods"]:
+        outputs, references = [], []
+        for name in metrics["names"]:
+            gt, lr = (read_image(dataset / f"{k}_test" / f"{name}.png") for k in ("gt", "lr"))
+            outputs.append(lr if method == "input" else read_image(out / "images" / method / f"{name}.png"))
+            references.append(lr if method == DEGRADE else gt)
+        assert perception["methods"][method]["detail_ratio"] == pytest.approx(
+            detail_ratio_set(outputs, references), rel=1e-9), method
+        assert perception["methods"][method]["niqe_set"] is None
+    assert perception["gt"] == {"niqe_set": None, "patches": 0}
+    assert "smaller than one 96-px NIQE patch" in perception["niqe_unavailable"]
+    assert perception["methods"]["input"]["detail_ratio"] < 1          # the capture lost fine detail
+    table = (out / "table.md").read_text()
+    header = next(x for x in table.splitlines() if x.startswith("| method |"))
+    assert header.endswith(f"| {NIQE_COLUMN} | {detail_column(DETAIL_BAND)} |")
+    assert "NIQE (set-level, lower is better)" in header and "detail ratio (band 0.08–0.25 cycles/px" in header
+    assert f"NIQE: unavailable ({perception['niqe_unavailable']})" in table
+    line = next(x for x in table.splitlines() if x.startswith("| capture (input)"))
+    assert line.endswith(f"| – | {perception['methods']['input']['detail_ratio']:.3f} |")
+    assert header.count("LPIPS") == 1                                   # only the LPIPS column says LPIPS
+    assert "Neither is LPIPS" in table
+
+
+def test_set_perception_pools_niqe_patches_over_the_images():
+    """Frames large enough for NIQE (256 px: 4 patches each): the pooled figures and the table's lines."""
+    rng = np.random.default_rng(0)
+    astronaut = np.asarray(skimage.data.astronaut(), np.float32) / 255
+    frames = [astronaut[:256, :256], astronaut[256:, 256:], astronaut[:256, 256:]]
+    soft = [quantize8(scipy.ndimage.gaussian_filter(f, (1.5, 1.5, 0))) for f in frames]
+    grainy = [quantize8(np.clip(f + rng.normal(0, 0.05, f.shape), 0, 1)) for f in frames]
+    tally = SetPerception()
+    for k, gt in enumerate(frames):
+        tally.add_reference(gt)
+        tally.add("soft", soft[k], gt)
+        tally.add("grainy", grainy[k], gt)
+    record = tally.record()
+    assert record["niqe_unavailable"] is None and record["count"] == 3
+    assert record["gt"] == {"niqe_set": pytest.approx(niqe_set(frames), abs=0), "patches": 12}
+    assert record["methods"]["soft"]["niqe_set"] == pytest.approx(niqe_set(soft), abs=0)
+    assert record["methods"]["soft"]["niqe_set"] > record["gt"]["niqe_set"] + 2
+    assert record["methods"]["soft"]["detail_ratio"] == pytest.approx(detail_ratio_set(soft, frames), rel=1e-12)
+    assert record["methods"]["soft"]["detail_ratio"] < 1
+    assert record["methods"]["grainy"]["detail_ratio"] > 1
+    assert "patches of all 3 images pooled" in record["niqe"]
+    means = {m: {"psnr": 20.0} for m in ("input", "soft", "grainy")}
+    table = format_table({"count": 3, "dataset": "d", "methods": ["soft", "grainy"], "means": means,
+                          "labels": {"soft": "soft", "grainy": "grainy"}, "references": {"soft": "gt", "grainy": "gt"},
+                          "perception": record})
+    gt_line = f"| ground truth (NIQE reference) | – | – | – | – | – | – | – | {record['gt']['niqe_set']:.2f} | – |"
+    assert gt_line in table
+    soft_line = next(x for x in table.splitlines() if x.startswith("| soft |"))
+    assert soft_line.endswith(f"| {record['methods']['soft']['niqe_set']:.2f} | "
+                              f"{record['methods']['soft']['detail_ratio']:.3f} |")
+    assert "(12 patches per method)" in table

@@ -29,7 +29,7 @@ from dmdiff.model.tiling import (
     tiled_latents,
     tiled_restore,
 )
-from dmdiff.restore import REPORT_FILE
+from dmdiff.restore import REPORT_FILE, restore
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +382,22 @@ def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
     Image.fromarray(_u8(_photo(24, 24))).save(tmp_path / "z.jpg")
     assert cli(base + ["--model", str(pipeline_dir), "--input", str(tmp_path / "z.jpg"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "z.png").is_file() and (tmp_path / REPORT_FILE).is_file()
+
+
+def test_restore_uses_the_models_recommended_alpha_unless_told(pipeline_dir, tmp_path):
+    """A pipeline whose α was chosen on the validation split restores at that α by default; an
+    explicit --alpha wins; a pipeline without a choice restores at α = 1."""
+    from dmdiff.train.alpha import set_recommended_alpha
+
+    chosen = tmp_path / "chosen"
+    shutil.copytree(pipeline_dir, chosen)
+    set_recommended_alpha(chosen, 0.4, {"alphas": [0.0, 0.4, 1.0], "psnr": [20.0, 20.1, 19.0]})
+    assert DMDiffPipeline.from_pretrained(chosen).model.config.recommended_alpha == 0.4
+    photos = tmp_path / "in"
+    photos.mkdir()
+    write_png(photos / "a.png", _photo(32, 48))
+    assert restore(chosen, photos, tmp_path / "o1", progress=False)["alpha"] == 0.4
+    assert restore(chosen, photos, tmp_path / "o2", alpha=0.9, progress=False)["alpha"] == 0.9
+    assert restore(pipeline_dir, photos, tmp_path / "o3", progress=False)["alpha"] == 1.0
+    a, b = (read_image(tmp_path / o / "a.png") for o in ("o1", "o3"))
+    assert not np.array_equal(a, b)

@@ -18,14 +18,14 @@ from dmdiff.data.simulate import (
     resolve_config,
     simulate_dataset,
 )
-from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
+from dmdiff.data.sources import TEST_PHOTOS, TRAIN_PHOTOS, VALIDATION_PHOTOS
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import read_image, write_png
 from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import MANIFEST
 
 SMALL = {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2}
-FOLDERS = ("gt_train", "lr_train", "gt_blur_train", "gt_test", "lr_test", "gt_blur_test")
+FOLDERS = tuple(f"{k}_{s}" for s in ("train", "val", "test") for k in ("gt", "lr", "gt_blur"))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def names(folder: Path) -> list[str]:
 
 def test_layout_and_alignment(smoke):
     assert sorted(p.name for p in smoke.iterdir()) == sorted(FOLDERS + ("maps", "lens.json", MANIFEST))
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         gt = names(smoke / f"gt_{split}")
         assert gt and gt == names(smoke / f"lr_{split}") == names(smoke / f"gt_blur_{split}")
         for name in gt:
@@ -48,13 +48,13 @@ def test_layout_and_alignment(smoke):
             assert all(i.shape == (64, 64, 3) for i in imgs)
             maps = np.load(smoke / "maps" / name.replace(".png", ".npy"), allow_pickle=False)
             assert maps.shape == (7, 3, 3) and maps.dtype == np.float32
-    all_names = names(smoke / "gt_train") + names(smoke / "gt_test")
+    all_names = names(smoke / "gt_train") + names(smoke / "gt_val") + names(smoke / "gt_test")
     assert names(smoke / "maps") == sorted(n.replace(".png", ".npy") for n in all_names)
     meta = read_lens(smoke)
     assert MetalensSpec.from_dict(meta["spec"]) == MetalensSpec(
         image_size_px=64, psf_size_px=15, grid_size=3, wavelengths_per_channel=2)
     assert meta["seed"] == 0 and meta["smoke"] is True
-    assert meta["counts"] == {"train": len(TRAIN_PHOTOS) + 2, "test": len(TEST_PHOTOS)}
+    assert meta["counts"] == {"train": len(TRAIN_PHOTOS) + 2, "val": len(VALIDATION_PHOTOS), "test": len(TEST_PHOTOS)}
     assert {"provenance", "simulation", "camera", "images"} <= set(meta)
     assert meta["provenance"]["seed"] == 0 and meta["provenance"]["versions"]["numpy"]
 

@@ -54,13 +54,17 @@ def write_pairs(root: Path, split: str, names: list[str], seed: int, maps: bool 
             np.save(root / "maps" / f"{name}.npy", rng.uniform(1, 3, (7, 3, 3)).astype(np.float32))
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data") / "data"
+def write_dataset(root: Path) -> Path:
+    """A small dataset at ``root``: 6 training pairs, 2 test pairs (no val split), a lens.json."""
     write_pairs(root, "train", [f"img_{i:02d}" for i in range(6)], seed=0)
     write_pairs(root, "test", ["val_00", "val_01"], seed=1)
     (root / "lens.json").write_text(json.dumps({"spec": SPEC.to_dict(), "camera": {"image_size_px": SIZE}}))
     return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("train-data") / "data")
 
 
 def tiny(data: Path, **changes) -> dict:
@@ -447,6 +451,7 @@ def test_recipe_runs_stages_and_skips_finished_ones(dataset, tmp_path, psf_cache
                for r in lines2 if r["kind"] == "train") == 2 * 2
     record = json.loads((out / "recipe.json").read_text())
     assert record["stages"]["stage1"]["completed"] and record["pseudo"]["settings"]["count"] == 2
+    assert record["alpha"] is None                # no validation split here: no recommended α
     stamp = {p: p.stat().st_mtime_ns for p in (out / "stage1" / "train_report.json", out / "pseudo" / "pseudo.json",
                                                 out / "stage2" / "train_report.json")}
     assert cli_main(["train", "--recipe", str(config), "--out", str(out), "--no-progress"]) == 0
@@ -487,3 +492,32 @@ def test_deconvolved_anchor_takes_the_datas_central_psf(dataset, tmp_path, psf_c
     loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
     assert torch.allclose(loaded.anchor_psf, expected)
     assert load_file(str(out / "pipeline" / "anchor_psf.safetensors"))["psf"].shape == (3, 15, 15)
+
+
+def test_loss_weights_by_path():
+    """Each image gets its path's weights; a batch of one path (or of paths with equal weights) gets
+    the batch formula of a single-weight loss, bit for bit."""
+    from dmdiff.train.config import LossConfig
+    from dmdiff.train.losses import MultipathLoss, gradient_l1
+
+    base = LossConfig(mse=2.0, lpips=0.0)
+    loss = MultipathLoss(base, by_path={"positive": base, "neutral": LossConfig(mse=4.0, lpips=0.0),
+                                        "negative": base})
+    out, target = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    plain = MultipathLoss(base)
+    assert torch.equal(loss(out, target, ["positive", "negative", "positive"])[0], plain(out, target)[0])
+    total, terms = loss(out, target, ["positive", "neutral", "positive"])
+    per_image = (out - target).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(total, (torch.tensor([2.0, 4.0, 2.0]) * per_image).mean())
+    assert torch.allclose(terms["mse"], per_image.mean())
+    # a path without the perceptual term: the substitute (or LPIPS) is left out of its batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = MultipathLoss(LossConfig(), by_path={"neutral": LossConfig(lpips=0.0)})
+    assert set(mixed(out, target, ["neutral"] * 3)[1]) == {"mse"}
+    assert set(mixed(out, target, ["positive"] * 3)[1]) == {"mse", mixed.perceptual}
+    if mixed.perceptual == "gradient_l1":
+        total, _ = mixed(out, target, ["positive", "neutral", "neutral"])
+        g = gradient_l1(out, target, per_sample=True)
+        assert torch.allclose(gradient_l1(out, target), g.mean())
+        assert torch.allclose(total, 2.0 * per_image.mean() + (torch.tensor([5.0, 0, 0]) * g).mean())

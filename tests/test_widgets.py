@@ -1,4 +1,4 @@
-"""The tunable-decoder panel (dmdiff.widgets) and the α sweep (dmdiff.evaluation.tradeoff), headless."""
+"""The tunable-decoder panel (dmdiff.widgets) and the α-sweep helpers (dmdiff.evaluation.tradeoff), headless."""
 
 import io
 import math
@@ -12,18 +12,18 @@ from PIL import Image
 
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.evaluation.tradeoff import (
-    PERCEPTION_LABELS,
-    alpha_sweep,
+    niqe_or_note,
     plot_psnr_along_alpha,
-    plot_tradeoff,
     psnr_along_alpha,
     redecode_timing,
+    score_images,
 )
 from dmdiff.imageio import to_samples as to_uint8
-from dmdiff.metrics import gradient_sharpness_ratio, lpips_status, psnr, ssim
+from dmdiff.metrics import LPIPSMetric, lpips_status, psnr, ssim
 from dmdiff.model.backbone import load_backbone
 from dmdiff.model.dmdiff import ALPHA_RANGE, DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline, ImageInputError
+from dmdiff.perception import detail_ratio_set, niqe_set
 from dmdiff.widgets import GAP_PX, build_panel
 
 H, W = 24, 30
@@ -187,50 +187,40 @@ def test_inputs_in_other_forms(model, pair):
         build_panel(object(), capture)
 
 
-def test_alpha_sweep_restores_once_and_matches_direct_restores(model, pair):
-    capture, gt, maps = pair
-    captures, gts = [capture, _photo(3, 20, 26)], [gt, _photo(4, 20, 26)]
-    alphas = (0.0, 0.5, 1.0)
-    with counting(model) as calls:
-        sweep = alpha_sweep(model, captures, gts, [maps, None], alphas, perception="grad_ratio")
-    assert calls["unet"] == len(captures) and calls["vae decoder"] == len(captures) * (len(alphas) + 1)
-    assert [r["alpha"] for r in sweep.records] == list(alphas)
-    assert sweep.measure == "grad_ratio" and sweep.measure_label == PERCEPTION_LABELS["grad_ratio"]
-    assert "not LPIPS" in sweep.measure_label
-    for record, alpha in zip(sweep.records, alphas):
-        outs = [model.restore(torch.from_numpy(c).permute(2, 0, 1)[None],
-                              None if m is None else torch.from_numpy(m)[None], alpha=alpha)[0].permute(1, 2, 0).numpy()
-                for c, m in zip(captures, [maps, None])]
-        if alpha in (0.0, 1.0):
-            assert record["n"] == 2
-            assert record["psnr"] == pytest.approx(np.mean([psnr(o, g) for o, g in zip(outs, gts)]), rel=1e-12)
-            assert record["ssim"] == pytest.approx(np.mean([ssim(o, g) for o, g in zip(outs, gts)]), rel=1e-12)
-            assert record["grad_ratio"] == pytest.approx(
-                np.mean([gradient_sharpness_ratio(o, g) for o, g in zip(outs, gts)]), rel=1e-12)
-            assert record["psnr_std"] == pytest.approx(np.std([psnr(o, g) for o, g in zip(outs, gts)]), rel=1e-9)
-    assert sweep.capture["psnr"] == pytest.approx(np.mean([psnr(c, g) for c, g in zip(captures, gts)]), rel=1e-12)
-    assert sweep.records[0]["psnr"] != sweep.records[-1]["psnr"]
-    fig = plot_tradeoff(sweep)
-    for ax in fig.axes[:2]:       # the two plots (then their colour bars); every α labelled, in order
-        texts = [t.get_text() for t in ax.texts]
-        assert texts[0].startswith("α=0") and texts[-1].endswith("1") and len(texts) <= len(alphas)
-    assert "LPIPS" not in fig.axes[0].get_xlabel().replace("not LPIPS", "")
-    with pytest.raises(ConfigError, match="alpha"):
-        alpha_sweep(model, captures, gts, alphas=(0.0, 1.3))
-    with pytest.raises(DmdiffError, match="2 captures but 1"):
-        alpha_sweep(model, captures, gts[:1], alphas=(0.0,))
-    with pytest.raises(ConfigError, match="perception"):
-        alpha_sweep(model, captures, gts, alphas=(0.0,), perception="lpips")
+def test_score_images_matches_the_direct_metrics():
+    gts = [_photo(1, 96, 120), _photo(2, 100, 96)]
+    images = [np.clip(g + np.random.default_rng(k).normal(0, 0.05, g.shape), 0, 1).astype(np.float32)
+              for k, g in enumerate(gts)]
+    row = score_images(images, gts)
+    assert list(row) == ["psnr", "ssim", "niqe_set", "detail_ratio"]
+    assert row["psnr"] == pytest.approx(np.mean([psnr(x, g) for x, g in zip(images, gts)]), rel=1e-12)
+    assert row["ssim"] == pytest.approx(np.mean([ssim(x, g) for x, g in zip(images, gts)]), rel=1e-12)
+    assert row["detail_ratio"] == detail_ratio_set(images, gts)
+    assert row["niqe_set"] == niqe_set(images) and niqe_or_note(images) == (row["niqe_set"], None)
+
+    class FakeLPIPS:            # LPIPSMetric's interface, for the mean and the key
+        name = "lpips_alex"
+
+        def __call__(self, output, reference):
+            return float(np.abs(output - reference).mean())
+
+    scored = score_images(images, gts, FakeLPIPS())
+    assert scored["lpips_alex"] == pytest.approx(np.mean([np.abs(x - g).mean() for x, g in zip(images, gts)]))
+    with pytest.raises(DmdiffError, match="2 images and 1 scenes"):
+        score_images(images, gts[:1])
+    with pytest.raises(DmdiffError, match="at least one"):
+        score_images([], [])
 
 
-@pytest.mark.skipif(lpips_status("alex")[0], reason="LPIPS weights are installed here")
-def test_alpha_sweep_never_reports_lpips_without_its_weights(model, pair):
-    capture, gt, maps = pair
-    sweep = alpha_sweep(model, [capture], [gt], [maps], (0.0, 1.0))
-    assert sweep.measure == "grad_ratio" and "LPIPS unavailable" in sweep.measure_note
-    assert all("lpips_alex" not in r for r in sweep.records)
-    with pytest.raises(DmdiffError, match="LPIPS is unavailable"):
-        alpha_sweep(model, [capture], [gt], [maps], (0.0,), perception="lpips_alex")
+def test_score_images_leaves_out_what_it_cannot_compute(pair):
+    capture, gt, _ = pair                     # H × W = 24 × 30 px: under one 96-px NIQE patch
+    row = score_images([capture], [gt])
+    assert row["niqe_set"] is None and "lpips_alex" not in row
+    value, note = niqe_or_note([capture])
+    assert value is None and note.startswith("set-level NIQE not computed") and "96" in note
+    if not lpips_status("alex")[0]:           # no real weights here: no metric to pass, so no LPIPS key
+        with pytest.raises(DmdiffError, match="LPIPS is unavailable"):
+            LPIPSMetric("alex")
 
 
 def test_redecode_is_cheaper_than_a_restore(model, pair):

@@ -3,7 +3,8 @@
 The bundled photos (:mod:`dmdiff.data.sources`) are too few for a prior worth the name. Three
 Debian packages carry natural photos with clear licences; dmdiff reads them where they are
 installed (``apt-get install …``) or extracted (``dpkg-deb -x PACKAGE.deb ROOT``) under a root
-folder, and never redistributes them (the pretrained weights are what users get):
+folder, and redistributes none of them except downscaled copies of the three held-out validation
+photos below (``dmdiff/assets/validation_photos``; the pretrained weights are what users get):
 
 * ``plasma-workspace-wallpapers``: 11 of its 30 wallpapers are photographs
   (:data:`PLASMA_PHOTOS`; the others are rendered graphics and illustrations), 2560–5120 px,
@@ -16,7 +17,9 @@ folder, and never redistributes them (the pretrained weights are what users get)
   are the **external check set**: no training of any kind sees them (:func:`external_photos`).
 
 Three of the training packages' photos (:data:`VALIDATION_PHOTOS`) are held out of pretraining as
-its validation set: layouts and settings are chosen on them, never on the external check set.
+its validation set: layouts and settings are chosen on them, never on the external check set. They
+are also three of the four photos of the datasets' validation split
+(:data:`dmdiff.data.sources.VALIDATION_PHOTOS`).
 
 :func:`multiscale_crop` takes crops at the whole range of scales at which a sensor of ``sensor_px``
 pixels could see such a scene: from one photo pixel per sensor pixel to the whole scene filling

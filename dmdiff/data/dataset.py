@@ -120,6 +120,24 @@ def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | N
     return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
 
 
+def gt_blur_note(root: str | Path) -> str | None:
+    """A note when the dataset at ``root`` was simulated by an older dmdiff whose ``gt_blur`` is the
+    ideal-lens image (``lens.json`` format 1) rather than the fidelity target; None otherwise (also for
+    datasets without a ``lens.json``, whose ``gt_blur`` is whatever their maker put there)."""
+    lens = read_lens(root)
+    if not isinstance(lens, dict) or lens.get("format") != "dmdiff-dataset" or lens.get("format_version", 1) >= 2:
+        return None
+    return (f"{root} was simulated by an older dmdiff (dataset format {lens.get('format_version', 1)}): its gt_blur "
+            "is the ideal-lens image, practically the scene, not the fidelity target, so the neutral and "
+            "positive paths learn nearly the same output; re-simulate it with `dmdiff simulate` for the new target")
+
+
+def has_split(root: str | Path, split: str) -> bool:
+    """Whether the dataset at ``root`` has at least one image in ``gt_<split>/``."""
+    folder = Path(root) / f"gt_{split}"
+    return folder.is_dir() and bool(images_by_stem(folder))
+
+
 #: What :func:`image_source` calls a procedural dead-leaves image.
 DEAD_LEAVES = "dead leaves"
 

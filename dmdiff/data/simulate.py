@@ -4,20 +4,24 @@
 
     DATASET/
       gt_train/ lr_train/ gt_blur_train/     aligned PNG names, e.g. astronaut_003.png
+      gt_val/   lr_val/   gt_blur_val/       the validation split (bundled source only)
       gt_test/  lr_test/  gt_blur_test/
       maps/<name>.npy                        float32 (7, G, G) in MetalensCamera.MAP_CHANNELS order
       lens.json                              spec, simulation settings, per-image record, provenance
 
 For each clean image ``gt`` (8-bit sRGB, ``spec.image_size_px`` square): ``lr`` is
 :meth:`MetalensCamera.capture` of it (blur, haze, noise, ISP), ``gt_blur`` is
-:meth:`MetalensCamera.ideal` (the diffraction-limited neutral-path target), ``maps`` the capture's
-degradation maps.
+:meth:`MetalensCamera.fidelity_target` at that capture's noise level (the neutral path's target: the
+scene band-limited by the Wiener transfer of the lens, docs/method.md), ``maps`` the capture's
+degradation maps. Datasets of format 1 (``lens.json`` ``format_version`` 1) hold the ideal-lens image
+as ``gt_blur`` instead; they still load, with a note (:func:`dmdiff.data.dataset.gt_blur_note`).
 
 Sources:
 
 - default: random crops (random position, a log-uniform random scale, random flips) of the bundled
   photos, resized to the sensor; training photos plus procedural dead-leaves images for the train
-  split, the test photos only for the test split (never seen in training);
+  split, the validation photos for the val split (they choose the recipe's settings), the test photos
+  only for the test split (never seen in training, scored once);
 - ``--images DIR``: every image file in DIR (not recursive), split by a fixed hash of the file name
   (``test_fraction`` of them, at least one per split when there are two or more); unreadable files
   (and images over the pixel limit, :func:`dmdiff.imageio.max_pixels`) are skipped with a warning
@@ -58,6 +62,7 @@ from dmdiff.data.dataset import read_lens
 from dmdiff.data.sources import (
     TEST_PHOTOS,
     TRAIN_PHOTOS,
+    VALIDATION_PHOTOS,
     dead_leaves,
     load_photo,
     named_rng,
@@ -76,8 +81,14 @@ __all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", 
 
 #: The kind of folder :func:`simulate_dataset` builds (:mod:`dmdiff.outputs`).
 DATASET_KIND = "dataset"
-DATASET_FOLDERS = ("gt_train", "lr_train", "gt_blur_train", "gt_test", "lr_test", "gt_blur_test", "maps")
-FORMAT_VERSION = 1
+#: The splits of a dataset, in the order they are listed.
+SPLITS = ("train", "val", "test")
+DATASET_FOLDERS = tuple(f"{kind}_{split}" for split in SPLITS for kind in ("gt", "lr", "gt_blur")) + ("maps",)
+#: What ``gt_blur`` holds in datasets of this format (``lens.json`` key ``gt_blur``).
+GT_BLUR = "fidelity target: the scene filtered by the Wiener transfer of the lens's PSF grid at the capture's noise level"
+#: 2: ``gt_blur`` is the fidelity (Wiener) target and there is a ``val`` split; 1: ``gt_blur`` was
+#: the ideal-lens image.
+FORMAT_VERSION = 2
 
 
 class SimulationWarning(UserWarning):
@@ -91,6 +102,7 @@ class SimulationConfig:
     Attributes:
         crops_per_train_photo: crops taken from each training photo (or training file of --images).
         crops_per_test_photo: crops taken from each test photo (or test file).
+        crops_per_val_photo: crops taken from each validation photo (bundled source only).
         dead_leaves_train: procedural dead-leaves images added to the train split (bundled source
             only; they can be added to --images with ``dead_leaves_with_images``).
         dead_leaves_with_images: also add ``dead_leaves_train`` dead-leaves images with --images.
@@ -109,6 +121,7 @@ class SimulationConfig:
 
     crops_per_train_photo: int = 8
     crops_per_test_photo: int = 4
+    crops_per_val_photo: int = 3
     dead_leaves_train: int = 40
     dead_leaves_with_images: bool = False
     crop_scale: tuple[float, float] = (0.3, 1.0)
@@ -123,7 +136,7 @@ class SimulationConfig:
 
     def validate(self) -> "SimulationConfig":
         """Raise ConfigError on out-of-range values; return self."""
-        for name in ("crops_per_train_photo", "crops_per_test_photo", "dead_leaves_train"):
+        for name in ("crops_per_train_photo", "crops_per_test_photo", "crops_per_val_photo", "dead_leaves_train"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.crops_per_train_photo == self.crops_per_test_photo == self.dead_leaves_train == 0:
@@ -239,6 +252,7 @@ class _Source:
 
 def _bundled_sources(cfg: SimulationConfig) -> list[_Source]:
     out = [_Source(p, "train", "photo", crops=cfg.crops_per_train_photo) for p in TRAIN_PHOTOS]
+    out += [_Source(p, "val", "photo", crops=cfg.crops_per_val_photo) for p in VALIDATION_PHOTOS]
     out += [_Source(p, "test", "photo", crops=cfg.crops_per_test_photo) for p in TEST_PHOTOS]
     return out
 
@@ -353,7 +367,7 @@ def dataset_parts(folder: Path) -> set[str] | None:
     parts = {"lens.json"}
     for name, entry in meta["images"].items():
         split = entry.get("split") if isinstance(entry, dict) else None
-        if split in ("train", "test"):
+        if split in SPLITS:
             parts |= {f"{d}_{split}/{name}.png" for d in ("gt", "lr", "gt_blur")} | {f"maps/{name}.npy"}
     return parts
 
@@ -422,6 +436,7 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
             "spec": cfg.spec.to_dict(),
             "simulation": {k: v for k, v in to_dict(cfg).items() if k != "spec"},
             "seed": seed,
+            "gt_blur": GT_BLUR,
             "smoke": bool(smoke),
             "source": "external" if external is not None else "bundled" if images is None else "images",
             **({"corpus": corpus_record(photos)} if external is not None else {}),
@@ -447,7 +462,7 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
     jobs = [(s, k) for s in sources for k in range(s.crops)]
     jobs += [(_Source(f"deadleaves_{k:03d}", "train", "deadleaves"), 0) for k in range(n_dead)]
     images: dict[str, dict] = {}
-    splits: dict[str, list[str]] = {"train": [], "test": []}
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     palette = photo_palette() if n_dead else None
     current = (None, None)  # the source image last loaded, reused for its crops
     bar = tqdm(jobs, desc="simulating", unit="img", disable=not progress)
@@ -471,7 +486,7 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
         split = source.split
         write_png(root / f"gt_{split}" / f"{name}.png", gt)
         write_png(root / f"lr_{split}" / f"{name}.png", cap.image)
-        write_png(root / f"gt_blur_{split}" / f"{name}.png", camera.ideal(gt))
+        write_png(root / f"gt_blur_{split}" / f"{name}.png", camera.fidelity_target(gt, cap.noise))
         with open(root / "maps" / f"{name}.npy", "wb") as f:
             np.save(f, cap.maps.astype(np.float32), allow_pickle=False)
         entry.update(split=split, noise=[cap.noise[0], cap.noise[1]])
@@ -523,8 +538,8 @@ def main(args) -> int:
     counts = meta["counts"]
     total = sum(counts.values())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"dmdiff simulate: wrote {total} pairs ({counts['train']} train, {counts['test']} test, "
-          f"{meta['spec']['image_size_px']} px) to {out} ({size / 1e6:.1f} MB) in "
+    split_counts = ", ".join(f"{counts.get(split, 0)} {split}" for split in SPLITS)
+    print(f"dmdiff simulate: wrote {total} pairs ({split_counts}, {meta['spec']['image_size_px']} px) to {out} ({size / 1e6:.1f} MB) in "
           f"{time.perf_counter() - start:.0f} s")
     if meta["skipped"]:
         print(f"dmdiff simulate: {len(meta['skipped'])} input file(s) skipped (listed in lens.json):", file=sys.stderr)

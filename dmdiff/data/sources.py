@@ -7,6 +7,12 @@ reaches a training set (the backbone's included)::
 
     TEST_PHOTOS  = ("chelsea", "coffee", "rocket")
     TRAIN_PHOTOS = ("astronaut", "grace_hopper", "hubble_deep_field", "immunohistochemistry", "retina")
+    VALIDATION_PHOTOS = ("EveningGlow", "fruits", "leuvenA", "motorcycle")
+
+The **validation** photos choose every setting of the training recipe (never the test photos): no
+training has seen them, the backbone's pretraining included. ``motorcycle`` is the left view of
+scikit-image's ``stereo_motorcycle``; the other three ship with dmdiff
+(``dmdiff/assets/validation_photos``, their sources and licences in its README).
 
 Eight photos are too few to train even a tiny backbone well (docs/method.md, "Data"), so training sets add
 **dead leaves** images (:func:`dead_leaves`): random occluding discs with power-law radii, the
@@ -32,13 +38,15 @@ import skimage.data
 from dmdiff.errors import DmdiffError
 from dmdiff.imageio import read_image
 
-__all__ = ["TEST_PHOTOS", "TRAIN_PHOTOS", "PHOTOS", "bundled_photos", "load_photo", "photo_palette",
+__all__ = ["TEST_PHOTOS", "TRAIN_PHOTOS", "VALIDATION_PHOTOS", "PHOTOS", "bundled_photos", "load_photo", "photo_palette",
            "dead_leaves", "training_images", "named_rng"]
 
 TEST_PHOTOS = ("chelsea", "coffee", "rocket")
 TRAIN_PHOTOS = ("astronaut", "grace_hopper", "hubble_deep_field", "immunohistochemistry", "retina")
-PHOTOS = TRAIN_PHOTOS + TEST_PHOTOS
-SPLITS = ("train", "test", "all")
+VALIDATION_PHOTOS = ("EveningGlow", "fruits", "leuvenA", "motorcycle")
+PHOTOS = TRAIN_PHOTOS + TEST_PHOTOS + VALIDATION_PHOTOS
+SPLITS = ("train", "test", "val", "all")
+_SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "validation_photos"
 
 
 def named_rng(seed: int, name: str) -> np.random.Generator:
@@ -51,11 +59,12 @@ def named_rng(seed: int, name: str) -> np.random.Generator:
 @functools.lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
     if name == "grace_hopper":
-        path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-        image = read_image(path)
+        image = read_image(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    elif (_SHIPPED / f"{name}.png").is_file():
+        image = read_image(_SHIPPED / f"{name}.png")
     else:
         try:
-            raw = getattr(skimage.data, name)()
+            raw = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
         except Exception as e:  # noqa: BLE001 - a broken or partial scikit-image install
             raise DmdiffError(f"bundled photo {name!r} could not be loaded from scikit-image ({e})") from None
         raw = np.asarray(raw)
@@ -74,14 +83,14 @@ def load_photo(name: str) -> np.ndarray:
 
 
 def bundled_photos(split: str = "train") -> dict[str, np.ndarray]:
-    """The bundled photos of a split: ``"train"`` (5), ``"test"`` (3) or ``"all"`` (8).
+    """The bundled photos of a split: ``"train"`` (5), ``"test"`` (3), ``"val"`` (4) or ``"all"`` (12).
 
     Returns:
         ``{name: float32 (H, W, 3) sRGB in [0, 1]}`` in a fixed order (copies: safe to modify).
     """
     if split not in SPLITS:
         raise DmdiffError(f"split must be one of {SPLITS}, got {split!r}")
-    names = {"train": TRAIN_PHOTOS, "test": TEST_PHOTOS, "all": PHOTOS}[split]
+    names = {"train": TRAIN_PHOTOS, "test": TEST_PHOTOS, "val": VALIDATION_PHOTOS, "all": PHOTOS}[split]
     return {name: load_photo(name) for name in names}
 
 

@@ -3,7 +3,10 @@
 On the dataset's **test** split (held out from training; full frames, no crops) every image is
 restored or reconstructed by each method of :mod:`dmdiff.evaluation.methods` and measured against
 its reference with :func:`dmdiff.metrics.compute_metrics` (PSNR and SSIM on RGB and on BT.601 Y,
-the gradient sharpness ratio, LPIPS only with its real weights):
+the gradient sharpness ratio, LPIPS only with its real weights), and each method's outputs as a set
+with :mod:`dmdiff.perception` (set-level NIQE, and the set-level detail ratio against the
+reference; the ground truth's own set-level NIQE is the reference line; see
+:class:`dmdiff.evaluation.report.SetPerception` and docs/perception.md):
 
 =====================  ==========================================================  =========
 method key             what                                                        reference
@@ -12,6 +15,8 @@ method key             what                                                     
 ``wiener``             Wiener deconvolution with the lens's true central PSF        gt
 ``richardson_lucy``    Richardson–Lucy with the same PSF                            gt
 ``dmdiff_a0``          DMDiff at α = 0 (the neutral, fidelity path)                 gt
+``dmdiff_arec``        DMDiff at the model's recommended α                          gt
+                       (``DMDiffConfig.recommended_alpha``; no row when None)
 ``dmdiff_a1``          DMDiff at α = 1 (the positive path)                          gt
 ``dmdiff_a1_cc``       ``dmdiff_a1`` after ``dmdiff restore``'s default colour      gt
                        correction against the capture
@@ -49,20 +54,22 @@ Protocol and choices (also written to ``metrics.json`` under ``settings``):
   this VAE can reach.
 * **Runtimes** (seconds per image, wall clock, after one untimed warm-up call, CUDA synchronised):
   the baselines' deconvolution only; DMDiff's one ``restore`` call, which always runs both paths
-  (so α = 0 and α = 1 cost the same and share that number); ``redecode_s`` of ``dmdiff_a0`` is
-  the extra cost of moving α on cached latents (VAE decoder only). An ablation's runtime is its
-  own ``restore`` call, measured the same way; ``dmdiff_a1_x8``'s is its 8 ``restore`` calls.
+  (so α = 0, the recommended α and α = 1 cost the same and share that number: the UNet runs once
+  per image and the other α are re-decoded from its cached latents); ``redecode_s`` of
+  ``dmdiff_a0`` and ``dmdiff_arec`` is the extra cost of moving α on cached latents (VAE decoder
+  only). An ablation's runtime is its own ``restore`` call, measured the same way;
+  ``dmdiff_a1_x8``'s is its 8 ``restore`` calls.
 * **Ablations** are found automatically only for a recipe run whose ``stage2/`` is the evaluated
   model; each is loaded as its own pipeline (its config, e.g. ``svda: false``, is recorded under
   ``settings.ablations``).
 
 Outputs in ``out`` (default :func:`dmdiff.runs.eval_dir`: ``RUN/eval`` for a training or recipe
 run, ``<PIPELINE>-eval`` next to a bare pipeline folder), see :mod:`dmdiff.evaluation.report`:
-``metrics.json`` (per image, means and spreads, tuned baseline parameters with their tuning
-tables, the quality bar, settings, provenance), ``metrics.csv``, ``table.md`` (also printed),
-``grid.png`` (a few test images, evenly spaced over the names) and, with ablations,
-``grid_ablations.png``, and ``images/``. The folder is written atomically and replaces only an
-earlier report (:mod:`dmdiff.outputs`).
+``metrics.json`` (per image, means and spreads, the set-level ``perception`` figures, tuned
+baseline parameters with their tuning tables, the quality bar, settings, provenance),
+``metrics.csv``, ``table.md`` (also printed), ``grid.png`` (a few test images, evenly spaced over
+the names) and, with ablations, ``grid_ablations.png``, and ``images/``. The folder is written
+atomically and replaces only an earlier report (:mod:`dmdiff.outputs`).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ from dmdiff.evaluation.baselines import tune_baselines
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
     LABELS,
+    RECOMMENDED,
     REFERENCES,
     Context,
     Sample,
@@ -101,6 +109,7 @@ from dmdiff.evaluation.report import (
     IMAGES_DIR,
     METRICS_FILE,
     TABLE_FILE,
+    SetPerception,
     csv_text,
     format_table,
     quality_bar,
@@ -288,7 +297,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         for method in rows:
             if method.name not in ("wiener", "richardson_lucy"):
                 method.run(context, warm)
-        records, shown = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows, progress)
+        records, shown, perception = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows,
+                                                progress)
 
         # ---- the report
         summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
@@ -299,6 +309,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
             "summary": summary,
             "per_image": records,
+            "perception": perception,
             "lpips": {"available": lpips_ok, "reason": lpips_reason, "net": "alex" if lpips_ok else None},
             "baselines": baselines_record,
             "settings": _settings(model, pipeline_dir, net, stage1_dir, stage1_source, ablation_dirs, ablation_pipes,
@@ -330,12 +341,13 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
     context = replace(context, psf=psf)
     rows = methods_for(context)
     test = PairedFolderDataset(data, "test")
-    records, _ = _run_split(test, len(test), rows, context, lpips, out / EXTERNAL_DIR / IMAGES_DIR, 0, progress)
+    records, _, perception = _run_split(test, len(test), rows, context, lpips, out / EXTERNAL_DIR / IMAGES_DIR, 0,
+                                        progress)
     methods = ["input", *(m.name for m in rows)]
     summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
     record = {"dataset": str(data), "split": "test", "count": len(records), "names": [r["name"] for r in records],
               "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
-              "summary": summary, "per_image": records}
+              "summary": summary, "per_image": records, "perception": perception}
     record["quality_bar"] = quality_bar(record)
     record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
                    if method in methods})
@@ -343,30 +355,34 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
 
 
 def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: Context, lpips, images: Path,
-               grid_rows: int, progress: bool) -> tuple[list[dict], list]:
+               grid_rows: int, progress: bool) -> tuple[list[dict], list, dict]:
     """The first ``count`` pairs of ``test`` through every method of ``rows``: per image its record
     (``name``, size, ``maps``, ``methods``: figures per method), its 8-bit outputs saved under
-    ``images/<method>/<name>.png``; returns the records and the ``(name, images, figures)`` of the
-    ``grid_rows`` images evenly spaced over the names (for the grids)."""
-    records, shown = [], []
+    ``images/<method>/<name>.png``; returns the records, the ``(name, images, figures)`` of the
+    ``grid_rows`` images evenly spaced over the names (for the grids) and the split's set-level
+    perception figures (:class:`~dmdiff.evaluation.report.SetPerception`, of the same 8-bit images)."""
+    records, shown, perception = [], [], SetPerception()
     show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
     for index in tqdm(range(count), desc="evaluate", disable=not progress):
         item = test[index]
         name, sample = item["name"], Sample.of(item)
         gt = to_hwc(item["gt"])
         row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
+        perception.add_reference(gt)
+        perception.add("input", sample.capture, gt)
         outputs = {}
         for method in rows:
             image, seconds, extra = method.run(context, sample)
             image = outputs[method.name] = quantize(image, 8)
             reference = sample.capture if method.reference == "lr" else gt
             row[method.name] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds, **extra}
+            perception.add(method.name, image, reference)
             write_png(images / method.name / f"{name}.png", image)
         records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
                         "maps": "maps" in item, "methods": row})
         if index in show:
             shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
-    return records, shown
+    return records, shown, perception.record()
 
 
 def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_source: str | None,
@@ -385,8 +401,10 @@ def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_so
         "full_frames": True,
         "protocol": "outputs clipped to [0, 1] and rounded to 8 bits before measuring; the saved "
                     "images/<method>/<name>.png hold exactly those pixels",
-        "alphas": {"dmdiff_a0": 0.0, "dmdiff_a1": 1.0, **({"dmdiff_a1_cc": 1.0} if "dmdiff_a1_cc" in methods else {}),
+        "alphas": {"dmdiff_a0": 0.0, **({RECOMMENDED: net.config.recommended_alpha} if RECOMMENDED in methods else {}),
+                   "dmdiff_a1": 1.0, **({"dmdiff_a1_cc": 1.0} if "dmdiff_a1_cc" in methods else {}),
                    "dmdiff_a1_x8": 1.0, **{m: 1.0 for m in ablation_keys}},
+        "recommended_alpha": net.config.recommended_alpha,
         "self_ensemble": {"dmdiff_a1_x8": "mean of the positive path over the 8 rotations/mirrorings of "
                                           "capture and maps (dmdiff.model.ensemble), no colour correction"},
         "color_correction": (
@@ -397,8 +415,8 @@ def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_so
         "maps": "the dataset's maps/<name>.npy when present (per image: per_image[].maps)",
         "ceiling": "model VAE with the encoder LoRA modulation M = 0 (= the frozen base VAE), "
                    "decode(encode(gt)) at the posterior mode, model padding, no UNet",
-        "runtime": "seconds per image after one untimed warm-up; DMDiff α=0 and α=1 share one "
-                   "restore call (both paths); redecode_s: moving α on cached latents; "
+        "runtime": "seconds per image after one untimed warm-up; DMDiff α=0, the recommended α and α=1 "
+                   "share one restore call (both paths); redecode_s: moving α on cached latents; "
                    "dmdiff_a1_cc: the restore call plus the colour correction; dmdiff_a1_x8: "
                    "its 8 restore calls; an ablation: its own restore call",
     }

@@ -9,14 +9,16 @@ and any extra per-image figures; outputs are then clipped and rounded to 8 bits
 
 DMDiff's rows run through :class:`~dmdiff.model.pipeline.DMDiffPipeline`, dmdiff's one inference
 path, as ``dmdiff restore`` does. Methods that share work share it through the :class:`Sample`
-cache: the pipeline's one restore call gives α = 1 and, by re-decoding its cached latents, α = 0,
-and the colour-corrected row reuses it.
+cache: the pipeline's one restore call gives α = 1 and, by re-decoding its cached latents
+(:meth:`DMDiffPipeline.decode <dmdiff.model.pipeline.DMDiffPipeline.decode>`, the VAE decoder
+only), α = 0 and the model's recommended α (``DMDiffConfig.recommended_alpha``; no row when it is
+None); the colour-corrected row reuses it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,13 +32,16 @@ from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.train.ablations import ABLATIONS
 
-__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE", "ABLATION_PREFIX",
-           "LABELS", "REFERENCES", "ablation_method", "ablation_label", "methods_for", "to_hwc"]
+__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE", "RECOMMENDED",
+           "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label", "recommended_alpha",
+           "methods_for", "to_hwc"]
 
 ABLATION_PREFIX = "ablation_"
 BASELINES = ("wiener", "richardson_lucy")
 #: The learned-degradation check (measured against the capture).
 DEGRADE = "stage1_degrade"
+#: The row of the model's recommended α (its label names the value: :func:`methods_for`).
+RECOMMENDED = "dmdiff_arec"
 
 
 @dataclass
@@ -121,10 +126,20 @@ def _positive(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict
     return output.images[0], seconds, {}
 
 
-def _neutral(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
-    output, seconds = _restored(context, sample)
-    redecode_s, images = timed(lambda: context.pipeline.decode(output, 0.0), context.model.device)
-    return images[0], seconds, {"redecode_s": redecode_s}   # one restore call gives any α
+def recommended_alpha(context: Context) -> float | None:
+    """The evaluated model's recommended α (``DMDiffConfig.recommended_alpha``), or None."""
+    return context.model.config.recommended_alpha
+
+
+def _redecoded(alpha_of: Callable[[Context], float]) -> Runner:
+    """A row at another α: the cached latents of the one restore call, re-decoded (``redecode_s``:
+    the extra seconds; the runtime is the restore call's, which gives any α)."""
+    def run(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+        output, seconds = _restored(context, sample)
+        redecode_s, images = timed(lambda: context.pipeline.decode(output, alpha_of(context)), context.model.device)
+        return images[0], seconds, {"redecode_s": redecode_s}
+
+    return run
 
 
 def _color_corrected(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
@@ -178,7 +193,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("wiener", "Wiener, true central PSF", "gt", _baseline(wiener_deconvolve, "wiener"), _has_baselines),
     Method("richardson_lucy", "Richardson–Lucy, true central PSF", "gt",
            _baseline(richardson_lucy, "richardson_lucy"), _has_baselines),
-    Method("dmdiff_a0", "DMDiff α=0 (fidelity)", "gt", _neutral),
+    Method("dmdiff_a0", "DMDiff α=0 (fidelity)", "gt", _redecoded(lambda context: 0.0)),
+    Method(RECOMMENDED, "DMDiff recommended α", "gt", _redecoded(recommended_alpha),
+           lambda context: recommended_alpha(context) is not None),
     Method("dmdiff_a1", "DMDiff α=1 (positive path)", "gt", _positive),
     Method("dmdiff_a1_cc", "DMDiff α=1 + restore's colour correction", "gt", _color_corrected,
            lambda context: context.correction != "none"),
@@ -208,13 +225,16 @@ def ablation_label(name: str, short: bool = False) -> str:
 
 
 def methods_for(context: Context) -> list[Method]:
-    """The rows of this evaluation, in table order: the registry's that apply, with one row per
+    """The rows of this evaluation, in table order: the registry's that apply (the recommended-α
+    row labelled with its value, e.g. ``"DMDiff α=0.6 (recommended)"``), with one row per
     ablation model of ``context`` (keys :func:`ablation_method`) after ``dmdiff_a1_x8``."""
     ablations = [Method(key, ablation_label(key[len(ABLATION_PREFIX):]), "gt", _ablation(key))
                  for key in context.ablations]
     rows = []
     for method in REGISTRY.values():
         if method.applies(context):
+            if method.name == RECOMMENDED:
+                method = replace(method, label=f"DMDiff α={recommended_alpha(context):g} (recommended)")
             rows.append(method)
         if method.name == "dmdiff_a1_x8":
             rows += ablations

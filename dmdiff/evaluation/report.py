@@ -3,7 +3,17 @@
 Everything here reads a ``metrics.json`` record (:func:`dmdiff.evaluation.job.evaluate`) or the
 per-image records it is made of, so a report can be redrawn from a saved evaluation:
 :func:`format_table` (the markdown report, with :func:`quality_bar_lines`), :func:`csv_text`,
-:func:`write_grids` and :func:`plot_spread` (per-image PSNR and runtime).
+:func:`write_grids` and :func:`plot_spread` (per-image PSNR and runtime). :class:`SetPerception`
+gathers, while the images go by, the set-level perception figures of ``metrics.json``'s
+``perception`` (:mod:`dmdiff.perception`; docs/perception.md):
+
+* **set-level NIQE** of each method's outputs and of the ground truth: the 96-px patches of all
+  the split's images pooled into one fit (256-px frames give 4 patches each, too few for a
+  per-image NIQE); lower is closer to the statistics of pristine photos;
+* the **set-level detail ratio** of each method against its reference (the "vs" column: the
+  ground truth, or the capture for the learned degradation): the summed luminance variance in
+  :data:`dmdiff.perception.DETAIL_BAND` of the outputs over that of the references; 1 = the
+  reference's fine detail, < 1 smoother, > 1 more (noise and invented texture count too).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from dmdiff.errors import DmdiffError
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
     BASELINES,
@@ -25,11 +36,20 @@ from dmdiff.evaluation.methods import (
     REFERENCES,
     ablation_label,
 )
+from dmdiff.perception import (
+    DETAIL_BAND,
+    NIQE_PACKAGE,
+    NIQE_PATCH_PX,
+    band_variance,
+    niqe_features,
+    niqe_from_features,
+    niqe_model,
+)
 from dmdiff.viz import image_grid, save_figure
 
 __all__ = ["METRICS_FILE", "CSV_FILE", "TABLE_FILE", "GRID_FILE", "ABLATION_GRID_FILE", "IMAGES_DIR",
            "QUALITY_BAR", "BAR_VARIANTS", "quality_bar", "quality_bar_lines", "format_table", "csv_text",
-           "write_grids", "plot_spread"]
+           "write_grids", "plot_spread", "NIQE_COLUMN", "detail_column", "SetPerception"]
 
 METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE = "metrics.json", "metrics.csv", "table.md", "grid.png"
 ABLATION_GRID_FILE = "grid_ablations.png"
@@ -40,6 +60,77 @@ QUALITY_BAR = {"over_input_db": 3.0, "over_baselines_db": 1.0}
 #: method → (metrics.json key of its bar figures, what the report calls it).
 BAR_VARIANTS = {"dmdiff_a1_cc": ("quality_bar_color_corrected", "dmdiff restore's colour correction"),
                 "dmdiff_a1_x8": ("quality_bar_self_ensemble", "the ×8 self-ensemble (`dmdiff restore --self-ensemble`)")}
+
+
+#: The table's NIQE column.
+NIQE_COLUMN = "NIQE (set-level, lower is better)"
+
+
+def detail_column(band) -> str:
+    """The table's detail-ratio column for ``band`` (cycles/pixel)."""
+    return f"detail ratio (band {band[0]:g}–{band[1]:g} cycles/px, vs ref.)"
+
+
+class SetPerception:
+    """The set-level perception figures of one split, gathered image by image.
+
+    Per image, :meth:`add_reference` takes the ground truth and :meth:`add` each method's 8-bit
+    output with its reference; :meth:`record` gives ``metrics.json``'s ``perception``. Only NIQE's
+    patch features (``(4, 36)`` per 256-px image) and two band variances per output are kept.
+    """
+
+    def __init__(self, band=DETAIL_BAND):
+        self.band = tuple(float(b) for b in band)
+        try:
+            niqe_model()
+            self.unavailable: str | None = None
+        except DmdiffError as e:
+            self.unavailable = str(e)
+        self.count = 0
+        self.features: dict[str, list[np.ndarray]] = {}
+        self.energy: dict[str, list[tuple[float, float]]] = {}
+
+    def _features(self, key: str, image: np.ndarray) -> None:
+        if self.unavailable is None and min(image.shape[:2]) < NIQE_PATCH_PX:
+            self.unavailable = (f"a {image.shape[0]} × {image.shape[1]} px image is smaller than one "
+                                f"{NIQE_PATCH_PX}-px NIQE patch")
+        if self.unavailable is None:
+            self.features.setdefault(key, []).append(niqe_features(image))
+
+    def add_reference(self, gt: np.ndarray) -> None:
+        """The next image's ground truth, float ``(H, W, 3)`` in ``[0, 1]`` (the NIQE reference line)."""
+        self.count += 1
+        self._features("gt", gt)
+
+    def add(self, method: str, output: np.ndarray, reference: np.ndarray) -> None:
+        """One output of ``method`` and its reference, float ``(H, W, 3)`` in ``[0, 1]``."""
+        self._features(method, output)
+        pair = (band_variance(output, self.band), band_variance(reference, self.band))
+        self.energy.setdefault(method, []).append(pair)
+
+    def _niqe(self, key: str) -> dict:
+        """``{"niqe_set", "patches"}`` of ``key``'s pooled patches (None and 0 when unavailable)."""
+        if self.unavailable is not None or sum(len(f) for f in self.features.get(key, [])) < 2:
+            return {"niqe_set": None, "patches": 0}
+        pooled = np.vstack(self.features[key])
+        return {"niqe_set": niqe_from_features(pooled), "patches": int(len(pooled))}
+
+    def record(self) -> dict:
+        """``{"niqe", "niqe_unavailable", "detail", "detail_band_cpp", "count", "gt": {"niqe_set",
+        "patches"}, "methods": {method: {"niqe_set", "patches", "detail_ratio"}}}``; a figure that
+        cannot be computed is None (``niqe_unavailable`` says why NIQE is missing)."""
+        methods = {}
+        for method, pairs in self.energy.items():
+            outputs, references = (sum(p[k] for p in pairs) for k in (0, 1))
+            methods[method] = {**self._niqe(method), "detail_ratio": outputs / references if references > 0 else None}
+        return {
+            "niqe": f"set-level NIQE (Mittal et al. 2013; pristine model of {NIQE_PACKAGE}): the {NIQE_PATCH_PX}-px "
+                    f"patches of all {self.count} images pooled into one fit; lower is closer to pristine photos",
+            "niqe_unavailable": self.unavailable,
+            "detail": "set-level detail ratio: summed luminance variance in the band of the outputs / of their "
+                      "references (1: the reference's fine detail; < 1 smoother; > 1 more, noise included)",
+            "detail_band_cpp": list(self.band), "count": self.count, "gt": self._niqe("gt"), "methods": methods,
+        }
 
 
 def csv_text(records: list[dict], methods: Sequence[str], references: Mapping[str, str]) -> str:
@@ -160,27 +251,42 @@ def _fmt(value, digits: int) -> str:
 
 
 def format_table(metrics: Mapping) -> str:
-    """The markdown report: a table of means (method × PSNR/SSIM on RGB and Y, LPIPS, runtime),
-    the learned-degradation row when present, the tuned baseline parameters and the quality bar."""
+    """The markdown report: a table of means (method × PSNR/SSIM on RGB and Y, LPIPS, runtime)
+    with the set-level NIQE and detail ratio of ``metrics["perception"]`` (and a ground-truth
+    NIQE line) when the record has them, the learned-degradation row when present, the tuned
+    baseline parameters and the quality bar."""
     means, methods = metrics["means"], metrics["methods"]
     labels, references = {**LABELS, **metrics.get("labels", {})}, {**REFERENCES, **metrics.get("references", {})}
     lpips = metrics.get("lpips", {})
     lpips_key = f"lpips_{lpips['net']}" if lpips.get("available") else None
+    perception = metrics.get("perception", {})
+    seen = perception.get("methods", {})
+    band = perception.get("detail_band_cpp", DETAIL_BAND)
     lines = [f"## Held-out evaluation: {metrics['count']} test images of {metrics['dataset']} (full frames)", "",
-             "| method | vs | PSNR (dB) | PSNR-Y (dB) | SSIM | SSIM-Y | LPIPS | runtime (s/img) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | vs | PSNR (dB) | PSNR-Y (dB) | SSIM | SSIM-Y | LPIPS | runtime (s/img) "
+             f"| {NIQE_COLUMN} | {detail_column(band)} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if perception:
+        lines.append(f"| ground truth (NIQE reference) | – | – | – | – | – | – | – "
+                     f"| {_fmt(perception['gt']['niqe_set'], 2)} | – |")
     for method in methods:
         m = means[method]
         lp = _fmt(m.get(lpips_key), 4) if lpips_key else "unavailable"
         runtime = _fmt(m.get("runtime_s"), 4)
-        if method == "dmdiff_a0" and m.get("redecode_s") is not None:
+        if m.get("redecode_s") is not None:
             runtime += f" (α change: {_fmt(m['redecode_s'], 4)})"
+        p = seen.get(method, {})
         lines.append(f"| {labels[method]} | {references[method]} | {_fmt(m.get('psnr'), 2)} | "
                      f"{_fmt(m.get('psnr_y'), 2)} | {_fmt(m.get('ssim'), 4)} | {_fmt(m.get('ssim_y'), 4)} | "
-                     f"{lp} | {runtime} |")
+                     f"{lp} | {runtime} | {_fmt(p.get('niqe_set'), 2)} | {_fmt(p.get('detail_ratio'), 3)} |")
     lines.append("")
     if not lpips_key:
         lines += [f"LPIPS: unavailable ({lpips.get('reason', 'unknown reason')})", ""]
+    if perception:
+        niqe_note = (f"unavailable ({perception['niqe_unavailable']})" if perception["niqe_unavailable"] else
+                     f"{perception['niqe']} ({perception['gt']['patches']} patches per method)")
+        lines += [f"NIQE: {niqe_note}. Detail ratio: {perception['detail']}; band {band[0]:g}–{band[1]:g} "
+                  "cycles/pixel (docs/perception.md). Neither is LPIPS.", ""]
     base = metrics.get("baselines", {})
     if "skipped" in base:
         lines += [f"Baselines skipped: {base['skipped']}", ""]

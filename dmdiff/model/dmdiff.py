@@ -58,6 +58,10 @@ from dmdiff.optics.deconvolution import (
 )
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
+#: The path modulation is ``PATH_MODULATION_SCALE · P`` with ``P`` the trained parameter: Adam moves
+#: each parameter by about the learning rate per step whatever its gradient's scale, so without the
+#: factor the paths' modulations would need ~1000 steps at lr 1e-3 to move by the identity's size.
+PATH_MODULATION_SCALE = 20.0
 
 
 @dataclass
@@ -97,6 +101,14 @@ class DMDiffConfig:
         and saved with the pipeline), so the large-scale colours are the deconvolved capture's —
         less of the lens's blur and chromatic spread — instead of the raw capture's. None: ``G_σ(x)``.
         Needs ``anchor_sigma_px``.
+    path_modulation: give each path its own learned modulation of the UNet's LoRA in every block
+        (``M = M_svda + P_path``, ``P`` zero at initialisation), besides its prompt. The prompt alone
+        reaches the UNet through cross-attention only, which the tiny backbone has at its two coarsest
+        levels: there the paths stayed identical after training (docs/method.md). False: the
+        prompts alone tell the paths apart (pipelines saved before this option load with False).
+    recommended_alpha: the α a restoration uses when none is asked for (``dmdiff restore``, the
+        evaluation's "recommended α" row), chosen on the validation split by the training recipe;
+        None: no recommendation (α = 1, the positive path).
     prompts: the text of each path.
     seed: random init of SVDA and the MLPs, and of random-init backbones built from this config.
     """
@@ -112,6 +124,8 @@ class DMDiffConfig:
     timestep: int | None = None
     anchor_sigma_px: float | None = None
     anchor_rl_iterations: int | None = None
+    path_modulation: bool = True
+    recommended_alpha: float | None = None
     prompts: Prompts = field(default_factory=Prompts)
     seed: int = 0
 
@@ -134,6 +148,11 @@ class DMDiffConfig:
                 raise ConfigError(f"anchor_rl_iterations must be an integer >= 1 or None, got {n!r}")
             if self.anchor_sigma_px is None:
                 raise ConfigError("anchor_rl_iterations needs a colour anchor: set anchor_sigma_px too")
+        if self.recommended_alpha is not None:
+            try:
+                self.recommended_alpha = check_alpha(self.recommended_alpha)
+            except ConfigError as e:
+                raise ConfigError(f"recommended_alpha: {e}") from None
         if not 1 <= self.grid_size <= 64:
             raise ConfigError(f"grid_size must be in [1, 64], got {self.grid_size}")
         if not 0 <= self.seed < 2**32:
@@ -207,6 +226,9 @@ class DMDiff(nn.Module):
                 self.mlp = nn.ModuleDict({part: ModulationMLP(lora.state.n_blocks, config.svda_dim, lora.rank)
                                           for part, lora in loras.items()})
             self.to(backbone.device, self.dtype)
+        rank, n_blocks = self.unet_lora.rank, self.unet_lora.state.n_blocks
+        self.path_modulation = nn.Parameter(torch.zeros(len(self.PATHS), n_blocks, rank, rank, device=backbone.device,
+                                                        dtype=self.dtype)) if config.path_modulation else None
         prompts = [getattr(config.prompts, path) for path in self.PATHS]
         self.register_buffer("text_embeddings", backbone.encode_prompt(prompts), persistent=False)  # (3, 77, D)
         self.register_buffer("anchor_psf", None, persistent=False)      # (3, K, K), set_anchor_psf
@@ -254,22 +276,29 @@ class DMDiff(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """What training updates, named as in ``named_parameters()``: LoRA A/B of the UNet and VAE
-        encoder (``unet.…lora_A.dmdiff.weight``), ``unet.conv_in.*``, ``svda.*``, ``mlp.{unet,vae}.*``."""
+        encoder (``unet.…lora_A.dmdiff.weight``), ``unet.conv_in.*``, ``svda.*``, ``mlp.{unet,vae}.*``,
+        ``path_modulation``."""
         modules = {"svda": self.svda, "mlp": self.mlp} if self.svda is not None else {}
-        return trainable_parameters([self.unet_lora, self.vae_lora], modules)
+        params = trainable_parameters([self.unet_lora, self.vae_lora], modules)
+        if self.path_modulation is not None:
+            params["path_modulation"] = self.path_modulation
+        return params
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights as one flat ``str → Tensor`` dict (safetensors-ready, contiguous; the
         tensors share memory with the parameters, as ``nn.Module.state_dict``'s do).
 
         Keys: ``unet.<peft LoRA key>`` (adapter name stripped, as ``get_peft_model_state_dict``),
-        ``unet.conv_in.{weight,bias}``, ``vae.<peft LoRA key>``, ``svda.*``, ``mlp.{unet,vae}.*``.
+        ``unet.conv_in.{weight,bias}``, ``vae.<peft LoRA key>``, ``svda.*``, ``mlp.{unet,vae}.*``,
+        ``path_modulation`` ``(3, n_blocks, r, r)``.
         """
         loras = (self.unet_lora, self.vae_lora)
         state = {f"{lora.part}.{k}": v for lora in loras for k, v in lora.state_dict().items()}
         if self.svda is not None:
             state.update({f"svda.{k}": v for k, v in self.svda.state_dict().items()})
             state.update({f"mlp.{k}": v for k, v in self.mlp.state_dict().items()})
+        if self.path_modulation is not None:
+            state["path_modulation"] = self.path_modulation
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -277,8 +306,17 @@ class DMDiff(nn.Module):
         misshapen entries, e.g. weights of a model with other ranks or without SVDA)."""
         parts = {"unet": {}, "vae": {}, **({"svda": {}, "mlp": {}} if self.svda is not None else {})}
         unexpected = []
+        paths = state_dict.get("path_modulation")
+        if (paths is None) != (self.path_modulation is None):
+            raise DmdiffError(f"trainable weights do not fit this model (path_modulation={self.config.path_modulation}): "
+                              f"they {'lack' if paths is None else 'hold'} a path modulation")
+        if paths is not None and paths.shape != self.path_modulation.shape:
+            raise DmdiffError(f"trainable weights do not fit this model: path_modulation is {tuple(paths.shape)}, "
+                              f"this model's {tuple(self.path_modulation.shape)}")
         for key, value in state_dict.items():
             head, _, rest = key.partition(".")
+            if key == "path_modulation":
+                continue
             if head in parts:
                 parts[head][rest] = value
             else:
@@ -292,6 +330,9 @@ class DMDiff(nn.Module):
             if self.svda is not None:
                 self.svda.load_state_dict(parts["svda"])
                 self.mlp.load_state_dict(parts["mlp"])
+            if paths is not None:
+                with torch.no_grad():
+                    self.path_modulation.copy_(paths)
         except RuntimeError as err:     # torch's strict-loading / size-mismatch errors
             raise DmdiffError(f"trainable weights do not fit this model: {err}") from err
 
@@ -451,10 +492,23 @@ class DMDiff(nn.Module):
         with self.vae_lora.state.using(vae_m):
             z = self.backbone.encode(padded)
         z = z.repeat(copies, 1, 1, 1)
-        text = self.text_embeddings[torch.as_tensor(text_index, device=self.device)]
+        text_index = torch.as_tensor(text_index, device=self.device)
+        text = self.text_embeddings[text_index]
+        if self.path_modulation is not None:
+            unet_m, copies = self.path_modulated(unet_m, text_index, copies), 1
         with self.unet_lora.state.using(unet_m, repeat=copies):
             z0 = self.backbone.one_step(z, text, self.config.timestep)
         return z0, (tuple(x.shape[-2:]), pad)
+
+    def path_modulated(self, unet_m: torch.Tensor | None, path_index: torch.Tensor, copies: int) -> torch.Tensor:
+        """The UNet modulation of each row of a ``copies``-stacked batch: its sample's SVDA modulation
+        (``unet_m``, ``(B, n, r, r[, G, G])``, or the identity when None) plus its path's
+        ``path_modulation`` ``(n, r, r)``; returns ``(copies·B, n, r, r[, G, G])``."""
+        extra = PATH_MODULATION_SCALE * self.path_modulation[path_index]     # (copies·B, n, r, r)
+        if unet_m is None:
+            return extra + torch.eye(self.unet_lora.rank, dtype=extra.dtype, device=extra.device)
+        unet_m = unet_m.repeat(copies, *([1] * (unet_m.dim() - 1)))
+        return unet_m + (extra[..., None, None] if unet_m.dim() == 6 else extra)
 
     def _decode(self, z0: torch.Tensor, size: tuple[int, int], pad: tuple[int, int, int, int]) -> torch.Tensor:
         """Frozen VAE decoder, cropped to ``size``: ``(B, 3, H, W)``, not clamped."""

@@ -359,6 +359,7 @@ def _read_meta(path: Path) -> dict:
         if not isinstance(meta.get(key), dict):
             state = "missing" if key not in meta else f"a {type(meta[key]).__name__}"
             raise DmdiffError(f"{path}: key {key!r} must be a JSON object, but it is {state}; {RESAVE}")
+    meta["config"].setdefault("path_modulation", False)      # saved before the option existed
     return meta
 
 

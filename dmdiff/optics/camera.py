@@ -25,9 +25,13 @@ Pipeline of :meth:`MetalensCamera.capture` (docs/method.md, "The optics"), in th
    the gains are within a few per cent of 1; with ``haze=False`` they undo the per-channel loss of
    the unfocused light. Then the sRGB gamma and 8-bit quantisation.
 
-:meth:`MetalensCamera.ideal` is the neutral-path target: the same scene through an aberration-free
-lens of the same aperture and focal length (diffraction-limited, on-axis Airy PSF integrated over
-each channel's band and over the pixels), no noise, no quantisation.
+:meth:`MetalensCamera.fidelity_target` is the neutral-path target: the scene band-limited to what
+the capture carries, by the Wiener transfer function of each grid node's PSF at the capture's noise
+level (:mod:`dmdiff.optics.fidelity`). :meth:`MetalensCamera.ideal` is the same scene through an
+aberration-free lens of the same aperture and focal length (diffraction-limited, on-axis Airy PSF
+integrated over each channel's band and over the pixels), no noise, no quantisation: at this
+sensor's sampling it is practically the scene itself (it was the neutral target of datasets of
+format 1).
 
 Degradation maps ``(7, G, G)`` in :attr:`MetalensCamera.MAP_CHANNELS` order: PSF FWHM and 80 %
 encircled-energy radius per channel (pixels, :func:`dmdiff.optics.grid.sharpness_maps`), and the
@@ -49,6 +53,7 @@ import torch
 
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.blur import SpatiallyVaryingBlur, node_weights
+from dmdiff.optics.fidelity import fidelity_kernels, signal_level
 from dmdiff.optics.grid import (
     default_cache_dir,
     ideal_psf_rgb,
@@ -365,8 +370,34 @@ class MetalensCamera:
             pass
         return arr
 
+    def fidelity_target(self, image: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
+        """The neutral-path target: ``image`` band-limited to what its capture carries.
+
+        sRGB → linear → the spatially varying blur whose kernels are the Wiener transfer functions
+        of the PSF grid at the capture's noise level (:mod:`dmdiff.optics.fidelity`) → sRGB. No
+        noise, no quantisation, no veil; mean levels and colours are the scene's.
+
+        Args:
+            image: (H, W, 3) float sRGB in [0, 1], H = W = ``spec.image_size_px``.
+            noise: the capture's (shot, read) variance factors (:attr:`Capture.noise`).
+
+        Returns:
+            (H, W, 3) float32 sRGB in [0, 1].
+        """
+        x = srgb_to_linear(self._check_image(image)).astype(np.float64)
+        shot, read = (float(v) for v in noise)
+        gains = self.wb_gains
+        mean = x.reshape(-1, 3).mean(axis=0)
+        noise_power = gains ** 2 * (shot * self.throughput * mean + read)
+        kernels = fidelity_kernels(self.grid.psfs.astype(np.float64), gains, noise_power, signal_level(x),
+                                   self.spec.image_size_px)
+        with torch.no_grad():
+            y = SpatiallyVaryingBlur(kernels)(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None],
+                                              padding="reflect")[0].numpy()
+        return np.clip(linear_to_srgb(np.clip(y.transpose(1, 2, 0), 0.0, 1.0)), 0.0, 1.0).astype(np.float32)
+
     def ideal(self, image: np.ndarray) -> np.ndarray:
-        """The neutral-path target: ``image`` through an aberration-free lens of the same aperture.
+        """``image`` through an aberration-free lens of the same aperture (the diffraction limit).
 
         sRGB → linear → each channel convolved with its (normalised) diffraction-limited PSF
         (mirror borders) → sRGB. No noise, no quantisation.

@@ -6,6 +6,10 @@ Layout of ``RUN/checkpoint-N/`` (N = optimizer steps done)::
     optimizer.safetensors   the optimizer's per-parameter tensors, keys ``state.<param index>.<name>``
     optimizer.json          its param groups and any non-tensor per-parameter values
     ema.safetensors         the EMA weights (only with EMA)
+    discriminator.safetensors, discriminator_optimizer.safetensors, discriminator_optimizer.json
+                            the discriminators' weights (``<path>.<name>``, spectral norm's vectors
+                            included) and their optimizer, stored as the model's (only with an
+                            adversarial term)
     rng-<rank>.safetensors  torch CPU (and CUDA) generator states of process <rank>
     rng-<rank>.json         python ``random`` and numpy legacy generator states of process <rank>
     state.json              step, data position, world size, extra scalars (grad scaler) and the
@@ -44,6 +48,9 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 #: ``state.json``'s keys and their JSON types (``files``: file name → tensor shapes, or None for JSON files).
 STATE_KEYS = {"step": int, "samples_seen": int, "world_size": int, "extra": dict, "files": dict}
 REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json")
+#: The discriminators' files (:mod:`dmdiff.train.adversarial`): all three or none.
+DISCRIMINATOR = "discriminator.safetensors"
+DISCRIMINATOR_FILES = (DISCRIMINATOR, "discriminator_optimizer.safetensors", "discriminator_optimizer.json")
 DAMAGED = "the checkpoint is damaged; resume from another one (--resume latest skips damaged ones)"
 
 
@@ -57,6 +64,8 @@ class Checkpoint:
 
     model, ema: name → tensor (CPU); ema None without EMA.
     optimizer: a ``torch.optim.Optimizer.state_dict()``-shaped dict (tensors on the CPU).
+    discriminator, discriminator_optimizer: the discriminators' weights (name → tensor) and their
+        optimizer's state dict; None when the run had no adversarial term.
     rng: the calling process's generator states (see :func:`restore_rng`), or None when the
         checkpoint has none for this rank.
     state: the ``state.json`` record (``step``, ``samples_seen``, ``world_size``, ``extra``).
@@ -69,6 +78,8 @@ class Checkpoint:
     ema: dict[str, torch.Tensor] | None
     rng: dict | None
     state: dict
+    discriminator: dict[str, torch.Tensor] | None = None
+    discriminator_optimizer: dict | None = None
 
 
 # ---- generator states ----------------------------------------------------------------------------
@@ -166,7 +177,9 @@ def write_rng(folder: Path, rank: int) -> None:
 
 def write_checkpoint(folder: Path, step: int, *, model: Mapping[str, torch.Tensor], optimizer: Mapping,
                      ema: Mapping[str, torch.Tensor] | None, samples_seen: int, world_size: int,
-                     extra: Mapping[str, Any] | None = None) -> Path:
+                     extra: Mapping[str, Any] | None = None,
+                     discriminator: Mapping[str, torch.Tensor] | None = None,
+                     discriminator_optimizer: Mapping | None = None) -> Path:
     """Complete the checkpoint assembled in ``folder`` (see :func:`partial_dir`; the ``rng-<rank>``
     files of every process are already there) and rename it to ``RUN/checkpoint-<step>``.
 
@@ -178,6 +191,8 @@ def write_checkpoint(folder: Path, step: int, *, model: Mapping[str, torch.Tenso
         samples_seen: training samples consumed by all processes together (the data position).
         world_size: number of processes (the data order depends on it).
         extra: JSON-able scalars to keep (e.g. the grad scaler's state).
+        discriminator, discriminator_optimizer: the discriminators' ``state_dict()`` and their
+            optimizer's (both or neither).
 
     Returns:
         The final ``RUN/checkpoint-<step>`` path. An existing one (a rerun from an earlier
@@ -190,6 +205,13 @@ def write_checkpoint(folder: Path, step: int, *, model: Mapping[str, torch.Tenso
     _dump(folder, "optimizer.json", opt_meta, files)
     if ema is not None:
         _save(folder, "ema.safetensors", ema, files)
+    if (discriminator is None) != (discriminator_optimizer is None):
+        raise ValueError("write_checkpoint: give the discriminator's weights and its optimizer state together")
+    if discriminator is not None:
+        _save(folder, DISCRIMINATOR, discriminator, files)
+        opt_tensors, opt_meta = flatten_optimizer(discriminator_optimizer)
+        _save(folder, DISCRIMINATOR_FILES[1], opt_tensors, files)
+        _dump(folder, DISCRIMINATOR_FILES[2], opt_meta, files)
     for rank in range(world_size):
         for suffix in (".safetensors", ".json"):
             name = f"rng-{rank}{suffix}"
@@ -261,7 +283,8 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
 
 def _check_state(state_file: Path, state: Any) -> dict:
     """``state`` (the parsed ``state.json``) if it has the :data:`STATE_KEYS` with their types and
-    lists the :data:`REQUIRED_FILES` by plain file names; else a DmdiffError naming the file and key."""
+    lists the :data:`REQUIRED_FILES` (and all :data:`DISCRIMINATOR_FILES` or none) by plain file
+    names; else a DmdiffError naming the file and key."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DmdiffError(f"{state_file}: not a dmdiff checkpoint")
     for key, kind in STATE_KEYS.items():
@@ -272,6 +295,8 @@ def _check_state(state_file: Path, state: Any) -> dict:
     names = state["files"]
     strange = [name for name in names if name in ("", "..") or Path(name).name != name]
     lacking = [name for name in REQUIRED_FILES if name not in names]
+    if any(name in names for name in DISCRIMINATOR_FILES):
+        lacking += [name for name in DISCRIMINATOR_FILES if name not in names]
     if strange or lacking:
         what = f"names no file of the folder: {strange}" if strange else f"lacks {lacking}"
         raise DmdiffError(f"{state_file}: 'files' {what}; {DAMAGED}")
@@ -318,8 +343,12 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> Checkpoint:
     if f"rng-{rank}.safetensors" in files:
         rng = {"tensors": tensors(f"rng-{rank}.safetensors"), "json": json_file(f"rng-{rank}.json")}
     optimizer = unflatten_optimizer(tensors("optimizer.safetensors"), json_file("optimizer.json"))
+    disc_optimizer = None
+    if DISCRIMINATOR in files:
+        disc_optimizer = unflatten_optimizer(tensors(DISCRIMINATOR_FILES[1]), json_file(DISCRIMINATOR_FILES[2]))
     return Checkpoint(path=path, step=state["step"], model=tensors("model.safetensors"), optimizer=optimizer,
-                      ema=tensors("ema.safetensors"), rng=rng, state=state)
+                      ema=tensors("ema.safetensors"), rng=rng, state=state, discriminator=tensors(DISCRIMINATOR),
+                      discriminator_optimizer=disc_optimizer)
 
 
 def find_checkpoint(run_dir: str | os.PathLike, resume: str, rank: int = 0) -> Checkpoint | None:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from dmdiff.config import load_config, merge
+from dmdiff.config import load_config, merge, read_yaml
 from dmdiff.data.simulate import resolve_config  # numpy, the optics: only when needed
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiffConfig
@@ -97,6 +97,87 @@ class LossConfig:
         """The weight the substitute term gets when LPIPS is unavailable."""
         return self.lpips if self.substitute_weight is None else self.substitute_weight
 
+    def validate(self, prefix: str = "loss") -> "LossConfig":
+        """Raise :class:`ConfigError` (naming ``prefix``: ``loss`` or ``loss_by_path.<path>``) on
+        negative weights or when both main weights are 0; return self."""
+        if not (self.mse >= 0 and self.lpips >= 0 and 0 < self.mse + self.lpips < math.inf):
+            raise ConfigError(f"{prefix} weights must be >= 0 and not all 0 (with a finite sum), got "
+                              f"mse={self.mse}, lpips={self.lpips}")
+        if self.substitute_weight is not None and not self.substitute_weight >= 0:
+            raise ConfigError(f"{prefix}.substitute_weight must be >= 0 or null, got {self.substitute_weight}")
+        return self
+
+
+#: The keys of :class:`LossConfig` that ``loss_by_path`` may set per path (the LPIPS network and the
+#: substitute's kind are shared: one loss module serves all paths).
+PATH_LOSS_KEYS = ("mse", "lpips", "substitute_weight")
+#: Most discriminator channels (``adversarial.channels``): a patch critic needs far fewer.
+MAX_DISC_CHANNELS = 1024
+
+
+@dataclass
+class AdversarialConfig:
+    """An adversarial (GAN) term for the perceptual paths (docs/method.md, "The losses by path").
+
+    One patch discriminator per listed path (:mod:`dmdiff.train.adversarial`; spectral norm on its
+    convolutions, hinge loss) learns to tell the path's targets from its outputs, and the generator
+    loss of that path's images gains ``weight · hinge_G``, ``hinge_G = −mean D(output)`` (a logit,
+    of order 1).
+
+    weight: the generator term's weight; 0 turns the term off (no discriminator is built, the run is
+        the one without an ``adversarial`` section). The default 0.05 keeps the term a small part of
+        the loss: the main loss is ~1 at the paper's weights (2 · MSE ~0.01 + 5 · LPIPS ~0.2 each),
+        so the term is ~5 % of it: enough for the critic to sharpen textures, small enough that the
+        full-reference terms keep the output on its target. With the gradient-L1 substitute (no
+        LPIPS weights) the main loss is ~0.1, and a smaller weight (~0.005–0.01) keeps that balance.
+    start_step: optimizer steps trained without the generator term (warm-up): it is added from
+        optimizer step ``start_step + 1`` on, once the fidelity losses have brought the outputs near
+        their targets. The discriminator trains from step 1 (it does not change the generator, so
+        the first ``start_step`` steps equal a run without the term), so that its first gradients
+        to the generator come from a critic that has already learnt the difference between outputs
+        and targets rather than from random weights.
+    lr: the discriminator's Adam learning rate (constant; betas (0.5, 0.999) as in the GAN
+        literature; no weight decay: spectral norm regularises it).
+    r1_weight: γ of the R1 penalty ``γ / 2 · E‖∇ₓ D(x_real)‖²`` (gradient of each real image's mean
+        logit); 0 (default): none, spectral norm already bounds the critic's slope.
+    channels: width of the discriminator's first convolution (doubled at each of its three
+        stride-2 convolutions, capped at 8×; a 38-px receptive field).
+    paths: the paths whose outputs get the term, each with its own discriminator (a path's real
+        images are its targets: GT for positive, captures for negative). The neutral path cannot be
+        listed: it is the fidelity end of the α blend and keeps a pure full-reference loss.
+
+    A discriminator is built only for listed paths that are trained (``path_probs`` > 0), so a
+    recipe's stage 1 (negative path only) trains none with the default ``paths``.
+    """
+
+    weight: float = 0.05
+    start_step: int = 100
+    lr: float = 2e-4
+    r1_weight: float = 0.0
+    channels: int = 32
+    paths: tuple[Literal["positive", "neutral", "negative"], ...] = ("positive",)
+
+    def validate(self, prefix: str = "adversarial.") -> "AdversarialConfig":
+        """Raise :class:`ConfigError` (keys named with ``prefix``) on out-of-range values; return self."""
+        for name in ("weight", "r1_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
+        if self.start_step < 0:
+            raise ConfigError(f"{prefix}start_step must be >= 0, got {self.start_step}")
+        if not self.lr > 0:
+            raise ConfigError(f"{prefix}lr must be a positive number, got {self.lr}")
+        if not 1 <= self.channels <= MAX_DISC_CHANNELS:
+            raise ConfigError(f"{prefix}channels must be in [1, {MAX_DISC_CHANNELS}], got {self.channels}")
+        if not self.paths:
+            raise ConfigError(f"{prefix}paths must name at least one path (to turn the term off, set "
+                              f"{prefix}weight: 0 or adversarial: null)")
+        if len(set(self.paths)) != len(self.paths):
+            raise ConfigError(f"{prefix}paths lists a path twice: {list(self.paths)}")
+        if "neutral" in self.paths:
+            raise ConfigError(f"{prefix}paths may not include 'neutral': the neutral path is the fidelity "
+                              "end of the α blend and keeps a pure full-reference loss")
+        return self
+
 
 @dataclass
 class PseudoConfig:
@@ -154,6 +235,9 @@ class RecipeConfig:
         there with these :class:`~dmdiff.data.simulate.SimulationConfig` settings (e.g. ``{}``
         for the defaults); None: the dataset must exist.
     simulate_seed: seed of that simulation.
+    alpha_tolerance_db: after stage 2, the recommended α is the largest α in ``[0, 1]`` whose mean
+        PSNR on the validation split is within this many dB of the best α's
+        (:mod:`dmdiff.train.alpha`).
 
     :meth:`TrainConfig.validate` checks ``simulate`` as ``dmdiff simulate`` would, so a bad
     simulation setting fails before stage 1 rather than when the recipe reaches it.
@@ -165,6 +249,7 @@ class RecipeConfig:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     simulate: dict[str, Any] | None = None
     simulate_seed: int = 0
+    alpha_tolerance_db: float = 0.25
 
 
 @dataclass
@@ -193,7 +278,13 @@ class TrainConfig:
     mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 needs CUDA).
     path_probs: how often each path is trained.
     path_sampling: ``"batch"``: one path per micro-batch (the paper); ``"sample"``: one per image.
-    loss: loss weights.
+    loss: loss weights (of every path, unless ``loss_by_path`` says otherwise).
+    loss_by_path: per-path overrides of ``loss``'s weights (``mse``, ``lpips``,
+        ``substitute_weight``), laid over ``loss``, e.g. ``{neutral: {lpips: 0}}`` for a neutral path
+        trained on MSE alone. Empty (default): every path uses ``loss``. With ``path_sampling:
+        sample``, a micro-batch mixing paths weights each image by its own path.
+    adversarial: the adversarial term of the perceptual paths (:class:`AdversarialConfig`); None
+        (default) or ``weight: 0``: none. ``adversarial: {}`` turns it on with the defaults.
     checkpoint_every: steps between checkpoints (the last step always gets one).
     keep_last: checkpoints kept (older ones are deleted once a newer one is complete).
     validate_every: steps between validations (0: only at the end; with ``val_images = 0``: never).
@@ -229,6 +320,8 @@ class TrainConfig:
     path_probs: PathProbs = field(default_factory=PathProbs)
     path_sampling: Literal["batch", "sample"] = "batch"
     loss: LossConfig = field(default_factory=LossConfig)
+    loss_by_path: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adversarial: AdversarialConfig | None = None
     checkpoint_every: int = 100
     keep_last: int = 2
     validate_every: int = 100
@@ -287,15 +380,48 @@ class TrainConfig:
         if not (all(p >= 0 for p in probs) and 0 < sum(probs) < math.inf):
             raise ConfigError(f"path_probs must be non-negative with a positive (finite) sum, got "
                               f"positive={probs[0]}, neutral={probs[1]}, negative={probs[2]}")
-        if not (self.loss.mse >= 0 and self.loss.lpips >= 0 and 0 < self.loss.mse + self.loss.lpips < math.inf):
-            raise ConfigError(f"loss weights must be >= 0 and not all 0 (with a finite sum), got "
-                              f"mse={self.loss.mse}, lpips={self.loss.lpips}")
-        if self.loss.substitute_weight is not None and not self.loss.substitute_weight >= 0:
-            raise ConfigError(f"loss.substitute_weight must be >= 0 or null, got {self.loss.substitute_weight}")
+        self.loss.validate()
+        self.path_losses()
+        if self.adversarial is not None:
+            self.adversarial.validate()
+
+    def path_losses(self) -> dict[str, LossConfig]:
+        """Each path's loss settings (``loss`` with its ``loss_by_path`` overrides), in :data:`PATHS`
+        order, checked.
+
+        Raises:
+            ConfigError: an unknown path, a key other than :data:`PATH_LOSS_KEYS`, or a bad value
+                (named ``loss_by_path.<path>.<key>``).
+        """
+        unknown = sorted(set(self.loss_by_path) - set(PATHS))
+        if unknown:
+            raise ConfigError(f"loss_by_path: unknown path {unknown[0]!r}; the paths are {', '.join(PATHS)}")
+        out = {}
+        for path in PATHS:
+            overrides = self.loss_by_path.get(path, {})
+            if not isinstance(overrides, Mapping):
+                raise ConfigError(f"loss_by_path.{path}: expected a mapping of loss weights, got "
+                                  f"{type(overrides).__name__}")
+            shared = sorted(set(overrides) - set(PATH_LOSS_KEYS))
+            if shared:
+                raise ConfigError(f"loss_by_path.{path}.{shared[0]}: only the weights ({', '.join(PATH_LOSS_KEYS)}) "
+                                  "may differ by path; the LPIPS network and the substitute are shared")
+            out[path] = merge(self.loss, overrides, prefix=f"loss_by_path.{path}.").validate(f"loss_by_path.{path}")
+        return out
+
+    def adversarial_paths(self) -> tuple[str, ...]:
+        """The paths trained with an adversarial term: ``adversarial.paths`` that are trained
+        (``path_probs`` > 0), when ``adversarial`` is set with a positive weight; else ``()``."""
+        if self.adversarial is None or self.adversarial.weight == 0:
+            return ()
+        probs = dict(zip(PATHS, self.path_probs.normalised()))
+        return tuple(p for p in self.adversarial.paths if probs[p] > 0)
 
     def _validate_recipe(self) -> None:
         self.recipe.pseudo.validate("recipe.pseudo.")
         _check_seed("recipe.simulate_seed", self.recipe.simulate_seed)
+        if not 0 <= self.recipe.alpha_tolerance_db < 100:
+            raise ConfigError(f"recipe.alpha_tolerance_db must be in [0, 100) dB, got {self.recipe.alpha_tolerance_db}")
         if self.recipe.simulate is not None:
             try:
                 resolve_config(self.recipe.simulate)
@@ -310,6 +436,15 @@ class TrainConfig:
         _check_svda_grid("recipe.pseudo.size_px", self.recipe.pseudo.size_px, stages["stage1"].model)
 
 
+def _check_adversarial(overrides: Mapping) -> None:
+    """Raise the :class:`ConfigError` naming the key (``adversarial.weight``...) of a bad setting in
+    ``overrides``' ``adversarial`` section. Merged over a config without the section, a bad mapping
+    would only be reported as matching neither :class:`AdversarialConfig` nor null."""
+    value = overrides.get("adversarial")
+    if isinstance(value, Mapping):
+        merge(AdversarialConfig(), value, prefix="adversarial.")
+
+
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
     """``cfg`` with :data:`STAGE_BASE` and then ``cfg.recipe.<stage>`` (``"stage1"`` / ``"stage2"``)
     laid over it, checked.
@@ -319,6 +454,7 @@ def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
             names the stage.
     """
     try:
+        _check_adversarial(getattr(cfg.recipe, stage))
         out = merge(merge(cfg, STAGE_BASE[stage]), getattr(cfg.recipe, stage))
         out.validate_fields()
     except ConfigError as e:
@@ -345,5 +481,7 @@ def load_train_config(source: str | Path | Mapping | None = None, **overrides: A
         ConfigError: missing file, invalid YAML, unknown key, wrong type or out-of-range value.
     """
     if source is not None and not isinstance(source, Mapping):
-        source = Path(source)
+        source = read_yaml(source)
+    for layer in (source or {}, overrides):
+        _check_adversarial(layer)
     return load_config(TrainConfig, source, **overrides).validate()

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dmdiff.data.dataset import PairedFolderDataset, crop_maps
+from dmdiff.data.dataset import PairedFolderDataset, crop_maps, gt_blur_note, has_split
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
@@ -60,6 +60,10 @@ def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
     if len(set(grids.values())) > 1:
         raise DmdiffError(f"the datasets' maps have different shapes ({grids}); batches need one grid size")
     if cfg.path_probs.normalised()[1] > 0:
+        for root in roots:
+            note = gt_blur_note(root)
+            if note:
+                warnings.warn(note, TrainWarning, stacklevel=2)
         no_blur = [str(ds.root) for ds in sets if ds.gt_blur_paths is None]
         if no_blur:
             warnings.warn(f"{', '.join(no_blur)}: no gt_blur_train/ (ideal-lens images); the neutral path "
@@ -145,22 +149,34 @@ def expose(image: torch.Tensor, gain: float) -> torch.Tensor:
     return linear_to_srgb((srgb_to_linear(image) * gain).clamp(0, 1)).clamp(0, 1)
 
 
+def validation_split(root: str | Path) -> str:
+    """The split of the dataset at ``root`` that training validates on: ``"val"`` when it has one,
+    else ``"test"`` (datasets of ``--images``, or made by older versions), with a warning, since
+    settings must not be chosen on the test split."""
+    if has_split(root, "val"):
+        return "val"
+    warnings.warn(f"{root} has no validation split (gt_val/): the training curve's validation uses its test "
+                  "split; choose no setting by it", TrainWarning, stacklevel=3)
+    return "test"
+
+
 def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
-    """``cfg.val_images`` test pairs of ``cfg.data``, evenly spaced over the sorted names (so the
-    crops of one photo do not fill the set), centre-cropped to
+    """``cfg.val_images`` pairs of the validation split of ``cfg.data`` (:func:`validation_split`),
+    evenly spaced over the sorted names (so the crops of one photo do not fill the set), centre-cropped to
     ``val_crop_px`` (when smaller than the image): dicts of ``lr``, ``gt`` ``(3, h, w)``, ``maps``
     ``(7, G, G)`` when present and ``use_maps``, ``name``.
 
     Raises:
-        DmdiffError: validation is on but ``data`` has no usable test split.
+        DmdiffError: validation is on but ``data`` has no usable validation or test split.
     """
     if cfg.val_images == 0:
         return []
     root = Path(cfg.data)
+    split = validation_split(root)
     try:
-        ds = PairedFolderDataset(root, "test", use_maps=use_maps)
+        ds = PairedFolderDataset(root, split, use_maps=use_maps)
     except DmdiffError as e:
-        raise DmdiffError(f"validation needs the test split of {root}: {e} (set val_images: 0 to "
+        raise DmdiffError(f"validation needs the {split} split of {root}: {e} (set val_images: 0 to "
                           "train without validation)") from None
     out = []
     count = min(cfg.val_images, len(ds))

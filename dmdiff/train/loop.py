@@ -18,6 +18,10 @@ trained, the most trained path: stage 1's negative one) on the first ``val_image
 ``data`` (centre crops), outputs clipped and rounded to 8 bits like saved images, PSNR / SSIM
 (RGB, :mod:`dmdiff.metrics`) against the path's target, next to the input's own PSNR / SSIM
 against it. With EMA, validation and the exported ``RUN/pipeline/`` use the EMA weights.
+
+With ``adversarial`` set, the paths it lists get a generator term from their discriminators and the
+discriminators take one step after each micro-batch of their path (:mod:`dmdiff.train.adversarial`);
+the discriminators and their optimizer are in every checkpoint, never in ``RUN/pipeline/``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
+from dmdiff.config import to_dict
 from dmdiff.data.dataset import dataset_central_psf
 from dmdiff.device import eval_mode, torch_threads
 from dmdiff.errors import DmdiffError, RunFault
@@ -50,6 +55,7 @@ from dmdiff.optics.sensor import quantize
 from dmdiff.outputs import write_json
 from dmdiff.runs import PIPELINE, REPORT
 from dmdiff.train import checkpoint as ckpt_io
+from dmdiff.train.adversarial import Adversary
 from dmdiff.train.config import (
     PATH_IO,
     PATHS,
@@ -154,8 +160,8 @@ class Session:
     """Everything one training run works with, built by :func:`build_session`.
 
     ``model`` is the DMDiff model, ``wrapped`` what accelerate made of it (DDP on several
-    processes), ``params`` its trained parameters by name; ``log`` is None on all but the main
-    process.
+    processes), ``params`` its trained parameters by name; ``adversary`` the discriminators (None
+    without an adversarial term); ``log`` is None on all but the main process.
     """
 
     cfg: TrainConfig
@@ -167,6 +173,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     loss_fn: MultipathLoss
     ema: EMA | None
+    adversary: Adversary | None
     sets: list
     val_pairs: list[dict]
     val_path: str
@@ -178,6 +185,12 @@ class Session:
         """Whether this is the process that writes files."""
         return self.accelerator.is_main_process
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Every loss term a micro-batch may log, in a fixed order (the same on every process)."""
+        names = ("loss", "mse") + ((self.loss_fn.perceptual,) if self.loss_fn.perceptual else ())
+        return names + (self.adversary.term_names if self.adversary is not None else ())
+
     def write_log(self, record: dict) -> None:
         """Append ``record`` to ``metrics.jsonl`` (main process) and hand a copy to ``on_log``."""
         self.log.write(record)
@@ -187,7 +200,7 @@ class Session:
 
 def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     """Check ``cfg``, the data and the run folder, then build the accelerator, the model (seeded by
-    ``cfg.seed``), the optimizer, the loss and the EMA. Writes nothing.
+    ``cfg.seed``), the optimizer, the loss, the EMA and the discriminators. Writes nothing.
 
     Raises:
         DmdiffError: a bad config, dataset or run folder (before anything is built).
@@ -207,20 +220,24 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
-    loss_fn = MultipathLoss(cfg.loss, accelerator.device)
+    loss_fn = MultipathLoss(cfg.loss, accelerator.device, by_path=cfg.path_losses())
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    return Session(cfg, out, accelerator, model, wrapped, params, optimizer, loss_fn, ema, sets, val_pairs,
-                   validation_path(cfg), None)
+    adversary = None
+    if cfg.adversarial_paths():
+        adversary = Adversary(cfg.adversarial, cfg.adversarial_paths(), cfg.seed, accelerator)
+    return Session(cfg, out, accelerator, model, wrapped, params, optimizer, loss_fn, ema, adversary, sets,
+                   val_pairs, validation_path(cfg), None)
 
 
 def load_checkpoint_into(session: Session, state: ckpt_io.Checkpoint) -> int:
-    """Load a checkpoint into the training state (weights, optimizer, EMA, grad scaler, generators);
-    returns its step.
+    """Load a checkpoint into the training state (weights, optimizer, EMA, discriminators, grad
+    scaler, generators); returns its step.
 
     Raises:
-        DmdiffError: the checkpoint does not fit, or was trained on another base backbone (e.g. the
-            shipped tiny backbone appeared or changed since).
+        DmdiffError: the checkpoint does not fit (its discriminator included, or it has none and the
+            config trains one), or was trained on another base backbone (e.g. the shipped tiny
+            backbone appeared or changed since).
     """
     model, accelerator = session.model, session.accelerator
     saved = state.state["extra"].get("backbone")
@@ -237,6 +254,17 @@ def load_checkpoint_into(session: Session, state: ckpt_io.Checkpoint) -> int:
         if state.ema is None:
             raise DmdiffError(f"{state.path} has no EMA weights but ema_decay is set")
         session.ema.load(state.ema)
+    if session.adversary is not None:
+        if state.discriminator is None:
+            raise DmdiffError(f"{state.path} has no discriminator ({ckpt_io.DISCRIMINATOR}), but the config trains "
+                              f"one (adversarial.weight = {session.cfg.adversarial.weight} on paths "
+                              f"{', '.join(session.adversary.paths)}); resume it with the adversarial settings it "
+                              "was written with, or start a new run (init_weights takes its trained weights)")
+        session.adversary.load_state_dict({"weights": state.discriminator, "optimizer": state.discriminator_optimizer},
+                                          where=str(state.path))
+    elif state.discriminator is not None:
+        warnings.warn(f"{state.path} holds a discriminator, but this config trains none (adversarial); it is "
+                      "not used", TrainWarning, stacklevel=3)
     if accelerator.scaler is not None and state.state["extra"].get("scaler"):
         accelerator.scaler.load_state_dict(state.state["extra"]["scaler"])
     if state.rng is not None:
@@ -245,58 +273,70 @@ def load_checkpoint_into(session: Session, state: ckpt_io.Checkpoint) -> int:
 
 
 class LossStats:
-    """The training losses of one logging interval: means over its optimizer steps of the loss and
-    its terms, the images of each path, and each path's mean loss over the micro-batches that
-    trained it alone (``path_loss``)."""
+    """The training losses of one logging interval: the mean of each of ``names`` (the loss and its
+    terms) over the micro-batches that computed it, the images of each path, and each path's mean
+    loss over the micro-batches that trained it alone (``path_loss``)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.totals: dict[str, torch.Tensor] = {}
+    def __init__(self, device: torch.device, names: tuple[str, ...]):
+        self.names = names
+        self.sums, self.n = torch.zeros(len(names), device=device), torch.zeros(len(names), device=device)
         self.counts = np.zeros(len(PATHS), dtype=np.int64)
         self.steps = 0
         self.path_sum, self.path_n = torch.zeros(len(PATHS), device=device), torch.zeros(len(PATHS), device=device)
 
-    def add(self, loss: torch.Tensor, terms: dict, path_ids: list[int], grad_accum: int) -> None:
-        """Count one micro-batch (``grad_accum`` of them make an optimizer step)."""
+    def add(self, loss: torch.Tensor, terms: dict, path_ids: list[int]) -> None:
+        """Count one micro-batch: its loss, the terms it computed, its paths."""
         for k, v in {"loss": loss.detach(), **terms}.items():
-            self.totals[k] = self.totals.get(k, 0.0) + v / grad_accum
+            i = self.names.index(k)
+            self.sums[i] += v.float()
+            self.n[i] += 1
         self.counts += np.bincount(path_ids, minlength=len(PATHS))
         if len(set(path_ids)) == 1:
             self.path_sum[path_ids[0]] += loss.detach().float()
             self.path_n[path_ids[0]] += 1
 
     def record(self, accelerator: Accelerator) -> dict:
-        """The interval's means, reduced over processes (``loss``, terms, ``path_loss``)."""
-        record = {k: accelerator.reduce(v, "mean").item() / self.steps for k, v in self.totals.items()}
+        """The interval's means, reduced over processes (``loss``, the terms computed, ``path_loss``)."""
+        sums, ns = (accelerator.reduce(t, "sum").tolist() for t in (self.sums, self.n))
+        record = {k: s / n for k, s, n in zip(self.names, sums, ns) if n}
         sums, ns = (accelerator.reduce(t, "sum").tolist() for t in (self.path_sum, self.path_n))
         record["path_loss"] = {p: s / n for p, s, n in zip(PATHS, sums, ns) if n}
         return record
 
 
 def train_step(session: Session, batches, lr: float, step: int, stats: LossStats) -> None:
-    """One optimizer step at learning rate ``lr``: ``grad_accum`` micro-batches from ``batches``,
-    backward, clipping, the update, the EMA. Counts the losses into ``stats``.
+    """One optimizer step (``step``, 0-based) at learning rate ``lr``: ``grad_accum`` micro-batches
+    from ``batches``, each with its path's losses (and, from ``adversarial.start_step`` on, the
+    adversarial term), backward, then a discriminator step on it; clipping, the update, the EMA.
+    Counts the losses into ``stats``.
 
     Raises:
-        RunFault: a NaN or infinite loss (:func:`non_finite_loss`).
+        RunFault: a NaN or infinite loss (:func:`non_finite_loss`), the discriminator's included.
     """
-    cfg, accelerator = session.cfg, session.accelerator
+    cfg, accelerator, adversary = session.cfg, session.accelerator, session.adversary
     for group in session.optimizer.param_groups:
         group["lr"] = lr
     for _ in range(cfg.grad_accum):
         batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
         path_ids = batch["path"].tolist()
+        paths = [PATHS[i] for i in path_ids]
         with accelerator.accumulate(session.wrapped):
-            output = session.wrapped(batch["input"], batch.get("maps"), [PATHS[i] for i in path_ids])
-            loss, terms = session.loss_fn(output, batch["target"])
+            output = session.wrapped(batch["input"], batch.get("maps"), paths)
+            loss, terms = session.loss_fn(output, batch["target"], paths)
+            if adversary is not None and adversary.generator_active(step):
+                term, adv_terms = adversary.generator_loss(output, paths)
+                if term is not None:
+                    loss, terms = loss + term, {**terms, **adv_terms}
             if not torch.isfinite(loss):
-                raise non_finite_loss(step + 1, loss, terms, [PATHS[i] for i in path_ids], session.out)
+                raise non_finite_loss(step + 1, loss, terms, paths, session.out)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.grad_clip is not None:
                 accelerator.clip_grad_norm_(list(session.params.values()), cfg.grad_clip)
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
-        stats.add(loss, terms, path_ids, cfg.grad_accum)
+        if adversary is not None:
+            terms.update(adversary.discriminator_step(batch["target"], output.detach(), paths, step + 1))
+        stats.add(loss, terms, path_ids)
     if session.ema is not None:
         session.ema.update(session.params)
     stats.steps += 1
@@ -329,8 +369,11 @@ def save_checkpoint(session: Session, step: int) -> None:
         accelerator.wait_for_everyone()
         if session.main:
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            adversary = session.adversary.state_dict() if session.adversary is not None else None
             ckpt_io.write_checkpoint(folder, step, model=session.params, optimizer=session.optimizer.state_dict(),
                                      ema=session.ema.shadow if session.ema else None,
+                                     discriminator=adversary["weights"] if adversary else None,
+                                     discriminator_optimizer=adversary["optimizer"] if adversary else None,
                                      samples_seen=step * cfg.grad_accum * cfg.batch_size * world, world_size=world,
                                      extra={"scaler": scaler, "backbone": session.model.backbone.source})
     except OSError as e:
@@ -403,7 +446,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
         batch_iter = iter(loader)
 
         # 4. The loop: a step, then logging, validation and checkpoints on their schedules.
-        step_times, last_val, stats = [], {}, LossStats(accelerator.device)
+        step_times, last_val, last_train, stats = [], {}, {}, LossStats(accelerator.device, session.term_names)
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step",
                    disable=not (progress and session.main), file=sys.stderr)
         t_start = t_interval = time.perf_counter()
@@ -413,14 +456,14 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                record = stats.record(accelerator)
+                record = last_train = stats.record(accelerator)
                 step_times.append((time.perf_counter() - t_interval) / stats.steps)   # .item() synchronised
                 t_interval = time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if session.main:
                     session.write_log({"step": done, "kind": "train", **record, "lr": lr,
                                        "paths": dict(zip(PATHS, stats.counts.tolist())), "step_time_s": step_times[-1]})
-                stats = LossStats(accelerator.device)
+                stats = LossStats(accelerator.device, session.term_names)
             t_pause = time.perf_counter()                 # validation and checkpoints are not step time
             if cfg.val_images and ((cfg.validate_every and done % cfg.validate_every == 0) or done == cfg.steps):
                 last_val = run_validation(session, done)
@@ -440,11 +483,22 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
                   "step_time_s": {"median": median(step_times), "mean": float(np.mean(step_times))} if step_times else None,
                   "val": {"path": session.val_path, **last_val} if last_val else {},
                   "perceptual_term": session.loss_fn.perceptual, "loss_note": session.loss_fn.note,
+                  "adversarial": adversarial_report(session, last_train),
                   "processes": accelerator.num_processes, "device": str(accelerator.device)}
         if session.main:
             export(session, report)
         accelerator.wait_for_everyone()
         return report
+
+
+def adversarial_report(session: Session, last: dict) -> dict | None:
+    """``train_report.json``'s ``adversarial`` record: the settings, the paths that had a
+    discriminator and the adversarial terms of the last training log line (``final``; empty when
+    this process trained no step, e.g. a finished run resumed); None without an adversarial term."""
+    if session.adversary is None:
+        return None
+    return {**to_dict(session.cfg.adversarial), "paths_trained": list(session.adversary.paths),
+            "final": {k: last[k] for k in session.adversary.term_names if k in last}}
 
 
 def non_finite_loss(step: int, loss: torch.Tensor, terms: dict, paths: list[str], out: Path) -> RunFault:

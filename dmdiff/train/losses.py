@@ -1,14 +1,17 @@
-"""The training loss: ``mse · MSE + lpips · LPIPS`` (docs/method.md), with an honest fallback.
+"""The training loss: ``mse · MSE + lpips · LPIPS`` (docs/method.md), per path, with an honest fallback.
 
+Each path may have its own weights (``loss_by_path``; :meth:`~dmdiff.train.config.TrainConfig.path_losses`).
 LPIPS uses the published weights only (:class:`dmdiff.metrics.LPIPSMetric` loads them; its network
 is frozen here and gradients flow to the images). When they are absent, the LPIPS weight goes to
 the configured substitute and a warning says that LPIPS is **not** being used; the logged term is
-then named after the substitute (``gradient_l1``), never ``lpips``.
+then named after the substitute (``gradient_l1``), never ``lpips``. The adversarial term of the
+perceptual paths is :mod:`dmdiff.train.adversarial`'s.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,35 +19,45 @@ from torch import nn
 
 from dmdiff.errors import DmdiffError
 from dmdiff.metrics import LPIPSMetric, lpips_status
-from dmdiff.train.config import LossConfig, TrainWarning
+from dmdiff.train.config import PATHS, LossConfig, TrainWarning
 
 
-def gradient_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def gradient_l1(output: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """Mean L1 distance between the horizontal and vertical finite differences of two ``(B, C, H, W)``
-    images (an edge-fidelity term; not a perceptual metric). Scalar."""
+    images (an edge-fidelity term; not a perceptual metric). Scalar, or ``(B,)`` with ``per_sample``."""
     dx = (output[..., :, 1:] - output[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
     dy = (output[..., 1:, :] - output[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
+    if per_sample:
+        return 0.5 * (dx.abs().mean(dim=(1, 2, 3)) + dy.abs().mean(dim=(1, 2, 3)))
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
 
 
 class MultipathLoss(nn.Module):
-    """``loss(output, target) -> (total, terms)`` for ``(B, 3, H, W)`` images in ``[0, 1]``.
+    """``loss(output, target, paths) -> (total, terms)`` for ``(B, 3, H, W)`` images in ``[0, 1]``.
 
-    ``terms`` maps each weighted term's name (``mse``, ``lpips_vgg`` / ``gradient_l1``) to its
-    unweighted value (detached scalars). Computed in float32 whatever the autocast dtype.
+    Each image is weighted by its path's weights (``by_path``; ``cfg``'s for paths not given and
+    when ``paths`` is None). A micro-batch whose images share their weights (always with
+    ``path_sampling: batch``) gets ``w_mse · MSE + w_p · P`` over the whole batch; one that mixes
+    weights gets the batch mean of each image's weighted terms. ``terms`` maps each term's name
+    (``mse``, ``lpips_vgg`` / ``gradient_l1``) to its unweighted batch mean (detached scalars); the
+    perceptual term is left out of micro-batches whose paths all weight it 0. Computed in float32
+    whatever the autocast dtype.
 
     Attributes:
         perceptual: name of the perceptual term in use (``"lpips_vgg"``, ``"lpips_alex"``,
-            ``"gradient_l1"``) or None.
-        note: why LPIPS is not in use (empty when it is, or when its weight is 0).
+            ``"gradient_l1"``) or None (no path weights one).
+        note: why LPIPS is not in use (empty when it is, or when its weights are 0).
+        weights: ``path → (mse weight, perceptual weight)``, the latter after the substitution.
     """
 
-    def __init__(self, cfg: LossConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: LossConfig, device: torch.device | str = "cpu",
+                 by_path: Mapping[str, LossConfig] | None = None):
         super().__init__()
-        self.mse_weight, self.perceptual_weight = cfg.mse, cfg.lpips
+        configs = {None: cfg, **{p: (by_path or {}).get(p, cfg) for p in PATHS}}
         self.lpips = None
         self.perceptual, self.note = None, ""
-        if cfg.lpips > 0:
+        wanted = {k: c.lpips for k, c in configs.items()}
+        if any(w > 0 for w in wanted.values()):
             available, reason = lpips_status(cfg.lpips_net)
             if available:
                 try:
@@ -53,29 +66,51 @@ class MultipathLoss(nn.Module):
                 except DmdiffError as e:
                     reason = str(e)
             if self.lpips is None:
-                self.perceptual_weight = cfg.substitute_weight_value()
-                use = {"gradient-l1": f"a gradient-L1 edge loss instead (weight {self.perceptual_weight})",
-                       "none": "no perceptual term"}
+                keep = cfg.lpips_substitute == "gradient-l1"
+                wanted = {k: c.substitute_weight_value() if keep and c.lpips > 0 else 0.0 for k, c in configs.items()}
+                by = {p: wanted[p] for p in PATHS if wanted[p] != wanted[None]}
+                weight = f"weight {wanted[None]}" + "".join(f"; {p}: {w}" for p, w in by.items())
+                use = {"gradient-l1": f"a gradient-L1 edge loss instead ({weight})", "none": "no perceptual term"}
                 self.note = (f"LPIPS is NOT being used in the training loss ({reason}); the loss uses "
                              f"{use[cfg.lpips_substitute]}")
                 warnings.warn(self.note, TrainWarning, stacklevel=2)
-                self.perceptual = "gradient_l1" if cfg.lpips_substitute == "gradient-l1" else None
-        if self.perceptual is not None and self.perceptual_weight == 0:
+                self.perceptual = "gradient_l1" if keep else None
+        self.weights = {k: (c.mse, wanted[k] if self.perceptual is not None else 0.0) for k, c in configs.items()}
+        if all(w == 0 for _, w in self.weights.values()):
             self.perceptual = None
-        if self.perceptual is None and self.mse_weight == 0:
-            raise DmdiffError("the loss is empty: loss.mse is 0 and the LPIPS term is off (" + self.note + "); "
-                              "set loss.mse > 0 or loss.lpips_substitute: gradient-l1")
+        for key, (mse, perceptual) in self.weights.items():
+            if mse == 0 and perceptual == 0:
+                name = "loss" if key is None else f"loss_by_path.{key}"
+                raise DmdiffError(f"the loss is empty: {name}.mse is 0 and the LPIPS term is off ("
+                                  f"{self.note or 'its weight is 0'}); set {name}.mse > 0 or "
+                                  "loss.lpips_substitute: gradient-l1")
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _perceptual(self, output: torch.Tensor, target: torch.Tensor, per_sample: bool) -> torch.Tensor:
+        """The perceptual term: a scalar batch mean, or ``(B,)`` with ``per_sample``."""
+        if self.lpips is not None:
+            with torch.autocast(output.device.type, enabled=False):
+                value = self.lpips(output, target, normalize=True)
+            return value.flatten() if per_sample else value.mean()
+        return gradient_l1(output, target, per_sample)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor,
+                paths: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output, target = output.float(), target.float()
-        terms = {"mse": F.mse_loss(output, target)}
-        total = self.mse_weight * terms["mse"]
-        if self.perceptual is not None:
-            if self.lpips is not None:
-                with torch.autocast(output.device.type, enabled=False):
-                    value = self.lpips(output, target, normalize=True).mean()
-            else:
-                value = gradient_l1(output, target)
-            terms[self.perceptual] = value
-            total = total + self.perceptual_weight * value
+        weights = [self.weights[p] for p in paths] if paths is not None else [self.weights[None]]
+        if len(set(weights)) == 1:
+            w_mse, w_perceptual = weights[0]
+            terms = {"mse": F.mse_loss(output, target)}
+            total = w_mse * terms["mse"]
+            if self.perceptual is not None and w_perceptual > 0:
+                terms[self.perceptual] = self._perceptual(output, target, per_sample=False)
+                total = total + w_perceptual * terms[self.perceptual]
+        else:
+            w = torch.tensor(weights, dtype=torch.float32, device=output.device)      # (B, 2)
+            mse = (output - target).pow(2).mean(dim=(1, 2, 3))
+            terms = {"mse": mse.mean()}
+            total = (w[:, 0] * mse).mean()
+            if self.perceptual is not None and bool((w[:, 1] > 0).any()):
+                value = self._perceptual(output, target, per_sample=True)
+                terms[self.perceptual] = value.mean()
+                total = total + (w[:, 1] * value).mean()
         return total, {k: v.detach() for k, v in terms.items()}

@@ -6,7 +6,9 @@
       stage1/     dmdiff train with the recipe's stage-1 overrides (negative path only: GT → capture)
       pseudo/     dmdiff pseudo with the stage-1 model (recipe.pseudo settings)
       stage2/     dmdiff train on data + extra_data + pseudo/ (stage-2 overrides; 0.7/0.2/0.1 paths)
-      recipe.json the stage reports and provenance, written when all is done
+                  then the recommended α, chosen on data's validation split (:mod:`dmdiff.train.alpha`)
+                  and stored in stage2/pipeline
+      recipe.json the stage reports, the α choice and provenance, written when all is done
       ablations/  variants of stage 2 (``--ablations``; :mod:`dmdiff.train.ablations`)
 
 Each part is skipped when it is complete and resumed from its newest checkpoint when it was
@@ -27,6 +29,7 @@ from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.outputs import claim_folder, write_json
 from dmdiff.runinfo import provenance
 from dmdiff.runs import (
+    PIPELINE,
     PSEUDO,
     RECIPE_KIND,
     RECIPE_RECORD,
@@ -38,6 +41,9 @@ from dmdiff.runs import (
     recipe_folder_parts,
     resolve_model,
 )
+from dmdiff.data.dataset import has_split
+from dmdiff.model.pipeline import CONFIG_FILE
+from dmdiff.train.alpha import alpha_sweep, recommend_alpha, set_recommended_alpha
 from dmdiff.train.config import TrainConfig, load_train_config, stage_config
 from dmdiff.train.loop import train
 from dmdiff.train.pseudo import RECORD, make_pseudo_pairs
@@ -110,11 +116,27 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
               on_log=tagged("stage2"))
     record = {
         "stages": {s: json.loads((out / s / REPORT).read_text()) for s in STAGES},
+        "alpha": choose_alpha(out / STAGE2 / PIPELINE, data, cfg.recipe.alpha_tolerance_db, progress),
         "pseudo": {k: v for k, v in json.loads((pseudo / RECORD).read_text()).items() if k != "names"},
         "provenance": provenance(config=to_dict(cfg), seed=cfg.seed, command="dmdiff train --recipe"),
     }
     write_json(out / RECIPE_RECORD, record)
     return record
+
+
+def choose_alpha(pipeline_dir: Path, data: Path, tolerance_db: float, progress: bool) -> dict | None:
+    """Choose and store the recommended α of the model in ``pipeline_dir`` on ``data``'s validation
+    split (once: a pipeline that has one keeps it); returns the choice, or None when ``data`` has no
+    validation split (the model then has no recommendation and restores at α = 1)."""
+    meta = json.loads((pipeline_dir / CONFIG_FILE).read_text())
+    if "alpha_choice" not in meta:
+        if not has_split(data, "val"):
+            return None
+        sweep = alpha_sweep(pipeline_dir, data, "val", progress=progress)
+        sweep.update(tolerance_db=tolerance_db, recommended=recommend_alpha(sweep, tolerance_db))
+        set_recommended_alpha(pipeline_dir, sweep["recommended"], sweep)
+        return sweep
+    return meta["alpha_choice"]
 
 
 def smoke_recipe_config(cfg: TrainConfig) -> TrainConfig:

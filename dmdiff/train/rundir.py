@@ -6,7 +6,15 @@ starts or resumes, its config and provenance records, and the metrics log.
 "psnr_input", "ssim_input"}``; a train line averages the ``log_every`` steps before it: ``paths``
 counts the images of each path, ``path_loss`` is the mean loss of the micro-batches that trained
 that path alone (paths absent when none did; with ``path_sampling: sample``, mixed micro-batches
-count in ``loss`` only). :func:`dmdiff.runs.read_metrics` reads it.
+count in ``loss`` only). With an adversarial term (``adversarial.weight > 0``) ``terms`` include
+``adv_g`` (the generator's hinge term, unweighted), ``adv_d`` (the discriminators' hinge loss),
+``d_real`` / ``d_fake`` (their mean logits on targets and outputs) and, with an R1 penalty, ``r1``
+(:data:`dmdiff.train.adversarial.TERMS`). :func:`dmdiff.runs.read_metrics` reads it.
+
+The run's ``checkpoint-N/`` folders are :mod:`dmdiff.train.checkpoint`'s; with an adversarial term
+each also holds ``discriminator.safetensors``, ``discriminator_optimizer.safetensors`` and
+``discriminator_optimizer.json`` (the patch discriminators and their Adam state, never copied into
+``pipeline/``).
 """
 
 from __future__ import annotations
