@@ -113,7 +113,7 @@ def test_simulate_external_puts_every_photo_in_the_test_split(tmp_path, psf_cach
     out = simulate_dataset(tmp_path / "ext", smoke=True, external=root, cache_dir=psf_cache, progress=False,
                            config={"small_images": "upscale", "crops_per_test_photo": 1})
     meta = json.loads((out / "lens.json").read_text())
-    assert meta["source"] == "external" and meta["counts"] == {"train": 0, "test": 3}
+    assert meta["source"] == "external" and meta["counts"] == {"train": 0, "val": 0, "test": 3}
     assert [e["licence"] for e in meta["corpus"]["packages"]["lomiri-wallpapers-16.04"]] == ["CC-BY-4.0"] * 3
     with pytest.raises(DmdiffError, match="give one"):
         simulate_dataset(tmp_path / "x", smoke=True, external=root, images=tmp_path, progress=False)
