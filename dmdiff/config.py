@@ -107,9 +107,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        if len(candidates) == 1 and dataclasses.is_dataclass(candidates[0]) and isinstance(value, Mapping):
+            return _check_type(value, candidates[0], where)     # an optional section: its own key errors
+        for arg in candidates:
             try:
                 return _check_type(value, arg, where)
             except ConfigError:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from dmdiff.config import load_config, merge, read_yaml
+from dmdiff.config import load_config, merge
 from dmdiff.data.simulate import resolve_config  # numpy, the optics: only when needed
 from dmdiff.errors import ConfigError
 from dmdiff.model.dmdiff import DMDiffConfig
@@ -436,15 +436,6 @@ class TrainConfig:
         _check_svda_grid("recipe.pseudo.size_px", self.recipe.pseudo.size_px, stages["stage1"].model)
 
 
-def _check_adversarial(overrides: Mapping) -> None:
-    """Raise the :class:`ConfigError` naming the key (``adversarial.weight``...) of a bad setting in
-    ``overrides``' ``adversarial`` section. Merged over a config without the section, a bad mapping
-    would only be reported as matching neither :class:`AdversarialConfig` nor null."""
-    value = overrides.get("adversarial")
-    if isinstance(value, Mapping):
-        merge(AdversarialConfig(), value, prefix="adversarial.")
-
-
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
     """``cfg`` with :data:`STAGE_BASE` and then ``cfg.recipe.<stage>`` (``"stage1"`` / ``"stage2"``)
     laid over it, checked.
@@ -454,7 +445,6 @@ def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
             names the stage.
     """
     try:
-        _check_adversarial(getattr(cfg.recipe, stage))
         out = merge(merge(cfg, STAGE_BASE[stage]), getattr(cfg.recipe, stage))
         out.validate_fields()
     except ConfigError as e:
@@ -481,7 +471,5 @@ def load_train_config(source: str | Path | Mapping | None = None, **overrides: A
         ConfigError: missing file, invalid YAML, unknown key, wrong type or out-of-range value.
     """
     if source is not None and not isinstance(source, Mapping):
-        source = read_yaml(source)
-    for layer in (source or {}, overrides):
-        _check_adversarial(layer)
+        source = Path(source)
     return load_config(TrainConfig, source, **overrides).validate()
