@@ -590,6 +590,8 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
     for method in metrics["methods"]:
         assert ext["per_image"][k]["methods"][method]["psnr"] == pytest.approx(
             metrics["per_image"][0]["methods"][method]["psnr"], abs=1e-9), method
+    for zone, scores in metrics["field"]["per_image"][first]["richardson_lucy_sv"].items():   # its lens's grid: the same
+        assert ext["field"]["per_image"][first]["richardson_lucy_sv"][zone] == pytest.approx(scores)
     assert "quality_bar" in ext and (tmp_path / "out" / "external" / "images" / "dmdiff_a1" / f"{first}.png").is_file()
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.count("## Held-out evaluation") == 2 and str(external) in table

@@ -79,7 +79,8 @@ from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.optics.spec import MetalensSpec
 
 __all__ = ["wiener_deconvolve", "richardson_lucy", "richardson_lucy_sv", "varying_blur", "tune_baseline",
-           "tune_baselines", "tune_richardson_lucy_sv", "varying_baseline", "METHODS", "DEFAULT_GRIDS", "VARYING_GRID"]
+           "tune_baselines", "tune_richardson_lucy_sv", "dataset_varying_blur", "varying_baseline",
+           "METHODS", "DEFAULT_GRIDS", "VARYING_GRID"]
 
 #: Method name → the name of its tuned parameter.
 METHODS = {"wiener": "nsr", "richardson_lucy": "iterations"}
@@ -360,16 +361,24 @@ def tune_richardson_lucy_sv(dataset: str | Path, blur: SpatiallyVaryingBlur, pai
             "grid": values, "at_grid_edge": len(values) > 1 and best in (0, len(values) - 1)}
 
 
+def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> SpatiallyVaryingBlur | None:
+    """:func:`varying_blur` of a simulated dataset's own lens (``lens.json`` spec → PSF grid, from the
+    disk cache), or None without a lens spec (real captures)."""
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens:
+        return None
+    return varying_blur(psf_grid(MetalensSpec.from_dict(lens["spec"]), progress=progress).psfs)
+
+
 def varying_baseline(dataset: str | Path, pairs: int = 8, progress: bool = True) -> tuple[SpatiallyVaryingBlur | None, dict]:
     """The spatially varying Richardson–Lucy of a simulated dataset's lens, tuned: ``(blur, record)``
     with ``record`` = :func:`tune_richardson_lucy_sv`'s plus what the PSFs are, or ``(None,
     {"skipped": reason})`` without a ``lens.json`` lens spec or a split to tune on."""
-    lens = read_lens(dataset)
-    if not lens or "spec" not in lens:
+    blur = dataset_varying_blur(dataset, progress)
+    if blur is None:
         return None, {"skipped": f"{dataset} has no lens.json with a lens spec: no PSF grid to deconvolve with"}
     if not (has_split(dataset, "val") or has_split(dataset, "train")):
         return None, {"skipped": f"{dataset} has no val or train split to tune the iteration count on"}
-    blur = varying_blur(psf_grid(MetalensSpec.from_dict(lens["spec"]), progress=progress).psfs)
     record = tune_richardson_lucy_sv(dataset, blur, pairs, progress=progress)
     return blur, {"psf": "the lens's true PSF grid (lens.json spec → psf_grid), each node normalised to sum 1, "
                          "bilinear between nodes as the simulation blurred; frames cover the whole sensor",

@@ -101,7 +101,7 @@ from dmdiff.config import to_dict
 from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, read_lens
 from dmdiff.device import resolve_device
 from dmdiff.errors import DmdiffError
-from dmdiff.evaluation.baselines import tune_baselines, varying_baseline
+from dmdiff.evaluation.baselines import dataset_varying_blur, tune_baselines, varying_baseline
 from dmdiff.evaluation.field import GAIN_FILE, FieldScores, format_zone_table, plot_gain_maps
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
@@ -360,19 +360,20 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
 def _external_split(data: Path, context: Context, lpips, out: Path, progress: bool) -> dict:
     """``metrics.json``'s ``external``: every test pair of ``data`` through the same methods (the
-    baselines with its own lens's central PSF and the parameters tuned for the main dataset), with
+    baselines with its own lens's central PSF or PSF grid and the parameters tuned for the main dataset), with
     its means, spreads and quality bar; images under ``out/external/images/``."""
     psf = dataset_central_psf(data)[0] if context.psf is not None else None
-    context = replace(context, psf=psf)
+    context = replace(context, psf=psf, blur=dataset_varying_blur(data) if context.blur is not None else None)
     rows = methods_for(context)
     test = PairedFolderDataset(data, "test")
+    field = FieldScores(_lens_spec(data))
     records, _, perception = _run_split(test, len(test), rows, context, lpips, out / EXTERNAL_DIR / IMAGES_DIR, 0,
-                                        progress, FieldScores(_lens_spec(data)))
+                                        progress, field)
     methods = ["input", *(m.name for m in rows)]
     summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
     record = {"dataset": str(data), "split": "test", "count": len(records), "names": [r["name"] for r in records],
               "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
-              "summary": summary, "per_image": records, "perception": perception}
+              "summary": summary, "per_image": records, "perception": perception, "field": field.record()}
     record["quality_bar"] = quality_bar(record)
     record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
                    if method in methods})
