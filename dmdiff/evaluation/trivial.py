@@ -29,11 +29,12 @@ def untrained_pipeline(model: DMDiff, model_path: str | None = None) -> DMDiffPi
 
     Args:
         model: the trained model (its config, device, dtype and anchor PSF are used).
-        model_path: ``sd-turbo`` only: where SD-Turbo is (default: the config's ``model_path``).
+        model_path: ``sd-turbo`` only: where SD-Turbo is (default: the config's ``model_path``, which
+            for ``tiny`` names a saved tiny backbone, None: the shipped one).
     """
     config = replace(model.config, recommended_alpha=None)
-    backbone = load_backbone(config.preset, model_path or config.model_path, dtype=model.dtype,
-                             device=model.device, seed=config.seed)
+    path = (model_path or config.model_path) if config.preset == "sd-turbo" else config.model_path
+    backbone = load_backbone(config.preset, path, dtype=model.dtype, device=model.device, seed=config.seed)
     fresh = DMDiff(config, backbone)
     if model.anchor_psf is not None:
         fresh.set_anchor_psf(model.anchor_psf.detach().cpu().to(torch.float64).numpy())
