@@ -293,6 +293,7 @@ def test_zone_scores_recompute_from_the_pngs_and_differences_are_paired(report, 
     assert set(row["per_group"]) == {metrics["sources"][n] for n in metrics["names"]}
     table = (out / TABLE_FILE).read_text()
     assert "## PSNR / SSIM per field zone" in table and "95 % CI (photos)" in table
+    assert metrics["quality_bar"]["best_baseline"] in ("wiener", "richardson_lucy")   # the bar keeps its baselines
 
 
 def test_trivial_rows_anchor_alone_and_untrained_adapters(dataset, pipeline_dir):
@@ -590,7 +591,7 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
     for method in metrics["methods"]:
         assert ext["per_image"][k]["methods"][method]["psnr"] == pytest.approx(
             metrics["per_image"][0]["methods"][method]["psnr"], abs=1e-9), method
-    for zone, scores in metrics["field"]["per_image"][first]["richardson_lucy_sv"].items():   # its lens's grid: the same
+    for zone, scores in metrics["field"]["per_image"][first]["richardson_lucy_sv"].items():   # same lens, same grid
         assert ext["field"]["per_image"][first]["richardson_lucy_sv"][zone] == pytest.approx(scores)
     assert "quality_bar" in ext and (tmp_path / "out" / "external" / "images" / "dmdiff_a1" / f"{first}.png").is_file()
     table = (tmp_path / "out" / "table.md").read_text()

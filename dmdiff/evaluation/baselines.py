@@ -370,7 +370,8 @@ def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> Spatial
     return varying_blur(psf_grid(MetalensSpec.from_dict(lens["spec"]), progress=progress).psfs)
 
 
-def varying_baseline(dataset: str | Path, pairs: int = 8, progress: bool = True) -> tuple[SpatiallyVaryingBlur | None, dict]:
+def varying_baseline(dataset: str | Path, pairs: int = 8,
+                     progress: bool = True) -> tuple[SpatiallyVaryingBlur | None, dict]:
     """The spatially varying Richardson–Lucy of a simulated dataset's lens, tuned: ``(blur, record)``
     with ``record`` = :func:`tune_richardson_lucy_sv`'s plus what the PSFs are, or ``(None,
     {"skipped": reason})`` without a ``lens.json`` lens spec or a split to tune on."""

@@ -188,8 +188,9 @@ def format_zone_table(field: Mapping, labels: Mapping[str, str], methods: Sequen
     share = ", ".join(f"{z} {100 * f:.0f} %" for z, f in field.get("pixel_fractions", {}).items())
     by = field.get("zones_by", "field angle")
     top = field.get("max_field_deg")
-    note = (f"Zones by {by} as fractions of the frame's largest ({top:.1f}°)" if top else f"Zones by {by} as fractions "
-            "of the frame's largest") + f": {bounds}; pixels {share}. {field['definition'][0].upper()}{field['definition'][1:]}."
+    largest = f"the frame's largest ({top:.1f}°)" if top else "the frame's largest"
+    definition = field["definition"][0].upper() + field["definition"][1:]
+    note = f"Zones by {by} as fractions of {largest}: {bounds}; pixels {share}. {definition}."
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -227,8 +228,8 @@ def plot_gain_maps(field: Mapping, methods: Sequence[str], references: Sequence[
             coords = (np.arange(n) + 0.5) * cells / n - 0.5
             ax.contour(coords, coords, relative, levels=[b for _, b in list(ZONES.values())[:-1]],
                        colors="k", linewidths=0.5)
-        ax.text(0.5, -0.08, f"{10 * np.log10(np.mean(field['mse_grid'][reference]) / np.mean(field['mse_grid'][method])):+.2f} dB",
-                transform=ax.transAxes, ha="center", va="top", fontsize=6)
+        overall = 10 * np.log10(np.mean(field["mse_grid"][reference]) / np.mean(field["mse_grid"][method]))
+        ax.text(0.5, -0.08, f"{overall:+.2f} dB", transform=ax.transAxes, ha="center", va="top", fontsize=6)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, extend="both", label="gain (dB)")
     fig.suptitle("gain over the field: 10·log10(MSE_ref / MSE_method) per block, mean over images; "

@@ -105,7 +105,7 @@ from dmdiff.evaluation.baselines import dataset_varying_blur, tune_baselines, va
 from dmdiff.evaluation.field import GAIN_FILE, FieldScores, format_zone_table, plot_gain_maps
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
-    BASELINES,
+    CLASSICAL,
     LABELS,
     RECOMMENDED,
     REFERENCES,
@@ -316,7 +316,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
         warm = Sample.of(test[0])                                   # networks only, untimed
         for method in rows:
-            if method.name not in BASELINES:
+            if method.name not in CLASSICAL:
                 method.run(context, warm)
         field = FieldScores(_lens_spec(data))
         records, shown, perception = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows,

@@ -32,12 +32,15 @@ from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.train.ablations import ABLATIONS
 
-__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE", "RECOMMENDED",
-           "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label", "recommended_alpha",
-           "methods_for", "to_hwc"]
+__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "CLASSICAL", "DEGRADE",
+           "RECOMMENDED", "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label",
+           "recommended_alpha", "methods_for", "to_hwc"]
 
 ABLATION_PREFIX = "ablation_"
-BASELINES = ("wiener", "richardson_lucy", "richardson_lucy_sv")
+#: The quality bar's baselines (:func:`dmdiff.evaluation.report.quality_bar`): the central-PSF ones.
+BASELINES = ("wiener", "richardson_lucy")
+#: The classical rows: no network, nothing to warm up.
+CLASSICAL = (*BASELINES, "richardson_lucy_sv")
 #: The learned-degradation check (measured against the capture).
 DEGRADE = "stage1_degrade"
 #: The row of the model's recommended α (its label names the value: :func:`methods_for`).
@@ -169,8 +172,8 @@ def _baseline(deconvolve: Callable, param: str) -> Runner:
 
 
 def _varying_baseline(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
-    seconds, image = timed(lambda: richardson_lucy_sv(sample.capture, context.blur, context.params["richardson_lucy_sv"]),
-                           torch.device("cpu"))
+    iterations = context.params["richardson_lucy_sv"]
+    seconds, image = timed(lambda: richardson_lucy_sv(sample.capture, context.blur, iterations), torch.device("cpu"))
     return image, seconds, {}
 
 

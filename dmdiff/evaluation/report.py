@@ -364,8 +364,8 @@ def plot_spread(metrics: Mapping, seed: int = 0):
     axes[1].set_xlim(low - pad, high + pad)
     for k, m in enumerate(shown):
         if m in OFF_GAIN_AXIS:
-            axes[1].text(0.5, k + 1, f"off this axis: mean {gain[m].mean():+.2f} dB", transform=axes[1].get_yaxis_transform(),
-                         ha="center", va="center", fontsize=8, bbox={"fc": "white", "ec": "0.7"})
+            axes[1].text(0.5, k + 1, f"off this axis: mean {gain[m].mean():+.2f} dB", ha="center", va="center",
+                         transform=axes[1].get_yaxis_transform(), fontsize=8, bbox={"fc": "white", "ec": "0.7"})
     rows = [k + 1 for k, m in enumerate(shown) if m in seconds]
     means = np.array([seconds[m].mean() for m in timed])
     spread = np.array([[means[k] - seconds[m].min(), seconds[m].max() - means[k]] for k, m in enumerate(timed)]).T

@@ -70,7 +70,8 @@ def image_scores(metrics: Mapping, method: str, key: str = "psnr", zone: str | N
         found = {n: m[method][zone][key] for n, m in per_image.items() if method in m and zone in m[method]}
     if not found:
         where = "per_image" if zone is None else f"field.per_image (zone {zone!r})"
-        raise DmdiffError(f"no {key!r} scores of method {method!r} in {where} of {metrics.get('dataset', 'the report')}")
+        source = metrics.get("dataset", "the report")
+        raise DmdiffError(f"no {key!r} scores of method {method!r} in {where} of {source}")
     return found
 
 
