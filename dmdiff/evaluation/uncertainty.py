@@ -16,6 +16,11 @@ Definitions (:func:`paired_bootstrap`):
   ``numpy.random.default_rng(seed)`` (deterministic: the same inputs and seed give the same interval);
 * an effect is **distinguishable from zero** when its 95 % interval excludes 0.
 
+Few photos make coarse intervals: with the default 3 test photos there are only 10 distinct
+resamples (multisets of 3 out of 3), so the 95 % interval is essentially the range of the per-photo
+means and an effect excludes zero only when every photo agrees in sign. That is what 3 photos can
+support; more test photos (or the external check set) narrow it.
+
 **Several training seeds** (:func:`pooled_differences`): evaluations of models trained with
 different seeds on the same test set are paired by image name; each image's difference is first
 averaged over the seeds, then the photos are resampled as above. So the estimate is the effect
