@@ -39,6 +39,8 @@ COMMANDS = {
     "pseudo": ("dmdiff.train.pseudo", "make pseudo pairs with a stage-1 (GT → capture) model"),
     "evaluate": ("dmdiff.evaluation.job", "held-out quality report: capture, Wiener, Richardson-Lucy, DMDiff "
                                           "α=0/1, the backbone VAE ceiling (and a stage-1 model's degradation)"),
+    "intervals": ("dmdiff.evaluation.uncertainty", "paired differences of evaluated methods with bootstrap "
+                                                   "intervals over source photos, pooling several seeds' reports"),
     "restore": ("dmdiff.restore", "restore your own photos (any size, tiled) with a trained model"),
 }
 

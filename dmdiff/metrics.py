@@ -55,7 +55,7 @@ from dmdiff.errors import DmdiffError
 
 __all__ = [
     "MetricInputError", "Y_COEFFS", "Y_OFFSET", "to_numpy_images", "rgb_to_y", "psnr", "psnr_torch",
-    "ssim", "mean_gradient_magnitude", "gradient_sharpness_ratio", "lpips_status", "LPIPSMetric",
+    "ssim", "ssim_map", "mean_gradient_magnitude", "gradient_sharpness_ratio", "lpips_status", "LPIPSMetric",
     "compute_metrics", "summarize",
 ]
 
@@ -249,6 +249,14 @@ def ssim(output, reference, on: str = "rgb", crop_border: int = 0, gaussian: boo
 
     _check_on(on)
     a, b, batched = _pair(output, reference, crop_border)
+    a, b, kwargs = _ssim_inputs(a, b, on, gaussian)
+    values = np.array([structural_similarity(x, y, **kwargs) for x, y in zip(a, b)], dtype=np.float64)
+    return _result(values, batched)
+
+
+def _ssim_inputs(a: np.ndarray, b: np.ndarray, on: str, gaussian: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(N, H, W, 3)`` pairs → what :func:`ssim` hands scikit-image: the images (Y for ``on="y"``)
+    and the keyword arguments; MetricInputError for images smaller than the window."""
     win = 11 if gaussian else 7
     if min(a.shape[1:3]) < win:
         raise MetricInputError(f"SSIM needs images of at least {win}×{win} pixels (after crop_border), "
@@ -257,11 +265,22 @@ def ssim(output, reference, on: str = "rgb", crop_border: int = 0, gaussian: boo
     if gaussian:
         kwargs.update(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     if on == "y":
-        a, b = rgb_to_y(a), rgb_to_y(b)
-    else:
-        kwargs["channel_axis"] = -1
-    values = np.array([structural_similarity(x, y, **kwargs) for x, y in zip(a, b)], dtype=np.float64)
-    return _result(values, batched)
+        return rgb_to_y(a), rgb_to_y(b), kwargs
+    return a, b, {**kwargs, "channel_axis": -1}
+
+
+def ssim_map(output, reference, on: str = "rgb", gaussian: bool = True) -> tuple[np.ndarray, int]:
+    """The local SSIM of one image pair, ``(H, W)`` float64 (the mean over channels for ``"rgb"``),
+    and the border width ``b`` that :func:`ssim` leaves out: ``ssim(...) == map[b:-b, b:-b].mean()``.
+    Averaging the map over a region of pixels gives that region's SSIM (e.g. a field zone)."""
+    _check_on(on)
+    a, b, batched = _pair(output, reference, 0)
+    if batched:
+        raise MetricInputError("ssim_map takes one image pair, not a batch")
+    a, b, kwargs = _ssim_inputs(a, b, on, gaussian)
+    _, full = structural_similarity(a[0], b[0], full=True, **kwargs)
+    full = full.mean(axis=-1) if full.ndim == 3 else full
+    return full.astype(np.float64), (11 if gaussian else 7) // 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,16 @@ from dmdiff.cli import main as cli_main  # noqa: E402
 from dmdiff.data.dataset import PairedFolderDataset, read_lens  # noqa: E402
 from dmdiff.data.simulate import simulate_dataset  # noqa: E402
 from dmdiff.errors import DmdiffError  # noqa: E402
-from dmdiff.evaluation.baselines import richardson_lucy, wiener_deconvolve  # noqa: E402
+from dmdiff.evaluation.baselines import (  # noqa: E402
+    richardson_lucy,
+    richardson_lucy_sv,
+    varying_blur,
+    wiener_deconvolve,
+)
+from dmdiff.evaluation.field import field_angle_map, zone_masks  # noqa: E402
 from dmdiff.evaluation.job import evaluate  # noqa: E402
-from dmdiff.evaluation.methods import DEGRADE, METHODS  # noqa: E402
+from dmdiff.evaluation.methods import DEGRADE, METHODS, Context, Sample, methods_for  # noqa: E402
+from dmdiff.evaluation.trivial import untrained_pipeline  # noqa: E402
 from dmdiff.evaluation.report import (  # noqa: E402
     NIQE_COLUMN,
     TABLE_FILE,
@@ -92,10 +99,11 @@ def _png(path: Path) -> np.ndarray:
 
 def test_files_and_layout(report, dataset):
     out, metrics = report
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "table.md", "grid.png", "images", MANIFEST}
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "metrics.csv", "table.md", "grid.png", "gain_map.png",
+                                               "images", MANIFEST}
     names = sorted(p.stem for p in (dataset / "gt_test").iterdir())[:2]
     assert metrics["names"] == names and metrics["count"] == 2 and metrics["split"] == "test"
-    assert metrics["methods"] == [*METHODS, DEGRADE]
+    assert metrics["methods"] == [*(m for m in METHODS if m != "color_anchor"), DEGRADE]   # no anchor: no anchor row
     for method in metrics["methods"][1:]:
         assert sorted(p.stem for p in (out / "images" / method).iterdir()) == names
     saved = json.loads((out / "metrics.json").read_text())
@@ -147,7 +155,7 @@ def test_means_csv_and_table_agree(report):
         assert float(row["psnr"]) == record["methods"][row["method"]]["psnr"]
         assert row["reference"] == ("lr" if row["method"] == DEGRADE else "gt")
     table = (out / "table.md").read_text()
-    assert table == format_table(metrics)
+    assert table.startswith(format_table(metrics))   # then the per-zone and paired-difference sections
     assert "| method | vs | PSNR (dB) | PSNR-Y (dB) | SSIM | SSIM-Y | LPIPS | runtime (s/img) |" in table
     line = next(x for x in table.splitlines() if x.startswith("| DMDiff α=1"))
     assert f"| {metrics['means']['dmdiff_a1']['psnr']:.2f} |" in line
@@ -234,7 +242,8 @@ def test_baselines_use_the_true_psf_and_train_tuning(report, dataset):
     assert len(base["train_names"]) == 3 and set(base["train_names"]) <= train_names
     assert not set(base["train_names"]) & set(metrics["names"])
     assert base["spec"] == read_lens(dataset)["spec"]
-    assert base["params"] == {"wiener": base["wiener"]["nsr"], "richardson_lucy": base["richardson_lucy"]["iterations"]}
+    assert base["params"] == {"wiener": base["wiener"]["nsr"], "richardson_lucy": base["richardson_lucy"]["iterations"],
+                              "richardson_lucy_sv": base["richardson_lucy_sv"]["iterations"]}
     rl = base["richardson_lucy"]
     assert rl["widened_with"] == [4] and rl["grid"] == [1, 2, 4]
     assert rl["at_grid_edge"] == (rl["iterations"] in (1, 4))
@@ -248,6 +257,65 @@ def test_baselines_use_the_true_psf_and_train_tuning(report, dataset):
                                   quantize8(wiener_deconvolve(lr, psf, base["wiener"]["nsr"])))
     np.testing.assert_array_equal(read_image(out / "images" / "richardson_lucy" / f"{name}.png"),
                                   quantize8(richardson_lucy(lr, psf, rl["iterations"])))
+
+
+def test_varying_rl_uses_the_psf_grid_tuned_on_val(report, dataset):
+    """The spatially varying RL row: tuned on the val split only, its PNGs recomputed exactly."""
+    out, metrics = report
+    sv = metrics["baselines"]["richardson_lucy_sv"]
+    assert sv["split"] == "val" and set(sv["names"]) <= set(PairedFolderDataset(dataset, "val").names)
+    assert sv["iterations"] == max(sv["table"], key=lambda row: row["psnr"])["iterations"]
+    blur = varying_blur(psf_grid(MetalensSpec.from_dict(read_lens(dataset)["spec"]), progress=False).psfs)
+    name = metrics["names"][0]
+    lr = read_image(dataset / "lr_test" / f"{name}.png")
+    np.testing.assert_array_equal(read_image(out / "images" / "richardson_lucy_sv" / f"{name}.png"),
+                                  quantize8(richardson_lucy_sv(lr, blur, sv["iterations"])))
+
+
+def test_zone_scores_recompute_from_the_pngs_and_differences_are_paired(report, dataset):
+    """Zone PSNR = PSNR of the zone's pixels of the saved PNG; the edge zone is the outer field; the
+    paired-difference table of metrics.json matches the per-image numbers."""
+    out, metrics = report
+    field = metrics["field"]
+    assert field["zones_by"] == "field angle" and sum(field["pixel_fractions"].values()) == pytest.approx(1)
+    spec = MetalensSpec.from_dict(read_lens(dataset)["spec"])
+    name = metrics["names"][0]
+    gt = read_image(dataset / "gt_test" / f"{name}.png")
+    image = read_image(out / "images" / "richardson_lucy_sv" / f"{name}.png")
+    masks = zone_masks(field_angle_map(*gt.shape[:2], spec))
+    assert masks["centre"][gt.shape[0] // 2, gt.shape[1] // 2] and masks["edge"][0, 0]
+    for zone, mask in masks.items():
+        mse = np.mean((image[mask].astype(np.float64) - gt[mask]) ** 2)
+        assert field["per_image"][name]["richardson_lucy_sv"][zone]["psnr"] == pytest.approx(-10 * np.log10(mse))
+    row = next(r for r in metrics["differences"] if r["method"] == "input" and r["zone"] is None)
+    diffs = {r["name"]: r["methods"]["input"]["psnr"] - r["methods"]["dmdiff_a1"]["psnr"] for r in metrics["per_image"]}
+    assert row["mean"] == pytest.approx(np.mean(list(diffs.values())))   # one frame per photo here
+    assert set(row["per_group"]) == {metrics["sources"][n] for n in metrics["names"]}
+    table = (out / TABLE_FILE).read_text()
+    assert "## PSNR / SSIM per field zone" in table and "95 % CI (photos)" in table
+    assert metrics["quality_bar"]["best_baseline"] in ("wiener", "richardson_lucy")   # the bar keeps its baselines
+
+
+def test_trivial_rows_anchor_alone_and_untrained_adapters(dataset, pipeline_dir):
+    """The colour anchor row is the model's own G_σ(RL_n(x)); the untrained row is the same config
+    with fresh adapters: the backbone's one step, not the trained model's output."""
+    psf = central_psf(psf_grid(MetalensSpec.from_dict(read_lens(dataset)["spec"]), progress=False))
+    model = perturb_trainable(DMDiff(DMDiffConfig(svda_dim=32, anchor_sigma_px=4.0, anchor_rl_iterations=3)), seed=2)
+    model.set_anchor_psf(psf)
+    pipeline = DMDiffPipeline.from_model(model)
+    context = Context(pipeline, untrained=untrained_pipeline(model))
+    rows = {m.name: m for m in methods_for(context)}
+    sample = Sample.of(PairedFolderDataset(dataset, "test")[0])
+    anchor, _, _ = rows["color_anchor"].run(context, sample)
+    with torch.no_grad():
+        np.testing.assert_allclose(anchor, model.input_anchor(sample.lr)[0].permute(1, 2, 0).numpy(), atol=1e-6)
+    untrained, _, _ = rows["untrained"].run(context, sample)
+    fresh = DMDiff(DMDiffConfig(svda_dim=32, anchor_sigma_px=4.0, anchor_rl_iterations=3))
+    fresh.set_anchor_psf(psf)
+    expected = DMDiffPipeline.from_model(fresh)(sample.lr, sample.maps, 1.0).images[0]
+    np.testing.assert_allclose(untrained, expected, atol=1e-5)
+    trained = pipeline(sample.lr, sample.maps, 1.0).images[0]
+    assert np.abs(trained - untrained).max() > 1e-3
 
 
 def _means(**psnrs):
@@ -341,9 +409,11 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     for folder in ("gt_test", "lr_test", "gt_train", "lr_train"):
         shutil.copytree(dataset / folder, real / folder)
     metrics = evaluate(pipeline_dir, real, tmp_path / "out", limit=1, device="cpu", progress=False)
-    assert metrics["methods"] == ["input", "dmdiff_a0", "dmdiff_arec", "dmdiff_a1", "dmdiff_a1_cc", "dmdiff_a1_x8",
-                                  "vae_ceiling"]
+    assert metrics["methods"] == ["input", "untrained", "dmdiff_a0", "dmdiff_arec", "dmdiff_a1", "dmdiff_a1_cc",
+                                  "dmdiff_a1_x8", "vae_ceiling"]
     assert "no lens.json" in metrics["baselines"]["skipped"]
+    assert "no lens.json" in metrics["baselines"]["richardson_lucy_sv"]["skipped"]
+    assert metrics["field"]["zones_by"] == "radius"             # no lens: zones by distance from the centre
     assert metrics["quality_bar"]["pass"] is False and metrics["quality_bar"]["best_baseline"] is None
     assert metrics["per_image"][0]["maps"] is False
     row = metrics["per_image"][0]["methods"]["input"]
@@ -355,7 +425,7 @@ def test_real_captures_without_lens_and_with_lpips(dataset, pipeline_dir, tmp_pa
     assert f"| {row['lpips_alex']:.4f} |" in next(x for x in table.splitlines() if x.startswith("| capture"))
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["dmdiff_a0", "dmdiff_a1", "dmdiff_a1_cc",
                                                                                 "dmdiff_a1_x8", "dmdiff_arec",
-                                                                                "vae_ceiling"]
+                                                                                "untrained", "vae_ceiling"]
 
 
 # ---- ablation rows ----------------------------------------------------------------------------
@@ -380,8 +450,9 @@ def test_ablation_rows_are_measured_like_the_positive_path(ablation_run, pipelin
     assert cli_main(args) == 0
     assert "grid_ablations.png" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "dmdiff_a0", "dmdiff_arec", "dmdiff_a1",
-                                  "dmdiff_a1_cc", "dmdiff_a1_x8", "ablation_no_svda", "ablation_again", "vae_ceiling"]
+    assert metrics["methods"] == ["input", "wiener", "richardson_lucy", "richardson_lucy_sv", "untrained", "dmdiff_a0",
+                                  "dmdiff_arec", "dmdiff_a1", "dmdiff_a1_cc", "dmdiff_a1_x8", "ablation_no_svda",
+                                  "ablation_again", "vae_ceiling"]
     assert metrics["labels"]["ablation_no_svda"] == "ablation: no SVDA (α=1)"
     assert metrics["labels"]["ablation_again"] == "ablation: again (α=1)"
     settings = metrics["settings"]["ablations"]
@@ -520,6 +591,8 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
     for method in metrics["methods"]:
         assert ext["per_image"][k]["methods"][method]["psnr"] == pytest.approx(
             metrics["per_image"][0]["methods"][method]["psnr"], abs=1e-9), method
+    for zone, scores in metrics["field"]["per_image"][first]["richardson_lucy_sv"].items():   # same lens, same grid
+        assert ext["field"]["per_image"][first]["richardson_lucy_sv"][zone] == pytest.approx(scores)
     assert "quality_bar" in ext and (tmp_path / "out" / "external" / "images" / "dmdiff_a1" / f"{first}.png").is_file()
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.count("## Held-out evaluation") == 2 and str(external) in table
@@ -538,7 +611,7 @@ def test_alpha_rows_and_the_one_restore_per_image(dataset, pipeline_dir, tmp_pat
     monkeypatch.setattr(DMDiff, "restore_latents", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     metrics = evaluate(pipeline_dir, dataset, tmp_path / "out", limit=2, tune_pairs=1,
                        grids={"wiener": [0.1], "richardson_lucy": [2]}, progress=False)
-    assert len(calls) == 3 * (1 + 8)                   # the warm-up image and 2 test images
+    assert len(calls) == 3 * (1 + 8 + 1)   # the warm-up image and 2 test images; + 1: the untrained row's model
     assert metrics["labels"]["dmdiff_arec"] == f"DMDiff α={RECOMMENDED_ALPHA:g} (recommended)"
     assert metrics["settings"]["alphas"]["dmdiff_arec"] == RECOMMENDED_ALPHA == metrics["settings"]["recommended_alpha"]
     order = metrics["methods"]

@@ -1,5 +1,6 @@
 """Classical restoration baselines for metalens captures: Wiener and Richardson–Lucy deconvolution,
-and the tuning of their one parameter on training pairs.
+and the tuning of their one parameter on training pairs; and Richardson–Lucy with the lens's whole
+PSF grid (:func:`richardson_lucy_sv`), tuned on the validation split.
 
 Both deconvolve each colour channel with one shift-invariant PSF — for metalens captures, the true
 **central** PSF (:func:`dmdiff.optics.deconvolution.central_psf`: the on-axis grid node), so they ignore that the real blur
@@ -38,6 +39,19 @@ convolutions on the extension (:mod:`dmdiff.optics.deconvolution`, shared with t
 deconvolved colour anchor); the tests check it against ``skimage.restoration.richardson_lucy``
 away from the borders. Doing the iterations here also lets :func:`tune_baseline` read every
 candidate iteration count off one run.
+
+**Spatially varying Richardson–Lucy** (:func:`richardson_lucy_sv`) knows what SVDA knows: the
+true PSF of every grid node, interpolated between nodes exactly as the simulation blurred
+(:class:`dmdiff.optics.blur.SpatiallyVaryingBlur`, reflect padding, each node's kernel normalised
+to sum 1 as above), and deconvolves with that operator and its adjoint
+(:func:`dmdiff.optics.deconvolution.richardson_lucy_varying`). Geometry: ``dmdiff simulate``
+crops a *photo* and resizes the crop to the whole sensor before the camera sees it, so every
+frame is a full sensor image and the grid's nodes sit on the frame as on the sensor (a frame of
+another size is taken to cover the whole sensor, the nodes scaled with it). Its iteration count is
+tuned on the **validation** split (``gt_val``/``lr_val``; the train split only for datasets
+without one) by mean RGB PSNR (:func:`tune_richardson_lucy_sv`). Cost on a 2-core CPU at
+256² with the default 7 × 7 grid of 63-px kernels: about 0.1 s per iteration and image (a blur and
+its adjoint, float32).
 """
 
 from __future__ import annotations
@@ -50,16 +64,23 @@ import torch
 from skimage.restoration import wiener
 from tqdm.auto import tqdm
 
-from dmdiff.data.dataset import PairedFolderDataset
+from dmdiff.data.dataset import PairedFolderDataset, has_split, read_lens
 from dmdiff.metrics import psnr
+from dmdiff.optics.blur import SpatiallyVaryingBlur
+from dmdiff.optics.grid import psf_grid
 from dmdiff.optics.deconvolution import (
     DeconvolutionInputError,
     check_psf,
+    check_psf_grid,
     richardson_lucy_linear,
+    richardson_lucy_varying,
 )
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
+from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["wiener_deconvolve", "richardson_lucy", "tune_baseline", "tune_baselines", "METHODS", "DEFAULT_GRIDS"]
+__all__ = ["wiener_deconvolve", "richardson_lucy", "richardson_lucy_sv", "varying_blur", "tune_baseline",
+           "tune_baselines", "tune_richardson_lucy_sv", "dataset_varying_blur", "varying_baseline",
+           "METHODS", "DEFAULT_GRIDS", "VARYING_GRID"]
 
 #: Method name → the name of its tuned parameter.
 METHODS = {"wiener": "nsr", "richardson_lucy": "iterations"}
@@ -67,6 +88,8 @@ METHODS = {"wiener": "nsr", "richardson_lucy": "iterations"}
 #: tuned to 0.1–0.3, so the grid reaches 1), RL iteration counts doubling.
 DEFAULT_GRIDS = {"wiener": tuple(float(v) for v in np.logspace(-5, 0, 11)),
                  "richardson_lucy": (5, 10, 20, 40, 80, 160)}
+#: Iteration counts tried for the spatially varying Richardson–Lucy (one run to the largest).
+VARYING_GRID = (5, 10, 20, 40, 80)
 
 
 def _check_image(image, psf_size: int, name: str = "image") -> np.ndarray:
@@ -278,3 +301,86 @@ def tune_baselines(dataset: str | Path, psf: np.ndarray, pairs: int = 8, grids: 
     for method in METHODS:
         record[method] = _tune_one(method, captures, targets, psf, (grids or {}).get(method), progress)
     return record
+
+
+def _varying_outputs(image_srgb, blur: SpatiallyVaryingBlur, iterations: Sequence[int]) -> dict[int, np.ndarray]:
+    """Spatially varying RL sRGB results after each requested count, from one float32 run."""
+    x = srgb_to_linear(_check_image(image_srgb, 1)).astype(np.float32)
+    observed = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+    with torch.no_grad():
+        linear = richardson_lucy_varying(observed, blur, iterations)
+    return {n: _to_srgb(v[0].numpy().transpose(1, 2, 0)) for n, v in linear.items()}
+
+
+def varying_blur(psf_grid) -> SpatiallyVaryingBlur:
+    """The blur operator of a ``(3, G, G, K, K)`` PSF grid (or ``PSFGrid``), each kernel normalised to
+    sum 1 (:func:`dmdiff.optics.deconvolution.check_psf_grid`); build it once, reuse it per image."""
+    return SpatiallyVaryingBlur(check_psf_grid(psf_grid))
+
+
+def richardson_lucy_sv(image_srgb: np.ndarray, blur: SpatiallyVaryingBlur, iterations: int) -> np.ndarray:
+    """Richardson–Lucy with the lens's spatially varying PSF (module docstring), in linear light.
+
+    Args:
+        image_srgb: ``(H, W, 3)`` float sRGB capture in ``[0, 1]``, a full sensor frame.
+        blur: :func:`varying_blur` of the lens's PSF grid.
+        iterations: number of RL iterations, an integer >= 1.
+
+    Returns:
+        ``(H, W, 3)`` float32 sRGB in ``[0, 1]``.
+    """
+    _check_iterations([iterations])
+    return _varying_outputs(image_srgb, blur, [iterations])[int(iterations)]
+
+
+def tune_richardson_lucy_sv(dataset: str | Path, blur: SpatiallyVaryingBlur, pairs: int = 8,
+                                 grid: Sequence[int] = VARYING_GRID, progress: bool = True) -> dict:
+    """The iteration count of :func:`richardson_lucy_sv` by mean RGB PSNR on ≤ ``pairs`` pairs of
+    the **validation** split (the train split when the dataset has none), evenly spaced over the
+    sorted names; one run per pair gives every count of ``grid``.
+
+    Returns:
+        ``{"iterations": best, "split": "val" | "train", "names": [...], "table": [{"iterations",
+        "psnr", "psnr_std", "n"}, ...], "grid": [...], "at_grid_edge": bool}``.
+    """
+    values = [int(v) for v in grid]
+    _check_iterations(values)
+    split = "val" if has_split(dataset, "val") else "train"
+    data = PairedFolderDataset(dataset, split, use_maps=False)
+    count = max(1, min(int(pairs), len(data)))
+    items = [data[i] for i in sorted({int(round(i)) for i in np.linspace(0, len(data) - 1, count)})]
+    scores = np.empty((len(values), len(items)))
+    for j, item in enumerate(tqdm(items, desc="tuning SV Richardson–Lucy", disable=not progress, leave=False)):
+        outputs = _varying_outputs(item["lr"].permute(1, 2, 0).numpy(), blur, values)
+        target = item["gt"].permute(1, 2, 0).numpy()
+        scores[:, j] = [psnr(outputs[v], target) for v in values]
+    table = [{"iterations": v, "psnr": float(row.mean()), "psnr_std": float(row.std()), "n": len(row)}
+             for v, row in zip(values, scores)]
+    best = max(range(len(values)), key=lambda i: (table[i]["psnr"], -i))
+    return {"iterations": values[best], "split": split, "names": [item["name"] for item in items], "table": table,
+            "grid": values, "at_grid_edge": len(values) > 1 and best in (0, len(values) - 1)}
+
+
+def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> SpatiallyVaryingBlur | None:
+    """:func:`varying_blur` of a simulated dataset's own lens (``lens.json`` spec → PSF grid, from the
+    disk cache), or None without a lens spec (real captures)."""
+    lens = read_lens(dataset)
+    if not lens or "spec" not in lens:
+        return None
+    return varying_blur(psf_grid(MetalensSpec.from_dict(lens["spec"]), progress=progress).psfs)
+
+
+def varying_baseline(dataset: str | Path, pairs: int = 8,
+                     progress: bool = True) -> tuple[SpatiallyVaryingBlur | None, dict]:
+    """The spatially varying Richardson–Lucy of a simulated dataset's lens, tuned: ``(blur, record)``
+    with ``record`` = :func:`tune_richardson_lucy_sv`'s plus what the PSFs are, or ``(None,
+    {"skipped": reason})`` without a ``lens.json`` lens spec or a split to tune on."""
+    blur = dataset_varying_blur(dataset, progress)
+    if blur is None:
+        return None, {"skipped": f"{dataset} has no lens.json with a lens spec: no PSF grid to deconvolve with"}
+    if not (has_split(dataset, "val") or has_split(dataset, "train")):
+        return None, {"skipped": f"{dataset} has no val or train split to tune the iteration count on"}
+    record = tune_richardson_lucy_sv(dataset, blur, pairs, progress=progress)
+    return blur, {"psf": "the lens's true PSF grid (lens.json spec → psf_grid), each node normalised to sum 1, "
+                         "bilinear between nodes as the simulation blurred; frames cover the whole sensor",
+                  **record}

@@ -14,6 +14,10 @@ method key             what                                                     
 ``input``              the simulated/real capture itself (``lr``)                   gt
 ``wiener``             Wiener deconvolution with the lens's true central PSF        gt
 ``richardson_lucy``    Richardson–Lucy with the same PSF                            gt
+``richardson_lucy_sv``  Richardson–Lucy with the lens's whole PSF grid (spatially    gt
+                       varying, :func:`~dmdiff.evaluation.baselines.richardson_lucy_sv`)
+``color_anchor``       the colour anchor alone, ``G_σ(RL_n(x))`` (anchored models)   gt
+``untrained``          the model with untrained adapters (:mod:`.trivial`), α = 1   gt
 ``dmdiff_a0``          DMDiff at α = 0 (the neutral, fidelity path)                 gt
 ``dmdiff_arec``        DMDiff at the model's recommended α                          gt
                        (``DMDiffConfig.recommended_alpha``; no row when None)
@@ -48,6 +52,13 @@ Protocol and choices (also written to ``metrics.json`` under ``settings``):
   Cost on a 2-core CPU at 256²: RL about 60 ms per iteration and image, Wiener about 1 s per value
   and image, so the default 8 pairs take a few minutes. Without ``lens.json`` or a train split the
   baselines are skipped, with a warning, and the reason recorded.
+* **Spatially varying RL** deconvolves with every node of the true PSF grid, its iteration count
+  tuned on at most ``tune_pairs`` **validation** pairs (:func:`dmdiff.evaluation.baselines.varying_baseline`).
+* **Field zones and intervals.** Every method is also scored per field zone (centre, mid, edge;
+  :mod:`dmdiff.evaluation.field`) with the gain over the field drawn in ``gain_map.png``, and
+  every method's paired PSNR difference to ``dmdiff_a1`` (whole frame and edge zone) gets a 95 %
+  bootstrap interval over source photos (:mod:`dmdiff.evaluation.uncertainty`; ``dmdiff
+  intervals`` pools the reports of several training seeds).
 * **Ceiling.** The backbone's own reconstruction PSNR: ``decode(encode(gt))`` with the frozen
   base VAE (:meth:`dmdiff.model.dmdiff.DMDiff.reconstruct`: the model's VAE with its encoder
   LoRA switched off exactly), with the model's padding. It bounds what any output decoded by
@@ -81,17 +92,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dmdiff.config import to_dict
-from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf
+from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, read_lens
 from dmdiff.device import resolve_device
 from dmdiff.errors import DmdiffError
-from dmdiff.evaluation.baselines import tune_baselines
+from dmdiff.evaluation.baselines import dataset_varying_blur, tune_baselines, varying_baseline
+from dmdiff.evaluation.field import GAIN_FILE, FieldScores, format_zone_table, plot_gain_maps
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
+    CLASSICAL,
     LABELS,
     RECOMMENDED,
     REFERENCES,
@@ -115,6 +129,8 @@ from dmdiff.evaluation.report import (
     quality_bar,
     write_grids,
 )
+from dmdiff.evaluation.trivial import untrained_pipeline
+from dmdiff.evaluation.uncertainty import differences_table, format_differences, source_photos
 from dmdiff.imageio import write_png
 from dmdiff.metrics import LPIPSMetric, compute_metrics, lpips_status, summarize
 from dmdiff.model.color import (
@@ -123,6 +139,7 @@ from dmdiff.model.color import (
     resolve_color_correction,
 )
 from dmdiff.optics.sensor import quantize
+from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import (
     atomic_directory,
     atomic_write_text,
@@ -164,7 +181,7 @@ def evaluation_parts(folder: Path) -> set[str] | None:
         return None
     if not isinstance(metrics, dict) or "methods" not in metrics:
         return None
-    top = {METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE, ABLATION_GRID_FILE}
+    top = {METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE, ABLATION_GRID_FILE, GAIN_FILE}
     return {f for f in folder_files(folder) if f in top or f.startswith((IMAGES_DIR + "/", EXTERNAL_DIR + "/"))}
 
 
@@ -282,10 +299,14 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ablation_pipes = {ablation_method(name): load_pipeline(path, device=device, model_path=model_path).pipeline
                       for name, (path, _) in ablation_dirs.items()}
     psf, params, baselines_record, tuning = _baselines(data, tune_pairs, grids, progress)
+    blur, baselines_record["richardson_lucy_sv"] = varying_baseline(data, tune_pairs, progress)
+    if blur is not None:
+        params["richardson_lucy_sv"] = baselines_record["richardson_lucy_sv"]["iterations"]
     lpips_ok, lpips_reason = lpips_status("alex")
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
     correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
-    context = Context(pipeline, degrader, ablation_pipes, psf, params, correction)
+    context = Context(pipeline, degrader, ablation_pipes, psf, params, correction, blur,
+                      untrained_pipeline(net, model_path))
     rows = methods_for(context)
     methods = ["input", *(m.name for m in rows)]
     labels = {**LABELS, **{m.name: m.label for m in rows}}
@@ -295,10 +316,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
         warm = Sample.of(test[0])                                   # networks only, untimed
         for method in rows:
-            if method.name not in ("wiener", "richardson_lucy"):
+            if method.name not in CLASSICAL:
                 method.run(context, warm)
+        field = FieldScores(_lens_spec(data))
         records, shown, perception = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows,
-                                                progress)
+                                                progress, field)
 
         # ---- the report
         summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
@@ -312,6 +334,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             "perception": perception,
             "lpips": {"available": lpips_ok, "reason": lpips_reason, "net": "alex" if lpips_ok else None},
             "baselines": baselines_record,
+            "field": field.record(),
+            "sources": dict(zip([r["name"] for r in records], source_photos([r["name"] for r in records], data))),
             "settings": _settings(model, pipeline_dir, net, stage1_dir, stage1_source, ablation_dirs, ablation_pipes,
                                   methods, correction, device, limit, tune_pairs),
         }
@@ -320,6 +344,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             if method in methods:
                 metrics[key] = quality_bar(metrics, method=method)
         table = format_table(metrics)
+        table += _field_sections(metrics, tmp)
         if external is not None:
             metrics["external"] = _external_split(Path(external), context, lpips, tmp, progress)
             table += "\n" + format_table({**metrics, **metrics["external"]})
@@ -335,19 +360,20 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
 def _external_split(data: Path, context: Context, lpips, out: Path, progress: bool) -> dict:
     """``metrics.json``'s ``external``: every test pair of ``data`` through the same methods (the
-    baselines with its own lens's central PSF and the parameters tuned for the main dataset), with
+    baselines with its own lens's central PSF or PSF grid and the parameters tuned for the main dataset), with
     its means, spreads and quality bar; images under ``out/external/images/``."""
     psf = dataset_central_psf(data)[0] if context.psf is not None else None
-    context = replace(context, psf=psf)
+    context = replace(context, psf=psf, blur=dataset_varying_blur(data) if context.blur is not None else None)
     rows = methods_for(context)
     test = PairedFolderDataset(data, "test")
+    field = FieldScores(_lens_spec(data))
     records, _, perception = _run_split(test, len(test), rows, context, lpips, out / EXTERNAL_DIR / IMAGES_DIR, 0,
-                                        progress)
+                                        progress, field)
     methods = ["input", *(m.name for m in rows)]
     summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
     record = {"dataset": str(data), "split": "test", "count": len(records), "names": [r["name"] for r in records],
               "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
-              "summary": summary, "per_image": records, "perception": perception}
+              "summary": summary, "per_image": records, "perception": perception, "field": field.record()}
     record["quality_bar"] = quality_bar(record)
     record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
                    if method in methods})
@@ -355,12 +381,13 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
 
 
 def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: Context, lpips, images: Path,
-               grid_rows: int, progress: bool) -> tuple[list[dict], list, dict]:
+               grid_rows: int, progress: bool, field: FieldScores) -> tuple[list[dict], list, dict]:
     """The first ``count`` pairs of ``test`` through every method of ``rows``: per image its record
     (``name``, size, ``maps``, ``methods``: figures per method), its 8-bit outputs saved under
     ``images/<method>/<name>.png``; returns the records, the ``(name, images, figures)`` of the
     ``grid_rows`` images evenly spaced over the names (for the grids) and the split's set-level
-    perception figures (:class:`~dmdiff.evaluation.report.SetPerception`, of the same 8-bit images)."""
+    perception figures (:class:`~dmdiff.evaluation.report.SetPerception`, of the same 8-bit images);
+    ``field`` collects the per-zone scores and block errors of the same images."""
     records, shown, perception = [], [], SetPerception()
     show = {int(round(i)) for i in np.linspace(0, count - 1, min(max(int(grid_rows), 0), count))}
     for index in tqdm(range(count), desc="evaluate", disable=not progress):
@@ -370,6 +397,7 @@ def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: C
         row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
         perception.add_reference(gt)
         perception.add("input", sample.capture, gt)
+        field.add(name, "input", sample.capture, gt)
         outputs = {}
         for method in rows:
             image, seconds, extra = method.run(context, sample)
@@ -377,12 +405,38 @@ def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: C
             reference = sample.capture if method.reference == "lr" else gt
             row[method.name] = {**compute_metrics(image, reference, lpips=lpips), "runtime_s": seconds, **extra}
             perception.add(method.name, image, reference)
+            field.add(name, method.name, image, reference)
             write_png(images / method.name / f"{name}.png", image)
         records.append({"name": name, "height": gt.shape[0], "width": gt.shape[1],
                         "maps": "maps" in item, "methods": row})
         if index in show:
             shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
     return records, shown, perception.record()
+
+
+def _lens_spec(data: Path) -> MetalensSpec | None:
+    """The dataset's lens (``lens.json``), or None for real captures."""
+    lens = read_lens(data)
+    return MetalensSpec.from_dict(lens["spec"]) if lens and "spec" in lens else None
+
+
+def _field_sections(metrics: dict, out: Path) -> str:
+    """``table.md``'s per-zone and paired-difference sections (the differences also go into
+    ``metrics["differences"]``); draws ``gain_map.png`` into ``out``."""
+    labels, field = metrics["labels"], metrics["field"]
+    gt_methods = [m for m in metrics["methods"] if metrics["references"][m] == "gt" and m != "vae_ceiling"]
+    text = "\n## PSNR / SSIM per field zone\n\n" + format_zone_table(field, labels, gt_methods)
+    if "dmdiff_a1" in gt_methods:
+        rows = differences_table([metrics], "dmdiff_a1", [m for m in gt_methods if m != "dmdiff_a1"],
+                                 zones=(None, "edge"))
+        metrics["differences"] = rows
+        text += "\n## Paired PSNR differences to DMDiff α=1\n\n" + format_differences(rows, labels)
+    shown = [m for m in gt_methods if m not in ("input", "color_anchor")]   # the anchor is a low-pass: off the scale
+    figure = plot_gain_maps(field, shown, [r for r in ("input", "richardson_lucy", "richardson_lucy_sv")
+                                           if r in gt_methods], labels)
+    figure.savefig(out / GAIN_FILE, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return text
 
 
 def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_source: str | None,

@@ -26,18 +26,21 @@ import torch
 
 from dmdiff.device import timed
 from dmdiff.errors import DmdiffError
-from dmdiff.evaluation.baselines import richardson_lucy, wiener_deconvolve
+from dmdiff.evaluation.baselines import richardson_lucy, richardson_lucy_sv, wiener_deconvolve
 from dmdiff.model.color import color_correct
 from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.train.ablations import ABLATIONS
 
-__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE", "RECOMMENDED",
-           "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label", "recommended_alpha",
-           "methods_for", "to_hwc"]
+__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "CLASSICAL", "DEGRADE",
+           "RECOMMENDED", "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label",
+           "recommended_alpha", "methods_for", "to_hwc"]
 
 ABLATION_PREFIX = "ablation_"
+#: The quality bar's baselines (:func:`dmdiff.evaluation.report.quality_bar`): the central-PSF ones.
 BASELINES = ("wiener", "richardson_lucy")
+#: The classical rows: no network, nothing to warm up.
+CLASSICAL = (*BASELINES, "richardson_lucy_sv")
 #: The learned-degradation check (measured against the capture).
 DEGRADE = "stage1_degrade"
 #: The row of the model's recommended α (its label names the value: :func:`methods_for`).
@@ -51,7 +54,10 @@ class Context:
     pipeline: the evaluated model's pipeline; degrader: a stage-1 model (GT → capture) or None;
     ablations: method key → ablation pipeline; psf: ``(3, K, K)`` true central PSF for the
     baselines (None: no baselines); params: the baselines' tuned parameters; correction: the colour
-    correction :func:`dmdiff.model.color.resolve_color_correction` gives the model.
+    correction :func:`dmdiff.model.color.resolve_color_correction` gives the model; blur: the lens's
+    spatially varying blur for ``richardson_lucy_sv`` (:func:`dmdiff.evaluation.baselines.varying_blur`;
+    None: no such row); untrained: the same model with untrained adapters
+    (:func:`dmdiff.evaluation.trivial.untrained_pipeline`; None: no such row).
     """
 
     pipeline: DMDiffPipeline
@@ -60,6 +66,8 @@ class Context:
     psf: np.ndarray | None = None
     params: dict[str, Any] = field(default_factory=dict)
     correction: str = "none"
+    blur: Any = None
+    untrained: DMDiffPipeline | None = None
 
     @property
     def model(self) -> DMDiff:
@@ -163,6 +171,25 @@ def _baseline(deconvolve: Callable, param: str) -> Runner:
     return run
 
 
+def _varying_baseline(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    iterations = context.params["richardson_lucy_sv"]
+    seconds, image = timed(lambda: richardson_lucy_sv(sample.capture, context.blur, iterations), torch.device("cpu"))
+    return image, seconds, {}
+
+
+def _anchor(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    model = context.model
+    with torch.no_grad():
+        seconds, image = timed(lambda: model.input_anchor(sample.lr.to(model.device, model.dtype)), model.device)
+    return to_hwc(image.clamp(0, 1)), seconds, {}
+
+
+def _untrained(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
+    pipeline = context.untrained
+    seconds, output = timed(lambda: pipeline(sample.lr, sample.maps, 1.0), pipeline.model.device)
+    return output.images[0], seconds, {}
+
+
 def _ceiling(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
     seconds, image = timed(lambda: context.model.reconstruct(sample.gt), context.model.device)
     return to_hwc(image), seconds, {}
@@ -187,12 +214,21 @@ def _has_baselines(context: Context) -> bool:
     return context.psf is not None
 
 
+def _has_anchor(context: Context) -> bool:
+    return context.model.config.anchor_sigma_px is not None
+
+
 #: The methods every evaluation may have, in table order (ablations follow ``dmdiff_a1_x8``:
 #: :func:`methods_for`; the learned degradation comes last). ``input`` is measured, not run.
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("wiener", "Wiener, true central PSF", "gt", _baseline(wiener_deconvolve, "wiener"), _has_baselines),
     Method("richardson_lucy", "Richardson–Lucy, true central PSF", "gt",
            _baseline(richardson_lucy, "richardson_lucy"), _has_baselines),
+    Method("richardson_lucy_sv", "Richardson–Lucy, true PSF grid (spatially varying)", "gt", _varying_baseline,
+           lambda context: context.blur is not None),
+    Method("color_anchor", "colour anchor alone (the model's G_σ(RL_n(x)))", "gt", _anchor, _has_anchor),
+    Method("untrained", "untrained adapters (backbone + anchor), α=1", "gt", _untrained,
+           lambda context: context.untrained is not None),
     Method("dmdiff_a0", "DMDiff α=0 (fidelity)", "gt", _redecoded(lambda context: 0.0)),
     Method(RECOMMENDED, "DMDiff recommended α", "gt", _redecoded(recommended_alpha),
            lambda context: recommended_alpha(context) is not None),

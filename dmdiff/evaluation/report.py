@@ -49,7 +49,7 @@ from dmdiff.viz import image_grid, save_figure
 
 __all__ = ["METRICS_FILE", "CSV_FILE", "TABLE_FILE", "GRID_FILE", "ABLATION_GRID_FILE", "IMAGES_DIR",
            "QUALITY_BAR", "BAR_VARIANTS", "quality_bar", "quality_bar_lines", "format_table", "csv_text",
-           "write_grids", "plot_spread", "NIQE_COLUMN", "detail_column", "SetPerception"]
+           "write_grids", "plot_spread", "OFF_GAIN_AXIS", "NIQE_COLUMN", "detail_column", "SetPerception"]
 
 METRICS_FILE, CSV_FILE, TABLE_FILE, GRID_FILE = "metrics.json", "metrics.csv", "table.md", "grid.png"
 ABLATION_GRID_FILE = "grid_ablations.png"
@@ -315,12 +315,19 @@ def format_table(metrics: Mapping) -> str:
     return "\n".join(lines)
 
 
+#: Rows of :func:`plot_spread` kept off its gain axis (not restorations of the capture).
+OFF_GAIN_AXIS = ("vae_ceiling", "color_anchor")
+
+
 def plot_spread(metrics: Mapping, seed: int = 0):
     """Per-image spread of an evaluation: PSNR, paired gain over the capture, runtime. Returns a
     matplotlib ``Figure`` of three panels sharing one row per method (the table's order, top down):
 
     * every image's PSNR against the ground truth (dB; box: quartiles, dots: images);
-    * each image's PSNR minus the capture's on the same image (dB; dotted line: no gain);
+    * each image's PSNR minus the capture's on the same image (dB; dotted line: no gain); its axis
+      spans the restorations only: rows that are not restorations of the capture
+      (:data:`OFF_GAIN_AXIS`: the VAE ceiling, the colour anchor alone) would stretch it and hide
+      the differences between the others, so their mean gain is written in the row instead;
     * seconds per image (log scale; bar: mean, whiskers: min–max over the images), for the
       methods that were timed.
 
@@ -351,6 +358,14 @@ def plot_spread(metrics: Mapping, seed: int = 0):
         ax.set(xlabel=xlabel)
     axes[0].invert_yaxis()   # shared: the table's order, top to bottom
     axes[1].axvline(0, color="k", lw=0.8, ls=":")
+    scaled = np.concatenate([gain[m] for m in shown if m not in OFF_GAIN_AXIS] or [np.zeros(1)])
+    low, high = min(scaled.min(), 0.0), max(scaled.max(), 0.0)
+    pad = 0.08 * (high - low or 1.0)
+    axes[1].set_xlim(low - pad, high + pad)
+    for k, m in enumerate(shown):
+        if m in OFF_GAIN_AXIS:
+            axes[1].text(0.5, k + 1, f"off this axis: mean {gain[m].mean():+.2f} dB", ha="center", va="center",
+                         transform=axes[1].get_yaxis_transform(), fontsize=8, bbox={"fc": "white", "ec": "0.7"})
     rows = [k + 1 for k, m in enumerate(shown) if m in seconds]
     means = np.array([seconds[m].mean() for m in timed])
     spread = np.array([[means[k] - seconds[m].min(), seconds[m].max() - means[k]] for k, m in enumerate(timed)]).T

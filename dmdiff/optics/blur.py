@@ -175,6 +175,58 @@ class SpatiallyVaryingBlur:
                 canvas[:, :, rows_out, col_start : col_start + blurred.shape[-1]] += blurred[:, :, j]
         return canvas[:, :, rows.crop : rows.crop + height, cols.crop : cols.crop + width]
 
+    def adjoint(self, y: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
+        """The adjoint (transpose) of :meth:`__call__`: ``x' = Σ_k w_k ⊙ (h̃_k ⋆ y)`` folded back.
+
+        Each node's kernel is correlated with (not convolved over) the output window it wrote,
+        multiplied by the node's weights and added back to the source pixels it read; with
+        ``"reflect"`` the mirrored border pixels fold onto the pixels they copied. So
+        ``<A x, y> = <x, Aᵀ y>`` for every ``x``, ``y`` (the tests check it), which is what
+        Richardson–Lucy with this blur needs (:mod:`dmdiff.optics.deconvolution`).
+
+        Args:
+            y: ``(B, C, H, W)`` float32 or float64 tensor, an output of this blur's size.
+            padding: the padding of the forward blur (``"reflect"`` or ``"zeros"``).
+
+        Returns:
+            ``(B, C, H, W)`` tensor, same dtype and device as ``y``.
+        """
+        channels = self.psfs.shape[0]
+        if y.ndim != 4 or y.shape[1] != channels:
+            raise ValueError(f"y must have shape (B, {channels}, H, W), got {tuple(y.shape)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        height, width = y.shape[-2:]
+        plan = self._get_plan(height, width, padding, y.dtype, y.device)
+        rows, cols = plan.rows, plan.cols
+        ky, kx = self.psfs.shape[-2:]
+        canvas = y.new_zeros(y.shape[0], channels, rows.canvas, cols.canvas)
+        canvas[:, :, rows.crop : rows.crop + height, cols.crop : cols.crop + width] = y
+        length, size = rows.src.shape[1], cols.src.shape[1]
+        x = y.new_zeros(y.shape[0], channels, height * width)
+        for i, row_start in enumerate(rows.starts):
+            patches = torch.stack([canvas[:, :, row_start : row_start + length + ky - 1,
+                                          col_start : col_start + size + kx - 1] for col_start in cols.starts],
+                                  dim=2)  # (B, C, Gx, L+K-1, M+K-1)
+            masked = self._correlate_valid(patches, plan, i) * (rows.weights[i][None, :, None]
+                                                                * cols.weights[:, None, :])
+            flat = (rows.src[i][None, :, None] * width + cols.src[:, None, :]).reshape(-1)  # (Gx·L·M,)
+            x.index_add_(2, flat, masked.reshape(*masked.shape[:2], -1))
+        return x.view(y.shape[0], channels, height, width)
+
+    def _correlate_valid(self, patches: torch.Tensor, plan: _Plan, row: int) -> torch.Tensor:
+        """Valid correlation of ``(B, C, Gx, L+K-1, M+K-1)`` patches with grid row ``row``'s kernels
+        → ``(B, C, Gx, L, M)``: the transpose of :meth:`_convolve_full`."""
+        ky, kx = self.psfs.shape[-2:]
+        out_h, out_w = patches.shape[-2] - ky + 1, patches.shape[-1] - kx + 1
+        if plan.fft_shape is not None:
+            spectrum = torch.fft.rfft2(patches, s=plan.fft_shape) * plan.kernels[row].conj()
+            return torch.fft.irfft2(spectrum, s=plan.fft_shape)[..., :out_h, :out_w]
+        b, c, g, h, w = patches.shape
+        kernels = plan.kernels[row].flip(-2, -1)   # the plan holds flipped kernels for conv2d
+        out = F.conv2d(patches.reshape(b, c * g, h, w), kernels, groups=c * g)
+        return out.view(b, c, g, out_h, out_w)
+
     def _convolve_full(self, masked: torch.Tensor, plan: _Plan, row: int) -> torch.Tensor:
         """Full linear convolution of the ``(B, C, Gx, L, M)`` windows of grid row ``row``."""
         ky, kx = self.psfs.shape[-2:]

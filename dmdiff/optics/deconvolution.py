@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
-__all__ = ["DeconvolutionInputError", "central_psf", "check_psf", "richardson_lucy_linear", "richardson_lucy_srgb"]
+__all__ = ["DeconvolutionInputError", "central_psf", "check_psf", "check_psf_grid", "richardson_lucy_linear",
+           "richardson_lucy_srgb", "richardson_lucy_varying"]
 
 
 class DeconvolutionInputError(DmdiffError, ValueError):
@@ -74,6 +75,28 @@ def check_psf(psf_rgb) -> np.ndarray:
     if np.any(sums <= 0):
         raise DeconvolutionInputError(f"psf_rgb has a channel with no energy (sums {sums})")
     return psf / sums[:, None, None]
+
+
+def check_psf_grid(psfs) -> np.ndarray:
+    """Validate a ``(3, G, G, K, K)`` PSF grid (``K`` odd, finite, non-negative, energy in every
+    kernel; numpy, torch or a ``PSFGrid``) and return it float64 with each kernel normalised to sum 1
+    (the white-balance convention of :mod:`dmdiff.evaluation.baselines`, node by node).
+
+    Raises:
+        DeconvolutionInputError: any of those conditions fails.
+    """
+    arr = getattr(psfs, "psfs", psfs)
+    if type(arr).__module__.startswith("torch"):
+        arr = arr.detach().cpu().numpy()
+    grid = np.asarray(arr, dtype=np.float64)
+    if grid.ndim != 5 or grid.shape[0] != 3 or grid.shape[3] != grid.shape[4] or grid.shape[3] % 2 == 0:
+        raise DeconvolutionInputError(f"expected a PSF grid of shape (3, G, G, K, K) with K odd, got {grid.shape}")
+    if not np.all(np.isfinite(grid)) or grid.min() < 0:
+        raise DeconvolutionInputError("the PSF grid has NaN, infinite or negative values")
+    sums = grid.sum(axis=(3, 4))
+    if np.any(sums <= 0):
+        raise DeconvolutionInputError("the PSF grid has a kernel with no energy")
+    return grid / sums[..., None, None]
 
 
 
@@ -134,3 +157,33 @@ def richardson_lucy_srgb(images: torch.Tensor, psf: torch.Tensor, iterations: in
     linear = srgb_to_linear(images.float().clamp(0, 1))
     estimate = richardson_lucy_linear(linear, psf.float(), [iterations])[int(iterations)]
     return linear_to_srgb(estimate.clamp(0, 1)).clamp(0, 1).to(images.dtype)
+
+
+def richardson_lucy_varying(observed: torch.Tensor, blur, iterations: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Richardson–Lucy with a spatially varying blur ``A`` (e.g. :class:`dmdiff.optics.blur.SpatiallyVaryingBlur`).
+
+    The update for Poisson noise with a general non-negative operator,
+    ``x ← x · Aᵀ(y / (A x + 1e-12)) / Aᵀ1``, from a constant 0.5 like :func:`richardson_lucy_linear`;
+    ``Aᵀ1`` is not 1 for a blur whose PSF changes over the field, so it is divided out (it is 1
+    for a shift-invariant blur with kernels summing to 1, where this is the ordinary update).
+    Borders: ``A`` is the blur's reflect-padded model (the scene continues as its mirror image),
+    the model the simulated captures were made with.
+
+    Args:
+        observed: ``(B, C, H, W)`` non-negative linear light (computed in its dtype).
+        blur: a callable ``blur(x)`` with a method ``blur.adjoint(y)`` (reflect padding).
+        iterations: counts >= 1; one run serves all of them.
+
+    Returns:
+        ``{n: (B, C, H, W)}`` for each distinct count ``n``, non-negative, same dtype and device.
+    """
+    norm = blur.adjoint(torch.ones_like(observed)).clamp_min(1e-12)
+    estimate = torch.full_like(observed, 0.5)
+    out, done = {}, 0
+    for stop in sorted({int(n) for n in iterations}):
+        for _ in range(stop - done):
+            ratio = observed / (blur(estimate) + 1e-12)
+            estimate = (estimate * blur.adjoint(ratio) / norm).clamp_min(0.0)
+        done = stop
+        out[stop] = estimate.clone()
+    return out
