@@ -5,6 +5,7 @@ without CUDA."""
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,8 @@ def test_bf16_and_checkpointing_reach_the_training_step(tmp_path):
     data = write_dataset(tmp_path / "data")
     cfg = load_train_config(tiny(data, mixed_precision="bf16", gradient_checkpointing=True, grad_accum=1,
                                  ema_decay=None, threads=1))
-    session = build_session(cfg, tmp_path / "run", None)
+    build_session(replace(cfg, mixed_precision="no"), tmp_path / "run", None)   # accelerate keeps one per process
+    session = build_session(cfg, tmp_path / "run", None)                     # unless each run resets it
     dtypes, block_calls = [], []
     session.model.unet.conv_in.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     session.model.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: block_calls.append(1))

@@ -142,8 +142,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     record["device"] = torch.cuda.get_device_name()
     print(f"dmdiff bench gpu: {record['device']}, torch {torch.__version__}, {PRESET} (random weights)", flush=True)
-    _part(record, "restore_512", out, restore_benchmark, PRESET, RESTORE_PX, args.repeats, 1, "cuda", True, None)
-    _part(record, "restore_2048_tiled", out, restore_benchmark, PRESET, TILED_PX, 1, 1, "cuda", True, TILE_PX)
+    threads = torch.get_num_threads()           # the CPU builds the random-weight model: use every core
+    _part(record, "restore_512", out, restore_benchmark, PRESET, RESTORE_PX, args.repeats, threads, "cuda", True, None)
+    _part(record, "restore_2048_tiled", out, restore_benchmark, PRESET, TILED_PX, 1, threads, "cuda", True, TILE_PX)
     for name, checkpointing in (("train_512_checkpointing", True), ("train_512_no_checkpointing", False)):
         _part(record, name, out, train_benchmark, "cuda", RESTORE_PX, args.train_steps, checkpointing, None,
               args.batch_size)

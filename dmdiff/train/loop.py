@@ -1,8 +1,8 @@
 """Multipath training of DMDiff on accelerate (``dmdiff train``; the paths: docs/architecture.md).
 
 One loop for a CPU process and for ``accelerate launch`` on several GPUs or CPU processes
-(docs/scaling.md): ``Accelerator`` does the
-device placement, DDP wrapping (:meth:`~accelerate.Accelerator.prepare`), gradient accumulation
+(docs/scaling.md): ``Accelerator`` does the device placement, DDP wrapping
+(:meth:`~accelerate.Accelerator.prepare`), gradient accumulation
 (:meth:`~accelerate.Accelerator.accumulate`), mixed precision and clipping; only the main process
 writes files. Each optimizer step trains ``grad_accum`` micro-batches of ``batch_size`` crops per
 process; every micro-batch is a pure function of ``(seed, index)`` (:mod:`dmdiff.train.data`), so
