@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_dmdiff import _maps, make_model  # noqa: E402
 from test_train import tiny, write_dataset  # noqa: E402
 
+from dmdiff.bench.gpu import train_benchmark  # noqa: E402
 from dmdiff.cli import main as cli_main  # noqa: E402
 from dmdiff.config import CONFIGS  # noqa: E402
 from dmdiff.train.config import load_train_config  # noqa: E402
@@ -79,6 +80,15 @@ def test_sd_turbo_config_turns_both_on_and_checkpointing_may_change_on_resume():
     assert config_differences(cfg, load_train_config(CONFIGS / "sd-turbo.yaml", gradient_checkpointing=False)) == []
     assert config_differences(cfg, load_train_config(CONFIGS / "sd-turbo.yaml", mixed_precision="no")) == [
         "mixed_precision"]
+
+
+def test_bench_gpu_training_part_runs_the_sd_turbo_config():
+    """The training measurement of `dmdiff bench gpu`, on the CPU with the tiny backbone: the
+    sd-turbo config's switches on, a synthetic dataset, the figures it reports."""
+    r = train_benchmark("cpu", 64, 2, True, "bf16", 1, 1, "tiny")
+    assert (r["gradient_checkpointing"], r["mixed_precision"], r["batch_size"], r["steps"], r["size"]) == (
+        True, "bf16", 1, 2, 64)
+    assert 0 < r["step_s"] < r["wall_s"] and r["peak_bytes"] > 0 and r["device"] == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
