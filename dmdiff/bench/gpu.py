@@ -80,10 +80,11 @@ def train_benchmark(device: str, size: int, steps: int, gradient_checkpointing: 
         threads: CPU torch threads (None: torch's default).
 
     Returns:
-        ``{"step_s", "first_step_s", "peak_bytes", "batch_size", "mixed_precision",
+        ``{"step_s", "first_step_s", "wall_s", "peak_bytes", "device", "batch_size", "mixed_precision",
         "gradient_checkpointing", "size", "steps"}``: the median seconds per step after the first
-        (the first one with it, when ``steps`` is 1), and the peak memory of the run above the
-        memory before it (CUDA: allocated; CPU: resident set size), bytes.
+        (with ``steps`` = 1: the first), the first step's and the whole run's seconds (model build
+        included), the peak memory of the run above the memory before it (bytes; CUDA: allocated,
+        CPU: resident set size) and the device trained on.
     """
     cfg = load_train_config(CONFIGS / "sd-turbo.yaml")
     cfg = replace(cfg, crop_px=size, steps=steps, grad_accum=1, warmup_steps=0, log_every=1, val_images=0,
