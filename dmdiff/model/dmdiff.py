@@ -48,7 +48,7 @@ from dmdiff.model.backbone import (
     load_backbone,
     seeded,
 )
-from dmdiff.model.lora import ModulationMLP, add_modulated_lora, trainable_parameters
+from dmdiff.model.lora import ModulationMLP, add_modulated_lora, modulated_checkpoint, trainable_parameters
 from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.svda import SVDA
 from dmdiff.optics.deconvolution import (
@@ -273,6 +273,15 @@ class DMDiff(nn.Module):
         index = [self._path_index(p) for p in paths for _ in range(len(x))]
         z0, _ = self._z0(x, maps, index, copies=len(paths))
         return dict(zip(paths, z0.chunk(len(paths))))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only the UNet's and the VAE's block inputs in training and recompute the blocks'
+        activations in the backward pass (less memory for ~one more forward pass of compute); the
+        gradients are those without it, the modulated LoRA included
+        (:func:`~dmdiff.model.lora.modulated_checkpoint`)."""
+        checkpointed = modulated_checkpoint([self.unet_lora.state, self.vae_lora.state])
+        self.unet.enable_gradient_checkpointing(checkpointed)
+        self.vae.enable_gradient_checkpointing(checkpointed)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """What training updates, named as in ``named_parameters()``: LoRA A/B of the UNet and VAE

@@ -48,6 +48,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -174,6 +175,18 @@ class ModulationState:
         finally:
             self.set(previous)
 
+    @contextlib.contextmanager
+    def reinstated(self, matrices: torch.Tensor | None, input_hw: tuple[int, int] | None) -> Iterator[None]:
+        """Modulate with ``matrices`` (as stored: already repeated) for an input of ``input_hw`` inside
+        the ``with`` block, with a fresh cache; then put back what was there. For recomputing a
+        checkpointed block in the backward pass (:func:`modulated_checkpoint`)."""
+        saved = self.matrices, self.input_hw, self._cache
+        self.matrices, self.input_hw, self._cache = matrices, input_hw, {}
+        try:
+            yield
+        finally:
+            self.matrices, self.input_hw, self._cache = saved
+
     def begin(self, input_hw: tuple[int, int]) -> None:
         """Called at the start of each forward pass of the part with its input's ``(H, W)``."""
         self.input_hw = input_hw
@@ -218,6 +231,32 @@ class ModulationState:
                 m = m.unflatten(1, (r, r)).permute(0, 3, 4, 1, 2)
             self._cache[key] = m
         return self._cache[key]
+
+
+def modulated_checkpoint(states: Sequence[ModulationState]):
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that keeps the
+    modulation right: ``f(block, *args)`` runs ``block(*args)`` under non-reentrant
+    :func:`torch.utils.checkpoint.checkpoint`, and the block's recomputation in the backward pass —
+    after the forward pass has left :meth:`ModulationState.using` — sees the matrices (and input size)
+    each of ``states`` held when the block first ran, so its LoRA outputs, and the gradients, are the
+    ones of the forward pass."""
+
+    def contexts():
+        snapshot = [(s.matrices, s.input_hw) for s in states]        # taken in the forward pass
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            with contextlib.ExitStack() as stack:
+                for state, (matrices, input_hw) in zip(states, snapshot):
+                    stack.enter_context(state.reinstated(matrices, input_hw))
+                yield
+
+        return contextlib.nullcontext(), recompute()
+
+    def checkpointed(block: nn.Module, *args):
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    return checkpointed
 
 
 class ModulatedLora:

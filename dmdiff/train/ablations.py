@@ -60,6 +60,7 @@ from dmdiff.runinfo import provenance
 from dmdiff.runs import ABLATIONS_DIR, CONFIG, REPORT, STAGE2, is_complete
 from dmdiff.train.config import TrainConfig, load_train_config, stage_config
 from dmdiff.train.loop import train
+from dmdiff.train.processes import on_main, process_state
 from dmdiff.train.recipe import run_recipe, stage2_config
 from dmdiff.train.rundir import config_differences
 
@@ -223,13 +224,14 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
             ``"stage": "ablations/<name>"`` (only with ``workers = 1``: the callback cannot follow
             runs in other processes).
         workers: how many ablations train at once, each in a spawned process (None:
-            :func:`default_workers`, or 1 with ``on_log``); 1 trains them one after the other here.
+            :func:`default_workers`, or 1 with ``on_log`` or under ``accelerate launch``, where each
+            ablation trains on all processes); 1 trains them one after the other here.
             With ``cfg.threads`` set the weights do not depend on it (unset, torch picks each
             process's thread count, which can change the last bits of float sums).
 
     Raises:
-        ConfigError: an unknown or inapplicable ablation, or ``workers`` > 1 with ``on_log``,
-            before anything is trained.
+        ConfigError: an unknown or inapplicable ablation, or ``workers`` > 1 with ``on_log`` or
+            several processes, before anything is trained.
         DmdiffError: ``out``'s stage 2 or an ablation folder was trained with other settings.
     """
 
@@ -244,13 +246,7 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
 
     pending = {name: config for name, config in configs.items()
                if not is_complete(out / ABLATIONS_DIR / name, config.steps)}
-    if workers is None:
-        workers = 1 if on_log is not None else default_workers(cfg, len(pending))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a positive integer or None, got {workers!r}")
-    if workers > 1 and on_log is not None:
-        raise ConfigError("on_log follows ablations trained in this process only: use workers=1 with it")
-
+    workers = _workers(cfg, workers, len(pending), on_log)
     run_recipe(cfg, out, progress=progress, on_log=on_log)
     if workers == 1:
         for name, config in pending.items():
@@ -260,7 +256,34 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
                   command=f"dmdiff train --recipe --ablations ({name})", on_log=log)
     elif pending:
         _train_in_parallel(pending, out, workers, progress)
+    on_main(lambda: write_record(cfg, out, configs, stage2))
+    return json.loads((out / ABLATIONS_DIR / RECORD).read_text())
 
+
+def _workers(cfg: TrainConfig, workers: int | None, pending: int, on_log) -> int:
+    """The ``workers`` :func:`run_ablations` uses: as given, or :func:`default_workers` (1 with
+    ``on_log``, and always 1 under a launcher: each ablation then trains on all processes).
+
+    Raises:
+        ConfigError: ``workers`` is not a positive integer, or > 1 with ``on_log`` or with several
+            processes.
+    """
+    processes = process_state().num_processes
+    if workers is None:
+        workers = 1 if on_log is not None or processes > 1 else default_workers(cfg, pending)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer or None, got {workers!r}")
+    if workers > 1 and on_log is not None:
+        raise ConfigError("on_log follows ablations trained in this process only: use workers=1 with it")
+    if workers > 1 and processes > 1:
+        raise ConfigError(f"--workers {workers}: this command runs as {processes} processes (accelerate launch), "
+                          "which train each ablation together, one after the other; leave --workers out")
+    return workers
+
+
+def write_record(cfg: TrainConfig, out: Path, configs: dict[str, TrainConfig], stage2: TrainConfig) -> None:
+    """Merge the entries of the finished ablations ``configs`` into ``out/ablations/ablations.json``
+    (main process)."""
     path = out / ABLATIONS_DIR / RECORD
     record = json.loads(path.read_text()) if path.is_file() else {}
     entries = record.get("ablations", {})
@@ -271,7 +294,6 @@ def run_ablations(cfg: TrainConfig, out: str | Path, names: Sequence[str] | None
     record = {"ablations": {name: entries[name] for name in ABLATIONS if name in entries}, "stage2": "stage2",
               "provenance": provenance(config=to_dict(cfg), seed=cfg.seed, command="dmdiff train --recipe --ablations")}
     write_json(path, record)
-    return record
 
 
 def _train_in_parallel(pending: dict[str, TrainConfig], out: Path, workers: int, progress: bool) -> None:

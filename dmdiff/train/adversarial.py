@@ -16,7 +16,9 @@ whatever the mixed precision of the generator. A discriminator takes one Adam st
 that holds its path, outside accelerate's gradient accumulation and grad scaler (both belong to the
 generator's optimizer: its float32 losses need no scaling). Under DDP each discriminator is wrapped by
 ``accelerator.prepare`` and every process joins every step in which any process has images of the
-path (an image-less process contributes a zero loss), so the all-reduce of its gradients never waits.
+path (an image-less process contributes a zero loss), so the all-reduce of its gradients never waits;
+each process weights its loss by its share of the path's images, so the averaged gradient is that of
+the mean over all of them, as one process with the whole batch would compute it.
 """
 
 from __future__ import annotations
@@ -155,11 +157,16 @@ class Adversary:
             return None, {}
         return term, {"adv_g": sum(values) / sum(counts)}
 
+    @property
+    def _world(self) -> int:
+        """The number of processes training together."""
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
     def _counts(self, paths: Sequence[str], device: torch.device) -> dict[str, tuple[int, int]]:
         """``path → (images here, images on all processes)`` for the adversarial paths."""
         local = torch.tensor([sum(p == path for p in paths) for path in self.paths], device=device)
         total = local
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
+        if self._world > 1:
             total = self.accelerator.reduce(local.clone(), "sum")
         return {path: (int(n), int(t)) for path, n, t in zip(self.paths, local.tolist(), total.tolist())}
 
@@ -198,6 +205,10 @@ class Adversary:
                 r1 = 0.5 * self.cfg.r1_weight * r1_penalty(real_logits, real_p)
                 value = value + r1
                 path_terms["r1"] = r1.detach()
+            # DDP averages the processes' gradients; weighting each process's mean over its own n
+            # images by world · n / total makes that average the gradient of the mean over all
+            # `total` images, as one process with the whole batch computes it (exactly 1 there).
+            value = value * (self._world * n / total) if self._world > 1 else value
             loss = value if loss is None else loss + value
             if n:
                 terms.append(path_terms)

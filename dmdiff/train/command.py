@@ -11,6 +11,7 @@ from dmdiff.runs import PIPELINE, STAGE2
 from dmdiff.train.ablations import run_ablations
 from dmdiff.train.config import load_train_config
 from dmdiff.train.loop import train
+from dmdiff.train.processes import process_state
 from dmdiff.train.recipe import recipe_config_path, run_recipe
 
 __all__ = ["main"]
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``dmdiff train`` (args: config, recipe, out, resume, ablations, workers, no_progress)."""
-    progress = not args.no_progress
+    progress, main_process = not args.no_progress, process_state().is_main_process
     if args.workers is not None and args.ablations is None:
         raise DmdiffError("--workers needs --ablations (it sets how many ablations train at once)")
     if args.ablations is not None and not args.recipe:
@@ -54,10 +55,11 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_train_config(path)
         if args.ablations is None:
             run_recipe(cfg, out, progress=progress)
-            print(f"dmdiff train: recipe done; final model in {out / STAGE2 / PIPELINE}")
+            if main_process:
+                print(f"dmdiff train: recipe done; final model in {out / STAGE2 / PIPELINE}")
             return 0
         record = run_ablations(cfg, out, args.ablations, progress=progress, workers=args.workers)
-        for name, entry in record["ablations"].items():
+        for name, entry in record["ablations"].items() if main_process else ():
             val = entry["report"].get("val") or {}
             extra = f", val PSNR {val['psnr']:.2f} dB" if "psnr" in val else ""
             print(f"dmdiff train: ablation {name} ({entry['label']}): {entry['report']['steps']} steps{extra}; "
@@ -68,5 +70,6 @@ def main(args: argparse.Namespace) -> int:
     report = train(cfg, out, args.resume, progress=progress)
     val = report.get("val") or {}
     extra = f", val PSNR {val['psnr']:.2f} dB (input {val['psnr_input']:.2f} dB)" if val else ""
-    print(f"dmdiff train: {report['steps']} steps in {report['wall_s']:.0f} s{extra}; model in {out / PIPELINE}")
+    if main_process:
+        print(f"dmdiff train: {report['steps']} steps in {report['wall_s']:.0f} s{extra}; model in {out / PIPELINE}")
     return 0

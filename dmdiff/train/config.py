@@ -275,7 +275,11 @@ class TrainConfig:
     grad_clip: max global gradient norm (None: no clipping).
     ema_decay: keep an exponential moving average of the trained weights with this decay (e.g.
         0.999); it is what validation sees and what ``RUN/pipeline/`` holds. None: no EMA.
-    mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast; fp16 needs CUDA).
+    mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (accelerate's autocast around the model's
+        forward pass; the weights and the optimizer stay float32; fp16 needs CUDA).
+    gradient_checkpointing: recompute the UNet's and the VAE's block activations in the backward
+        pass instead of keeping them (:meth:`~dmdiff.model.dmdiff.DMDiff.enable_gradient_checkpointing`):
+        less memory for ~one more forward pass of compute, the same gradients (docs/scaling.md).
     path_probs: how often each path is trained.
     path_sampling: ``"batch"``: one path per micro-batch (the paper); ``"sample"``: one per image.
     loss: loss weights (of every path, unless ``loss_by_path`` says otherwise).
@@ -317,6 +321,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
     path_probs: PathProbs = field(default_factory=PathProbs)
     path_sampling: Literal["batch", "sample"] = "batch"
     loss: LossConfig = field(default_factory=LossConfig)

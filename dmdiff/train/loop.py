@@ -1,7 +1,8 @@
 """Multipath training of DMDiff on accelerate (``dmdiff train``; the paths: docs/architecture.md).
 
-One loop for a CPU process and for ``accelerate launch`` on several GPUs: ``Accelerator`` does the
-device placement, DDP wrapping (:meth:`~accelerate.Accelerator.prepare`), gradient accumulation
+One loop for a CPU process and for ``accelerate launch`` on several GPUs or CPU processes
+(docs/scaling.md): ``Accelerator`` does the device placement, DDP wrapping
+(:meth:`~accelerate.Accelerator.prepare`), gradient accumulation
 (:meth:`~accelerate.Accelerator.accumulate`), mixed precision and clipping; only the main process
 writes files. Each optimizer step trains ``grad_accum`` micro-batches of ``batch_size`` crops per
 process; every micro-batch is a pure function of ``(seed, index)`` (:mod:`dmdiff.train.data`), so
@@ -41,6 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -66,6 +68,7 @@ from dmdiff.train.config import (
 from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
+from dmdiff.train.processes import use_cpu
 from dmdiff.train.rundir import MetricsLog, check_run, write_run_info
 from dmdiff.weights import load_safetensors
 
@@ -210,13 +213,17 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     check_run(out, cfg, resume)
     sets = open_train_sets(cfg)
     val_pairs = validation_pairs(cfg, sets[0].map_paths is not None)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    AcceleratorState._reset_state()   # keeps the processes; lets this run set its own mixed precision
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=use_cpu())
     set_seed(cfg.seed)
     model = DMDiff(cfg.model)
     if cfg.model.anchor_rl_iterations is not None:
         model.set_anchor_psf(anchor_psf(cfg))
     if cfg.init_weights:
         load_init_weights(model, cfg.init_weights)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
@@ -296,11 +303,14 @@ class LossStats:
             self.path_n[path_ids[0]] += 1
 
     def record(self, accelerator: Accelerator) -> dict:
-        """The interval's means, reduced over processes (``loss``, the terms computed, ``path_loss``)."""
+        """The interval's means and counts, reduced over processes (``loss``, the terms computed,
+        ``path_loss``, ``paths``: images per path)."""
         sums, ns = (accelerator.reduce(t, "sum").tolist() for t in (self.sums, self.n))
         record = {k: s / n for k, s, n in zip(self.names, sums, ns) if n}
         sums, ns = (accelerator.reduce(t, "sum").tolist() for t in (self.path_sum, self.path_n))
         record["path_loss"] = {p: s / n for p, s, n in zip(PATHS, sums, ns) if n}
+        counts = accelerator.reduce(torch.from_numpy(self.counts).to(self.sums.device), "sum").tolist()
+        record["paths"] = dict(zip(PATHS, counts))
         return record
 
 
@@ -462,7 +472,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, *, progr
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if session.main:
                     session.write_log({"step": done, "kind": "train", **record, "lr": lr,
-                                       "paths": dict(zip(PATHS, stats.counts.tolist())), "step_time_s": step_times[-1]})
+                                       "step_time_s": step_times[-1]})
                 stats = LossStats(accelerator.device, session.term_names)
             t_pause = time.perf_counter()                 # validation and checkpoints are not step time
             if cfg.val_images and ((cfg.validate_every and done % cfg.validate_every == 0) or done == cfg.steps):

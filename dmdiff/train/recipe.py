@@ -46,6 +46,7 @@ from dmdiff.model.pipeline import CONFIG_FILE
 from dmdiff.train.alpha import alpha_sweep, recommend_alpha, set_recommended_alpha
 from dmdiff.train.config import TrainConfig, load_train_config, stage_config
 from dmdiff.train.loop import train
+from dmdiff.train.processes import on_main
 from dmdiff.train.pseudo import RECORD, make_pseudo_pairs
 
 
@@ -88,16 +89,18 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
     record with a ``"stage"`` key (``"stage1"`` / ``"stage2"``) added; stages skipped as finished log
     nothing (their ``metrics.jsonl`` has it all: :func:`~dmdiff.train.rundir.read_metrics`).
 
+    Under ``accelerate launch`` every process runs this: the stages train on all of them, the rest
+    (the folder, the dataset, the pseudo pairs, α, ``recipe.json``) is done by the main process
+    (:func:`~dmdiff.train.processes.on_main`).
+
     Raises:
         ConfigError / DmdiffError: as :func:`~dmdiff.train.loop.train` and
             :func:`~dmdiff.train.pseudo.make_pseudo_pairs`, before each part starts.
     """
 
     cfg.validate()
-    out = claim_folder(out, RECIPE_KIND, recipe_folder_parts)
-    data = Path(cfg.data)
-    if not data.exists() and cfg.recipe.simulate is not None:
-        simulate_dataset(data, seed=cfg.recipe.simulate_seed, config=cfg.recipe.simulate, progress=progress)
+    out, data = Path(out), Path(cfg.data)
+    on_main(lambda: prepare_recipe_run(cfg, out, progress))
 
     def tagged(stage: str):
         return None if on_log is None else lambda step, record: on_log(step, {**record, "stage": stage})
@@ -108,20 +111,34 @@ def run_recipe(cfg: TrainConfig, out: str | Path, progress: bool = True,
               on_log=tagged("stage1"))
     pseudo = out / PSEUDO
     if not (pseudo / RECORD).is_file():
-        make_pseudo_pairs(out / STAGE1, pseudo, dataset=data, settings=cfg.recipe.pseudo, overwrite=True,
-                          progress=progress)
+        on_main(lambda: make_pseudo_pairs(out / STAGE1, pseudo, dataset=data, settings=cfg.recipe.pseudo,
+                                          overwrite=True, progress=progress))
     stage2 = stage2_config(cfg, out)
     if not is_complete(out / STAGE2, stage2.steps):
         train(stage2, out / STAGE2, "latest", progress=progress, command="dmdiff train --recipe (stage 2)",
               on_log=tagged("stage2"))
+    on_main(lambda: write_recipe_record(cfg, out, progress))
+    return json.loads((out / RECIPE_RECORD).read_text())
+
+
+def prepare_recipe_run(cfg: TrainConfig, out: Path, progress: bool) -> None:
+    """Claim the recipe folder ``out`` and, when ``data`` is missing and ``recipe.simulate`` is set,
+    simulate the dataset there (main process)."""
+    claim_folder(out, RECIPE_KIND, recipe_folder_parts)
+    data = Path(cfg.data)
+    if not data.exists() and cfg.recipe.simulate is not None:
+        simulate_dataset(data, seed=cfg.recipe.simulate_seed, config=cfg.recipe.simulate, progress=progress)
+
+
+def write_recipe_record(cfg: TrainConfig, out: Path, progress: bool) -> None:
+    """Choose the recommended α of the finished stage 2 and write ``recipe.json`` (main process)."""
     record = {
         "stages": {s: json.loads((out / s / REPORT).read_text()) for s in STAGES},
-        "alpha": choose_alpha(out / STAGE2 / PIPELINE, data, cfg.recipe.alpha_tolerance_db, progress),
-        "pseudo": {k: v for k, v in json.loads((pseudo / RECORD).read_text()).items() if k != "names"},
+        "alpha": choose_alpha(out / STAGE2 / PIPELINE, Path(cfg.data), cfg.recipe.alpha_tolerance_db, progress),
+        "pseudo": {k: v for k, v in json.loads((out / PSEUDO / RECORD).read_text()).items() if k != "names"},
         "provenance": provenance(config=to_dict(cfg), seed=cfg.seed, command="dmdiff train --recipe"),
     }
     write_json(out / RECIPE_RECORD, record)
-    return record
 
 
 def choose_alpha(pipeline_dir: Path, data: Path, tolerance_db: float, progress: bool) -> dict | None:

@@ -40,9 +40,9 @@ from dmdiff.train.checkpoint import list_checkpoints
 from dmdiff.train.config import TrainConfig, load_train_config
 
 #: Settings that may change when a run is resumed: they do not change the trained weights
-#: (``steps`` extends or shortens the run).
+#: (``steps`` extends or shortens the run; gradient checkpointing recomputes the same activations).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "validate_every", "val_images", "val_crop_px",
-                     "log_every", "num_workers", "threads", "recipe"}
+                     "log_every", "num_workers", "threads", "recipe", "gradient_checkpointing"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
