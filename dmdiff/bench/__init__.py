@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmdiff.bench import model, optics
+from dmdiff.bench import model, optics, restore
 
 __all__ = ["add_arguments"]
 
@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, module, help_text in (
             ("optics", optics, "PSF-grid build time; spatially varying blur vs deepinv"),
             ("model", model, "DMDiff restore latency/memory (tiny, CPU), α re-decode ratio, sd-turbo-shape UNet "
-                             "call; the fp16 GPU restore when CUDA is there")):
+                             "call; the fp16 GPU restore when CUDA is there"),
+            ("restore", restore, "a folder restore (20 photos of 256²): sequential vs overlapped reading, "
+                                 "restoring and writing")):
         sub = which.add_parser(name, help=help_text)
         module.add_arguments(sub)
         sub.set_defaults(func=module.main)
