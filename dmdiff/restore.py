@@ -37,6 +37,14 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   (:mod:`dmdiff.model.ensemble`: 8× the time; sound for lenses symmetric about the optical axis).
 * **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
   rest continue, the failures are listed at the end and the exit status is 1.
+* **Throughput.** The model is loaded once per run. In a folder run the next image is read,
+  decoded and prepared (its colour anchor computed) in a reader thread, and the previous one
+  decoded by the VAE, colour-corrected, PNG-encoded and written in a writer thread, while the
+  calling thread runs the encoder and UNet of the current one (:class:`_FolderRun`,
+  :func:`dmdiff.overlap.run_stages`); on a CPU torch then gets half of its default threads
+  (:func:`default_threads`). ``sequential=True`` (``--sequential``) does the same steps one after
+  the other, with torch's default threads; the outputs are the same. ``dmdiff bench restore``
+  times both.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
   colour correction, maps option, device, ``settings`` (what ``--resume`` compares), ``written``
   (every output of dmdiff restore in the folder, of this run and earlier ones, with its sha256),
@@ -50,6 +58,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmdiff.data.dataset import images_by_stem
-from dmdiff.device import resolve_device
+from dmdiff.device import resolve_device, torch_threads
 from dmdiff.errors import (
     EXIT_PARTIAL,
     NO_SPACE,
@@ -72,8 +81,8 @@ from dmdiff.model.color import (
     DEFAULT_COLOR_CORRECTION,
     resolve_color_correction,
 )
-from dmdiff.model.dmdiff import check_alpha
-from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE
+from dmdiff.model.dmdiff import RestoreLatents, check_alpha
+from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE, PreparedImage
 from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling
 from dmdiff.outputs import (
     atomic_write_bytes,
@@ -81,6 +90,7 @@ from dmdiff.outputs import (
     unwritable,
     write_json,
 )
+from dmdiff.overlap import run_stages
 from dmdiff.runinfo import provenance
 from dmdiff.runs import load_pipeline
 
@@ -233,26 +243,133 @@ def check_outputs(outputs: list[Path], written: dict[str, str | None], overwrite
                           f"{names}. Choose another --out, or pass --overwrite to replace them.")
 
 
-def _restore_file(pipe, source: Path, maps: str, shared_maps: np.ndarray | None, settings: dict, entry: dict,
-                  on_tile) -> bytes:
-    """Read, restore and encode one image with ``settings`` (alpha, tile, overlap, colour
-    correction, bits, self-ensemble); its size, maps and tile count go into its report ``entry``.
-    Returns the PNG bytes."""
-    image = read_image(source)
-    check_min_size(image, pipe.model.config.grid_size, "SVDA grid", path=source)
-    entry["size"] = list(image.shape[:2])
-    maps_file = find_maps(source, maps)
-    entry["maps"] = None if maps_file is None else str(maps_file)
-    image_maps = shared_maps if shared_maps is not None or maps_file is None else load_maps(maps_file)
+@dataclass
+class _Job:
+    """One input on its way through the stages of a folder run: its report ``entry`` and what the
+    stages made of it so far (``seconds``: the time they spent on it, summed)."""
 
-    def count_tiles(done: int, total: int) -> None:
-        entry["tiles"] = total
-        on_tile(done, total)
+    source: Path
+    target: Path
+    entry: dict[str, Any]
+    resumed: bool = False
+    prepared: PreparedImage | None = None
+    latents: RestoreLatents | None = None
+    restored: np.ndarray | None = None
+    payload: bytes | None = None
+    seconds: float = 0.0
 
-    restored = pipe(image, image_maps, settings["alpha"], tile=settings["tile"], overlap=settings["overlap"],
-                    self_ensemble=settings["self_ensemble"], color_correct=settings["color_correct"],
-                    on_tile=count_tiles).images[0]
-    return png_bytes(restored, bits=settings["bits"])
+    @property
+    def failed(self) -> bool:
+        return self.entry["status"] == "failed"
+
+
+class _FolderRun:
+    """The three stages of restoring a folder (:func:`dmdiff.overlap.run_stages`):
+
+    * ``read`` (reader thread): the file decoded, checked and prepared with its maps, and the colour
+      anchor computed (:meth:`DMDiffPipeline.prepare`: no network);
+    * ``compute`` (the calling thread, the only one using the model's encoder and UNet): the
+      latents (:meth:`DMDiffPipeline.latents`), or the whole restore with the self-ensemble;
+    * ``write`` (writer thread): decoding and colour correction (:meth:`DMDiffPipeline.finish`:
+      the VAE decoder, which carries no LoRA), PNG encoding, the report naming the file and its
+      entry, the atomic write, the report again and the progress bar.
+
+    A stage that fails on one file (:data:`FILE_ERRORS`) records it in the file's entry and the
+    later stages pass it on; a full disk stops the run.
+    """
+
+    def __init__(self, pipe, settings: dict, maps: str, shared_maps: np.ndarray | None, record: dict, out: Path,
+                 bar):
+        self.pipe, self.settings, self.maps, self.shared_maps = pipe, settings, maps, shared_maps
+        self.record, self.out, self.bar = record, out, bar
+
+    def read(self, job: tuple[Path, Path, dict | None]) -> _Job:
+        source, target, done = job
+        if done is not None:
+            return _Job(source, target, {**done, "resumed": True}, resumed=True)
+        item = _Job(source, target, {"input": str(source), "output": str(target), "status": "ok"})
+        _step(item, lambda: self._prepare(item))
+        return item
+
+    def _prepare(self, job: _Job) -> None:
+        image = read_image(job.source)
+        check_min_size(image, self.pipe.model.config.grid_size, "SVDA grid", path=job.source)
+        job.entry["size"] = list(image.shape[:2])
+        maps_file = find_maps(job.source, self.maps)
+        job.entry["maps"] = None if maps_file is None else str(maps_file)
+        maps = self.shared_maps if self.shared_maps is not None or maps_file is None else load_maps(maps_file)
+        job.prepared = self.pipe.prepare(image, maps, anchor=not self.settings["self_ensemble"])
+
+    def compute(self, job: _Job) -> _Job:
+        if not (job.resumed or job.failed):
+            self.bar.set_postfix_str(job.source.name)
+            _step(job, lambda: self._latents(job))
+        return job
+
+    def _latents(self, job: _Job) -> None:
+        s, name = self.settings, job.source.name
+
+        def count_tiles(done: int, total: int) -> None:
+            job.entry["tiles"] = total
+            self.bar.set_postfix_str(f"{name}: tile {done}/{total}")
+
+        if s["self_ensemble"]:
+            prepared = job.prepared
+            job.restored = self.pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
+                                     self_ensemble=True, color_correct=s["color_correct"],
+                                     on_tile=count_tiles).images[0]
+        else:
+            job.latents = self.pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles)
+
+    def write(self, job: _Job) -> None:
+        if not (job.resumed or job.failed):
+            _step(job, lambda: self._encode(job))
+        self.record["files"].append(job.entry)
+        if job.payload is not None:
+            # the report names the file, its hash and its entry before the file exists: a run killed
+            # in between leaves no output that a later run would take for a file dmdiff did not
+            # write, and --resume skips the image only once its output is there, unchanged
+            self.record["written"][job.target.name] = _sha256(job.payload)
+            write_json(self.out / REPORT_FILE, self.record)
+            _step(job, lambda: atomic_write_bytes(job.target, job.payload))
+        if not job.resumed:
+            job.entry["seconds"] = round(job.seconds, 3)
+            self.record["failed"] += job.failed
+        write_json(self.out / REPORT_FILE, self.record)
+        self.bar.update(1)
+
+    def _encode(self, job: _Job) -> None:
+        s = self.settings
+        if job.restored is None:
+            job.restored = self.pipe.finish(job.prepared, job.latents, s["alpha"], tile=s["tile"],
+                                            overlap=s["overlap"], color_correct=s["color_correct"])
+        job.payload = png_bytes(job.restored, bits=s["bits"])
+
+
+def _step(job: _Job, work) -> None:
+    """Run one stage's ``work`` on ``job``, adding its seconds; a failure of the file (:data:`FILE_ERRORS`,
+    except a full disk, which is raised) marks the entry failed with the reason."""
+    start = time.perf_counter()
+    try:
+        work()
+    except FILE_ERRORS as e:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise       # a full disk fails every later image too: stop (the CLI reports it)
+        reason = e.reason if isinstance(e, ImageReadError) else str(e) or type(e).__name__
+        job.entry.update(status="failed", output=None, error=reason)
+        job.prepared = job.latents = job.restored = job.payload = None
+    finally:
+        job.seconds += time.perf_counter() - start
+
+
+def default_threads(device: torch.device, overlap: bool) -> int | None:
+    """torch's intra-op threads for a restore when ``--threads`` is not given: on a CPU, overlapped,
+    half of torch's default (at least 1), the other cores being the reader's and the writer's (the
+    tiny networks gain little from more threads per operator, and lose much when threads outnumber
+    free cores); else None (torch's default)."""
+    if device.type != "cpu" or not overlap:
+        return None
+    return max(1, torch.get_num_threads() // 2)
 
 
 def model_digest(pipeline_dir: Path) -> str:
@@ -277,7 +394,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
             tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX, color: str = DEFAULT_COLOR_CORRECTION,
             maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
             model_path: str | None = None, overwrite: bool = False, resume: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            sequential: bool = False, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
 
     Args:
@@ -296,6 +413,10 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         overwrite: replace existing files of the output names even when dmdiff did not write them.
         resume: skip the images an earlier run into ``out`` restored with the same model and settings
             (and whose outputs are unchanged).
+        sequential: read, restore and write one image after the other in this thread, instead of
+            overlapping the reading of the next image and the writing of the previous one with
+            each restore (:mod:`dmdiff.overlap`; a single image is always restored sequentially).
+        threads: torch's intra-op CPU threads during the run (None: :func:`default_threads`).
         progress: a tqdm bar over the images (with the tile count of the current one).
 
     Returns:
@@ -310,6 +431,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         raise ConfigError(f"--color-correct must be one of {', '.join(COLOR_CORRECTIONS)}, got {color!r}")
     if bits not in (8, 16):
         raise ConfigError(f"--bits must be 8 or 16, got {bits!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
     inputs = list_inputs(images)
     outputs = output_paths(images, inputs, out)
     out = Path(out)
@@ -328,12 +451,16 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
                 "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
                 "self_ensemble": bool(self_ensemble)}
     finished = _finished(report, settings, written, out) if resume else {}
+    overlapped = not sequential and len(inputs) - len(finished) > 1
+    if threads is None:
+        threads = default_threads(device, overlapped)
 
     record: dict[str, Any] = {
         "format": REPORT_FORMAT, "format_version": 1,
         "model": str(pipeline_dir), "run": None if run is None else str(run), "preset": net.config.preset,
         "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
-        "self_ensemble": bool(self_ensemble), "device": str(device), "torch_threads": torch.get_num_threads(),
+        "self_ensemble": bool(self_ensemble), "device": str(device), "overlapped": overlapped,
+        "torch_threads": torch.get_num_threads() if threads is None else threads,
         "settings": settings, "files": [], "failed": 0, "written": written, "provenance": provenance(),
     }
     try:
@@ -342,31 +469,11 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         write_json(out / REPORT_FILE, record)
     except OSError as e:
         raise unwritable(out, e) from None
-    bar = tqdm(list(zip(inputs, outputs)), desc="dmdiff restore", unit="image", disable=not progress)
-    for source, target in bar:
-        bar.set_postfix_str(source.name)
-        if str(source) in finished:
-            record["files"].append({**finished[str(source)], "resumed": True})
-            continue
-        entry: dict[str, Any] = {"input": str(source), "output": str(target), "status": "ok"}
-        start = time.perf_counter()
-        try:
-            payload = _restore_file(pipe, source, maps, shared_maps, settings, entry,
-                                    lambda done, total: bar.set_postfix_str(f"{source.name}: tile {done}/{total}"))
-            # the report names the file (and its hash) before it exists, so a run killed in between
-            # leaves no output that a later run would take for a file dmdiff did not write
-            record["written"][target.name] = _sha256(payload)
-            write_json(out / REPORT_FILE, record)
-            atomic_write_bytes(target, payload)
-        except FILE_ERRORS as e:
-            if isinstance(e, OSError) and e.errno in NO_SPACE:
-                raise       # a full disk fails every later image too: stop (the CLI reports it)
-            reason = e.reason if isinstance(e, ImageReadError) else str(e) or type(e).__name__
-            entry.update(status="failed", output=None, error=reason)
-            record["failed"] += 1
-        entry["seconds"] = round(time.perf_counter() - start, 3)
-        record["files"].append(entry)
-        write_json(out / REPORT_FILE, record)
+    jobs = [(source, target, finished.get(str(source))) for source, target in zip(inputs, outputs)]
+    bar = tqdm(total=len(jobs), desc="dmdiff restore", unit="image", disable=not progress)
+    run = _FolderRun(pipe, settings, maps, shared_maps, record, out, bar)
+    with torch_threads(threads):
+        run_stages(jobs, run.read, run.compute, run.write, overlap=overlapped)
     bar.close()
     return record
 
@@ -400,23 +507,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip images an earlier restore into --out finished with the same model and settings")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: on a CPU, half of torch's default when images are "
+                             "overlapped, the other cores reading and writing; torch's default with --sequential)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="read, restore and write one image after the other (default: a folder's next image "
+                             "is read and its previous one written while one is restored, on threads)")
     parser.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
     """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
-    maps, bits, self_ensemble, device, threads, model_path, overwrite, resume, no_progress).
+    maps, bits, self_ensemble, device, threads, sequential, model_path, overwrite, resume, no_progress).
     Exit status 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when an image failed."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
                      color=args.color_correct, maps=args.maps, bits=args.bits,
                      self_ensemble=args.self_ensemble, device=args.device, model_path=args.model_path,
-                     overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+                     overwrite=args.overwrite, resume=args.resume, sequential=args.sequential,
+                     threads=args.threads, progress=not args.no_progress)
     done = len(record["files"]) - record["failed"]
     resumed = sum(1 for e in record["files"] if e.get("resumed"))
     print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out}"

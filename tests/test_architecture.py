@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dmdiff"
 #: layers' only. ``train`` and ``restore`` are siblings: neither imports the other.
 LAYERS = [
     ("base", ("dmdiff.errors", "dmdiff.config", "dmdiff.outputs", "dmdiff.runinfo", "dmdiff.weights",
-              "dmdiff.device", "dmdiff.imageio", "dmdiff.metrics", "dmdiff.perception", "dmdiff.viz")),
+              "dmdiff.device", "dmdiff.imageio", "dmdiff.metrics", "dmdiff.perception", "dmdiff.viz",
+              "dmdiff.overlap")),
     ("optics", ("dmdiff.optics",)),
     ("data", ("dmdiff.data",)),
     ("model", ("dmdiff.model",)),

@@ -1,6 +1,7 @@
 """`dmdiff evaluate`: the held-out report end to end on a smoke dataset and a tiny untrained model."""
 
 import csv
+import hashlib
 import json
 import shutil
 import sys
@@ -44,14 +45,14 @@ from dmdiff.evaluation.report import (  # noqa: E402
 )
 from dmdiff.imageio import read_image  # noqa: E402
 from dmdiff.metrics import compute_metrics, lpips_status, psnr  # noqa: E402
-from dmdiff.model.backbone import load_backbone  # noqa: E402
+from dmdiff.model.backbone import Backbone, load_backbone  # noqa: E402
 from dmdiff.model.color import (  # noqa: E402
     DEFAULT_COLOR_CORRECTION,
     color_correct,
     resolve_color_correction,
 )
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
-from dmdiff.model.ensemble import self_ensemble  # noqa: E402
+from dmdiff.model.ensemble import orient, self_ensemble  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.deconvolution import central_psf  # noqa: E402
 from dmdiff.perception import DETAIL_BAND, detail_ratio_set, niqe_set  # noqa: E402
@@ -603,15 +604,31 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
 # ---- α rows and the perception columns ---------------------------------------------------------
 
 
-def test_alpha_rows_and_the_one_restore_per_image(dataset, pipeline_dir, tmp_path, monkeypatch):
-    """α = 0, the recommended α and α = 1 are re-decodings of one restore call per image: the UNet
-    runs once per image for them (8 more times for the ×8 self-ensemble), however many α rows."""
-    calls = []
-    real = DMDiff.restore_latents
-    monkeypatch.setattr(DMDiff, "restore_latents", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+def test_each_restore_runs_once_per_sample(dataset, pipeline_dir, tmp_path, monkeypatch):
+    """α = 0, the recommended α and α = 1 are re-decodings of one restore call per image, and the ×8
+    self-ensemble reuses that call as its unturned member: the UNet runs 1 + 7 times per test image
+    (and once on the warm-up's stand-in), never twice on the same input."""
+    restores, unet_calls = [], []
+    real_latents, real_step = DMDiff.path_latents, Backbone.one_step
+
+    def latents(self, lr, maps=None):
+        key = lr.numpy().tobytes() + (b"" if maps is None else maps.numpy().tobytes())
+        restores.append((id(self), hashlib.sha256(key).hexdigest(), tuple(lr.shape)))
+        return real_latents(self, lr, maps)
+
+    monkeypatch.setattr(DMDiff, "path_latents", latents)
+    monkeypatch.setattr(Backbone, "one_step", lambda self, *a, **k: unet_calls.append(1) or real_step(self, *a, **k))
     metrics = evaluate(pipeline_dir, dataset, tmp_path / "out", limit=2, tune_pairs=1,
                        grids={"wiener": [0.1], "richardson_lucy": [2]}, progress=False)
-    assert len(calls) == 3 * (1 + 8 + 1)   # the warm-up image and 2 test images; + 1: the untrained row's model
+    # the trained model: the warm-up stand-in and 2 test images; the untrained row's model: the same, unturned
+    assert len(restores) == len(unet_calls) == 1 + 2 * (1 + 7) + (1 + 2)
+    assert len(set(restores)) == len(restores)                   # each distinct restore once per model
+    test = PairedFolderDataset(dataset, "test")
+    for index in range(2):
+        x = test[index]["lr"][None]
+        turned = {hashlib.sha256(orient(x, k).numpy().tobytes() + orient(test[index]["maps"][None], k).numpy()
+                                 .tobytes()).hexdigest() for k in range(8)}
+        assert turned <= {key for _, key, _ in restores}           # every orientation restored, the identity once
     assert metrics["labels"]["dmdiff_arec"] == f"DMDiff α={RECOMMENDED_ALPHA:g} (recommended)"
     assert metrics["settings"]["alphas"]["dmdiff_arec"] == RECOMMENDED_ALPHA == metrics["settings"]["recommended_alpha"]
     order = metrics["methods"]

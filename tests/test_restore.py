@@ -130,13 +130,13 @@ def test_alpha_redecodes_tiled_latents(model):
 def test_each_tile_gets_the_maps_of_its_own_window(model, monkeypatch):
     x, maps = _smooth(64, 144), _field_maps(grid=7)
     seen = []
-    original = model.restore_latents
+    original = model.path_latents
 
     def spy(tile, tile_maps=None):
         seen.append((tuple(tile.shape[-2:]), tile_maps))
         return original(tile, tile_maps)
 
-    monkeypatch.setattr(model, "restore_latents", spy)
+    monkeypatch.setattr(model, "path_latents", spy)
     latents = tiled_latents(model, x, maps, tile=64, overlap=16)
     windows = tile_windows(32, 72, 32, 8)
     assert len(seen) == len(windows) == 3 and latents.pad == (0, 0, 0, 0)
@@ -401,3 +401,49 @@ def test_restore_uses_the_models_recommended_alpha_unless_told(pipeline_dir, tmp
     assert restore(pipeline_dir, photos, tmp_path / "o3", progress=False)["alpha"] == 1.0
     a, b = (read_image(tmp_path / o / "a.png") for o in ("o1", "o3"))
     assert not np.array_equal(a, b)
+
+
+def test_the_colour_anchor_is_computed_once_per_image_and_reused(model, monkeypatch):
+    """Tiles need no anchor of their own (the whole image's is blended in): one anchor per image,
+    and one given by the caller (computed ahead in dmdiff restore's reader thread) is not recomputed."""
+    anchored = DMDiff(DMDiffConfig(anchor_sigma_px=12.0))
+    anchored.load_trainable_state_dict(model.trainable_state_dict())
+    x = _smooth(64, 144)
+    expected = tiled_restore(anchored, x, tile=64, overlap=16)
+    calls = []
+    real = anchored.input_anchor
+    monkeypatch.setattr(anchored, "input_anchor", lambda image: calls.append(image.shape) or real(image))
+    assert torch.equal(tiled_restore(anchored, x, tile=64, overlap=16), expected)
+    assert calls == [x.shape]                                   # 3 tiles, one anchor
+    given = real(x)
+    latents = tiled_latents(anchored, x, tile=64, overlap=16, anchor=given)
+    assert len(calls) == 1 and latents.anchor is given
+    assert torch.equal(tiled_decode(anchored, latents, 1.0, tile=64, overlap=16), expected)
+
+
+def test_overlapped_and_sequential_folder_runs_agree(pipeline_dir, tmp_path):
+    """The overlapped run (reader and writer threads) writes the same files and report entries as
+    the sequential one, in input order, bad files included; a single image is not overlapped."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (h, w) in enumerate([(40, 56), (96, 200), (48, 48), (33, 70)]):
+        write_png(photos / f"p{i}.png", _photo(h, w, seed=i))
+    (photos / "p1_broken.png").write_bytes((photos / "p0.png").read_bytes()[:50])
+    Image.fromarray(_u8(_photo(5, 5))).save(photos / "p2_tiny.png")
+    records = {}
+    for sequential in (True, False):
+        out = tmp_path / f"out-{sequential}"
+        records[sequential] = restore(pipeline_dir, photos, out, tile=64, overlap=16, sequential=sequential,
+                                      threads=1, progress=False)
+        assert records[sequential]["overlapped"] is not sequential and records[sequential]["torch_threads"] == 1
+    assert _digest(tmp_path / "out-True").keys() == _digest(tmp_path / "out-False").keys()
+    for name in (f"p{i}.png" for i in range(4)):
+        assert (tmp_path / "out-True" / name).read_bytes() == (tmp_path / "out-False" / name).read_bytes()
+    strip = [[{**{k: v for k, v in e.items() if k != "seconds"}, "output": e["output"] and e["output"].rsplit("/", 1)[-1]}
+              for e in r["files"]] for r in records.values()]
+    assert strip[0] == strip[1]
+    assert [e["input"].rsplit("/", 1)[-1] for e in records[False]["files"]] == sorted(p.name for p in photos.iterdir())
+    assert records[False]["failed"] == 2 and records[False]["written"] == records[True]["written"]
+    assert [e["tiles"] for e in records[False]["files"] if e["status"] == "ok"] == [1, 8, 1, 2]
+    single = restore(pipeline_dir, photos / "p0.png", tmp_path / "one", progress=False)
+    assert single["overlapped"] is False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmdiff.bench import gpu, model, optics
+from dmdiff.bench import gpu, model, optics, restore
 
 __all__ = ["add_arguments"]
 
@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             ("model", model, "DMDiff restore latency/memory (tiny, CPU), α re-decode ratio, sd-turbo-shape UNet "
                              "call; the fp16 GPU restore when CUDA is there"),
             ("gpu", gpu, "SD-Turbo-scale check of a CUDA machine into one JSON: fp16 restores (512², tiled "
-                         "2048²), training steps with and without gradient checkpointing; exits cleanly without CUDA")):
+                         "2048²), training steps with and without gradient checkpointing; exits cleanly without CUDA"),
+            ("restore", restore, "a folder restore (20 photos of 256²): sequential vs overlapped reading, "
+                                 "restoring and writing")):
         sub = which.add_parser(name, help=help_text)
         module.add_arguments(sub)
         sub.set_defaults(func=module.main)

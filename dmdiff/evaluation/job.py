@@ -63,13 +63,15 @@ Protocol and choices (also written to ``metrics.json`` under ``settings``):
   base VAE (:meth:`dmdiff.model.dmdiff.DMDiff.reconstruct`: the model's VAE with its encoder
   LoRA switched off exactly), with the model's padding. It bounds what any output decoded by
   this VAE can reach.
-* **Runtimes** (seconds per image, wall clock, after one untimed warm-up call, CUDA synchronised):
+* **Runtimes** (seconds per image, wall clock, after one untimed warm-up call of each network on a
+  stand-in of the first test pair's size, :meth:`Sample.stand_in`, CUDA synchronised):
   the baselines' deconvolution only; DMDiff's one ``restore`` call, which always runs both paths
   (so α = 0, the recommended α and α = 1 cost the same and share that number: the UNet runs once
   per image and the other α are re-decoded from its cached latents); ``redecode_s`` of
   ``dmdiff_a0`` and ``dmdiff_arec`` is the extra cost of moving α on cached latents (VAE decoder
   only). An ablation's runtime is its own ``restore`` call, measured the same way;
-  ``dmdiff_a1_x8``'s is its 8 ``restore`` calls.
+  ``dmdiff_a1_x8``'s is its 8 ``restore`` calls: the shared α = 1 call (its unturned member) and
+  the 7 turned ones. No restoration is computed twice.
 * **Ablations** are found automatically only for a recipe run whose ``stage2/`` is the evaluated
   model; each is loaded as its own pipeline (its config, e.g. ``svda: false``, is recorded under
   ``settings.ablations``).
@@ -105,7 +107,6 @@ from dmdiff.evaluation.baselines import dataset_varying_blur, tune_baselines, va
 from dmdiff.evaluation.field import GAIN_FILE, FieldScores, format_zone_table, plot_gain_maps
 from dmdiff.evaluation.methods import (
     ABLATION_PREFIX,
-    CLASSICAL,
     LABELS,
     RECOMMENDED,
     REFERENCES,
@@ -314,9 +315,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
     # ---- every test image through every method
     with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
-        warm = Sample.of(test[0])                                   # networks only, untimed
+        warm = Sample.stand_in(test[0])                             # networks only, untimed
         for method in rows:
-            if method.name not in CLASSICAL:
+            if method.warm_up:
                 method.run(context, warm)
         field = FieldScores(_lens_spec(data))
         records, shown, perception = _run_split(test, count, rows, context, lpips, tmp / IMAGES_DIR, grid_rows,
@@ -472,7 +473,7 @@ def _settings(model, pipeline_dir: Path, net, stage1_dir: Path | None, stage1_so
         "runtime": "seconds per image after one untimed warm-up; DMDiff α=0, the recommended α and α=1 "
                    "share one restore call (both paths); redecode_s: moving α on cached latents; "
                    "dmdiff_a1_cc: the restore call plus the colour correction; dmdiff_a1_x8: "
-                   "its 8 restore calls; an ablation: its own restore call",
+                   "its 8 restore calls (the shared α=1 call and 7 turned ones); an ablation: its own restore call",
     }
 
 

@@ -12,7 +12,8 @@ path, as ``dmdiff restore`` does. Methods that share work share it through the :
 cache: the pipeline's one restore call gives α = 1 and, by re-decoding its cached latents
 (:meth:`DMDiffPipeline.decode <dmdiff.model.pipeline.DMDiffPipeline.decode>`, the VAE decoder
 only), α = 0 and the model's recommended α (``DMDiffConfig.recommended_alpha``; no row when it is
-None); the colour-corrected row reuses it.
+None); the colour-corrected row reuses it, and the ×8 self-ensemble takes its α = 1 output as the
+unturned member, restoring only the 7 turned copies: no restoration is computed twice.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.train.ablations import ABLATIONS
 
-__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "CLASSICAL", "DEGRADE",
+__all__ = ["Method", "Context", "Sample", "REGISTRY", "METHODS", "BASELINES", "DEGRADE",
            "RECOMMENDED", "ABLATION_PREFIX", "LABELS", "REFERENCES", "ablation_method", "ablation_label",
            "recommended_alpha", "methods_for", "to_hwc"]
 
 ABLATION_PREFIX = "ablation_"
 #: The quality bar's baselines (:func:`dmdiff.evaluation.report.quality_bar`): the central-PSF ones.
 BASELINES = ("wiener", "richardson_lucy")
-#: The classical rows: no network, nothing to warm up.
-CLASSICAL = (*BASELINES, "richardson_lucy_sv")
 #: The learned-degradation check (measured against the capture).
 DEGRADE = "stage1_degrade"
 #: The row of the model's recommended α (its label names the value: :func:`methods_for`).
@@ -92,6 +91,15 @@ class Sample:
         return cls(item["lr"][None], item["gt"][None], item["maps"][None] if "maps" in item else None,
                    to_hwc(item["lr"]))
 
+    @classmethod
+    def stand_in(cls, item: dict) -> "Sample":
+        """A sample of ``item``'s shape for the untimed warm-up: its images rolled by half their size
+        (not a test input, so the warm-up restores nothing that the measured runs restore again)."""
+        def roll(image: torch.Tensor) -> torch.Tensor:
+            return torch.roll(image, (image.shape[-2] // 2, image.shape[-1] // 2), dims=(-2, -1))
+
+        return cls.of({**item, "lr": roll(item["lr"]), "gt": roll(item["gt"])})
+
 
 #: ``run(context, sample) -> (output (H, W, 3) float32, seconds, extra per-image figures)``.
 Runner = Callable[[Context, Sample], tuple[np.ndarray, float, dict]]
@@ -100,14 +108,16 @@ Runner = Callable[[Context, Sample], tuple[np.ndarray, float, dict]]
 @dataclass(frozen=True)
 class Method:
     """A row of the report: ``name`` (its key in ``metrics.json``), ``label`` (the table's words),
-    ``reference`` (``"gt"`` or ``"lr"``), ``run`` (:data:`Runner`) and ``applies`` (whether the row
-    exists in this evaluation)."""
+    ``reference`` (``"gt"`` or ``"lr"``), ``run`` (:data:`Runner`), ``applies`` (whether the row
+    exists in this evaluation) and ``warm_up`` (whether the untimed warm-up runs it: not for rows
+    without networks, nor for rows whose networks another row warms)."""
 
     name: str
     label: str
     reference: str
     run: Runner
     applies: Callable[[Context], bool] = lambda context: True
+    warm_up: bool = True
 
 
 def to_hwc(image: torch.Tensor) -> np.ndarray:
@@ -157,9 +167,12 @@ def _color_corrected(context: Context, sample: Sample) -> tuple[np.ndarray, floa
 
 
 def _self_ensemble(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
-    seconds, output = timed(lambda: context.pipeline(sample.lr, sample.maps, 1.0, self_ensemble=True),
-                            context.model.device)
-    return output.images[0], seconds, {}
+    """The ×8 self-ensemble at α = 1; its unturned member is the shared α = 1 restore (the runtime:
+    that call's seconds plus the 7 turned restores')."""
+    restored, restore_s = _restored(context, sample)
+    seconds, output = timed(lambda: context.pipeline(sample.lr, sample.maps, 1.0, self_ensemble=True,
+                                                     identity=restored.images), context.model.device)
+    return output.images[0], restore_s + seconds, {}
 
 
 def _baseline(deconvolve: Callable, param: str) -> Runner:
@@ -221,12 +234,14 @@ def _has_anchor(context: Context) -> bool:
 #: The methods every evaluation may have, in table order (ablations follow ``dmdiff_a1_x8``:
 #: :func:`methods_for`; the learned degradation comes last). ``input`` is measured, not run.
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("wiener", "Wiener, true central PSF", "gt", _baseline(wiener_deconvolve, "wiener"), _has_baselines),
+    Method("wiener", "Wiener, true central PSF", "gt", _baseline(wiener_deconvolve, "wiener"), _has_baselines,
+           warm_up=False),
     Method("richardson_lucy", "Richardson–Lucy, true central PSF", "gt",
-           _baseline(richardson_lucy, "richardson_lucy"), _has_baselines),
+           _baseline(richardson_lucy, "richardson_lucy"), _has_baselines, warm_up=False),
     Method("richardson_lucy_sv", "Richardson–Lucy, true PSF grid (spatially varying)", "gt", _varying_baseline,
-           lambda context: context.blur is not None),
-    Method("color_anchor", "colour anchor alone (the model's G_σ(RL_n(x)))", "gt", _anchor, _has_anchor),
+           lambda context: context.blur is not None, warm_up=False),
+    Method("color_anchor", "colour anchor alone (the model's G_σ(RL_n(x)))", "gt", _anchor, _has_anchor,
+           warm_up=False),
     Method("untrained", "untrained adapters (backbone + anchor), α=1", "gt", _untrained,
            lambda context: context.untrained is not None),
     Method("dmdiff_a0", "DMDiff α=0 (fidelity)", "gt", _redecoded(lambda context: 0.0)),
@@ -235,7 +250,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("dmdiff_a1", "DMDiff α=1 (positive path)", "gt", _positive),
     Method("dmdiff_a1_cc", "DMDiff α=1 + restore's colour correction", "gt", _color_corrected,
            lambda context: context.correction != "none"),
-    Method("dmdiff_a1_x8", "DMDiff α=1, ×8 self-ensemble", "gt", _self_ensemble),
+    Method("dmdiff_a1_x8", "DMDiff α=1, ×8 self-ensemble", "gt", _self_ensemble, warm_up=False),
     Method("vae_ceiling", "backbone VAE recon. of GT (ceiling)", "gt", _ceiling),
     Method(DEGRADE, "stage-1 degrade(GT)", "lr", _degrade, lambda context: context.degrader is not None),
 )}

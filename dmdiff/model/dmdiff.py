@@ -362,18 +362,30 @@ class DMDiff(nn.Module):
         images = self.decode(latents, alpha)
         return (images, latents) if return_latents else images
 
-    def restore_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None) -> RestoreLatents:
-        """The encoder + UNet half of :meth:`restore`: both paths' x0 latents, no grad, eval mode.
+    def restore_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
+                        anchor: torch.Tensor | None = None) -> RestoreLatents:
+        """The encoder + UNet half of :meth:`restore`: both paths' x0 latents (:meth:`path_latents`)
+        and, for a model with a colour anchor, the anchor of ``lr``; no grad, eval mode.
 
-        One VAE encoding and one batched UNet call (neutral, positive) on ``lr`` ``(B, 3, H, W)``
-        with its ``maps`` ``(B, 7, G', G')`` or None; :meth:`decode` turns the result into images.
-        Tiled restoration (:mod:`dmdiff.model.tiling`) calls it once per tile.
+        ``anchor``: :meth:`input_anchor` of ``lr`` when the caller computed it already (e.g. in a
+        thread reading ahead, :meth:`DMDiffPipeline.prepare <dmdiff.model.pipeline.DMDiffPipeline.prepare>`):
+        used as it is; None: computed here. Models without an anchor ignore it.
         """
+        latents = self.path_latents(lr, maps)
+        if self.config.anchor_sigma_px is not None:
+            with self._inference():
+                latents.anchor = self.input_anchor(lr.to(self.device, self.dtype)) if anchor is None else anchor
+        return latents
+
+    def path_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None) -> RestoreLatents:
+        """Both paths' x0 latents of ``lr`` ``(B, 3, H, W)`` with its ``maps`` ``(B, 7, G', G')`` or
+        None, without the colour anchor (``anchor`` None): one VAE encoding and one batched UNet call
+        (neutral, positive); no grad, eval mode. Tiled restoration (:mod:`dmdiff.model.tiling`) calls
+        it once per tile, the anchor being the whole image's."""
         with self._inference():
             index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
             z0, geometry = self._z0(lr, maps, index, copies=2)
-            anchor = None if self.config.anchor_sigma_px is None else self.input_anchor(lr.to(self.device, self.dtype))
-        return RestoreLatents(*z0.chunk(2), *geometry, anchor=anchor)
+        return RestoreLatents(*z0.chunk(2), *geometry)
 
     def input_lowpass(self, x: torch.Tensor) -> torch.Tensor:
         """``G_σ(x)`` of the colour anchor, ``(B, 3, H, W)`` → same (σ = ``config.anchor_sigma_px``)."""

@@ -51,7 +51,7 @@ def unorient(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def self_ensemble(restore: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], image: torch.Tensor,
-                  maps: torch.Tensor | None = None) -> torch.Tensor:
+                  maps: torch.Tensor | None = None, identity: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``unorient(restore(orient(image, k), orient(maps, k)), k)`` over the 8 orientations.
 
     Args:
@@ -59,12 +59,18 @@ def self_ensemble(restore: Callable[[torch.Tensor, torch.Tensor | None], torch.T
             its output has the input's shape ``(B, 3, H', W')``.
         image: ``(B, 3, H, W)`` capture.
         maps: ``(B, 7, G, G)`` degradation maps of ``image``, turned with it; None: no maps.
+        identity: ``restore(image, maps)`` when the caller has it already (orientation 0): used as
+            that member instead of restoring the image again (``dmdiff evaluate`` reuses its α = 1
+            restore), so 7 restorations run instead of 8.
 
     Returns:
         ``(B, 3, H, W)``, the average (in ``[0, 1]`` when each restoration is).
     """
     total = None
     for k in range(ORIENTATIONS):
-        out = unorient(restore(orient(image, k), None if maps is None else orient(maps, k)), k)
+        if k == 0 and identity is not None:
+            out = identity
+        else:
+            out = unorient(restore(orient(image, k), None if maps is None else orient(maps, k)), k)
         total = out if total is None else total + out
     return total / ORIENTATIONS

@@ -44,6 +44,7 @@ from dmdiff.model.tiling import (
     DEFAULT_OVERLAP_PX,
     check_tiling,
     tiled_decode,
+    tiled_latents,
     tiled_restore,
 )
 from dmdiff.outputs import atomic_directory, folder_files, write_json
@@ -95,6 +96,20 @@ class DMDiffPipelineOutput(BaseOutput):
     latents: list[RestoreLatents] | None = None
 
 
+@dataclass
+class PreparedImage:
+    """One input made ready for the model by :meth:`DMDiffPipeline.prepare`, without its networks.
+
+    image: ``(1, 3, H, W)`` float32 in ``[0, 1]`` (on the CPU, as given); maps: ``(1, 7, G, G)`` or
+    None; anchor: the model's colour anchor of the image (:meth:`DMDiff.input_anchor`, on the
+    model's device) for a model with one, else None.
+    """
+
+    image: torch.Tensor
+    maps: torch.Tensor | None
+    anchor: torch.Tensor | None = None
+
+
 class DMDiffPipeline(DiffusionPipeline):
     """Restoration pipeline: the backbone components plus the DMDiff model that adapts them.
 
@@ -122,12 +137,14 @@ class DMDiffPipeline(DiffusionPipeline):
 
     def __call__(self, images, maps=None, alpha: float = 1.0, *, tile: int | None = None,
                  overlap: int = DEFAULT_OVERLAP_PX, self_ensemble: bool = False, color_correct: str = "none",
-                 return_latents: bool = False, on_tile: Callable[[int, int], None] | None = None
-                 ) -> DMDiffPipelineOutput:
+                 return_latents: bool = False, on_tile: Callable[[int, int], None] | None = None,
+                 identity: Sequence[np.ndarray] | None = None) -> DMDiffPipelineOutput:
         """Restore one image or a list of images, one by one (sizes may differ).
 
         The one inference path of dmdiff: ``dmdiff restore`` reads and writes files around it and
-        ``dmdiff evaluate`` measures it.
+        ``dmdiff evaluate`` measures it. Each image goes through :meth:`prepare`, :meth:`latents`
+        and :meth:`finish` (or the self-ensemble); ``dmdiff restore`` runs those three steps of
+        different images at the same time.
 
         Args:
             images: an image or a list of them; each a PIL image (converted to RGB, alpha dropped),
@@ -148,39 +165,78 @@ class DMDiffPipeline(DiffusionPipeline):
                 (:mod:`dmdiff.model.color`; ``"auto"``: none for a model with a colour anchor).
             return_latents: also return the cached latents, for :meth:`decode`.
             on_tile: with ``tile``, called as ``on_tile(done, total)`` after each tile.
+            identity: with ``self_ensemble``, one restoration per image at this ``alpha`` and tile
+                setting without colour correction (the ``images`` of an earlier call): reused as
+                the ensemble's unturned member, so 7 restorations run instead of 8.
         """
         alpha = check_alpha(alpha)
         if return_latents and self_ensemble:
             raise DmdiffError("return_latents cannot be combined with self_ensemble (8 restorations, no one latent)")
+        if identity is not None and not self_ensemble:
+            raise DmdiffError("identity is the self-ensemble's unturned member: pass it with self_ensemble=True")
         correction = resolve_color_correction(color_correct, self.model)
         if tile is not None:
             tile, overlap = check_tiling(self.model, tile, overlap)
         items = as_images(images)
         map_items = as_maps(maps, len(items))
+        identities = [None] * len(items) if identity is None else [self._identity(i) for i in identity]
+        if len(identities) != len(items):
+            raise ImageInputError(f"got {len(identities)} identity restorations for {len(items)} images")
         outputs, latents = [], []
-        for image, image_maps in zip(self.progress_bar(items) if len(items) > 1 else items, map_items):
-            batch, batch_maps = image[None], None if image_maps is None else image_maps[None]
-            cached = None
+        for image, image_maps, same in zip(self.progress_bar(items) if len(items) > 1 else items, map_items,
+                                           identities):
             if self_ensemble:
-                restored = ensemble_mean(lambda x, m: self._restore(x, m, alpha, tile, overlap, on_tile)[0],
-                                         batch, batch_maps)
-            else:
-                restored, cached = self._restore(batch, batch_maps, alpha, tile, overlap, on_tile)
-            restored = to_numpy(restored[0])
-            if correction != "none":
-                restored = color_correct_image(restored, to_numpy(image), correction)
-            outputs.append(restored)
+                batch_maps = None if image_maps is None else image_maps[None]
+                restored = ensemble_mean(lambda x, m: self._restore(x, m, alpha, tile, overlap, on_tile),
+                                         image[None], batch_maps, identity=same)
+                outputs.append(corrected(to_numpy(restored[0]), image, correction))
+                continue
+            prepared = self.prepare(image, image_maps)
+            cached = self.latents(prepared, tile=tile, overlap=overlap, on_tile=on_tile)
+            outputs.append(self.finish(prepared, cached, alpha, tile=tile, overlap=overlap, color_correct=correction))
             if return_latents:
                 latents.append(cached)
         return DMDiffPipelineOutput(images=outputs, latents=latents if return_latents else None)
 
-    def _restore(self, image: torch.Tensor, maps: torch.Tensor | None, alpha: float, tile: int | None,
-                 overlap: int, on_tile) -> tuple[torch.Tensor, RestoreLatents]:
-        """One ``(1, 3, H, W)`` image, whole or tiled: the restored ``(1, 3, H, W)`` and its latents."""
+    def prepare(self, image, maps=None, anchor: bool = True) -> PreparedImage:
+        """One image (any input :meth:`__call__` takes) and its maps ``(7, G, G)`` or None made ready
+        for :meth:`latents`; with ``anchor`` (and a model with a colour anchor) its anchor computed
+        too. Uses no network of the model, so it may run in a thread beside a running restore."""
+        x = as_image(image)[None]
+        maps = as_maps(maps, 1)[0]
+        cached = None
+        if anchor and self.model.config.anchor_sigma_px is not None:
+            with torch.no_grad():
+                cached = self.model.input_anchor(x.to(self.model.device, self.model.dtype))
+        return PreparedImage(x, None if maps is None else maps[None], cached)
+
+    def latents(self, prepared: PreparedImage, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX,
+                on_tile: Callable[[int, int], None] | None = None) -> RestoreLatents:
+        """The encoder + UNet half of a restore (both paths' latents, whole or in ``tile``-px tiles
+        as in :meth:`__call__`), reusing the prepared anchor."""
         if tile is None:
-            return self.model.restore(image, maps, alpha=alpha, return_latents=True)
-        return tiled_restore(self.model, image, maps, alpha=alpha, tile=tile, overlap=overlap, return_latents=True,
-                             on_tile=on_tile)
+            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor)
+        return tiled_latents(self.model, prepared.image, prepared.maps, tile, overlap, on_tile, prepared.anchor)
+
+    def finish(self, prepared: PreparedImage, latents: RestoreLatents, alpha: float, *, tile: int | None = None,
+               overlap: int = DEFAULT_OVERLAP_PX, color_correct: str = "none") -> np.ndarray:
+        """The decoding half of a restore: ``latents`` decoded at ``alpha`` (same ``tile`` and
+        ``overlap`` as :meth:`latents`), then colour-corrected against the prepared image; float32
+        ``(H, W, 3)``. Uses the VAE decoder only, which carries no LoRA, so it may run in a thread
+        beside :meth:`latents` of the next image."""
+        restored = self.decode([latents], alpha, tile, overlap)[0]
+        return corrected(restored, prepared.image[0], resolve_color_correction(color_correct, self.model))
+
+    def _identity(self, restored: np.ndarray) -> torch.Tensor:
+        """An earlier restoration (``(H, W, 3)``) as the ``(1, 3, H, W)`` member of a self-ensemble."""
+        return as_image(restored)[None].to(self.model.device, self.model.dtype)
+
+    def _restore(self, image: torch.Tensor, maps: torch.Tensor | None, alpha: float, tile: int | None,
+                 overlap: int, on_tile) -> torch.Tensor:
+        """One ``(1, 3, H, W)`` image, whole or tiled: the restored ``(1, 3, H, W)``."""
+        if tile is None:
+            return self.model.restore(image, maps, alpha=alpha)
+        return tiled_restore(self.model, image, maps, alpha=alpha, tile=tile, overlap=overlap, on_tile=on_tile)
 
     def decode(self, latents: DMDiffPipelineOutput | Sequence[RestoreLatents], alpha: float,
                tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX) -> list[np.ndarray]:
@@ -441,6 +497,12 @@ def as_maps(maps, n: int) -> list[torch.Tensor | None]:
     if len(maps) != n:
         raise ImageInputError(f"got maps for {len(maps)} images but {n} images")
     return [None if m is None else torch.as_tensor(m, dtype=torch.float32) for m in maps]
+
+
+def corrected(restored: np.ndarray, image: torch.Tensor, correction: str) -> np.ndarray:
+    """``restored`` ``(H, W, 3)`` colour-corrected against the input ``image`` ``(3, H, W)`` with a
+    resolved ``correction`` (:func:`dmdiff.model.color.color_correct`; ``"none"``: as it is)."""
+    return restored if correction == "none" else color_correct_image(restored, to_numpy(image), correction)
 
 
 def to_numpy(image: torch.Tensor) -> np.ndarray:

@@ -8,10 +8,11 @@ linearly, so a large photo is restored tile by tile, in two blended passes:
 1. **Latents.** The image is padded as :meth:`DMDiff.restore` pads it (to multiples of
    ``latent_multiple``, centred) into a canvas, and the canvas is cut into overlapping tiles of
    ``tile`` pixels (fewer along an axis that is shorter). Each tile runs the LoRA-modulated VAE
-   encoder and the batched two-path UNet call (:meth:`DMDiff.restore_latents`) with **its own**
+   encoder and the batched two-path UNet call (:meth:`DMDiff.path_latents`) with **its own**
    degradation input: SVDA's image statistics of the tile, and the optics maps resampled to the
    tile's window of the field (:func:`dmdiff.data.dataset.crop_maps`; the maps describe the full
-   image). The x0 latents of both paths are blended into full latent canvases.
+   image). The x0 latents of both paths are blended into full latent canvases; the colour anchor
+   (models with one) is the whole image's, computed once (or given by the caller).
 2. **Decoding.** ``z(α) = (1 − α)·z_neutral + α·z_positive`` is decoded in overlapping latent tiles
    of the same layout (``tile / f`` latent cells, f = ``vae_scale_factor``) blended in pixel space,
    then cropped to the image. :func:`tiled_decode` re-decodes the cached canvases at another α
@@ -131,7 +132,8 @@ def _tile_maps(maps: torch.Tensor | None, image_hw: tuple[int, int],
 
 def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None,
                   tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX,
-                  on_tile: Callable[[int, int], None] | None = None) -> RestoreLatents:
+                  on_tile: Callable[[int, int], None] | None = None,
+                  anchor: torch.Tensor | None = None) -> RestoreLatents:
     """Both paths' x0 latents of ``image``, tile by tile, blended into full canvases (pass 1).
 
     Args:
@@ -140,6 +142,8 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         maps: ``(B, 7, G, G)`` optics maps of the full images (``MAP_CHANNELS``), or None.
         tile, overlap: tile side and minimum overlap in pixels (:func:`check_tiling`).
         on_tile: called as ``on_tile(done, total)`` after each tile (progress display).
+        anchor: :meth:`DMDiff.input_anchor` of ``image`` when the caller has it (None: computed
+            here, once for the whole image; models without an anchor ignore it).
 
     Returns:
         :class:`RestoreLatents` of the padded image, as :meth:`DMDiff.restore_latents` returns it
@@ -152,7 +156,7 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     size = tuple(image.shape[-2:])
     tiles = tile_windows(canvas.shape[-2] // f, canvas.shape[-1] // f, tile // f, overlap // f)
     if len(tiles) == 1:
-        latents = model.restore_latents(image, maps)
+        latents = model.restore_latents(image, maps, anchor)
         if on_tile:
             on_tile(1, 1)
         return latents
@@ -161,7 +165,7 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     for done, ((y0, x0, h, w), ramps) in enumerate(tiles, start=1):
         window_px = (y0 * f - top, x0 * f - left, h * f, w * f)          # in image pixels
         part = canvas[..., y0 * f:(y0 + h) * f, x0 * f:(x0 + w) * f]
-        z = model.restore_latents(part, _tile_maps(maps, size, window_px))
+        z = model.path_latents(part, _tile_maps(maps, size, window_px))
         if weight is None:
             shape = (*z.z_neutral.shape[:2], canvas.shape[-2] // f, canvas.shape[-1] // f)
             z_neutral, z_positive = z.z_neutral.new_zeros(shape), z.z_positive.new_zeros(shape)
@@ -172,8 +176,9 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         weight[y0:y0 + h, x0:x0 + w] += blend
         if on_tile:
             on_tile(done, len(tiles))
-    anchor = None
-    if model.config.anchor_sigma_px is not None:
+    if model.config.anchor_sigma_px is None:
+        anchor = None
+    elif anchor is None:
         with torch.no_grad():
             anchor = model.input_anchor(image.to(model.device, model.dtype))
     return RestoreLatents(z_neutral / weight, z_positive / weight, size, pad, anchor)

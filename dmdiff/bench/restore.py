@@ -1,0 +1,142 @@
+"""``dmdiff bench restore``: a folder restore, sequential (as ``dmdiff restore`` ran before it
+overlapped its stages) against overlapped, in the same process.
+
+One run writes ``images`` generated photos (dead-leaves scenes, :func:`dmdiff.data.sources.dead_leaves`,
+``size`` px square, 8-bit PNGs) and a pipeline folder of the ``tiny`` preset with the settings of
+``configs/tiny.yaml``'s model (colour anchor σ = 12 px after 10 Richardson–Lucy iterations;
+seeded weights and a Gaussian stand-in for the lens's PSF: the weights and the PSF's values do not
+change the time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
+as the command runs it:
+
+- ``sequential``: read, restore and write one image after the other with torch's default CPU
+  threads (``--sequential``; the way every ``dmdiff restore`` ran before);
+- ``sequential, N threads``: the same with the overlapped run's thread count, which separates
+  what the thread count does from what the overlap does;
+- ``overlapped``: the default (reader and writer threads, :func:`dmdiff.restore.default_threads`).
+
+Each configuration runs ``repeats`` times, the configurations interleaved (so all see the same
+load); the table shows the median seconds, images per second and the speed-up over
+``sequential``. After one untimed warm-up restore. All three write byte-identical images when
+their thread counts agree (the overlapped and ``sequential, N threads`` runs are compared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmdiff.data.sources import dead_leaves
+from dmdiff.device import resolve_device
+from dmdiff.errors import DmdiffError
+from dmdiff.imageio import write_png
+from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.model.pipeline import DMDiffPipeline
+from dmdiff.restore import default_threads, restore
+
+__all__ = ["TARGET", "gaussian_psf", "make_inputs", "bench_restore", "format_table", "add_arguments", "main"]
+
+#: The speed-up over ``sequential`` the overlapped restore should reach (issue 21).
+TARGET = 1.3
+#: The model settings of ``configs/tiny.yaml``.
+MODEL = dict(anchor_sigma_px=12.0, anchor_rl_iterations=10)
+
+
+def gaussian_psf(size: int = 15, sigmas_px: tuple[float, float, float] = (1.6, 1.2, 1.9)) -> np.ndarray:
+    """A ``(3, size, size)`` Gaussian PSF per channel (R, G, B widths in px), each summing to 1."""
+    y, x = np.mgrid[:size, :size] - size // 2
+    psf = np.stack([np.exp(-(x ** 2 + y ** 2) / (2 * s ** 2)) for s in sigmas_px])
+    return psf / psf.sum(axis=(1, 2), keepdims=True)
+
+
+def make_inputs(folder: Path, images: int, size: int, seed: int = 0) -> tuple[Path, Path]:
+    """The benchmark's pipeline folder and photo folder under ``folder``: ``(pipeline, photos)``."""
+    torch.manual_seed(seed)
+    model = DMDiff(DMDiffConfig(**MODEL))
+    model.set_anchor_psf(gaussian_psf())
+    pipeline = DMDiffPipeline.from_model(model).save_pretrained(folder / "pipeline")
+    photos = folder / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        write_png(photos / f"photo_{i:03d}.png", dead_leaves(size, rng))
+    return pipeline, photos
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+def bench_restore(images: int = 20, size: int = 256, repeats: int = 2) -> dict:
+    """Time the three configurations (module docstring) on the CPU.
+
+    Returns:
+        ``{"images", "size", "repeats", "threads": {config: torch threads}, "seconds": {config:
+        [per repeat]}, "median_s", "speedup": {config: sequential median / its median},
+        "identical": overlapped and ``sequential, N threads`` wrote the same bytes}``.
+    """
+    cpu = resolve_device("cpu")
+    overlapped_threads = default_threads(cpu, overlap=True)
+    matched = f"sequential, {overlapped_threads} thread{'s' * (overlapped_threads != 1)}"
+    configs = {"sequential": dict(sequential=True, threads=None),
+               matched: dict(sequential=True, threads=overlapped_threads),
+               "overlapped": dict(sequential=False, threads=None)}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    threads: dict[str, int] = {}
+    digests: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="dmdiff-bench-restore-") as tmp:
+        root = Path(tmp)
+        pipeline, photos = make_inputs(root, images, size)
+        restore(pipeline, photos / "photo_000.png", root / "warm-up", device="cpu", progress=False)
+        for repeat in range(repeats):
+            for index, (name, options) in enumerate(configs.items()):
+                out = root / f"out-{repeat}-{index}"
+                start = time.perf_counter()
+                record = restore(pipeline, photos, out, device="cpu", progress=False, **options)
+                seconds[name].append(time.perf_counter() - start)
+                threads[name] = record["torch_threads"]
+                if record["failed"]:
+                    raise DmdiffError(f"dmdiff bench restore: {record['failed']} image(s) failed in {name}")
+                digests[name] = _digests(out)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    return {"images": images, "size": size, "repeats": repeats, "threads": threads, "seconds": seconds,
+            "median_s": median, "speedup": {name: median["sequential"] / m for name, m in median.items()},
+            "identical": digests["overlapped"] == digests[matched]}
+
+
+def format_table(result: dict) -> str:
+    """The benchmark's printout: one row per configuration, then the speed-up against the target."""
+    lines = [f"dmdiff restore of {result['images']} photos of {result['size']}² px (tiny preset, CPU, model "
+             f"loading included; median of {result['repeats']}, configurations interleaved)",
+             "", "| configuration | torch threads | seconds | images/s | speed-up |", "|---|---:|---:|---:|---:|"]
+    for name, median in result["median_s"].items():
+        lines.append(f"| {name} | {result['threads'][name]} | {median:.2f} | {result['images'] / median:.2f} | "
+                     f"{result['speedup'][name]:.2f}× |")
+    ratio = result["speedup"]["overlapped"]
+    lines += ["", f"overlapped vs sequential: {ratio:.2f}× (target ≥ {TARGET}×: {'met' if ratio >= TARGET else 'missed'}); "
+                  f"same images as the sequential run at the same thread count: {result['identical']}"]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line arguments of this benchmark."""
+    parser.add_argument("--images", type=int, default=20, help="photos in the folder (default %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="photo side in px (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (default %(default)s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its table."""
+    for name in ("images", "repeats"):
+        if getattr(args, name) < 1:
+            raise DmdiffError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.size < 16:
+        raise DmdiffError(f"--size must be at least 16 px, got {args.size}")
+    print(format_table(bench_restore(args.images, args.size, args.repeats)))
+    return 0

@@ -1,0 +1,19 @@
+"""``dmdiff bench restore``: the command at a small size (its figures are not tested, only its bookkeeping)."""
+
+from dmdiff import cli
+from dmdiff.bench import restore as bench
+
+
+def test_command_prints_the_three_configurations(capsys):
+    assert cli.main(["bench", "restore", "--images", "3", "--size", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| sequential") or line.startswith("| overlapped")]
+    assert len(rows) == 3 and "| sequential | " in out and "1.00× |" in rows[0]
+    assert "overlapped vs sequential: " in out and "same images as the sequential run at the same thread count: True" in out
+
+
+def test_bench_inputs_are_the_tiny_recipes_model(tmp_path):
+    pipeline, photos = bench.make_inputs(tmp_path, images=2, size=24)
+    assert sorted(p.name for p in photos.iterdir()) == ["photo_000.png", "photo_001.png"]
+    assert (pipeline / "anchor_psf.safetensors").is_file()
+    assert abs(bench.gaussian_psf().sum(axis=(1, 2)) - 1).max() < 1e-12
