@@ -36,9 +36,23 @@ def as_numpy_image(image) -> np.ndarray:
     return image
 
 
+def add_scale_bar(ax: plt.Axes, length_px: float, label: str, colour: str = "white") -> None:
+    """Draw a scale bar of ``length_px`` image pixels with ``label`` in the lower left of an image axis."""
+    x0, x1 = sorted(ax.get_xlim())
+    y_bottom = max(ax.get_ylim())
+    width = x1 - x0
+    x, y = x0 + 0.06 * width, y_bottom - 0.07 * width
+    ax.plot([x, x + length_px], [y, y], color=colour, lw=3, solid_capstyle="butt")
+    ax.text(x + length_px / 2, y - 0.03 * width, label, color=colour, ha="center", va="bottom", fontsize=8)
+
+
 def image_grid(images: Mapping[str, object], ncols: int | None = None, size: float = 3.0,
-               title: str | None = None, zoom: tuple[slice, slice] | None = None) -> plt.Figure:
-    """Show named images side by side (optionally all cropped to the same ``zoom`` window)."""
+               title: str | None = None, zoom: tuple[slice, slice] | None = None,
+               scale_bar: tuple[float, str] | None = None) -> plt.Figure:
+    """Show named images side by side (optionally all cropped to the same ``zoom`` window).
+
+    ``scale_bar``: ``(length_px, label)``, e.g. ``(20e-6 / pitch_m, "20 µm")``, drawn on every panel.
+    """
     names = list(images)
     ncols = ncols or min(len(names), 4)
     nrows = math.ceil(len(names) / ncols)
@@ -52,6 +66,8 @@ def image_grid(images: Mapping[str, object], ncols: int | None = None, size: flo
         ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1,
                   interpolation="nearest")
         ax.set_title(name, fontsize=9)
+        if scale_bar is not None:
+            add_scale_bar(ax, *scale_bar)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -60,15 +76,24 @@ def image_grid(images: Mapping[str, object], ncols: int | None = None, size: flo
 
 def map_grid(maps: np.ndarray, names: Sequence[str], units: Sequence[str] | None = None,
              ncols: int = 4, size: float = 2.6, title: str | None = None) -> plt.Figure:
-    """Heat maps of ``maps`` ``(C, G, G)`` with one colour bar each (e.g. degradation maps)."""
+    """Heat maps of ``maps`` ``(C, G, G)`` with one colour bar each (e.g. degradation maps).
+
+    A map that is constant over the field gets its value written on a flat grey panel instead: a
+    colour bar would suggest a variation that is not there.
+    """
     maps = np.asarray(maps)
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for c, (ax, name) in enumerate(zip(axes.flat, names)):
-        im = ax.imshow(maps[c], cmap="magma")
         ax.set_title(name + (f" [{units[c]}]" if units else ""), fontsize=9)
+        if np.ptp(maps[c]) <= 1e-6 * max(abs(float(maps[c].flat[0])), 1e-12):
+            ax.imshow(np.full(maps[c].shape, 0.85), cmap="gray", vmin=0, vmax=1)
+            ax.text(0.5, 0.5, f"{float(maps[c].flat[0]):.3g}\nthe same\neverywhere", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9)
+            continue
+        im = ax.imshow(maps[c], cmap="magma")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title)
@@ -92,10 +117,11 @@ def save_metrics(metrics: Mapping, out_dir: str | Path, name: str = "metrics") -
 
 
 def psf_mosaic(psfs: np.ndarray, channel_names: Sequence[str] = ("R", "G", "B"), gamma: float = 0.4,
-               size: float = 3.2, title: str | None = None) -> plt.Figure:
+               size: float = 3.2, title: str | None = None, pitch_m: float | None = None) -> plt.Figure:
     """Each channel's PSF grid ``(C, G, G, K, K)`` tiled into one picture (display ``value**gamma``).
 
-    Every kernel is scaled by the grid's maximum, so brightness compares across the field.
+    Every kernel is scaled by the grid's maximum, so brightness compares across the field. With the
+    sensor ``pitch_m`` a scale bar (a round number of µm, about a third of a kernel) is drawn.
     """
     psfs = np.asarray(psfs, dtype=np.float64)
     c, g, _, k, _ = psfs.shape
@@ -109,6 +135,41 @@ def psf_mosaic(psfs: np.ndarray, channel_names: Sequence[str] = ("R", "G", "B"),
         ax.imshow(mosaic, cmap="inferno", vmin=0, vmax=1)
         ax.set_title(f"{channel_names[ch]}: {g}×{g} PSFs, {k} px", fontsize=9)
         ax.axis("off")
+        if pitch_m is not None:
+            microns = round_length(k * pitch_m * 1e6 / 3)
+            add_scale_bar(ax, microns * 1e-6 / pitch_m, f"{microns:g} µm")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def round_length(value: float) -> float:
+    """The largest of 1, 2, 5 × 10^n not above ``value`` (> 0): a scale bar's length."""
+    power = 10.0 ** math.floor(math.log10(value))
+    return max(m * power for m in (1, 2, 5) if m * power <= value)
+
+
+def small_multiples(x: np.ndarray, curves: Mapping[str, np.ndarray], xlabel: str, ylabel: str,
+                    ncols: int | None = None, size: tuple[float, float] = (3.4, 2.4),
+                    title: str | None = None, yticks: Sequence[float] | None = None,
+                    yticklabels: Sequence[str] | None = None) -> plt.Figure:
+    """One small panel per named curve over the same ``x`` (shared axes), so none hides another."""
+    names = list(curves)
+    ncols = ncols or len(names)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        ax.plot(x, curves[name], lw=0.7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        if yticks is not None:
+            ax.set_yticks(yticks, yticklabels)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -15,6 +15,39 @@ import pytest
 from dmdiff.repro import NOTEBOOK_DIR, notebooks
 
 NOTEBOOKS = notebooks()
+#: Notebooks that teach actively: a summary, 3–5 questions with collapsed answers, a "try this" cell.
+TEACHING = [p for p in NOTEBOOKS if p.name[:2] in {"00", "01", "02", "03", "04"}]
+TEACHING_TAGS = ("summary", "question", "answer", "try-this")
+
+
+def tagged(nb, tag):
+    return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+
+
+def test_the_tour_lists_every_notebook():
+    """Notebook 00's series table names every notebook of notebooks/, each in its own row."""
+    tour = nbformat.read(str(NOTEBOOK_DIR / "00_tour.ipynb"), as_version=4)
+    rows = [line for line in tour.cells[0].source.splitlines() if line.startswith("| `")]
+    listed = [row.split("`")[1] for row in rows]
+    assert listed == [p.stem for p in NOTEBOOKS]
+    assert "../docs/glossary.md" in tour.cells[0].source and (NOTEBOOK_DIR.parent / "docs" / "glossary.md").exists()
+
+
+@pytest.mark.parametrize("path", TEACHING, ids=lambda p: p.name)
+def test_notebook_teaches(path):
+    """It ends with a summary, questions with collapsed answers and a papermill-safe "try this" cell."""
+    nb = nbformat.read(str(path), as_version=4)
+    assert all(tagged(nb, tag) for tag in TEACHING_TAGS), f"cells tagged {TEACHING_TAGS} expected"
+    answers = tagged(nb, "answer")
+    assert 3 <= len(answers) <= 5
+    assert all(c.metadata.get("jupyter", {}).get("source_hidden") for c in answers), "answers must be collapsed"
+    # every answer follows its question; the teaching cells come after the notebook's last figure
+    for i, cell in enumerate(nb.cells):
+        if "answer" in cell.metadata.get("tags", []):
+            assert "question" in nb.cells[i - 1].metadata.get("tags", [])
+    first = min(i for i, c in enumerate(nb.cells) if "summary" in c.metadata.get("tags", []))
+    assert all(set(c.metadata.get("tags", [])) & set(TEACHING_TAGS) for c in nb.cells[first:])
+    assert any(c.cell_type == "code" for c in tagged(nb, "try-this"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -44,6 +77,13 @@ def test_notebook_runs_headless_in_smoke_mode(path, tmp_path, psf_cache):
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
                                kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
     assert list(out_dir.glob("*.png")), "the notebook saved no figure"
+    # the "try this", question and answer code cells ran in this smoke run, without an error
+    executed = nbformat.read(str(tmp_path / path.name), as_version=4)
+    for tag in ("try-this", "question", "answer"):
+        for cell in tagged(executed, tag):
+            if cell.cell_type == "code":
+                assert cell.execution_count is not None, f"a {tag} cell did not run"
+                assert not [o for o in cell.outputs if o.output_type == "error"], f"a {tag} cell failed"
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dmdiff.optics.grid as grid_module
-from dmdiff.optics.grid import PSFGrid, ideal_psf_rgb, psf_grid, sharpness_maps
+from dmdiff.optics.grid import PSFGrid, halo_layout, ideal_psf_rgb, psf_grid, sharpness_maps
 from dmdiff.optics.propagation import ideal_psf, psf
 from dmdiff.optics.spec import MetalensSpec
 
@@ -43,6 +43,12 @@ def test_shapes_dtypes_and_node_field_angles(small):
     assert grid.psfs.min() >= 0
     sums = grid.psfs.sum(axis=(3, 4))
     assert np.all((sums > 0.5) & (sums <= 1))
+    kh, b, kc = halo_layout(SMALL)
+    assert (kh, b) == (2 * 64 - 1, 3) and kc * b >= kh
+    assert grid.halo.shape == (3, 3, 3, kc, kc) and grid.halo.dtype == np.float32
+    assert grid.halo_bin_px == b and grid.halo.min() >= 0
+    assert np.all(grid.halo[..., kc // 2, kc // 2] == 0)             # the core's cell is empty
+    assert np.all(grid.energy() <= 1.01) and np.all(grid.energy() > sums)
 
 
 def disc_moments(p: np.ndarray, radius: float):
@@ -118,6 +124,7 @@ def test_cache_is_reused_and_identical(small, monkeypatch):
     again = psf_grid(SMALL, cache_dir=cache, progress=False)
     assert time.perf_counter() - start < 1.0
     np.testing.assert_array_equal(again.psfs, grid.psfs)
+    np.testing.assert_array_equal(again.halo, grid.halo)
     np.testing.assert_array_equal(again.field_deg, grid.field_deg)
     monkeypatch.setenv("DMDIFF_CACHE", str(cache))
     np.testing.assert_array_equal(psf_grid(SMALL, progress=False).psfs, grid.psfs)

@@ -174,3 +174,19 @@ def test_oversized_simulation_is_refused():
     huge = MetalensSpec(aperture_diameter_m=0.05, focal_length_m=0.1)
     with pytest.raises(SpecError, match="simulation grid"):
         psf(huge, LAMBDA0, 0.0, 31, huge.pitch_m)
+
+
+@pytest.mark.parametrize("lam, field, pitch", [(420e-9, 0.0, 3e-6), (650e-9, 15.0, 2e-6)])
+def test_pixel_samples_are_every_kth_fine_sample_times_the_pixel_area(lam, field, pitch):
+    """The folded inverse DFT gives exactly the centre sample of each pixel of the full one."""
+    lens = LensSpectrum(SPEC, lam, 21, pitch, pixel_sampled=True)
+    k = lens.k
+    assert lens.n % (2 * k) == 0 and k > 1
+    fine = lens.intensity(field)
+    np.testing.assert_allclose(lens.pixel_samples(field), fine[k // 2::k, k // 2::k] * k * k,
+                               rtol=1e-9, atol=1e-12 * fine.max() * k * k)
+    with pytest.raises(ValueError, match="pixel_sampled=True"):
+        plain = LensSpectrum(SPEC, lam, 21, pitch)
+        if plain.n % k == 0:       # a multiple by chance: nothing to refuse
+            raise ValueError("pixel_sampled=True")
+        plain.pixel_samples(field)

@@ -495,7 +495,7 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
     bar.close()
     return {
         "camera": {
-            "raw_bits": cfg.raw_bits, "haze": cfg.haze, "haze_diameter_px": camera.haze_diameter_px,
+            "raw_bits": cfg.raw_bits, "haze": cfg.haze, "halo_bin_px": camera.grid.halo_bin_px,
             "wb_gains": [float(g) for g in camera.wb_gains], "map_channels": list(MAP_CHANNELS),
             "image_size_px": size,
         },

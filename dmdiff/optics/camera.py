@@ -5,25 +5,26 @@ Pipeline of :meth:`MetalensCamera.capture` (docs/method.md, "The optics"), in th
 1. sRGB → linear light (:func:`~dmdiff.optics.sensor.srgb_to_linear`).
 2. Spatially varying blur with the PSF grid (:class:`~dmdiff.optics.blur.SpatiallyVaryingBlur`,
    reflect padding: the scene continues beyond the sensor's edge).
-3. Unfocused haze. A PSF window holds the fraction ``Σ h`` of the light entering the aperture
-   that lands within ``K // 2`` pixels of the image point; the rest, ``1 − Σ h`` (mostly the
-   zero diffraction order, which a diffractive lens leaves undeflected where the wrapped phase
-   does not match the wavelength, efficiency ``sinc²(1 − λ0/λ)``), is added back as a veil. The
-   zero order of a plane wave at any field angle passes the aperture straight and lands on the
-   sensor (which is parallel to the lens, at distance ``f``) as a uniformly lit copy of the aperture:
-   a disc of diameter ``D`` centred on the chief ray, i.e. on the image point. So each source pixel
-   ``q`` spreads its lost fraction ``η(q) = 1 − Σ h_q`` (interpolated between grid nodes like the
-   PSFs) over a uniform disc of diameter ``D / pitch`` pixels: ``veil = disc * (η ⊙ x)``. This
-   lumps all unfocused light into the zero order (higher orders and the rare light spilled past a
-   window are spread differently) and keeps the energy of every source pixel (``Σ h_q + η(q) = 1``).
+3. The halo (unfocused haze). A PSF window holds only the sharp core of the light, the fraction
+   ``Σ h`` that lands within ``K // 2`` pixels of the image point. The rest that reaches the
+   sensor is the grid's halo (:class:`~dmdiff.optics.grid.PSFGrid`, computed with the same
+   propagation over a window of ``Kh`` pixels): mostly the other diffraction orders, which a
+   diffractive lens produces where the wrapped phase does not match the wavelength (first-order
+   efficiency ``sinc²(1 − λ0/λ)``) and which land as wide defocused discs centred near the image
+   point, plus the outer part of the defocused red and blue blur. It is applied like the core,
+   ``Σ_k halo_k * (w_k ⊙ x)``, but on ``b × b`` pixel cells: the scene (reflect-padded over the
+   halo's reach) is summed over cells, blurred with the coarse halo kernels, and interpolated
+   back to pixels (bilinear between cell centres), a cell's light spread evenly over its
+   ``b²`` pixels; positions are off by at most ``b // 2`` pixels, small against a halo hundreds
+   of pixels wide. Light that misses the sensor (or the aperture's evanescent part) is lost.
 4. Sensor noise: heteroscedastic Gaussian, variance ``λ_shot·x + λ_read``, levels drawn as Brooks
    et al. (2019) from the seed unless given.
 5. Clip and quantise to ``raw_bits`` (10-bit raw by default).
 6. White balance with :attr:`MetalensCamera.wb_gains`: the inverse of each channel's throughput,
    measured as a camera maker does, on a uniform white scene through the noise-free optics (the
-   PSF window energy, plus the veil, less light moved across the sensor's border). With the haze on
-   the gains are within a few per cent of 1; with ``haze=False`` they undo the per-channel loss of
-   the unfocused light. Then the sRGB gamma and 8-bit quantisation.
+   PSF window energy, plus the halo, less light moved across the sensor's border). With the halo
+   on the gains are within a few per cent of 1; with ``haze=False`` they undo the per-channel
+   loss of the unfocused light. Then the sRGB gamma and 8-bit quantisation.
 
 :meth:`MetalensCamera.fidelity_target` is the neutral-path target: the scene band-limited to what
 the capture carries, by the Wiener transfer function of each grid node's PSF at the capture's noise
@@ -47,8 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 import scipy.ndimage
-import scipy.signal
 import torch
 
 from dmdiff.errors import DmdiffError
@@ -73,7 +74,7 @@ from dmdiff.optics.sensor import (
 from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import atomic_write_bytes
 
-__all__ = ["MetalensCamera", "Capture", "CameraInputError", "MAP_CHANNELS", "disc_kernel"]
+__all__ = ["MetalensCamera", "Capture", "CameraInputError", "MAP_CHANNELS"]
 
 MAP_CHANNELS = ("fwhm_r", "fwhm_g", "fwhm_b", "ee80_r", "ee80_g", "ee80_b", "noise")
 
@@ -96,21 +97,6 @@ class Capture:
     image: np.ndarray
     maps: np.ndarray
     noise: tuple[float, float]
-
-
-def disc_kernel(diameter_px: float, supersample: int = 8) -> np.ndarray:
-    """A uniform disc of the given diameter, anti-aliased by pixel coverage, summing to 1.
-
-    Returns a float64 ``(n, n)`` kernel, ``n`` odd, centred at ``n // 2``.
-    """
-    radius = max(float(diameter_px) / 2, 0.5)
-    half = int(math.ceil(radius - 0.5))
-    n = 2 * half + 1
-    s = supersample
-    sub = (np.arange(n * s) + 0.5) / s - 0.5 - half
-    inside = (sub[:, None] ** 2 + sub[None, :] ** 2) <= radius**2
-    kernel = inside.reshape(n, s, n, s).mean(axis=(1, 3))
-    return kernel / kernel.sum()
 
 
 def _seed_streams(seed) -> tuple[np.random.Generator, np.random.Generator]:
@@ -136,7 +122,8 @@ class MetalensCamera:
         cache_dir: PSF cache folder (default: ``dmdiff.optics.grid.default_cache_dir()``); the PSF
             grid and the ideal-lens PSF are computed once and cached there.
         raw_bits: bit depth of the raw A/D conversion.
-        haze: add the unfocused light as a veil (True, physical) or drop it (False, an ablation).
+        haze: add the PSF grid's halo, the unfocused light (True, physical) or drop it (False, an
+            ablation).
         shot_range: range of λ_shot when noise levels are drawn (Brooks et al. by default).
         progress: show a progress bar while a PSF grid is computed.
 
@@ -166,7 +153,7 @@ class MetalensCamera:
         self._ideal_kernel = None
         self._pixel_weights = None
         self._throughput = None
-        self._veil_setup = None
+        self._halo_setup = None
 
     def __repr__(self) -> str:
         return (f"MetalensCamera(image_size_px={self.spec.image_size_px}, grid_size={self.spec.grid_size}, "
@@ -192,16 +179,6 @@ class MetalensCamera:
         if self._blur is None:
             self._blur = SpatiallyVaryingBlur(self.grid.psfs)
         return self._blur
-
-    @property
-    def haze_fraction(self) -> np.ndarray:
-        """(3, G, G) float64: the fraction ``1 − Σ h`` of the light missing from each PSF window."""
-        return np.clip(1.0 - self.grid.psfs.astype(np.float64).sum(axis=(-2, -1)), 0.0, 1.0)
-
-    @property
-    def haze_diameter_px(self) -> float:
-        """Diameter of the zero-order disc on the sensor: the aperture, ``D / pitch`` pixels."""
-        return self.spec.aperture_diameter_m / self.spec.pitch_m
 
     def _weights(self) -> tuple[np.ndarray, np.ndarray]:
         """Node weights over the sensor's rows and columns, each (G, N) (see ``blur.node_weights``)."""
@@ -247,21 +224,43 @@ class MetalensCamera:
         x = np.ascontiguousarray(np.asarray(x_linear, dtype=np.float32).transpose(2, 0, 1))
         with torch.no_grad():
             y = self.blur(torch.from_numpy(x)[None], padding="reflect")[0].numpy().astype(np.float64)
-        if self.haze:
-            y += self._veil(x.astype(np.float64))
+        if self.haze and self.grid.halo is not None:
+            y += self._halo(x.astype(np.float64))
         return np.ascontiguousarray(y.transpose(1, 2, 0), dtype=np.float32)
 
-    def _veil(self, x: np.ndarray) -> np.ndarray:
-        """``disc * (η ⊙ x)`` for a (3, H, W) linear image, reflect-padded (module docstring, step 3)."""
+    def _halo(self, x: np.ndarray) -> np.ndarray:
+        """``Σ_k halo_k * (w_k ⊙ x)`` on pixel cells, for a (3, N, N) linear image (module
+        docstring, step 3); returns (3, N, N) float64."""
+        if self._halo_setup is None:
+            self._halo_setup = self._halo_plan()
+        pads, weights, spectra, fft_shape, upsample = self._halo_setup
+        b, reach = self.grid.halo_bin_px, self.grid.halo.shape[-1] // 2
+        padded = np.pad(x, ((0, 0), pads, pads), mode="reflect")
+        cells = padded.reshape(3, padded.shape[1] // b, b, -1, b).sum(axis=(2, 4))   # (3, L, L)
+        sources = cells[:, None] * weights                                         # (3, G·G, L, L)
+        spectrum = (scipy.fft.rfft2(sources, s=fft_shape) * spectra).sum(axis=1)
+        full = scipy.fft.irfft2(spectrum, s=fft_shape)
+        m = upsample.shape[1]                     # the sensor's cells and one more on each side
+        out = full[:, 2 * reach - 1:2 * reach - 1 + m, 2 * reach - 1:2 * reach - 1 + m]
+        return np.einsum("pm,cmn,qn->cpq", upsample, out, upsample) / b**2
 
-        if self._veil_setup is None:
-            wy, wx = self._weights()
-            eta = np.einsum("in,cij,jm->cnm", wy, self.haze_fraction, wx)  # (3, H, W) lost fraction
-            self._veil_setup = (eta, disc_kernel(self.haze_diameter_px)[None])
-        eta, kernel = self._veil_setup
-        half = kernel.shape[-1] // 2
-        source = np.pad(eta * x, ((0, 0), (half, half), (half, half)), mode="reflect")
-        return scipy.signal.fftconvolve(source, kernel, mode="valid", axes=(1, 2))
+    def _halo_plan(self) -> tuple:
+        """What :meth:`_halo` needs for this sensor: reflect pads, (G·G, L, L) node weights of the
+        cells, (3, G·G, …) kernel spectra, the FFT shape and the (N, M + 2) interpolation matrix."""
+        n, g = self.spec.image_size_px, self.spec.grid_size
+        b, kc = self.grid.halo_bin_px, self.grid.halo.shape[-1]
+        reach, cells = kc // 2, -(-n // b)                 # halo reach and sensor size, in cells
+        pads = (reach * b, (cells + reach) * b - n)
+        centres = (np.arange(-reach, cells + reach) + 0.5) * b - 0.5           # cell centres, px
+        w = node_weights(centres, n, g)                                          # (G, L)
+        weights = np.einsum("il,jm->ijlm", w, w).reshape(g * g, len(centres), len(centres))
+        fft_shape = (len(centres) + kc - 1,) * 2
+        kernels = self.grid.halo.astype(np.float64).reshape(3, g * g, kc, kc)
+        spectra = scipy.fft.rfft2(kernels, s=fft_shape)
+        # bilinear interpolation from the centres of cells −1 … cells to the pixels 0 … n − 1
+        t = (np.arange(n) + 0.5) / b - 0.5 + 1                   # pixel position in cell units
+        upsample = np.clip(1 - np.abs(t[:, None] - np.arange(cells + 2)[None, :]), 0, None)
+        return pads, weights, spectra, fft_shape, upsample
 
     # ---- maps ---------------------------------------------------------------------------------
 

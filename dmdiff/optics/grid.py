@@ -11,6 +11,19 @@ averaged over the channel's wavelengths (equal weights) on the fine simulation g
 each node's azimuth (bilinear interpolation on the fine grid, which over-samples the intensity),
 binned to pixels and rescaled so rotation does not change the energy in the window.
 
+The ``K × K`` window holds the sharp core of each PSF, not all of its light: a diffractive lens
+sends part of the light into other diffraction orders, which land as wide, defocused discs (up
+to about twice the aperture across), and the defocused red and blue cores spread beyond ``K``
+too. So each node also gets a *halo*: the PSF over a window of ``Kh`` pixels
+(:func:`halo_layout`: every pixel of the sensor a point on it can reach), sampled once per pixel
+(:meth:`~dmdiff.optics.propagation.LensSpectrum.pixel_samples`, enough for light that varies
+slowly across a pixel), with the core window set to zero, rotated like the core, and summed
+over ``b × b`` pixel cells into a coarse ``Kc × Kc`` kernel (``b`` odd, so the image point
+sits at the centre of the centre cell). Core plus halo hold all the light that reaches the
+sensor (at least 99 % for the default lens and at the edges of the spec's ranges, the tests
+check it); the camera applies the halo on a ``b``-times coarser image
+(:mod:`dmdiff.optics.camera`).
+
 Grids are cached as safetensors files named by :meth:`MetalensSpec.cache_key` (which includes
 the optics model version) in ``cache_dir``, ``$DMDIFF_CACHE`` or ``~/.cache/dmdiff/psf``.
 """
@@ -30,13 +43,14 @@ from safetensors.numpy import load_file
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from dmdiff.optics.propagation import LensSpectrum, bin_pixels
+from dmdiff.optics.propagation import LensSpectrum, bin_pixels, largest_window_px
 from dmdiff.optics.spec import OPTICS_MODEL_VERSION, MetalensSpec
 from dmdiff.weights import save_safetensors
 
 FWHM_OVERSAMPLE = 8       # bilinear sub-samples per pixel side when measuring the half-max area
 EE_BIN_PX = 0.02          # radial bin (pixels) of the encircled-energy curve
 EE_OVERSAMPLE = 5         # uniform sub-samples per pixel side for the encircled energy
+HALO_MAX_CELLS = 63          # coarse halo kernels have at most this many cells per side
 
 
 @dataclass
@@ -50,11 +64,24 @@ class PSFGrid:
         field_deg: float64 (G, G, 2): the node's field angle θ split along the sensor axes,
             ``(θ·cos(azimuth), θ·sin(azimuth))`` in degrees (x right, y down); ``hypot`` gives θ.
         spec: the lens and sensor.
+        halo: float32 (3, G, G, Kc, Kc) or None: the light of each PSF outside its K × K window,
+            summed over ``halo_bin_px × halo_bin_px`` pixel cells, the image point at the centre of
+            cell (Kc//2, Kc//2) (module docstring); None for a grid without one (made by hand).
+        halo_bin_px: b, the side of a halo cell in pixels (odd).
     """
 
     psfs: np.ndarray
     field_deg: np.ndarray
     spec: MetalensSpec
+    halo: np.ndarray | None = None
+    halo_bin_px: int = 1
+
+    def energy(self) -> np.ndarray:
+        """(3, G, G) float64: the fraction of the light entering the aperture held by core + halo."""
+        total = self.psfs.astype(np.float64).sum(axis=(-2, -1))
+        if self.halo is not None:
+            total += self.halo.astype(np.float64).sum(axis=(-2, -1))
+        return total
 
 
 def node_offsets_px(spec: MetalensSpec) -> np.ndarray:
@@ -74,6 +101,24 @@ def node_field_deg(spec: MetalensSpec) -> np.ndarray:
     return np.stack([theta * cos_az, theta * sin_az], axis=-1)
 
 
+def halo_layout(spec: MetalensSpec) -> tuple[int, int, int]:
+    """``(Kh, b, Kc)``: the halo window side (px, odd), its cell side (px, odd), cells per side (odd).
+
+    ``Kh = 2·image_size − 1``, the window that holds every pixel of the sensor a point on it can
+    send light to, at most what the simulation grid allows
+    (:func:`~dmdiff.optics.propagation.largest_window_px`: only for sensors of thousands of
+    pixels) and at least ``K``; ``b`` the smallest odd cell with at most
+    :data:`HALO_MAX_CELLS` cells per side; ``Kc·b >= Kh``.
+    """
+    kh = min(2 * spec.image_size_px - 1, largest_window_px(spec, spec.pitch_m))
+    kh = max(spec.psf_size_px, kh)
+    b = math.ceil(kh / HALO_MAX_CELLS)
+    b += 1 - b % 2
+    kc = math.ceil(kh / b)
+    kc += 1 - kc % 2
+    return kh, b, kc
+
+
 def default_cache_dir() -> Path:
     """``$DMDIFF_CACHE`` if set, else ``~/.cache/dmdiff/psf``."""
     env = os.environ.get("DMDIFF_CACHE")
@@ -88,21 +133,25 @@ def psf_grid(spec: MetalensSpec, cache_dir: str | os.PathLike | None = None,
     defaults to :func:`default_cache_dir`), written atomically. ``progress`` shows a tqdm bar.
     """
     g, k = spec.grid_size, spec.psf_size_px
+    _, b, kc = halo_layout(spec)
     path = Path(cache_dir or default_cache_dir()) / f"psfgrid-{spec.cache_key()}.safetensors"
-    data = _read(path, {"psfs": (3, g, g, k, k), "field_deg": (g, g, 2)})
+    data = _read(path, {"psfs": (3, g, g, k, k), "field_deg": (g, g, 2), "halo": (3, g, g, kc, kc)})
     if data is None:
-        data = {"psfs": _compute_psfs(spec, progress), "field_deg": node_field_deg(spec)}
+        psfs, halo = _compute_psfs(spec, progress)
+        data = {"psfs": psfs, "field_deg": node_field_deg(spec), "halo": halo}
         try:
             _write(path, data, spec)
         except OSError as exc:   # a read-only or full cache is not fatal: the grid is recomputed next time
             warnings.warn(f"could not cache the PSF grid in {path} ({exc.strerror or exc}); it will be "
                           "computed again next time (set DMDIFF_CACHE to a writable folder)", stacklevel=2)
-    return PSFGrid(data["psfs"].astype(np.float32), data["field_deg"].astype(np.float64), spec)
+    return PSFGrid(data["psfs"].astype(np.float32), data["field_deg"].astype(np.float64), spec,
+                   data["halo"].astype(np.float32), b)
 
 
-def _compute_psfs(spec: MetalensSpec, progress: bool) -> np.ndarray:
-    """float32 (3, G, G, K, K) PSFs; see the module docstring for the method."""
+def _compute_psfs(spec: MetalensSpec, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (3, G, G, K, K) cores and (3, G, G, Kc, Kc) halos; see the module docstring."""
     g = spec.grid_size
+    kh, b, kc = halo_layout(spec)
     # squared node radius in units of (W / 2G) px: exact integers, so equal radii match exactly
     units = 2 * np.arange(g) + 1 - g
     radii2, node_radius = np.unique(units[None, :] ** 2 + units[:, None] ** 2, return_inverse=True)
@@ -111,33 +160,45 @@ def _compute_psfs(spec: MetalensSpec, progress: bool) -> np.ndarray:
     fields = np.degrees(np.arctan(radii_m / spec.focal_length_m))
     x, y = np.meshgrid(units, units)                     # node direction, x right, y down
     out = np.empty((3, g, g, spec.psf_size_px, spec.psf_size_px), np.float32)
+    halo = np.empty((3, g, g, kc, kc), np.float32)
+    core = slice((kh - spec.psf_size_px) // 2, (kh + spec.psf_size_px) // 2)
+    pad = (kc * b - kh) // 2
     total = 3 * spec.wavelengths_per_channel * len(fields)
     with tqdm(total=total, desc="PSF grid", unit="psf", disable=not progress) as bar:
         for c in range(3):
-            fine, k = _radial_intensities(spec, c, fields, bar)
+            fine, wide, k = _radial_intensities(spec, c, fields, kh, bar)
             for i, j in np.ndindex(g, g):
                 r = math.hypot(x[i, j], y[i, j])
                 cos_az, sin_az = (x[i, j] / r, y[i, j] / r) if r > 0 else (1.0, 0.0)
                 out[c, i, j] = _rotated_binned(fine[node_radius[i, j]], cos_az, sin_az, k)
-    return out
+                outer = wide[node_radius[i, j]].copy()
+                outer[core, core] = 0.0         # the core's light, before rotation: no overlap
+                outer = _rotated_binned(outer, cos_az, sin_az, 1)
+                halo[c, i, j] = bin_pixels(np.pad(outer, pad), b)
+    return out, halo
 
 
-def _radial_intensities(spec: MetalensSpec, c: int, fields: np.ndarray, bar) -> tuple[np.ndarray, int]:
-    """Channel-averaged fine intensities for fields along +x, (len(fields), n_win, n_win), and k."""
+def _radial_intensities(spec: MetalensSpec, c: int, fields: np.ndarray, halo_px: int,
+                        bar) -> tuple[np.ndarray, np.ndarray, int]:
+    """Channel averages for fields along +x: fine core intensities (len(fields), n_win, n_win),
+    pixel-sampled halo windows (len(fields), halo_px, halo_px), and k."""
     lams = spec.wavelengths(c)
-    acc = None
+    acc = wide = None
     for lam in lams:
         lens = LensSpectrum(spec, lam, spec.psf_size_px, spec.pitch_m)   # same k for all bands
+        far = LensSpectrum(spec, lam, halo_px, spec.pitch_m, pixel_sampled=True)
         if acc is None:
             acc = np.zeros((len(fields), lens.n_win, lens.n_win))
+            wide = np.zeros((len(fields), halo_px, halo_px))
         for ri, field in enumerate(fields):
             acc[ri] += lens.intensity(field) / len(lams)
+            wide[ri] += far.pixel_samples(field) / len(lams)
             bar.update()
-    return acc, lens.k
+    return acc, wide, lens.k
 
 
 def _rotated_binned(fine: np.ndarray, cos_az: float, sin_az: float, k: int) -> np.ndarray:
-    """Rotate a fine-sampled PSF (field along +x) so +x points to the azimuth, then bin k × k.
+    """Rotate a sampled PSF (field along +x) so +x points to the azimuth, then bin k × k.
 
     The result is rescaled to the energy of the unrotated window.
     """

@@ -35,7 +35,8 @@ Numerics.
   instead would wrongly drop the light that the outer lens zones send to the focus.)
 * Speed: the lens field is even in x and y, so its spectrum comes from a quadrant via two
   type-I DCTs; only the kept spectrum block enters a pruned inverse FFT (columns along y, then
-  only the window rows along x). The default 7 × 7 × 15-wavelength grid takes well under a minute.
+  only the window rows along x). The default 7 × 7 × 15-wavelength grid of cores takes well under a
+  minute; its halos (2N − 1 = 511-px windows) a few minutes more.
 * Normalisation: by the power entering the aperture (number of lens samples inside R, |u| = 1),
   so a window sums to the fraction of that power it receives, <= 1. Evanescent waves (a few
   1e-3 from the sharp aperture edge and, off the design wavelength, the phase-wrap steps) carry
@@ -68,6 +69,17 @@ def _check_args(wavelength_m: float, size_px: int, pitch_m: float) -> None:
         raise SpecError(f"size_px must be a positive odd integer, got {size_px!r}")
     if not (0 < pitch_m <= 1e-3):
         raise SpecError(f"pitch_m must be in (0, 0.001] m, got {pitch_m:g}")
+
+
+def largest_window_px(spec: MetalensSpec, pitch_m: float) -> int:
+    """The largest odd window (px) whose simulation grid stays within :data:`MAX_GRID` (with 5 %
+    to spare for the rounding to a fast FFT length) at every wavelength of the spec's bands."""
+    dx, k = simulation_pitch(spec, spec.min_wavelength_m, pitch_m)
+    longest = max(hi for _, hi in spec.bands_m)
+    margin = MARGIN_FRESNEL * math.sqrt(longest * spec.focal_length_m)
+    lens = 2 * math.ceil(spec.aperture_diameter_m / 2 / dx) + 1 + 2 * math.ceil(margin / dx)
+    size = int((0.95 * MAX_GRID - lens) // k)
+    return max(1, size - 1 + size % 2)
 
 
 def simulation_pitch(spec: MetalensSpec, wavelength_m: float, pitch_m: float) -> tuple[float, int]:
@@ -115,7 +127,7 @@ class LensSpectrum:
     """
 
     def __init__(self, spec: MetalensSpec, wavelength_m: float, size_px: int, pitch_m: float,
-                 ideal: bool = False):
+                 ideal: bool = False, pixel_sampled: bool = False):
         _check_args(wavelength_m, size_px, pitch_m)
         self.spec, self.wavelength_m, self.size_px = spec, float(wavelength_m), int(size_px)
         self.dx, self.k = simulation_pitch(spec, wavelength_m, pitch_m)
@@ -123,7 +135,8 @@ class LensSpectrum:
         self.radius_px = math.ceil(spec.aperture_diameter_m / 2 / self.dx)   # lens: |j| <= this
         margin = MARGIN_FRESNEL * math.sqrt(wavelength_m * spec.focal_length_m)
         n_min = 2 * self.radius_px + 1 + self.n_win + 2 * math.ceil(margin / self.dx)
-        n = 2 * sfft.next_fast_len(math.ceil(n_min / 2))         # even: the DCT-I route needs it
+        step = 2 * self.k if pixel_sampled else 2       # even (DCT-I); pixel sampling folds by k
+        n = step * sfft.next_fast_len(math.ceil(n_min / step))
         if n > MAX_GRID:
             raise SpecError(
                 f"the simulation grid would be {n} x {n} samples (limit {MAX_GRID}); reduce "
@@ -183,7 +196,10 @@ class LensSpectrum:
         weight *= propagating
         phase = (2 * np.pi * z / lam) * (1 / inv_root - 1)
         phase += (2 * np.pi * x0 / length) * kx[None, :]
-        return kx, n_up, weight * np.exp(1j * phase)
+        h = np.empty(phase.shape, np.complex128)      # weight·exp(i·phase), via cos and sin: a complex
+        np.multiply(weight, np.cos(phase), out=h.real)   # exp is several times slower
+        np.multiply(weight, np.sin(phase), out=h.imag)
+        return kx, n_up, h
 
     def intensity(self, field_deg: float = 0.0, distance_m: float | None = None) -> np.ndarray:
         """Fine-sampled intensity (float64, (n_win, n_win)), normalised by the aperture power.
@@ -216,6 +232,46 @@ class LensSpectrum:
     def psf(self, field_deg: float = 0.0, distance_m: float | None = None) -> np.ndarray:
         """Pixel-integrated PSF (float64, (size_px, size_px)), centre pixel on the chief ray."""
         return bin_pixels(self.intensity(field_deg, distance_m), self.k)
+
+    def pixel_samples(self, field_deg: float = 0.0) -> np.ndarray:
+        """The PSF on the sensor at ``f`` sampled once per pixel (float64, (size_px, size_px)).
+
+        Each pixel gets ``k²`` times the intensity at its centre sample (for even ``k`` the
+        sample half a lens-plane step past the centre) instead of the sum of its ``k × k``
+        samples: the pixel integral of light that varies slowly across a pixel (a halo), at
+        about ``1/k²`` of the inverse-FFT work of :meth:`psf`. Sampling every ``k``-th output
+        point of a length-``n`` inverse DFT equals a length-``n/k`` inverse DFT of the spectrum
+        folded modulo ``n/k``, so the lens spectrum must be built with ``pixel_sampled=True``
+        (``n`` a multiple of ``2k``).
+        """
+        k, n = self.k, self.n
+        if n % k:
+            raise ValueError("pixel_samples needs a LensSpectrum built with pixel_sampled=True")
+        m = n // k
+        theta = math.radians(field_deg)
+        x0 = self.spec.focal_length_m * math.tan(theta) + self.half_sample
+        kx, n_up, h = self._band(self.spec.focal_length_m, x0, math.sin(theta) / self.wavelength_m)
+        s0 = k // 2 - self.n_win // 2                  # FFT index of pixel 0's centre sample
+        upper = self.quadrant[:n_up + 1, np.abs(kx)] * h * np.exp(2j * np.pi * s0 / n * kx)[None, :]
+        columns = _fold(upper, int(kx[0]), m, axis=1)                  # (n_up + 1, m)
+        ky = np.arange(-n_up, n_up + 1)
+        shift = np.exp(2j * np.pi * (self.half_sample / self.dx + s0) / n * ky)
+        spectrum = _fold(columns[np.abs(ky)] * shift[:, None], -n_up, m, axis=0)   # (m, m)
+        out = sfft.ifft2(spectrum, workers=FFT_WORKERS)[:self.size_px, :self.size_px]
+        # the length-m inverse DFT carries 1/m² where the field needs 1/n² = 1/(k²m²): the
+        # intensity is 1/k⁴ of |out|², times k² for the pixel's area
+        return (out.real ** 2 + out.imag ** 2) / (self.power * k * k)
+
+
+def _fold(a: np.ndarray, first: int, m: int, axis: int) -> np.ndarray:
+    """Sum the entries of ``a`` along ``axis`` (signed frequency indices ``first, first + 1, …``)
+    into ``m`` bins by index modulo ``m``."""
+    a = np.moveaxis(a, axis, -1)
+    start = (first // m) * m
+    length = -(-(first + a.shape[-1] - start) // m) * m
+    padded = np.zeros(a.shape[:-1] + (length,), a.dtype)
+    padded[..., first - start:first - start + a.shape[-1]] = a
+    return np.moveaxis(padded.reshape(a.shape[:-1] + (length // m, m)).sum(axis=-2), -1, axis)
 
 
 def _taper(d: np.ndarray, reach: float, width: float) -> np.ndarray:
