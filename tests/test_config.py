@@ -350,6 +350,7 @@ def test_check_device_support(monkeypatch):
     ({"adversarial": 0.1}, r"^adversarial: .* matches none of"),
     ({"recipe": {"stage2": {"adversarial": {"lr": -1.0}}}}, r"^recipe.stage2: adversarial.lr must be a positive"),
     ({"loss_by_path": {"neutrl": {"lpips": 0}}}, r"^loss_by_path: unknown path 'neutrl'; the paths are positive"),
+    ({"loss_by_path": {"": None, 0: None}}, r"^loss_by_path: unknown path ''; the paths are positive"),
     ({"loss_by_path": {"neutral": 3}}, r"^loss_by_path.neutral: expected a mapping of loss weights, got int"),
     ({"loss_by_path": {"neutral": {"lpips_net": "alex"}}}, r"^loss_by_path.neutral.lpips_net: only the weights"),
     ({"loss_by_path": {"neutral": {"mse": "a lot"}}}, r"^loss_by_path.neutral.mse: expected a number"),

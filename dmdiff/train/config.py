@@ -398,7 +398,7 @@ class TrainConfig:
             ConfigError: an unknown path, a key other than :data:`PATH_LOSS_KEYS`, or a bad value
                 (named ``loss_by_path.<path>.<key>``).
         """
-        unknown = sorted(set(self.loss_by_path) - set(PATHS))
+        unknown = sorted(set(self.loss_by_path) - set(PATHS), key=repr)
         if unknown:
             raise ConfigError(f"loss_by_path: unknown path {unknown[0]!r}; the paths are {', '.join(PATHS)}")
         out = {}
