@@ -157,13 +157,8 @@ class SpatiallyVaryingBlur:
         Returns:
             ``(B, C, H, W)`` tensor, same dtype and device as ``x``.
         """
-        channels = self.psfs.shape[0]
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"x must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        height, width = x.shape[-2:]
-        plan = self._get_plan(height, width, padding, x.dtype, x.device)
+        channels, (height, width) = self.psfs.shape[0], x.shape[-2:]
+        plan = self._checked_plan(x, "x", padding)
         rows, cols = plan.rows, plan.cols
         canvas = x.new_zeros(x.shape[0], channels, rows.canvas, cols.canvas)
         for i, row_start in enumerate(rows.starts):
@@ -174,6 +169,16 @@ class SpatiallyVaryingBlur:
             for j, col_start in enumerate(cols.starts):
                 canvas[:, :, rows_out, col_start : col_start + blurred.shape[-1]] += blurred[:, :, j]
         return canvas[:, :, rows.crop : rows.crop + height, cols.crop : cols.crop + width]
+
+    def _checked_plan(self, t: torch.Tensor, name: str, padding: str) -> "_Plan":
+        """The plan for ``t`` (``(B, C, H, W)``, ``C`` = the PSFs' channels) and ``padding``;
+        ``ValueError`` naming ``name`` for another shape or an unknown padding."""
+        channels = self.psfs.shape[0]
+        if t.ndim != 4 or t.shape[1] != channels:
+            raise ValueError(f"{name} must have shape (B, {channels}, H, W), got {tuple(t.shape)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        return self._get_plan(t.shape[-2], t.shape[-1], padding, t.dtype, t.device)
 
     def adjoint(self, y: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
         """The adjoint (transpose) of :meth:`__call__`: ``x' = Σ_k w_k ⊙ (h̃_k ⋆ y)`` folded back.
@@ -191,13 +196,8 @@ class SpatiallyVaryingBlur:
         Returns:
             ``(B, C, H, W)`` tensor, same dtype and device as ``y``.
         """
-        channels = self.psfs.shape[0]
-        if y.ndim != 4 or y.shape[1] != channels:
-            raise ValueError(f"y must have shape (B, {channels}, H, W), got {tuple(y.shape)}")
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-        height, width = y.shape[-2:]
-        plan = self._get_plan(height, width, padding, y.dtype, y.device)
+        channels, (height, width) = self.psfs.shape[0], y.shape[-2:]
+        plan = self._checked_plan(y, "y", padding)
         rows, cols = plan.rows, plan.cols
         ky, kx = self.psfs.shape[-2:]
         canvas = y.new_zeros(y.shape[0], channels, rows.canvas, cols.canvas)
