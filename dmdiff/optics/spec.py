@@ -18,7 +18,7 @@ from dmdiff.errors import DmdiffError
 
 #: Version of the PSF model (propagation + grid code). Bump it whenever a change to the physics or
 #: numerics changes computed PSFs, so that disk caches keyed by :meth:`MetalensSpec.cache_key` miss.
-OPTICS_MODEL_VERSION = 3
+OPTICS_MODEL_VERSION = 4
 
 CHANNELS = ("R", "G", "B")
 
