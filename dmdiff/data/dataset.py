@@ -37,7 +37,7 @@ from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.grid import psf_grid
 from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "dataset_central_psf", "images_by_stem",
+__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "image_lens_spec", "dataset_central_psf", "images_by_stem",
            "DEAD_LEAVES", "image_source"]
 
 
@@ -106,6 +106,29 @@ def read_lens(root: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, an integer too long to read
         raise DmdiffError(f"{path}: unreadable lens.json ({e})") from None
+
+
+def image_lens_spec(meta: dict | None, name: str) -> MetalensSpec | None:
+    """The lens that captured image ``name`` of a dataset whose ``lens.json`` is ``meta``.
+
+    A lens-family dataset (``dmdiff simulate`` with a ``family``) records one lens per image:
+    ``meta["images"][name]["lens"]`` names an entry of ``meta["lenses"]``, whose ``"spec"`` is the
+    lens. A single-lens dataset has one ``meta["spec"]`` for all images. None without either
+    (real captures).
+
+    Raises:
+        DmdiffError: a family dataset that does not know ``name`` or names a lens it does not list.
+    """
+    if not isinstance(meta, dict):
+        return None
+    if "lenses" not in meta:
+        return MetalensSpec.from_dict(meta["spec"]) if "spec" in meta else None
+    entry = meta.get("images", {}).get(name)
+    lens = entry.get("lens") if isinstance(entry, dict) else None
+    if lens not in meta["lenses"]:
+        raise DmdiffError(f"lens.json: image {name!r} has no lens of the family "
+                          f"({'not in its images' if entry is None else f'lens {lens!r} not listed'})")
+    return MetalensSpec.from_dict(meta["lenses"][lens]["spec"])
 
 
 def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
