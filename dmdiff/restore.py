@@ -30,12 +30,21 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   of a dmdiff dataset (:mod:`dmdiff.data.simulate`) and that file exists, else none (SVDA then
   sets its maps-missing flag: right for real captures); ``"none"`` never uses maps; a ``.npy``
   path uses that array for every input. Each tile gets the maps resampled to its own window.
+* **Lens** (``lens=FILE``, ``--lens FILE``; not with ``--maps none`` or a ``.npy``): the maps are
+  computed from the lens of each capture (:mod:`dmdiff.data.lens`): ``FILE`` is a YAML/JSON file of
+  :class:`~dmdiff.optics.spec.MetalensSpec` fields with an optional ``noise: [shot, read]``, or a
+  dataset's ``lens.json`` (a lens family's gives each image the lens recorded for its name stem, and
+  its noise). Without noise levels the middle of the simulation's is assumed (a warning says so).
+  The PSF grid of each distinct lens is computed (progress bar; or loaded from the disk cache) once,
+  before the first image. An image of another size than the lens's sensor is taken as the whole
+  sensor at another resolution (a non-square one as its centred crop): the PSF widths are scaled
+  (warned once). An image that a family's ``lens.json`` does not list fails alone.
 * **Colour correction** against the input (:mod:`dmdiff.model.color`), ``"auto"`` by default:
   none for a model with a colour anchor, ``"lowpass"`` for one without.
 * **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
   orientations (rotations by 90° and mirrorings, maps turned alike) and the results averaged
   (:mod:`dmdiff.model.ensemble`: 8× the time; sound for lenses symmetric about the optical axis).
-* **Failures** of one file (unreadable image, bad maps, too small) do not stop a folder run: the
+* **Failures** of one file (unreadable image, bad maps, too small, no lens) do not stop a folder run: the
   rest continue, the failures are listed at the end and the exit status is 1.
 * **Throughput.** The model is loaded once per run. In a folder run the next image is read,
   decoded and prepared (its colour anchor computed) in a reader thread, and the previous one
@@ -46,9 +55,12 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   the other, with torch's default threads; the outputs are the same. ``dmdiff bench restore``
   times both.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
-  colour correction, maps option, device, ``settings`` (what ``--resume`` compares), ``written``
-  (every output of dmdiff restore in the folder, of this run and earlier ones, with its sha256),
-  and per file of this run its status, size, tile count, maps used, seconds and error.
+  colour correction, maps option (``"lens"`` with a lens file), lens file, device, ``settings``
+  (what ``--resume`` compares: with a lens, its file), ``written`` (every output of dmdiff restore
+  in the folder, of this run and earlier ones, with its sha256), and per file of this run its
+  status, size, tile count, maps used, seconds and error; with a lens, its ``lens`` record (file,
+  family lens name, spec cache key, noise and whether it was assumed: ``--resume`` redoes an image
+  whose record changed) and the ``psf_scale`` applied to its PSF widths.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +80,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmdiff.data.dataset import images_by_stem
+from dmdiff.data.lens import CaptureLens, LensFile, LensMaps, LensWarning
 from dmdiff.device import resolve_device, torch_threads
 from dmdiff.errors import (
     EXIT_PARTIAL,
@@ -84,6 +98,7 @@ from dmdiff.model.color import (
 from dmdiff.model.dmdiff import RestoreLatents, check_alpha
 from dmdiff.model.pipeline import CONFIG_FILE, TRAINABLE_FILE, PreparedImage
 from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, check_tiling
+from dmdiff.optics.sensor import noise_std
 from dmdiff.outputs import (
     atomic_write_bytes,
     clean_stale_temp_files,
@@ -94,7 +109,7 @@ from dmdiff.overlap import run_stages
 from dmdiff.runinfo import provenance
 from dmdiff.runs import load_pipeline
 
-__all__ = ["REPORT_FILE", "list_inputs", "output_paths", "load_maps", "find_maps", "previous_report",
+__all__ = ["REPORT_FILE", "list_inputs", "output_paths", "load_maps", "find_maps", "input_lenses", "previous_report",
            "written_outputs", "check_outputs", "model_digest", "restore", "main"]
 
 REPORT_FILE = "restore.json"
@@ -244,6 +259,48 @@ def check_outputs(outputs: list[Path], written: dict[str, str | None], overwrite
 
 
 @dataclass
+class _InputMaps:
+    """Where the inputs' optics maps come from: their lenses (``--lens``: ``lenses`` holds each input's
+    lens, or the error saying why it has none; ``cameras`` computes the maps), else the ``--maps``
+    ``option`` (``shared``: the array of a ``.npy`` file)."""
+
+    option: str
+    shared: np.ndarray | None = None
+    lenses: dict[Path, CaptureLens | DmdiffError] | None = None
+    cameras: LensMaps | None = None
+
+    def of(self, source: Path, image_hw: tuple[int, int], entry: dict[str, Any]) -> np.ndarray | None:
+        """The maps of the input ``source``, an image of ``image_hw`` px; what was used goes into its
+        report ``entry``.
+
+        Raises:
+            DmdiffError: no lens for it, or an unreadable maps file.
+        """
+        if self.lenses is not None:
+            lens = self.lenses[source]
+            if isinstance(lens, DmdiffError):
+                raise lens
+            maps, scale = self.cameras.maps(lens, image_hw, source.name)
+            entry.update(maps=lens.file, lens=lens.record(), psf_scale=scale)
+            return maps
+        maps_file = find_maps(source, self.option)
+        entry["maps"] = None if maps_file is None else str(maps_file)
+        return self.shared if self.shared is not None or maps_file is None else load_maps(maps_file)
+
+
+def input_lenses(lens: LensFile, inputs: list[Path]) -> dict[Path, CaptureLens | DmdiffError]:
+    """Each input's lens from the lens file (by its name stem), or the DmdiffError saying why it has
+    none (that input then fails alone)."""
+    out: dict[Path, CaptureLens | DmdiffError] = {}
+    for source in inputs:
+        try:
+            out[source] = lens.lens_of(source.stem)
+        except DmdiffError as e:
+            out[source] = e
+    return out
+
+
+@dataclass
 class _Job:
     """One input on its way through the stages of a folder run: its report ``entry`` and what the
     stages made of it so far (``seconds``: the time they spent on it, summed)."""
@@ -278,9 +335,8 @@ class _FolderRun:
     later stages pass it on; a full disk stops the run.
     """
 
-    def __init__(self, pipe, settings: dict, maps: str, shared_maps: np.ndarray | None, record: dict, out: Path,
-                 bar):
-        self.pipe, self.settings, self.maps, self.shared_maps = pipe, settings, maps, shared_maps
+    def __init__(self, pipe, settings: dict, maps: _InputMaps, record: dict, out: Path, bar):
+        self.pipe, self.settings, self.maps = pipe, settings, maps
         self.record, self.out, self.bar = record, out, bar
 
     def read(self, job: tuple[Path, Path, dict | None]) -> _Job:
@@ -295,9 +351,7 @@ class _FolderRun:
         image = read_image(job.source)
         check_min_size(image, self.pipe.model.config.grid_size, "SVDA grid", path=job.source)
         job.entry["size"] = list(image.shape[:2])
-        maps_file = find_maps(job.source, self.maps)
-        job.entry["maps"] = None if maps_file is None else str(maps_file)
-        maps = self.shared_maps if self.shared_maps is not None or maps_file is None else load_maps(maps_file)
+        maps = self.maps.of(job.source, image.shape[:2], job.entry)
         job.prepared = self.pipe.prepare(image, maps, anchor=not self.settings["self_ensemble"])
 
     def compute(self, job: _Job) -> _Job:
@@ -380,20 +434,22 @@ def model_digest(pipeline_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _finished(report: dict | None, settings: dict, written: dict[str, str | None], out: Path) -> dict[str, dict]:
-    """``{input path: entry}`` of the images a previous run with the same ``settings`` restored and
-    whose outputs are still as written (what ``--resume`` skips)."""
+def _finished(report: dict | None, settings: dict, written: dict[str, str | None], out: Path,
+              lenses: dict[str, dict]) -> dict[str, dict]:
+    """``{input path: entry}`` of the images a previous run with the same ``settings`` restored, with the
+    lens record ``lenses[input]`` (none without a lens file), and whose outputs are still as written
+    (what ``--resume`` skips)."""
     if report is None or report.get("settings") != settings:
         return {}
     return {e["input"]: e for e in report["files"]
             if e.get("status") == "ok" and e.get("output") and written.get(Path(e["output"]).name)
-            and _ours(out / Path(e["output"]).name, written)}
+            and e.get("lens") == lenses.get(e["input"]) and _ours(out / Path(e["output"]).name, written)}
 
 
 def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: float | None = None,
             tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX, color: str = DEFAULT_COLOR_CORRECTION,
-            maps: str = "auto", bits: int = 8, self_ensemble: bool = False, device: str | None = None,
-            model_path: str | None = None, overwrite: bool = False, resume: bool = False,
+            maps: str = "auto", lens: str | Path | None = None, bits: int = 8, self_ensemble: bool = False,
+            device: str | None = None, model_path: str | None = None, overwrite: bool = False, resume: bool = False,
             sequential: bool = False, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
 
@@ -406,6 +462,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         tile, overlap: tile side and minimum overlap in pixels (:func:`dmdiff.model.tiling.check_tiling`).
         color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
+        lens: a lens file (spec YAML/JSON, or a dataset's ``lens.json``) to compute each input's maps
+            from, instead of ``maps`` (which must then be ``"auto"``; module docstring).
         bits: 8 or 16 bits per output sample.
         self_ensemble: average the restorations of the 8 orientations of each image.
         device: torch device (default: CUDA when available, else CPU).
@@ -417,13 +475,14 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
             overlapping the reading of the next image and the writing of the previous one with
             each restore (:mod:`dmdiff.overlap`; a single image is always restored sequentially).
         threads: torch's intra-op CPU threads during the run (None: :func:`default_threads`).
-        progress: a tqdm bar over the images (with the tile count of the current one).
+        progress: a tqdm bar over the images (with the tile count of the current one), and one while
+            a lens's PSF grid is computed.
 
     Returns:
         The ``restore.json`` record; ``record["failed"]`` counts the images that could not be restored.
 
     Raises:
-        DmdiffError: bad arguments, model, inputs or output folder (nothing is written then).
+        DmdiffError: bad arguments, model, inputs, lens file or output folder (nothing is written then).
     """
     if alpha is not None:
         alpha = check_alpha(alpha)
@@ -433,12 +492,16 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         raise ConfigError(f"--bits must be 8 or 16, got {bits!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    if lens is not None and maps != "auto":
+        raise ConfigError(f"--lens and --maps {maps} both give the optics maps: use one of them "
+                          "(--lens computes the maps from the lens)")
     inputs = list_inputs(images)
     outputs = output_paths(images, inputs, out)
     out = Path(out)
     report = previous_report(out)
     written = written_outputs(report)
     check_outputs(outputs, written, overwrite)
+    lens_file = None if lens is None else LensFile(lens)
     shared_maps = load_maps(maps) if maps not in ("auto", "none") else None
     device = resolve_device(device)
     loaded = load_pipeline(model, device=device, model_path=model_path)
@@ -450,7 +513,17 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     settings = {"model": str(pipeline_dir.resolve()), "model_sha256": model_digest(pipeline_dir), "alpha": alpha,
                 "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
                 "self_ensemble": bool(self_ensemble)}
-    finished = _finished(report, settings, written, out) if resume else {}
+    lenses = None
+    if lens_file is not None:
+        settings.update(maps="lens", lens=str(lens_file.path.resolve()))
+        lenses = input_lenses(lens_file, inputs)
+    records = {str(s): v.record() for s, v in (lenses or {}).items() if isinstance(v, CaptureLens)}
+    finished = _finished(report, settings, written, out, records) if resume else {}
+    input_maps = _InputMaps(maps, shared_maps, lenses, None if lenses is None else LensMaps(progress=progress))
+    if lenses is not None:                  # each distinct lens's PSF grid, before the first image
+        todo = [v for s, v in lenses.items() if isinstance(v, CaptureLens) and str(s) not in finished]
+        _warn_assumed_noise(lens_file, todo)
+        input_maps.cameras.prepare(v.spec for v in todo)
     overlapped = not sequential and len(inputs) - len(finished) > 1
     if threads is None:
         threads = default_threads(device, overlapped)
@@ -458,7 +531,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     record: dict[str, Any] = {
         "format": REPORT_FORMAT, "format_version": 1,
         "model": str(pipeline_dir), "run": None if run is None else str(run), "preset": net.config.preset,
-        "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": maps, "bits": bits,
+        "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": settings["maps"],
+        "lens": None if lens_file is None else str(lens_file.path), "bits": bits,
         "self_ensemble": bool(self_ensemble), "device": str(device), "overlapped": overlapped,
         "torch_threads": torch.get_num_threads() if threads is None else threads,
         "settings": settings, "files": [], "failed": 0, "written": written, "provenance": provenance(),
@@ -471,11 +545,22 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         raise unwritable(out, e) from None
     jobs = [(source, target, finished.get(str(source))) for source, target in zip(inputs, outputs)]
     bar = tqdm(total=len(jobs), desc="dmdiff restore", unit="image", disable=not progress)
-    run = _FolderRun(pipe, settings, maps, shared_maps, record, out, bar)
+    run = _FolderRun(pipe, settings, input_maps, record, out, bar)
     with torch_threads(threads):
         run_stages(jobs, run.read, run.compute, run.write, overlap=overlapped)
     bar.close()
     return record
+
+
+def _warn_assumed_noise(lens_file: LensFile, lenses: list[CaptureLens]) -> None:
+    """Say which noise levels were assumed for the captures the lens file gives none for."""
+    assumed = [v for v in lenses if v.noise_assumed]
+    if assumed:
+        shot, read = assumed[0].noise
+        warnings.warn(f"--lens {lens_file.path}: no noise levels for {len(assumed)} image(s): assumed "
+                      f"[shot, read] = [{shot:.3g}, {read:.3g}], the middle of the levels dmdiff simulate draws (a "
+                      f"noise std of {noise_std(0.5, shot, read):.3g} at mid grey); a lens spec file may give "
+                      "noise: [shot, read]. Recorded per image in restore.json", LensWarning, stacklevel=3)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -497,6 +582,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with a colour anchor, which keeps the input's large-scale colours itself, else lowpass)")
     parser.add_argument("--maps", default="auto", metavar="auto|none|FILE.npy",
                         help="optics maps: auto (DATA/maps/<name>.npy for DATA/lr_*/ inputs), none, or one .npy for all")
+    parser.add_argument("--lens", default=None, metavar="FILE",
+                        help="compute the optics maps from the lens instead of --maps: a YAML/JSON file of "
+                             "MetalensSpec fields with an optional noise: [shot, read] (else the middle of the "
+                             "simulation's noise is assumed), or a dataset's lens.json (each image's lens and noise "
+                             "by its name); images of another size are taken as the whole sensor, PSF widths scaled")
     parser.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default %(default)s)")
     parser.add_argument("--self-ensemble", action="store_true",
                         help="average the restorations of the 8 rotations/mirrorings of each image (8× the time; "
@@ -519,12 +609,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
-    maps, bits, self_ensemble, device, threads, sequential, model_path, overwrite, resume, no_progress).
+    maps, lens, bits, self_ensemble, device, threads, sequential, model_path, overwrite, resume, no_progress).
     Exit status 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when an image failed."""
     if args.threads is not None and args.threads < 1:
         raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
-                     color=args.color_correct, maps=args.maps, bits=args.bits,
+                     color=args.color_correct, maps=args.maps, lens=args.lens, bits=args.bits,
                      self_ensemble=args.self_ensemble, device=args.device, model_path=args.model_path,
                      overwrite=args.overwrite, resume=args.resume, sequential=args.sequential,
                      threads=args.threads, progress=not args.no_progress)

@@ -26,11 +26,13 @@ import torch
 __all__ = [
     "srgb_to_linear", "linear_to_srgb", "sample_noise_levels", "noise_std", "add_sensor_noise",
     "quantize", "white_balance", "isp", "smooth_noise_field", "pseudo_noise_augment",
-    "SHOT_RANGE",
+    "SHOT_RANGE", "typical_noise_levels",
 ]
 
 #: Brooks et al. (2019) range of the shot-noise variance factor λ_shot.
 SHOT_RANGE = (1e-4, 1.2e-2)
+#: Brooks et al. (2019) read noise given the shot noise: ``log λ_read = SLOPE·log λ_shot + OFFSET + N(0, STD²)``.
+READ_SLOPE, READ_OFFSET, READ_LOG_STD = 2.18, 1.20, 0.26
 
 
 def _is_torch(x) -> bool:
@@ -78,8 +80,20 @@ def sample_noise_levels(rng: np.random.Generator, shot_range: tuple[float, float
     if not 0 < lo <= hi:
         raise ValueError(f"shot_range must satisfy 0 < lo <= hi, got {shot_range}")
     log_shot = rng.uniform(math.log(lo), math.log(hi))
-    log_read = 2.18 * log_shot + 1.20 + rng.normal(0.0, 0.26)
+    log_read = READ_SLOPE * log_shot + READ_OFFSET + rng.normal(0.0, READ_LOG_STD)
     return float(math.exp(log_shot)), float(math.exp(log_read))
+
+
+def typical_noise_levels(shot_range: tuple[float, float] = SHOT_RANGE) -> tuple[float, float]:
+    """The middle of :func:`sample_noise_levels`' distribution: ``(λ_shot, λ_read)`` with ``λ_shot``
+    the geometric mean of ``shot_range`` (the median of its log-uniform draw) and ``λ_read`` the median
+    read noise at that shot noise, ``exp(2.18·log λ_shot + 1.20)``. For the default range:
+    about ``(1.10e-3, 1.17e-6)``, a noise std of 0.023 at mid grey (0.5 linear)."""
+    lo, hi = shot_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"shot_range must satisfy 0 < lo <= hi, got {shot_range}")
+    log_shot = (math.log(lo) + math.log(hi)) / 2
+    return float(math.exp(log_shot)), float(math.exp(READ_SLOPE * log_shot + READ_OFFSET))
 
 
 def noise_std(x, shot: float, read: float):
