@@ -240,11 +240,36 @@ def smoke_preset(job: str) -> dict:
     return dict(presets[job])
 
 
+def config_layers(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The settings of a YAML config file, base first: a file whose top level has ``extends: NAME``
+    (a shipped config, ``configs/NAME.yaml``) or ``extends: FILE`` (relative to the file's folder)
+    is that config's layers with its own other keys laid over them.
+
+    Raises:
+        ConfigError: as :func:`read_yaml`, a base that is missing or not a string, or a cycle.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends must name a shipped config or a YAML file, got {base!r}")
+    shipped, relative = CONFIGS / f"{base}.yaml", path.parent / base
+    base_path = (relative if relative.is_file() else shipped).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {base!r}: neither {relative} nor the shipped {shipped} exists")
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: extends {base!r} leads back to itself")
+    return config_layers(base_path, (*_seen, path.resolve())) + [data]
+
+
 def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None, **overrides: Any) -> T:
-    """Build ``cls()`` then lay a YAML file (or mapping) and keyword overrides over it."""
+    """Build ``cls()`` then lay a YAML file (with its ``extends`` bases, :func:`config_layers`) or
+    mapping and keyword overrides over it."""
     cfg = cls()
-    if source is not None:
-        cfg = merge(cfg, source if isinstance(source, Mapping) else read_yaml(source))
+    for layer in [] if source is None else [source] if isinstance(source, Mapping) else config_layers(source):
+        cfg = merge(cfg, layer)
     if overrides:
         cfg = merge(cfg, overrides)
     return cfg

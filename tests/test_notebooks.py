@@ -16,7 +16,7 @@ from dmdiff.repro import NOTEBOOK_DIR, notebooks
 
 NOTEBOOKS = notebooks()
 #: Notebooks that teach actively: a summary, 3–5 questions with collapsed answers, a "try this" cell.
-TEACHING = [p for p in NOTEBOOKS if p.name[:2] in {"00", "01", "02", "03", "04", "05"}]
+TEACHING = [p for p in NOTEBOOKS if p.name[:2] in {"00", "01", "02", "03", "04", "05", "06"}]
 TEACHING_TAGS = ("summary", "question", "answer", "try-this")
 
 

@@ -137,6 +137,9 @@ def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | N
     The PSF grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`; ``progress``: its bar
     when it must be computed)."""
     lens = read_lens(dataset)
+    if isinstance(lens, dict) and "lenses" in lens:
+        return None, None, (f"{dataset} is a lens-family dataset (one lens per image): there is no single "
+                            "true PSF to deconvolve with")
     if not lens or "spec" not in lens:
         return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
     spec = MetalensSpec.from_dict(lens["spec"])

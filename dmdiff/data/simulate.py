@@ -9,6 +9,12 @@
       maps/<name>.npy                        float32 (7, G, G) in MetalensCamera.MAP_CHANNELS order
       lens.json                              spec, simulation settings, per-image record, provenance
 
+With a lens ``family`` (:mod:`dmdiff.data.family`) each image has its own lens: ``lens.json`` lists
+the lenses (``lenses``: name → spec, ``held_out``, white-balance gains) instead of one ``spec``,
+each image's record names its ``lens``, the train and val splits are captured with the training
+lenses (in turn) and every test crop once with each held-out lens
+(``<crop name>_<lens name>``); maps and noise are per image as always.
+
 For each clean image ``gt`` (8-bit sRGB, ``spec.image_size_px`` square): ``lr`` is
 :meth:`MetalensCamera.capture` of it (blur, haze, noise, ISP), ``gt_blur`` is
 :meth:`MetalensCamera.fidelity_target` at that capture's noise level (the neutral path's target: the
@@ -58,6 +64,7 @@ from tqdm.auto import tqdm
 
 from dmdiff.config import load_config, merge, read_yaml, smoke_preset, to_dict
 from dmdiff.data.corpus import corpus_record, external_photos
+from dmdiff.data.family import LensFamily, draw_lenses
 from dmdiff.data.dataset import read_lens
 from dmdiff.data.sources import (
     TEST_PHOTOS,
@@ -116,7 +123,9 @@ class SimulationConfig:
         haze: add the unfocused light as a veil (see dmdiff.optics.camera).
         shot_range: (min, max) shot-noise variance factor λ_shot (Brooks et al. 2019 by default);
             read noise follows from it.
-        spec: the MetalensSpec (any of its fields may be overridden, e.g. ``spec: {grid_size: 5}``).
+        spec: the MetalensSpec (any of its fields may be overridden, e.g. ``spec: {grid_size: 5}``);
+            with a ``family``, the base spec the lenses are drawn around.
+        family: a lens family (:class:`~dmdiff.data.family.LensFamily`), or None for one lens.
     """
 
     crops_per_train_photo: int = 8
@@ -133,6 +142,7 @@ class SimulationConfig:
     haze: bool = True
     shot_range: tuple[float, float] = (1e-4, 1.2e-2)
     spec: MetalensSpec = field(default_factory=MetalensSpec)
+    family: LensFamily | None = None
 
     def validate(self) -> "SimulationConfig":
         """Raise ConfigError on out-of-range values; return self."""
@@ -433,7 +443,7 @@ def simulate_dataset(out: str | os.PathLike, seed: int = 0,
         meta = {
             "format": "dmdiff-dataset",
             "format_version": FORMAT_VERSION,
-            "spec": cfg.spec.to_dict(),
+            ("base_spec" if cfg.family else "spec"): cfg.spec.to_dict(),
             "simulation": {k: v for k, v in to_dict(cfg).items() if k != "spec"},
             "seed": seed,
             "gt_blur": GT_BLUR,
@@ -455,8 +465,29 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
     """Write all image pairs and maps into ``root``; return the lens.json record parts."""
 
     size = cfg.spec.image_size_px
-    camera = MetalensCamera(cfg.spec, cache_dir=cache_dir, raw_bits=cfg.raw_bits, haze=cfg.haze,
-                            shot_range=cfg.shot_range, progress=progress).prepare()
+
+    def camera_of(spec: MetalensSpec) -> MetalensCamera:
+        return MetalensCamera(spec, cache_dir=cache_dir, raw_bits=cfg.raw_bits, haze=cfg.haze,
+                              shot_range=cfg.shot_range, progress=progress).prepare()
+
+    lenses = draw_lenses(cfg.family, cfg.spec, seed) if cfg.family else []
+    cameras = {lens.name: camera_of(lens.spec) for lens in tqdm(lenses, desc="lens family", unit="lens",
+                                                                  disable=not progress or not lenses)}
+    camera = None if lenses else camera_of(cfg.spec)
+    training = [lens.name for lens in lenses if not lens.held_out]
+    held_out = [lens.name for lens in lenses if lens.held_out]
+    assigned = {split: 0 for split in SPLITS}
+
+    def captured_by(name: str, split: str) -> list[tuple[str, str | None, MetalensCamera]]:
+        """``(image name, lens name or None, camera)`` of each capture of the clean image ``name``."""
+        if not lenses:
+            return [(name, None, camera)]
+        if split == "test":
+            return [(f"{name}_{lens}", lens, cameras[lens]) for lens in held_out]
+        lens = training[assigned[split] % len(training)]      # in turn, so every lens is used
+        assigned[split] += 1
+        return [(name, lens, cameras[lens])]
+
     for d in DATASET_FOLDERS:
         (root / d).mkdir()
     jobs = [(s, k) for s in sources for k in range(s.crops)]
@@ -482,27 +513,37 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
                                        cfg.hflip, cfg.vflip)
             entry = {"source": source.name if source.kind == "photo" else source.path.name, **entry}
         gt = quantize(clean, 8)  # the capture is of exactly what is stored as GT
-        cap = camera.capture(gt, seed=_capture_seed(seed, name))
         split = source.split
-        write_png(root / f"gt_{split}" / f"{name}.png", gt)
-        write_png(root / f"lr_{split}" / f"{name}.png", cap.image)
-        write_png(root / f"gt_blur_{split}" / f"{name}.png", camera.fidelity_target(gt, cap.noise))
-        with open(root / "maps" / f"{name}.npy", "wb") as f:
-            np.save(f, cap.maps.astype(np.float32), allow_pickle=False)
-        entry.update(split=split, noise=[cap.noise[0], cap.noise[1]])
-        images[name] = entry
-        splits[split].append(name)
+        for image, lens, cam in captured_by(name, split):
+            cap = cam.capture(gt, seed=_capture_seed(seed, image))
+            write_png(root / f"gt_{split}" / f"{image}.png", gt)
+            write_png(root / f"lr_{split}" / f"{image}.png", cap.image)
+            write_png(root / f"gt_blur_{split}" / f"{image}.png", cam.fidelity_target(gt, cap.noise))
+            with open(root / "maps" / f"{image}.npy", "wb") as f:
+                np.save(f, cap.maps.astype(np.float32), allow_pickle=False)
+            images[image] = {**entry, "split": split, "noise": [cap.noise[0], cap.noise[1]],
+                             **({"lens": lens} if lens else {})}
+            splits[split].append(image)
     bar.close()
+    record: dict[str, Any] = {}
+    if lenses:
+        record["lenses"] = {lens.name: {"spec": lens.spec.to_dict(), "held_out": lens.held_out,
+                                        **_camera_record(cameras[lens.name])} for lens in lenses}
     return {
+        **record,
         "camera": {
-            "raw_bits": cfg.raw_bits, "haze": cfg.haze, "halo_bin_px": camera.grid.halo_bin_px,
-            "wb_gains": [float(g) for g in camera.wb_gains], "map_channels": list(MAP_CHANNELS),
-            "image_size_px": size,
+            "raw_bits": cfg.raw_bits, "haze": cfg.haze, **({} if lenses else _camera_record(camera)),
+            "map_channels": list(MAP_CHANNELS), "image_size_px": size,
         },
         "counts": {split: len(names) for split, names in splits.items()},
         "splits": {split: sorted(names) for split, names in splits.items()},
         "images": images,
     }
+
+
+def _camera_record(camera: MetalensCamera) -> dict:
+    """What ``lens.json`` records of one lens's camera: its halo cell and white-balance gains."""
+    return {"halo_bin_px": camera.grid.halo_bin_px, "wb_gains": [float(g) for g in camera.wb_gains]}
 
 
 def _capture_seed(seed: int, name: str) -> np.random.SeedSequence:

@@ -57,14 +57,14 @@ its adjoint, float32).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from skimage.restoration import wiener
 from tqdm.auto import tqdm
 
-from dmdiff.data.dataset import PairedFolderDataset, has_split, read_lens
+from dmdiff.data.dataset import PairedFolderDataset, has_split, image_lens_spec, read_lens
 from dmdiff.metrics import psnr
 from dmdiff.optics.blur import SpatiallyVaryingBlur
 from dmdiff.optics.grid import psf_grid
@@ -76,9 +76,8 @@ from dmdiff.optics.deconvolution import (
     richardson_lucy_varying,
 )
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
-from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["wiener_deconvolve", "richardson_lucy", "richardson_lucy_sv", "varying_blur", "tune_baseline",
+__all__ = ["wiener_deconvolve", "richardson_lucy", "richardson_lucy_sv", "varying_blur", "LensBlurs", "tune_baseline",
            "tune_baselines", "tune_richardson_lucy_sv", "dataset_varying_blur", "varying_baseline",
            "METHODS", "DEFAULT_GRIDS", "VARYING_GRID"]
 
@@ -333,11 +332,12 @@ def richardson_lucy_sv(image_srgb: np.ndarray, blur: SpatiallyVaryingBlur, itera
     return _varying_outputs(image_srgb, blur, [iterations])[int(iterations)]
 
 
-def tune_richardson_lucy_sv(dataset: str | Path, blur: SpatiallyVaryingBlur, pairs: int = 8,
+def tune_richardson_lucy_sv(dataset: str | Path, blurs: Callable[[str], SpatiallyVaryingBlur], pairs: int = 8,
                                  grid: Sequence[int] = VARYING_GRID, progress: bool = True) -> dict:
     """The iteration count of :func:`richardson_lucy_sv` by mean RGB PSNR on ≤ ``pairs`` pairs of
     the **validation** split (the train split when the dataset has none), evenly spaced over the
-    sorted names; one run per pair gives every count of ``grid``.
+    sorted names, each deconvolved with its own lens's blur (``blurs``); one run per pair gives
+    every count of ``grid``.
 
     Returns:
         ``{"iterations": best, "split": "val" | "train", "names": [...], "table": [{"iterations",
@@ -351,7 +351,7 @@ def tune_richardson_lucy_sv(dataset: str | Path, blur: SpatiallyVaryingBlur, pai
     items = [data[i] for i in sorted({int(round(i)) for i in np.linspace(0, len(data) - 1, count)})]
     scores = np.empty((len(values), len(items)))
     for j, item in enumerate(tqdm(items, desc="tuning SV Richardson–Lucy", disable=not progress, leave=False)):
-        outputs = _varying_outputs(item["lr"].permute(1, 2, 0).numpy(), blur, values)
+        outputs = _varying_outputs(item["lr"].permute(1, 2, 0).numpy(), blurs(item["name"]), values)
         target = item["gt"].permute(1, 2, 0).numpy()
         scores[:, j] = [psnr(outputs[v], target) for v in values]
     table = [{"iterations": v, "psnr": float(row.mean()), "psnr_std": float(row.std()), "n": len(row)}
@@ -361,17 +361,35 @@ def tune_richardson_lucy_sv(dataset: str | Path, blur: SpatiallyVaryingBlur, pai
             "grid": values, "at_grid_edge": len(values) > 1 and best in (0, len(values) - 1)}
 
 
-def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> SpatiallyVaryingBlur | None:
-    """:func:`varying_blur` of a simulated dataset's own lens (``lens.json`` spec → PSF grid, from the
-    disk cache), or None without a lens spec (real captures)."""
+class LensBlurs:
+    """The spatially varying blur of each image's own lens in a simulated dataset: ``blurs(name)``
+    is :func:`varying_blur` of the lens that captured image ``name``
+    (:func:`dmdiff.data.dataset.image_lens_spec`: the dataset's lens, or in a lens-family dataset
+    the image's), one operator per distinct lens, built on first use from the PSF disk cache."""
+
+    def __init__(self, lens: dict, progress: bool = False):
+        self.lens, self.progress = lens, progress
+        self._blurs: dict[str, SpatiallyVaryingBlur] = {}
+
+    def __call__(self, name: str) -> SpatiallyVaryingBlur:
+        spec = image_lens_spec(self.lens, name)
+        key = spec.cache_key()
+        if key not in self._blurs:
+            self._blurs[key] = varying_blur(psf_grid(spec, progress=self.progress).psfs)
+        return self._blurs[key]
+
+
+def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> LensBlurs | None:
+    """The :class:`LensBlurs` of a simulated dataset (``lens.json`` → each image's lens → PSF grid),
+    or None without a lens spec (real captures)."""
     lens = read_lens(dataset)
-    if not lens or "spec" not in lens:
+    if not isinstance(lens, dict) or not ("spec" in lens or "lenses" in lens):
         return None
-    return varying_blur(psf_grid(MetalensSpec.from_dict(lens["spec"]), progress=progress).psfs)
+    return LensBlurs(lens, progress)
 
 
 def varying_baseline(dataset: str | Path, pairs: int = 8,
-                     progress: bool = True) -> tuple[SpatiallyVaryingBlur | None, dict]:
+                     progress: bool = True) -> tuple[LensBlurs | None, dict]:
     """The spatially varying Richardson–Lucy of a simulated dataset's lens, tuned: ``(blur, record)``
     with ``record`` = :func:`tune_richardson_lucy_sv`'s plus what the PSFs are, or ``(None,
     {"skipped": reason})`` without a ``lens.json`` lens spec or a split to tune on."""
@@ -381,6 +399,6 @@ def varying_baseline(dataset: str | Path, pairs: int = 8,
     if not (has_split(dataset, "val") or has_split(dataset, "train")):
         return None, {"skipped": f"{dataset} has no val or train split to tune the iteration count on"}
     record = tune_richardson_lucy_sv(dataset, blur, pairs, progress=progress)
-    return blur, {"psf": "the lens's true PSF grid (lens.json spec → psf_grid), each node normalised to sum 1, "
+    return blur, {"psf": "each image's lens's true PSF grid (lens.json spec → psf_grid), each node normalised to sum 1, "
                          "bilinear between nodes as the simulation blurred; frames cover the whole sensor",
                   **record}

@@ -70,7 +70,7 @@ def field_angle_map(height: int, width: int, spec: MetalensSpec | None) -> np.nd
         return r / math.sqrt(2)
     s = spec.image_size_px
     r_m = np.hypot(*np.meshgrid(x * s / width, y * s / height)) * spec.pitch_m
-    return np.degrees(np.arctan(r_m / spec.focal_length_m))
+    return np.degrees(np.arctan(r_m / spec.sensor_distance_m))
 
 
 def zone_masks(field: np.ndarray) -> dict[str, np.ndarray]:

@@ -246,7 +246,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              stage1: str | Path | None = None, ablations: Mapping[str, str | Path] | None = None,
              limit: int | None = None, tune_pairs: int = 8, grids: Mapping[str, Sequence] | None = None,
              device: str | None = None, model_path: str | None = None, grid_rows: int = 4,
-             external: str | Path | None = None, progress: bool = True) -> dict:
+             external: str | Path | None = None, self_ensemble: bool = True, progress: bool = True) -> dict:
     """Evaluate a trained model on the test split of ``data``; write the report into ``out``.
 
     Args:
@@ -272,6 +272,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             whose test split gets the same methods, the baselines' parameters tuned on ``data``'s
             train split and its own lens's PSF; reported under ``external`` in ``metrics.json``, as
             a second table in ``table.md`` and with its images under ``external/images/``.
+        self_ensemble: include the ×8 self-ensemble row (8 restores per image).
         progress: progress bars.
 
     Returns:
@@ -307,7 +308,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
     correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
     context = Context(pipeline, degrader, ablation_pipes, psf, params, correction, blur,
-                      untrained_pipeline(net, model_path))
+                      untrained_pipeline(net, model_path), self_ensemble)
     rows = methods_for(context)
     methods = ["input", *(m.name for m in rows)]
     labels = {**LABELS, **{m.name: m.label for m in rows}}
@@ -518,12 +519,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--model-path", default=None, help="sd-turbo pipelines: the SD-Turbo folder")
+    parser.add_argument("--no-self-ensemble", action="store_true",
+                        help="leave out the ×8 self-ensemble row (it restores every image 8 more times)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``dmdiff evaluate`` (args: model, data, out, stage1, ablation, limit, tune_pairs,
-    device, threads, model_path, no_progress)."""
+    device, threads, model_path, no_self_ensemble, no_progress)."""
     if args.threads is not None:
         if args.threads < 1:
             raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
@@ -531,7 +534,8 @@ def main(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.data, args.out, stage1=args.stage1,
                        ablations=parse_ablation_args(args.ablation), limit=args.limit,
                        tune_pairs=args.tune_pairs, device=args.device, model_path=args.model_path,
-                       external=args.external, progress=not args.no_progress)
+                       external=args.external, self_ensemble=not args.no_self_ensemble,
+                       progress=not args.no_progress)
     out = Path(metrics["out"])
     print((out / TABLE_FILE).read_text())
     grids = f"{GRID_FILE}, {ABLATION_GRID_FILE}" if (out / ABLATION_GRID_FILE).is_file() else GRID_FILE

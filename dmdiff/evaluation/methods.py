@@ -53,10 +53,11 @@ class Context:
     pipeline: the evaluated model's pipeline; degrader: a stage-1 model (GT → capture) or None;
     ablations: method key → ablation pipeline; psf: ``(3, K, K)`` true central PSF for the
     baselines (None: no baselines); params: the baselines' tuned parameters; correction: the colour
-    correction :func:`dmdiff.model.color.resolve_color_correction` gives the model; blur: the lens's
-    spatially varying blur for ``richardson_lucy_sv`` (:func:`dmdiff.evaluation.baselines.varying_blur`;
-    None: no such row); untrained: the same model with untrained adapters
-    (:func:`dmdiff.evaluation.trivial.untrained_pipeline`; None: no such row).
+    correction :func:`dmdiff.model.color.resolve_color_correction` gives the model; blur: each image's
+    lens's spatially varying blur for ``richardson_lucy_sv`` by image name
+    (:class:`dmdiff.evaluation.baselines.LensBlurs`; None: no such row); untrained: the same model with untrained adapters
+    (:func:`dmdiff.evaluation.trivial.untrained_pipeline`; None: no such row); self_ensemble: whether
+    the ×8 self-ensemble row runs.
     """
 
     pipeline: DMDiffPipeline
@@ -67,6 +68,7 @@ class Context:
     correction: str = "none"
     blur: Any = None
     untrained: DMDiffPipeline | None = None
+    self_ensemble: bool = True
 
     @property
     def model(self) -> DMDiff:
@@ -76,9 +78,11 @@ class Context:
 
 @dataclass
 class Sample:
-    """One test image: tensors ``lr``, ``gt`` ``(1, 3, H, W)`` and ``maps`` ``(1, 7, G, G)`` or None,
-    the capture as float32 ``(H, W, 3)`` (``capture``), and a cache for work methods share."""
+    """One test image: its ``name``, tensors ``lr``, ``gt`` ``(1, 3, H, W)`` and ``maps``
+    ``(1, 7, G, G)`` or None, the capture as float32 ``(H, W, 3)`` (``capture``), and a cache for
+    work methods share."""
 
+    name: str
     lr: torch.Tensor
     gt: torch.Tensor
     maps: torch.Tensor | None
@@ -88,8 +92,8 @@ class Sample:
     @classmethod
     def of(cls, item: dict) -> "Sample":
         """From a :class:`~dmdiff.data.dataset.PairedFolderDataset` item."""
-        return cls(item["lr"][None], item["gt"][None], item["maps"][None] if "maps" in item else None,
-                   to_hwc(item["lr"]))
+        return cls(item["name"], item["lr"][None], item["gt"][None],
+                   item["maps"][None] if "maps" in item else None, to_hwc(item["lr"]))
 
     @classmethod
     def stand_in(cls, item: dict) -> "Sample":
@@ -186,7 +190,8 @@ def _baseline(deconvolve: Callable, param: str) -> Runner:
 
 def _varying_baseline(context: Context, sample: Sample) -> tuple[np.ndarray, float, dict]:
     iterations = context.params["richardson_lucy_sv"]
-    seconds, image = timed(lambda: richardson_lucy_sv(sample.capture, context.blur, iterations), torch.device("cpu"))
+    blur = context.blur(sample.name)
+    seconds, image = timed(lambda: richardson_lucy_sv(sample.capture, blur, iterations), torch.device("cpu"))
     return image, seconds, {}
 
 
@@ -250,7 +255,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("dmdiff_a1", "DMDiff α=1 (positive path)", "gt", _positive),
     Method("dmdiff_a1_cc", "DMDiff α=1 + restore's colour correction", "gt", _color_corrected,
            lambda context: context.correction != "none"),
-    Method("dmdiff_a1_x8", "DMDiff α=1, ×8 self-ensemble", "gt", _self_ensemble, warm_up=False),
+    Method("dmdiff_a1_x8", "DMDiff α=1, ×8 self-ensemble", "gt", _self_ensemble,
+           lambda context: context.self_ensemble, warm_up=False),
     Method("vae_ceiling", "backbone VAE recon. of GT (ceiling)", "gt", _ceiling),
     Method(DEGRADE, "stage-1 degrade(GT)", "lr", _degrade, lambda context: context.degrader is not None),
 )}

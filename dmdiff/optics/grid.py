@@ -3,7 +3,7 @@
 Nodes follow docs/architecture.md: node (i, j) of an H × W sensor sits at pixel
 ``(y_i, x_j) = ((i + 0.5)·H/G − 0.5, (j + 0.5)·W/G − 0.5)``. Its sensor position relative to the
 optical axis is ``(x, y) = (x_j − (W−1)/2, y_i − (H−1)/2)·pitch`` (y grows downwards, like rows),
-its field angle ``θ = atan(r / f)`` with ``r = hypot(x, y)`` and its azimuth ``atan2(y, x)``.
+its field angle ``θ = atan(r / z)`` (z the sensor distance, f at focus) with ``r = hypot(x, y)`` and its azimuth ``atan2(y, x)``.
 
 The lens is rotationally symmetric, so PSFs are computed once per distinct radius with the field
 along +x (:class:`dmdiff.optics.propagation.LensSpectrum`, one lens spectrum per wavelength),
@@ -95,7 +95,7 @@ def node_field_deg(spec: MetalensSpec) -> np.ndarray:
     off = node_offsets_px(spec) * spec.pitch_m
     x, y = np.meshgrid(off, off)                       # x varies along columns j, y along rows i
     r = np.hypot(x, y)
-    theta = np.degrees(np.arctan(r / spec.focal_length_m))
+    theta = np.degrees(np.arctan(r / spec.sensor_distance_m))
     with np.errstate(invalid="ignore", divide="ignore"):
         cos_az, sin_az = np.where(r > 0, x / r, 1.0), np.where(r > 0, y / r, 0.0)
     return np.stack([theta * cos_az, theta * sin_az], axis=-1)
@@ -157,7 +157,7 @@ def _compute_psfs(spec: MetalensSpec, progress: bool) -> tuple[np.ndarray, np.nd
     radii2, node_radius = np.unique(units[None, :] ** 2 + units[:, None] ** 2, return_inverse=True)
     node_radius = node_radius.reshape(g, g)
     radii_m = np.sqrt(radii2) * spec.image_size_px / (2 * g) * spec.pitch_m
-    fields = np.degrees(np.arctan(radii_m / spec.focal_length_m))
+    fields = np.degrees(np.arctan(radii_m / spec.sensor_distance_m))
     x, y = np.meshgrid(units, units)                     # node direction, x right, y down
     out = np.empty((3, g, g, spec.psf_size_px, spec.psf_size_px), np.float32)
     halo = np.empty((3, g, g, kc, kc), np.float32)

@@ -7,8 +7,9 @@ Model (scalar diffraction, see docs/architecture.md and docs/method.md, "The opt
   phase scaled by λ0/λ, ``(φ mod 2π)·λ0/λ``: this gives the chromatic focal shift
   f(λ) ≈ f·λ0/λ and sends part of the light into other diffraction orders (unfocused haze).
 * A plane wave incident at field angle θ (in the x–z plane) multiplies the field by
-  ``exp(i·2π/λ·x·sin θ)``. The chief ray (through the lens centre) meets the sensor, at distance f,
-  at ``x0 = f·tan θ``; PSF windows are centred there.
+  ``exp(i·2π/λ·x·sin θ)``. The chief ray (through the lens centre) meets the sensor, at
+  distance ``z = f + sensor_offset_m`` (the spec's sensor distance), at ``x0 = z·tan θ``; PSF
+  windows are centred there.
 * The field is propagated with the angular-spectrum method, evaluated only on an output window
   centred on x0 (shifted ASM) and band-limited so that no light wraps around the periodic grid.
 
@@ -223,9 +224,9 @@ class LensSpectrum:
 
         The window is centred on the chief ray at ``distance_m·tan(field)`` (field along +x);
         sample (i, j) sits at ``(x0 + (j − (n_win−1)/2)·dx, (i − (n_win−1)/2)·dx)``.
-        ``distance_m`` defaults to the focal length (the sensor).
+        ``distance_m`` defaults to the spec's sensor distance (the sensor).
         """
-        z = self.spec.focal_length_m if distance_m is None else float(distance_m)
+        z = self.spec.sensor_distance_m if distance_m is None else float(distance_m)
         if not z > 0:
             raise SpecError(f"distance_m must be > 0 m, got {z:g}")
         if not -90 < field_deg < 90:
@@ -253,7 +254,7 @@ class LensSpectrum:
         return bin_pixels(self.intensity(field_deg, distance_m), self.k)
 
     def pixel_samples(self, field_deg: float = 0.0) -> np.ndarray:
-        """The PSF on the sensor at ``f`` sampled once per pixel (float64, (size_px, size_px)).
+        """The PSF on the sensor sampled once per pixel (float64, (size_px, size_px)).
 
         Each pixel gets ``k²`` times the intensity at its centre sample (for even ``k`` the
         sample half a lens-plane step past the centre) instead of the sum of its ``k × k``
@@ -268,8 +269,8 @@ class LensSpectrum:
             raise ValueError("pixel_samples needs a LensSpectrum built with pixel_sampled=True")
         m = n // k
         theta = math.radians(field_deg)
-        x0 = self.spec.focal_length_m * math.tan(theta) + self.half_sample
-        z, tilt = self.spec.focal_length_m, math.sin(theta) / self.wavelength_m
+        z, tilt = self.spec.sensor_distance_m, math.sin(theta) / self.wavelength_m
+        x0 = z * math.tan(theta) + self.half_sample
         kx, n_up = self._band(z, x0, tilt)
         s0 = k // 2 - self.n_win // 2                  # FFT index of pixel 0's centre sample
         ramp = np.exp(2j * np.pi * s0 / n * kx)[None, :]

@@ -68,6 +68,8 @@ class MetalensSpec:
         psf_size_px: K, odd side of the PSF window in sensor pixels.
         lens_pitch_m: lens-plane sampling; None uses :attr:`required_lens_pitch_m`. A larger value
             aliases the lens phase and is rejected.
+        sensor_offset_m: sensor defocus: the sensor sits at ``f + sensor_offset_m`` behind the lens
+            (:attr:`sensor_distance_m`), |offset| < f / 2; 0 puts it at the design focal plane.
     """
 
     aperture_diameter_m: float = 0.5e-3
@@ -81,6 +83,7 @@ class MetalensSpec:
     grid_size: int = 7
     psf_size_px: int = 63
     lens_pitch_m: float | None = None
+    sensor_offset_m: float = 0.0
 
     def __post_init__(self):
         def set_(name, value):  # the dataclass is frozen: normalise validated values in place
@@ -104,6 +107,9 @@ class MetalensSpec:
         set_("wavelengths_per_channel",
              _integer("wavelengths_per_channel", self.wavelengths_per_channel))
         _check_range("wavelengths_per_channel", self.wavelengths_per_channel, 1, 64, lo_open=False)
+        set_("sensor_offset_m", _real("sensor_offset_m", self.sensor_offset_m))
+        _check_range("sensor_offset_m", self.sensor_offset_m, -self.focal_length_m / 2,
+                      self.focal_length_m / 2, "m", hi_open=True)
         set_("grid_size", _integer("grid_size", self.grid_size))
         _check_range("grid_size", self.grid_size, 1, min(64, self.image_size_px), lo_open=False)
         set_("psf_size_px", _integer("psf_size_px", self.psf_size_px))
@@ -149,6 +155,11 @@ class MetalensSpec:
         return 2 * self.focal_length_m * math.tan(math.radians(self.half_field_deg)) / self.image_size_px
 
     @property
+    def sensor_distance_m(self) -> float:
+        """Distance from the lens to the sensor, ``f + sensor_offset_m``, in metres."""
+        return self.focal_length_m + self.sensor_offset_m
+
+    @property
     def f_number(self) -> float:
         """Working f-number N = f / D."""
         return self.focal_length_m / self.aperture_diameter_m
@@ -160,9 +171,9 @@ class MetalensSpec:
 
     @property
     def max_field_deg(self) -> float:
-        """Field angle of the sensor corner, atan(√2 · half sensor width / f), in degrees."""
+        """Field angle of the sensor corner, atan(√2 · half sensor width / sensor distance), in degrees."""
         half_width = self.image_size_px * self.pitch_m / 2
-        return math.degrees(math.atan(math.sqrt(2) * half_width / self.focal_length_m))
+        return math.degrees(math.atan(math.sqrt(2) * half_width / self.sensor_distance_m))
 
     @property
     def min_wavelength_m(self) -> float:

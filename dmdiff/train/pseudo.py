@@ -21,6 +21,8 @@ Maps: every image of a simulated dataset covers the same sensor field, so its PS
 are the same for all pairs; a pseudo pair gets the element-wise median of the dataset's training
 maps (the noise channel is thus the dataset's median noise level, not that of the pseudo noise).
 The same maps describe the lens to ``degrade``. A dataset without maps gives pairs without maps.
+In a lens-family dataset (:mod:`dmdiff.data.family`) each pair imitates the lens of one training
+image drawn for it (``(seed, name)``): that image's maps, and its lens for the ideal-lens target.
 
 Reproducible (same model, settings and seed → same files); atomic (built in a temporary folder
 beside ``OUT`` and renamed into place).
@@ -34,14 +36,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dmdiff.config import merge, to_dict
-from dmdiff.data.dataset import PairedFolderDataset, read_lens
+from dmdiff.data.dataset import PairedFolderDataset, image_lens_spec, read_lens
 from dmdiff.data.simulate import random_crop, resize_image
 from dmdiff.data.sources import (
     TRAIN_PHOTOS,
@@ -122,6 +124,29 @@ def _ideal_lens(dataset: Path):
     if not lens or "spec" not in lens or not (dataset / "gt_blur_train").is_dir():
         return None
     return MetalensCamera(MetalensSpec.from_dict(lens["spec"]), progress=False)
+
+
+def imitated_lenses(dataset: Path, seed: int) -> tuple[Callable[[str], tuple[np.ndarray | None, Any]], bool, bool]:
+    """What each pseudo pair imitates (module docstring, "Maps"): ``(lens, maps, targets)`` with
+    ``lens(name) -> (maps (7, G, G) float32 or None, MetalensCamera or None)`` for pair ``name``,
+    and whether the pairs get maps and ideal-lens targets at all."""
+
+    meta = read_lens(dataset)
+    if not (isinstance(meta, dict) and "lenses" in meta):
+        maps, camera = dataset_maps(dataset), _ideal_lens(dataset)
+        return (lambda name: (maps, camera)), maps is not None, camera is not None
+    train = PairedFolderDataset(dataset, "train")
+    targets = (dataset / "gt_blur_train").is_dir()
+    cameras: dict[str, MetalensCamera] = {}
+
+    def lens(name: str) -> tuple[np.ndarray | None, Any]:
+        k = int(named_rng(seed, f"{name}/lens").integers(len(train.names)))
+        spec = image_lens_spec(meta, train.names[k])
+        camera = cameras.setdefault(spec.cache_key(), MetalensCamera(spec, progress=False)) if targets else None
+        maps = None if train.map_paths is None else np.load(train.map_paths[k], allow_pickle=False).astype(np.float32)
+        return maps, camera
+
+    return lens, train.map_paths is not None, targets
 
 
 def _square_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -209,8 +234,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
 
     dataset = Path(dataset if dataset is not None else run_cfg.data)
     size = settings.size_px or _lens_size(dataset)
-    maps = dataset_maps(dataset)
-    camera = _ideal_lens(dataset)
+    imitate, has_maps, has_targets = imitated_lenses(dataset, settings.seed)
     clean = (folder_clean_images(Path(images), size, settings.seed) if images is not None
              else bundled_clean_images(settings.count, size, settings.seed, settings.dead_leaves_fraction))
     total = None if images is not None else settings.count
@@ -219,7 +243,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
     t0 = time.perf_counter()
     names = []
     with atomic_directory(out, PSEUDO_KIND, replace=True, legacy=pseudo_parts) as tmp:
-        folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if camera else []) + (["maps"] if maps is not None else [])
+        folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if has_targets else []) + (["maps"] if has_maps else [])
         for d in folders:
             (tmp / d).mkdir()
         bar = tqdm(total=total, desc="pseudo pairs", unit="img", disable=not progress, file=sys.stderr)
@@ -228,17 +252,18 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
             if not chunk:
                 break
             gt = torch.from_numpy(np.stack([img for _, img in chunk]).transpose(0, 3, 1, 2).copy())
-            m = None if maps is None else torch.from_numpy(maps)[None].expand(len(chunk), -1, -1, -1)
+            lenses = [imitate(name) for name, _ in chunk]
+            m = None if not has_maps else torch.from_numpy(np.stack([pair_maps for pair_maps, _ in lenses]))
             lr = model.degrade(gt, m).float().permute(0, 2, 3, 1).cpu().numpy()
-            for (name, g), degraded in zip(chunk, lr):
+            for (name, g), degraded, (pair_maps, pair_camera) in zip(chunk, lr, lenses):
                 noisy = pseudo_noise_augment(degraded, named_rng(settings.seed, f"{name}/noise"), settings.noise_strength)
                 write_png(tmp / "gt_train" / f"{name}.png", g)
                 write_png(tmp / "lr_train" / f"{name}.png", noisy)
-                if camera:
-                    write_png(tmp / "gt_blur_train" / f"{name}.png", camera.ideal(g))
-                if maps is not None:
+                if has_targets:
+                    write_png(tmp / "gt_blur_train" / f"{name}.png", pair_camera.ideal(g))
+                if has_maps:
                     with open(tmp / "maps" / f"{name}.npy", "wb") as f:
-                        np.save(f, maps, allow_pickle=False)
+                        np.save(f, pair_maps, allow_pickle=False)
                 names.append(name)
             bar.update(len(chunk))
         bar.close()
@@ -246,7 +271,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
         write_json(tmp / RECORD, {
             "format": "dmdiff-pseudo-pairs", "model_run": str(model_run.resolve()),
             "dataset": str(dataset.resolve()), "images": None if images is None else str(Path(images).resolve()),
-            "settings": to_dict(settings), "maps": maps is not None, "gt_blur": camera is not None,
+            "settings": to_dict(settings), "maps": has_maps, "gt_blur": has_targets,
             "names": names,
             "provenance": provenance(config=to_dict(settings), seed=settings.seed, command="dmdiff pseudo",
                                      elapsed_s=round(time.perf_counter() - t0, 1)),

@@ -1,0 +1,150 @@
+"""Lens families: the spec's sensor offset, drawing lenses, family datasets, per-image lenses
+downstream (baselines, pseudo pairs), and config files that extend others."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dmdiff.config import config_layers
+from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, image_lens_spec, read_lens
+from dmdiff.data.family import RANGED_FIELDS, LensFamily, draw_lenses
+from dmdiff.data.simulate import simulate_dataset
+from dmdiff.errors import ConfigError, DmdiffError
+from dmdiff.evaluation.baselines import dataset_varying_blur
+from dmdiff.evaluation.family import format_lens_table, format_per_lens
+from dmdiff.optics.camera import MetalensCamera
+from dmdiff.optics.propagation import LensSpectrum
+from dmdiff.optics.spec import MetalensSpec, SpecError
+from dmdiff.train.config import load_train_config
+from dmdiff.train.pseudo import imitated_lenses
+
+SMALL = {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2}
+FAMILY = {"train_lenses": 2, "held_out_lenses": 2}
+
+
+@pytest.fixture(scope="module")
+def family(psf_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("family") / "data"
+    return simulate_dataset(out, seed=0, smoke=True, config={"family": FAMILY, "spec": SMALL}, cache_dir=psf_cache,
+                            progress=False)
+
+
+def test_sensor_offset_defocuses_and_is_validated():
+    spec = MetalensSpec(**SMALL)
+    assert spec.sensor_distance_m == spec.focal_length_m
+    moved = replace(spec, sensor_offset_m=60e-6)
+    assert moved.sensor_distance_m == pytest.approx(spec.focal_length_m + 60e-6)
+    assert moved.cache_key() != spec.cache_key()
+    focused = LensSpectrum(spec, 550e-9, 15, spec.pitch_m).psf()
+    defocused = LensSpectrum(moved, 550e-9, 15, spec.pitch_m).psf()
+    assert defocused[7, 7] < 0.5 * focused[7, 7]          # the design colour's focus spreads out
+    with pytest.raises(SpecError, match="sensor_offset_m"):
+        MetalensSpec(sensor_offset_m=0.6e-3)
+
+
+def test_lenses_are_drawn_in_their_ranges_reproducibly():
+    fam = LensFamily(train_lenses=3, held_out_lenses=2)
+    base = MetalensSpec(**SMALL)
+    lenses = draw_lenses(fam, base, seed=5)
+    assert [lens.name for lens in lenses] == [f"lens_{k:02d}" for k in range(5)]
+    assert [lens.held_out for lens in lenses] == [False] * 3 + [True] * 2
+    for lens in lenses:
+        for name in RANGED_FIELDS:
+            lo, hi = getattr(fam, name)
+            assert lo <= getattr(lens.spec, name) <= hi
+        assert lens.spec.image_size_px == base.image_size_px and lens.spec.grid_size == base.grid_size
+    assert draw_lenses(fam, base, seed=5) == lenses
+    assert draw_lenses(fam, base, seed=6) != lenses
+    assert len({lens.spec.cache_key() for lens in lenses}) == 5
+    with pytest.raises(ConfigError, match="held_out_lenses"):
+        LensFamily(held_out_lenses=0)
+    with pytest.raises(ConfigError, match="focal_length_m"):
+        LensFamily(focal_length_m=(1.2e-3, 0.9e-3))
+    with pytest.raises(ConfigError, match="lens_00.*aperture_diameter_m"):
+        draw_lenses(LensFamily(aperture_diameter_m=(0.2, 0.3)), base, seed=0)
+
+
+def test_family_dataset_records_one_lens_per_image(family):
+    meta = read_lens(family)
+    assert "spec" not in meta and set(meta["lenses"]) == {"lens_00", "lens_01", "lens_02", "lens_03"}
+    held_out = {n for n, lens in meta["lenses"].items() if lens["held_out"]}
+    assert held_out == {"lens_02", "lens_03"}
+    by_split = {}
+    for name, entry in meta["images"].items():
+        by_split.setdefault(entry["split"], set()).add(entry["lens"])
+        if entry["split"] == "test":
+            assert name.endswith(entry["lens"])
+    assert by_split["train"] == by_split["val"] == {"lens_00", "lens_01"}      # every training lens, in turn
+    assert by_split["test"] == held_out
+    # every test crop is captured once by each held-out lens, from the same clean image
+    crops = {name[: -len("_lens_02")] for name, e in meta["images"].items() if e["split"] == "test"}
+    for crop in crops:
+        a, b = (PairedFolderDataset(family, "test")[i] for i in
+                [PairedFolderDataset(family, "test").names.index(f"{crop}_{lens}") for lens in sorted(held_out)])
+        assert np.array_equal(a["gt"].numpy(), b["gt"].numpy()) and not np.array_equal(a["lr"].numpy(), b["lr"].numpy())
+    # the stored maps are the image's own lens's (PSF widths differ between lenses)
+    name, entry = next((n, e) for n, e in meta["images"].items() if e["split"] == "train")
+    spec = image_lens_spec(meta, name)
+    assert spec.to_dict() == meta["lenses"][entry["lens"]]["spec"]
+    stored = np.load(family / "maps" / f"{name}.npy")
+    assert np.allclose(stored, MetalensCamera(spec, progress=False).maps(tuple(entry["noise"])))
+    other = next(n for n, e in meta["images"].items() if e["split"] == "train" and e["lens"] != entry["lens"])
+    assert not np.allclose(stored[:6], np.load(family / "maps" / f"{other}.npy")[:6])
+    with pytest.raises(DmdiffError, match="no_such_image"):
+        image_lens_spec(meta, "no_such_image")
+    assert "lens_02 | held out" in format_lens_table(meta)
+
+
+def test_family_downstream_uses_each_images_lens(family):
+    psf, _, reason = dataset_central_psf(family)
+    assert psf is None and "lens-family" in reason
+    meta = read_lens(family)
+    blurs = dataset_varying_blur(family)
+    names = {e["lens"]: n for n, e in meta["images"].items()}
+    first, second = blurs(names["lens_02"]), blurs(names["lens_03"])
+    assert first is not second and blurs(names["lens_02"]) is first
+    assert not np.allclose(first.psfs.numpy(), second.psfs.numpy())
+    # pseudo pairs imitate one training image's lens each: its maps and its spec
+    lens, has_maps, has_targets = imitated_lenses(family, seed=1)
+    assert has_maps and has_targets
+    train = PairedFolderDataset(family, "train")
+    stored = {n: np.load(p) for n, p in zip(train.names, train.map_paths)}
+    imitated = set()
+    for k in range(12):
+        maps, camera = lens(f"pseudo_{k}")
+        donor = next(n for n, m in stored.items() if np.array_equal(m, maps))
+        assert camera.spec == image_lens_spec(meta, donor)
+        imitated.add(meta["images"][donor]["lens"])
+        assert np.array_equal(lens(f"pseudo_{k}")[0], maps)
+    assert imitated == {"lens_00", "lens_01"}
+
+
+def test_per_lens_table_splits_the_frames_by_lens(family):
+    meta = read_lens(family)
+    test = [n for n, e in meta["images"].items() if e["split"] == "test"]
+    metrics = {"labels": {"m": "method m"},
+               "per_image": [{"name": n, "methods": {"m": {"psnr": 10.0 if meta["images"][n]["lens"] == "lens_02" else 20.0}}}
+                             for n in test]}
+    table = format_per_lens(metrics, meta, ["m"])
+    assert "| lens_02 | lens_03 |" in table and "| method m | 10.00 | 20.00 |" in table
+
+
+def test_config_files_extend_others(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: tiny\nsteps: 7\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_rl_iterations: null}\n")
+    cfg = load_train_config(tmp_path / "child.yaml")
+    tiny = load_train_config("configs/tiny.yaml")
+    assert cfg.steps == 7 and cfg.model.anchor_rl_iterations is None
+    assert cfg.lr == tiny.lr and cfg.model.anchor_sigma_px == tiny.model.anchor_sigma_px
+    assert [list(layer) for layer in config_layers(tmp_path / "child.yaml")][1:] == [["steps"], ["model"]]
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_train_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ConfigError, match="nowhere"):
+        load_train_config(tmp_path / "missing.yaml")
+    family = load_train_config("configs/lens-family.yaml")
+    assert family.model.anchor_rl_iterations is None and family.recipe.simulate["family"]["held_out_lenses"] == 2
+    assert json.dumps(family.recipe.simulate)      # a plain mapping, as dmdiff simulate takes it
