@@ -1,16 +1,19 @@
 """`dmdiff repro`: the whole study, headless, through papermill.
 
-Runs the numbered notebooks in ``notebooks/`` in order with shared parameters (seed, preset, smoke,
-data and run folders), each into ``RUN/notebooks/``, and gathers their figures and metrics (each
-notebook writes into ``RUN/<notebook stem>/``) into one run folder with
+Runs the numbered notebooks in ``notebooks/`` in number order with shared parameters (seed, preset,
+smoke, data and run folders), each into ``RUN/notebooks/``, and gathers their figures and metrics
+(each notebook writes into ``RUN/<notebook stem>/``) into one run folder with
 
 * ``manifest.json`` — parameters, seed, package versions, git revision, per-step status, duration,
   and for a failed notebook the failing cell and error;
 * ``report.md`` — every notebook's figures and metrics in one page.
 
-A failing notebook stops the study (later notebooks depend on earlier outputs); the job exits
-non-zero and keeps everything that succeeded. ``--resume`` skips steps already done with the same
-parameters.
+A notebook that reads a later notebook's outputs says so in its metadata,
+``{"dmdiff": {"needs": ["03"]}}`` (the numbers of the notebooks it needs): it runs after them, the
+numbering stays the order readers meet the ideas in (notebook 02 looks inside the model notebook 03
+trains). A failing notebook stops the study (later notebooks depend on earlier outputs); the job
+exits non-zero and keeps everything that succeeded. ``--resume`` skips steps already done with the
+same parameters and the same results of the steps they need.
 """
 
 from __future__ import annotations
@@ -52,6 +55,45 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     return found
 
 
+def needs(path: Path) -> list[str]:
+    """The numbers (``"03"``) of the notebooks whose outputs ``path`` reads: its metadata's
+    ``dmdiff.needs`` (empty when absent).
+
+    Raises:
+        DmdiffError: the entry is not a list of notebook numbers.
+    """
+    ours = nbformat.read(str(path), as_version=4).metadata.get("dmdiff", {})
+    declared = ours.get("needs", []) if isinstance(ours, dict) else ours
+    if not isinstance(declared, list) or not all(isinstance(n, str) and n.isdigit() for n in declared):
+        raise DmdiffError(f"{path}: metadata dmdiff.needs must be a list of notebook numbers like [\"03\"], "
+                          f"got {declared!r}")
+    return [n.zfill(2) for n in declared]
+
+
+def run_order(paths: list[Path]) -> list[Path]:
+    """``paths`` (in number order) reordered so that every notebook runs after those it
+    :func:`needs`; otherwise number order is kept (each step runs the lowest-numbered notebook whose
+    needs have all run).
+
+    Raises:
+        DmdiffError: a notebook needs one that is not among ``paths``, or the needs form a cycle.
+    """
+    by_number = {p.name[:2]: p for p in paths}
+    pending = {number: needs(path) for number, path in by_number.items()}
+    for number, wanted in pending.items():
+        missing = [n for n in wanted if n not in by_number]
+        if missing:
+            raise DmdiffError(f"{by_number[number].name} needs notebook {missing[0]}, which the study does not have")
+    order: list[str] = []
+    while pending:
+        ready = [n for n in sorted(pending) if all(w in order for w in pending[n])]
+        if not ready:
+            raise DmdiffError(f"the notebooks' dmdiff.needs form a cycle among {', '.join(sorted(pending))}")
+        order.append(ready[0])
+        del pending[ready[0]]
+    return [by_number[n] for n in order]
+
+
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     """``["key=value", ...]`` → dict, values parsed as JSON when possible (``3``, ``true``, ``"x"``)."""
     out: dict[str, Any] = {}
@@ -72,6 +114,10 @@ def declared_parameters(path: Path) -> dict[str, dict]:
     return papermill.inspect_notebook(str(path))
 
 
+#: Statuses of a step whose work is in the run folder (a skipped step was done by an earlier run).
+DONE = ("ok", "skipped (resumed)")
+
+
 @dataclass
 class StepResult:
     """What happened to one step of the study."""
@@ -81,10 +127,15 @@ class StepResult:
     seconds: float = 0.0
     parameters: dict = field(default_factory=dict)
     error: dict | None = None
+    #: Identifies what the step ran with: its parameters and the hashes of the steps it needs.
+    params_hash: str | None = None
 
 
-def _params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _params_hash(params: dict, needed: dict[str, str | None] | None = None) -> str:
+    """A short hash of a step's parameters and, when it needs other steps, their hashes
+    (``{name: hash}``): a step is redone on ``--resume`` when a step it needs ran with other inputs."""
+    key = params if not needed else {**params, "needs": needed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _failure_details(exc: BaseException, executed: Path) -> dict:
@@ -143,7 +194,7 @@ def _report(run_dir: Path, results: list[StepResult]) -> str:
 def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
               extra: dict | None = None, resume: bool = False,
               notebook_paths: list[Path] | None = None) -> list[StepResult]:
-    """Run every notebook in order; returns the per-step results (also written to the manifest).
+    """Run every notebook in :func:`run_order`; returns the per-step results (also written to the manifest).
 
     Raises:
         DmdiffError: ``out`` holds files that are not a dmdiff study's (:func:`dmdiff.outputs.claim_folder`).
@@ -156,8 +207,10 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
 
     shared = {"seed": seed, "preset": preset, "smoke": smoke,
               "data_dir": str(out / "data"), "run_dir": str(out / "train"), **(extra or {})}
-    paths = notebook_paths or notebooks()
+    paths = run_order(notebook_paths or notebooks())
+    names = {p.name[:2]: p.stem for p in paths}
     results: list[StepResult] = []
+    digests: dict[str, str] = {}
     failed = False
     for path in tqdm(paths, desc="dmdiff repro", unit="notebook"):
         name = path.stem
@@ -167,19 +220,19 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
         declared = declared_parameters(path)
         params = {k: v for k, v in shared.items() if k in declared}
         params["out_dir"] = str(out / name)
-        digest = _params_hash(params)
+        digest = digests[name] = _params_hash(params, {names[n]: digests.get(names[n]) for n in needs(path)})
         done = previous.get(name)
-        if done and done["status"] == "ok" and done.get("params_hash") == digest:
-            results.append(StepResult(name, "skipped (resumed)", done.get("seconds", 0.0), params))
+        if done and done["status"] in DONE and done.get("params_hash") == digest:
+            results.append(StepResult(name, "skipped (resumed)", done.get("seconds", 0.0), params, None, digest))
             continue
         executed = out / "notebooks" / path.name
         start = time.perf_counter()
         try:
             run_notebook(path, executed, params, cwd=path.parent)
-            results.append(StepResult(name, "ok", time.perf_counter() - start, params))
+            results.append(StepResult(name, "ok", time.perf_counter() - start, params, None, digest))
         except Exception as exc:  # papermill raises PapermillExecutionError; anything else is a failure too
             results.append(StepResult(name, "failed", time.perf_counter() - start, params,
-                                      _failure_details(exc, executed)))
+                                      _failure_details(exc, executed), digest))
             failed = True
         _write_manifest(out, shared, results)
     _write_manifest(out, shared, results)
@@ -241,13 +294,14 @@ def metrics_differences(run_a: str | Path, run_b: str | Path, tolerance: float =
 
 def _write_manifest(out: Path, shared: dict, results: list[StepResult]) -> None:
     steps = [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "parameters": r.parameters,
-              "params_hash": _params_hash(r.parameters) if r.parameters else None, "error": r.error}
+              "params_hash": r.params_hash, "error": r.error}
              for r in results]
     write_json(out / "manifest.json", provenance(config=shared, seed=shared["seed"], steps=steps))
 
 
 def select_notebooks(until: str | None, directory: Path = NOTEBOOK_DIR) -> list[Path]:
-    """The study's notebooks up to the one numbered ``until`` (``"01"`` or ``"1"``; None: all).
+    """The study's notebooks up to the one numbered ``until`` (``"01"`` or ``"1"``; None: all), and
+    the later ones these :func:`needs` (and theirs), in number order.
 
     Raises:
         DmdiffError: no notebook has that number.
@@ -259,7 +313,14 @@ def select_notebooks(until: str | None, directory: Path = NOTEBOOK_DIR) -> list[
     wanted = until.strip().zfill(2)
     if wanted not in numbers:
         raise DmdiffError(f"--until {until}: no notebook with that number (the study has {', '.join(numbers)})")
-    return paths[:numbers.index(wanted) + 1]
+    chosen = set(numbers[:numbers.index(wanted) + 1])
+    wanted_next = [n for p in paths if p.name[:2] in chosen for n in needs(p)]
+    while wanted_next:
+        number = wanted_next.pop()
+        if number in numbers and number not in chosen:
+            chosen.add(number)
+            wanted_next += needs(paths[numbers.index(number)])
+    return [p for p in paths if p.name[:2] in chosen]
 
 
 def check_params(extra: dict[str, Any], paths: list[Path]) -> int:
@@ -290,7 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra notebook parameter (repeatable)")
     parser.add_argument("--resume", action="store_true", help="skip notebooks already done with the same parameters")
     parser.add_argument("--until", default=None, metavar="NN",
-                        help="stop after the notebook numbered NN (e.g. 01: the tour and the dataset only)")
+                        help="stop after the notebook numbered NN (e.g. 01: the tour and the dataset only); "
+                             "later notebooks it needs run too (02 needs 03's trained model)")
     parser.add_argument("--compare", metavar="OTHER_RUN", default=None,
                         help="afterwards, compare every notebook's metrics.json with those of an earlier run "
                              "folder (to 1e-6; timings left out); differences make the exit status non-zero")

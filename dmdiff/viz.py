@@ -101,6 +101,33 @@ def map_grid(maps: np.ndarray, names: Sequence[str], units: Sequence[str] | None
     return fig
 
 
+def map_rows(rows: Mapping[str, np.ndarray], names: Sequence[str], units: Sequence[str] | None = None,
+             size: float = 2.0, title: str | None = None) -> plt.Figure:
+    """Maps of several sources side by side, e.g. the degradation maps of two lenses: one row per
+    ``rows`` entry (label → ``(C, G, G)``), one column per map name, each column on one colour scale
+    (its colour bar under the column), so equal colours mean equal values across the rows."""
+    labels = list(rows)
+    stacked = np.stack([np.asarray(rows[label], dtype=np.float64) for label in labels])   # (R, C, G, G)
+    fig, axes = plt.subplots(len(labels), len(names), figsize=(size * len(names), size * len(labels) + 0.9),
+                             squeeze=False)
+    for c, name in enumerate(names):
+        low, high = float(stacked[:, c].min()), float(stacked[:, c].max())
+        high = high if high > low else low + max(abs(low), 1e-12) * 1e-3
+        for r, label in enumerate(labels):
+            ax = axes[r, c]
+            image = ax.imshow(stacked[r, c], cmap="magma", vmin=low, vmax=high)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name + (f" [{units[c]}]" if units else ""), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+        fig.colorbar(image, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.08, pad=0.04)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def save_figure(fig: plt.Figure, out_dir: str | Path, name: str, dpi: int = 110) -> Path:
     """Save ``fig`` as ``out_dir/name.png`` and return the path (the notebook still displays it)."""
     path = Path(out_dir) / f"{name}.png"

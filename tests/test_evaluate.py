@@ -29,8 +29,9 @@ from dmdiff.evaluation.baselines import (  # noqa: E402
     varying_blur,
     wiener_deconvolve,
 )
-from dmdiff.evaluation.field import field_angle_map, zone_masks  # noqa: E402
+from dmdiff.evaluation.field import field_angle_map, zone_gains, zone_masks  # noqa: E402
 from dmdiff.evaluation.job import evaluate  # noqa: E402
+from dmdiff.evaluation.map_response import CAPTURE, WITH_MAPS, field_scores  # noqa: E402
 from dmdiff.evaluation.methods import DEGRADE, METHODS, Context, Sample, methods_for  # noqa: E402
 from dmdiff.evaluation.trivial import untrained_pipeline  # noqa: E402
 from dmdiff.evaluation.report import (  # noqa: E402
@@ -61,6 +62,7 @@ from dmdiff.optics.sensor import quantize  # noqa: E402
 from dmdiff.optics.spec import MetalensSpec  # noqa: E402
 from dmdiff.outputs import MANIFEST  # noqa: E402
 from dmdiff.runs import resolve_model  # noqa: E402
+from dmdiff.study import held_out_pairs, model_or_fresh  # noqa: E402
 
 
 def quantize8(image):
@@ -707,3 +709,24 @@ def test_set_perception_pools_niqe_patches_over_the_images():
     assert soft_line.endswith(f"| {record['methods']['soft']['niqe_set']:.2f} | "
                               f"{record['methods']['soft']['detail_ratio']:.3f} |")
     assert "(12 patches per method)" in table
+
+
+def test_notebook_02_gets_the_trained_model_and_the_datasets_test_pairs(dataset, pipeline_dir, tmp_path):
+    """held_out_pairs reads the dataset's test pairs as they are on disk, with their lens and noise;
+    model_or_fresh loads the model behind a run path, or says how to train one and builds a fresh one."""
+    pairs, spec = held_out_pairs(dataset, 2)
+    test_set, meta = PairedFolderDataset(dataset, "test"), read_lens(dataset)
+    assert [p["name"] for p in pairs] == test_set.names[:2] and spec.to_dict() == meta["spec"]
+    first = test_set[0]
+    assert np.array_equal(pairs[0]["lr"], first["lr"].permute(1, 2, 0).numpy())
+    assert np.array_equal(pairs[0]["maps"], first["maps"].numpy())
+    assert list(pairs[0]["noise"]) == meta["images"][pairs[0]["name"]]["noise"]
+    model, note = model_or_fresh(pipeline_dir, grid_size=spec.grid_size)
+    assert note is None and model.config.svda_dim == 32
+    fresh, note = model_or_fresh(tmp_path / "no-run", grid_size=3, spatial=True)
+    assert "UNTRAINED" in note and "03_multipath_training" in note and fresh.config.svda_spatial
+    record = field_scores(model, pairs, spec).record()
+    assert set(record["per_image"]) == {p["name"] for p in pairs}
+    edge = {m: np.mean([record["per_image"][p["name"]][m]["edge"]["psnr"] for p in pairs])
+            for m in (CAPTURE, WITH_MAPS)}
+    assert zone_gains(record, WITH_MAPS, CAPTURE)["edge"] == pytest.approx(edge[WITH_MAPS] - edge[CAPTURE])

@@ -6,18 +6,20 @@ import nbformat
 import pytest
 
 from dmdiff.errors import DmdiffError
-from dmdiff.repro import metrics_differences, notebooks, parse_params, run_study
+from dmdiff.repro import metrics_differences, notebooks, parse_params, run_order, run_study, select_notebooks
 
 
-def _notebook(path, body: str, fail: bool = False):
+def _notebook(path, body: str, fail: bool = False, needs: list | None = None, extra: str = ""):
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('seed: int = 0  # random seed\nout_dir: str = "out"  # outputs\n'
-                                       'smoke: bool = False  # CI-sized run')
+                                       'smoke: bool = False  # CI-sized run' + extra)
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     if fail:
         nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('made to fail')"))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if needs is not None:
+        nb.metadata["dmdiff"] = {"needs": needs}
     nbformat.write(nb, str(path))
     return path
 
@@ -51,8 +53,48 @@ def test_resume_skips_done_steps_with_same_parameters(tmp_path):
     run_study(tmp_path / "run", notebook_paths=nbs)
     again = run_study(tmp_path / "run", notebook_paths=nbs, resume=True)
     assert again[0].status == "skipped (resumed)"
+    twice = run_study(tmp_path / "run", notebook_paths=nbs, resume=True)   # a step skipped before is still done
+    assert twice[0].status == "skipped (resumed)"
     changed = run_study(tmp_path / "run", notebook_paths=nbs, resume=True, seed=1)
     assert changed[0].status == "ok"
+
+
+def test_a_notebook_runs_after_the_ones_it_needs_and_resume_follows_them(tmp_path):
+    """01 needs 02 (as notebook 02 needs 03's model): it runs after it; --until 01 brings 02 along;
+    a resumed study redoes 01 when 02 ran with other parameters, though 01's own are unchanged."""
+    nbs = [_notebook(tmp_path / "00_a.ipynb", BODY), _notebook(tmp_path / "01_b.ipynb", BODY, needs=["02"]),
+           _notebook(tmp_path / "02_c.ipynb", BODY, extra="\nwidth: int = 1  # only 02 takes it")]
+    assert [p.stem for p in run_order(nbs)] == ["00_a", "02_c", "01_b"]
+    assert [p.stem for p in select_notebooks("01", tmp_path)] == ["00_a", "01_b", "02_c"]
+    assert [p.stem for p in select_notebooks("00", tmp_path)] == ["00_a"]
+    results = run_study(tmp_path / "run", notebook_paths=nbs)
+    assert [(r.name, r.status) for r in results] == [("00_a", "ok"), ("02_c", "ok"), ("01_b", "ok")]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["00_a", "02_c", "01_b"]
+    assert all(s["params_hash"] == r.params_hash for s, r in zip(manifest["steps"], results))
+    again = run_study(tmp_path / "run", notebook_paths=nbs, resume=True)
+    assert {r.status for r in again} == {"skipped (resumed)"}
+    changed = run_study(tmp_path / "run", notebook_paths=nbs, resume=True, extra={"width": 2})
+    assert [r.status for r in changed] == ["skipped (resumed)", "ok", "ok"]
+    assert changed[2].parameters == results[2].parameters and changed[2].params_hash != results[2].params_hash
+
+
+def test_needs_that_cannot_be_met_are_named(tmp_path):
+    lone = [_notebook(tmp_path / "00_a.ipynb", BODY, needs=["07"])]
+    with pytest.raises(DmdiffError, match="needs notebook 07"):
+        run_order(lone)
+    loop = [_notebook(tmp_path / "00_a.ipynb", BODY, needs=["01"]),
+            _notebook(tmp_path / "01_b.ipynb", BODY, needs=["00"])]
+    with pytest.raises(DmdiffError, match="cycle"):
+        run_order(loop)
+    bad = [_notebook(tmp_path / "00_a.ipynb", BODY, needs="03")]
+    with pytest.raises(DmdiffError, match="00_a.ipynb: metadata dmdiff.needs"):
+        run_order(bad)
+
+
+def test_the_study_runs_notebook_02_after_03_whose_model_it_opens():
+    order = [p.name[:2] for p in run_order(notebooks())]
+    assert order.index("02") == order.index("03") + 1 and order.index("04") > order.index("03")
 
 
 def test_parse_params():

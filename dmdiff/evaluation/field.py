@@ -41,7 +41,7 @@ from dmdiff.metrics import ssim_map
 from dmdiff.optics.spec import MetalensSpec
 
 __all__ = ["ZONES", "GAIN_CELLS", "GAIN_FILE", "field_angle_map", "zone_masks", "FieldScores", "gain_map",
-           "format_zone_table", "plot_gain_maps"]
+           "zone_gains", "format_zone_table", "plot_gain_maps"]
 
 #: Zone name → (lower, upper) bound as a fraction of the frame's largest field angle (upper exclusive,
 #: except for the edge zone, which includes the corners).
@@ -172,6 +172,16 @@ def gain_map(field: Mapping, method: str, reference: str) -> np.ndarray:
         if key not in grids:
             raise KeyError(f"no squared errors of {key!r} in the field record (methods: {sorted(grids)})")
     return 10 * np.log10(np.asarray(grids[reference]) / np.asarray(grids[method]))
+
+
+def zone_gains(field: Mapping, method: str, reference: str) -> dict[str, float]:
+    """``{zone: dB}``: the mean zone PSNR of ``method`` less that of ``reference`` (the mean over
+    images of the per-image PSNR gain) from a ``field`` record (:meth:`FieldScores.record`)."""
+    means = field["means"]
+    for key in (method, reference):
+        if key not in means:
+            raise KeyError(f"no zone scores of {key!r} in the field record (methods: {sorted(means)})")
+    return {zone: means[method][zone]["psnr"] - means[reference][zone]["psnr"] for zone in ZONES}
 
 
 def format_zone_table(field: Mapping, labels: Mapping[str, str], methods: Sequence[str] | None = None) -> str:

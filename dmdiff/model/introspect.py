@@ -57,3 +57,15 @@ def attention_maps(attention: torch.Tensor, grid_size: int, query_cell: int | No
     if a.dim() == 3:
         a = a[:, (grid_size * grid_size) // 2 if query_cell is None else query_cell]
     return a.reshape(-1, grid_size, grid_size)
+
+
+def block_modulation(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None,
+                     part: str = "unet") -> torch.Tensor:
+    """How strongly SVDA modulates each LoRA block of ``part`` (``"unet"`` or ``"vae"``) for one
+    capture: ``‖M − I‖_F / ‖I‖_F`` per block, ``(n_blocks,)`` (spatial SVDA: the mean over the grid).
+
+    ``image`` ``(1, 3, H, W)`` and ``maps`` ``(1, 7, G', G')`` or None as for :func:`modulation`.
+    """
+    _, matrices = modulation(model, image, maps)
+    strength = modulation_strength(matrices[part])[0]
+    return strength.flatten(1).mean(1) if strength.dim() == 3 else strength
