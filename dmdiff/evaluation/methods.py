@@ -283,7 +283,8 @@ def ablation_label(name: str, short: bool = False) -> str:
 
 def methods_for(context: Context) -> list[Method]:
     """The rows of this evaluation, in table order: the registry's that apply (the recommended-α
-    row labelled with its value, e.g. ``"DMDiff α=0.6 (recommended)"``), with one row per
+    row labelled with its value, e.g. ``"DMDiff α=0.6 (recommended)"``, the colour anchor's with what
+    it is: ``G_σ(x)`` for a model that does not deconvolve), with one row per
     ablation model of ``context`` (keys :func:`ablation_method`) after ``dmdiff_a1_x8``."""
     ablations = [Method(key, ablation_label(key[len(ABLATION_PREFIX):]), "gt", _ablation(key))
                  for key in context.ablations]
@@ -292,6 +293,8 @@ def methods_for(context: Context) -> list[Method]:
         if method.applies(context):
             if method.name == RECOMMENDED:
                 method = replace(method, label=f"DMDiff α={recommended_alpha(context):g} (recommended)")
+            if method.name == "color_anchor" and context.model.config.anchor_rl_iterations is None:
+                method = replace(method, label="colour anchor alone (the model's G_σ(x))")
             rows.append(method)
         if method.name == "dmdiff_a1_x8":
             rows += ablations
