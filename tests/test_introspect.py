@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import perturb_trainable  # noqa: E402
 
+from dmdiff.data.dataset import crop_maps  # noqa: E402
 from dmdiff.evaluation.field import field_angle_map, zone_masks  # noqa: E402
-from dmdiff.evaluation.svda_probe import zone_crop_windows  # noqa: E402
+from dmdiff.evaluation.svda_probe import zone_crop_windows, zone_crops  # noqa: E402
 from dmdiff.model.backbone import load_backbone  # noqa: E402
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.introspect import (  # noqa: E402
@@ -160,3 +161,16 @@ def test_zone_crop_windows_sit_in_their_zones():
         assert (h, w) == (c, c) and 0 <= y0 <= H - c and 0 <= x0 <= W - c
         centre = relative[y0 + c // 2, x0 + c // 2]
         assert lo <= centre <= hi, (zone, centre)
+
+
+def test_zone_crops_carry_their_own_maps():
+    g = torch.Generator().manual_seed(5)
+    frames = {"lr": torch.rand(2, 3, 64, 64, generator=g), "gt": torch.rand(2, 3, 64, 64, generator=g),
+              "maps": torch.rand(2, 7, 7, 7, generator=g)}
+    crops = zone_crops(frames, 16)
+    assert list(crops) == ["centre", "mid", "edge"]
+    y0, x0, h, w = zone_crop_windows(64, 64, 16)["mid"]
+    assert torch.equal(crops["mid"]["lr"], frames["lr"][..., y0:y0 + h, x0:x0 + w])
+    expected = crop_maps(frames["maps"][1].numpy(), (64, 64), (y0, x0, h, w))
+    assert np.allclose(crops["mid"]["maps"][1].numpy(), expected)
+    assert not torch.allclose(crops["edge"]["maps"], crops["centre"]["maps"])   # other positions, other maps

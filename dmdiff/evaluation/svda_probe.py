@@ -54,7 +54,7 @@ from dmdiff.optics.spec import MetalensSpec
 from dmdiff.outputs import write_json
 from dmdiff.runs import load_pipeline
 
-__all__ = ["load_frames", "zone_crop_windows", "zone_crops", "probe_model", "format_probe", "main"]
+__all__ = ["load_frames", "zone_crop_windows", "zone_crops", "probe_model", "format_probe", "format_summary", "main"]
 
 PARTS = ("vae", "unet")
 
@@ -201,14 +201,18 @@ def format_probe(record: dict) -> str:
         entry = record["modulation"][part]
         crop_zones = [z for z in zones if z in entry["crop_zone_distance"]]
         to_crop = [z for z in zones if z in entry.get("frame_to_crop", {})]
+        frame_zones = zones if "frame_zone_distance" in entry else []                 # spatial SVDA
         header = (["block", "frame ‖M−I‖", "frame spread", "crop spread"]
-                  + [f"crop {z} ‖M−I‖" for z in crop_zones] + [f"‖M frame − M {z} crop‖" for z in to_crop] + ["attention entropy"]
+                  + [f"frame {z} ‖M−I‖" for z in frame_zones]
+                  + [f"crop {z} ‖M−I‖" for z in crop_zones] + [f"‖M frame − M {z} crop‖" for z in to_crop]
+                  + ["attention entropy"]
                   + [f"mass/area {z}" for z in zones])
         lines += ["", f"{part}: SVDA embedding spread over the zone crops {entry['crop_embedding_spread']:.4f} "
                   f"(their optics-map features': {record['modulation']['crop_map_feature_spread']:.4f}); "
                   "block ids with layers only", "", f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
         for k in entry["blocks_used"]:
             cells = [entry["frame_distance"][k], entry["frame_spread"][k], entry["crop_spread"][k],
+                     *(entry["frame_zone_distance"][k][zones.index(z)] for z in frame_zones),
                      *(entry["crop_zone_distance"][z][k] for z in crop_zones),
                      *(entry["frame_to_crop"][z][k] for z in to_crop),
                      entry["attention_entropy"][k], *entry["attention_mass_per_area"][k]]
@@ -222,6 +226,36 @@ def format_probe(record: dict) -> str:
             cells = [v for z in zone_names for v in (table[name][z]["rms_change"], table[name][z]["relative_change"],
                                                      table[name][z]["psnr_change"])]
             lines.append(f"| {name} | {_row(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(records: Sequence[dict]) -> str:
+    """One markdown row per model: validation PSNR at α = 1 (whole frame and zones) and at its
+    recommended α, then, for models with SVDA, the UNet's mean ‖M − I‖ over its blocks, the largest
+    spread of any block of either part (frames or zone crops), the mean attention entropy, the block
+    embeddings' spread over the zone crops, and the largest RMS output change and PSNR change (any
+    alternative maps, any zone, frames or edge crops)."""
+    zones = ["all", *ZONES]
+    header = (["model"] + [f"α=1 {z}" for z in zones] + ["rec. α", "rec. α all", "UNet ‖M−I‖", "max spread",
+                                                           "attention entropy", "embedding spread",
+                                                           "max RMS change (8-bit)", "max ΔPSNR (abs., dB)"])
+    lines = [f"| {' | '.join(header)} |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for r in records:
+        cells = [f"{r['psnr_a1'][z]:.2f}" for z in zones]
+        cells += ([f"{r['recommended_alpha']}", f"{r['psnr_arec']['all']:.2f}"] if "psnr_arec" in r else ["–", "–"])
+        if r["svda"]:
+            m = r["modulation"]
+            changes = [s for table in (r["sensitivity"], r["crop_sensitivity"]) for name, zs in table.items()
+                       if name != "own" for s in zs.values()]
+            cells += [f"{np.mean(m['unet']['frame_distance']):.3f}",
+                      f"{max(v for p in PARTS for key in ('frame_spread', 'crop_spread') for v in m[p][key]):.4f}",
+                      f"{np.mean([v for p in PARTS for v in m[p]['attention_entropy']]):.4f}",
+                      f"{max(m[p]['crop_embedding_spread'] for p in PARTS):.4f}",
+                      f"{max(s['rms_change'] for s in changes):.3f}",
+                      f"{max(abs(s['psnr_change']) for s in changes):.3f}"]
+        else:
+            cells += ["no SVDA"] + ["–"] * 5
+        lines.append(f"| {r['model']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DmdiffError as err:
         print(f"svda_probe: {err}", file=sys.stderr)
         return 2
+    if len(records) > 1:
+        print(format_summary(records))
     if args.json:
         write_json(args.json, {"data": str(args.data), "split": args.split, "crop_px": args.crop_px, "models": records})
     return 0
