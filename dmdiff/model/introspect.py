@@ -130,8 +130,10 @@ def attention_summary(attention: torch.Tensor, fractions: torch.Tensor) -> dict[
         ``entropy``: ``(n,)`` the attention's entropy over the cells divided by ``log(G²)`` (1: uniform,
         0: one cell), the mean of the per-query entropies; ``mass``: ``(n, Z)`` the share of the
         attention on each zone's pixels (each cell's weight spread evenly over its pixels), summing to 1;
-        ``mass_per_area``: ``(n, Z)`` the mass divided by the zone's share of the frame (1 everywhere
-        for uniform attention, above 1 where the query looks more than the zone's size warrants).
+        ``mass_per_area``: ``(n, Z)`` the mass divided by the zone's share of the grid (the mean of its
+        cell fractions: its share of the frame's pixels up to the cells' one-pixel size differences),
+        so 1 everywhere for uniform attention, above 1 where the query looks more than the zone's
+        size warrants.
     """
     a = attention.double()
     n_cells = a.shape[-1]
