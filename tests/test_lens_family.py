@@ -13,7 +13,7 @@ from dmdiff.data.family import RANGED_FIELDS, LensFamily, draw_lenses
 from dmdiff.data.simulate import simulate_dataset
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.evaluation.baselines import dataset_varying_blur
-from dmdiff.evaluation.family import format_lens_table, format_per_lens
+from dmdiff.evaluation.family import format_lens_table, format_per_lens, main as family_main, maps_swap, swap_partners
 from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.propagation import LensSpectrum
 from dmdiff.optics.spec import MetalensSpec, SpecError
@@ -129,6 +129,50 @@ def test_per_lens_table_splits_the_frames_by_lens(family):
                              for n in test]}
     table = format_per_lens(metrics, meta, ["m"])
     assert "| lens_02 | lens_03 |" in table and "| method m | 10.00 | 20.00 |" in table
+
+
+class MapsEcho:
+    """A stand-in pipeline whose output brightens with the maps' mean (none: the capture itself), so
+    that what :func:`maps_swap` gives it shows in the PSNR; records the maps it was called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, lr, maps, alpha):
+        self.calls.append(None if maps is None else maps.clone())
+        gain = 1.0 if maps is None else 1.0 + 0.01 * float(maps[:6].mean())
+        return type("Out", (), {"images": [(lr.permute(1, 2, 0).numpy() * gain).clip(0, 1)]})()
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_maps_swap_gives_another_lenses_maps(family, split):
+    meta = read_lens(family)
+    frames = PairedFolderDataset(family, split)
+    partners = swap_partners(frames.names, meta)
+    assert set(partners) == set(frames.names)
+    for name, partner in partners.items():
+        assert meta["images"][partner]["lens"] != meta["images"][name]["lens"]
+        if split == "test":                     # the same crop under the other held-out lens
+            assert partner[: -len("lens_02")] == name[: -len("lens_02")]
+    pipeline = MapsEcho()
+    record = maps_swap(pipeline, family, alpha=1.0, split=split, progress=False)
+    assert record["split"] == split and record["images"] == len(frames.names)
+    stored = {n: np.load(p) for n, p in zip(frames.names, frames.map_paths)}
+    first = frames.names[0]
+    own, swapped, none = pipeline.calls[:3]
+    assert np.array_equal(own.numpy(), stored[first]) and none is None
+    assert np.array_equal(swapped.numpy(), stored[record["per_image"][first]["swapped_with"]])
+    assert not np.array_equal(own.numpy(), swapped.numpy())
+    scores = record["per_image"][first]
+    assert scores["own"] != scores["swapped"] and record["own"] == pytest.approx(
+        np.mean([s["own"] for s in record["per_image"].values()]))
+
+
+def test_maps_swap_refuses_what_it_cannot_swap(family, tmp_path, capsys):
+    with pytest.raises(DmdiffError, match="lens-family"):
+        maps_swap(MapsEcho(), tmp_path, split="val", progress=False)
+    assert family_main([str(tmp_path), str(tmp_path / "no-model")]) == 2
+    assert "family:" in capsys.readouterr().err
 
 
 def test_config_files_extend_others(tmp_path):

@@ -3,19 +3,23 @@ and whether the model reads the maps it is given.
 
 A lens-family dataset (:mod:`dmdiff.data.family`) records its lenses in ``lens.json``
 (``lenses``) and each image's lens (``images[name].lens``); every test crop is captured once by
-each held-out lens. :func:`maps_swap` restores each test capture three times — with its own maps,
-with the maps of the same crop under another held-out lens, and with no maps at all — so the PSNR
-it loses when told the wrong lens is the part of the restoration that depends on what SVDA is
-told (zero for a model without SVDA).
+each held-out lens. :func:`maps_swap` restores each capture of a split three times — with its own
+maps, with another lens's maps (on the test split those of the same crop under another held-out
+lens) and with no maps at all — so the PSNR it loses when told the wrong lens is the part of the
+restoration that depends on what SVDA is told (zero for a model without SVDA). Run it from the
+shell as ``python -m dmdiff.evaluation.family DATA MODEL… --split val``.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dmdiff.data.dataset import PairedFolderDataset, read_lens
@@ -23,8 +27,9 @@ from dmdiff.errors import DmdiffError
 from dmdiff.metrics import psnr
 from dmdiff.optics.camera import MAP_CHANNELS
 from dmdiff.optics.sensor import quantize
+from dmdiff.runs import load_pipeline
 
-__all__ = ["family_lenses", "format_lens_table", "plot_family_maps", "format_per_lens", "maps_swap"]
+__all__ = ["family_lenses", "format_lens_table", "plot_family_maps", "format_per_lens", "swap_partners", "maps_swap"]
 
 
 def family_lenses(data: str | Path) -> dict:
@@ -102,47 +107,83 @@ def format_per_lens(metrics: Mapping, meta: Mapping, methods: Sequence[str], key
     return "\n".join(lines)
 
 
-def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, progress: bool = True) -> dict:
-    """PSNR of each test capture restored with its own maps, another held-out lens's maps of the same
-    crop, and no maps (module docstring).
+def swap_partners(names: Sequence[str], meta: Mapping) -> dict[str, str]:
+    """For each frame of a split, the frame whose maps it is given in :func:`maps_swap`: the same
+    crop under another lens where the split has one (test crops are named ``<crop>_<lens>``, one per
+    held-out lens), else the next frame in name order, cyclically, taken by another lens (a whole
+    frame's maps depend only on its lens). Frames with no other lens in the split are left out."""
+    lens_of = {name: meta["images"][name]["lens"] for name in names}
+    partners = {}
+    for i, name in enumerate(names):
+        lens = lens_of[name]
+        crop = name[: -len(lens)] if name.endswith(lens) else None
+        others = [n for n in [*names[i + 1:], *names[:i]] if lens_of[n] != lens]
+        twins = [n for n in others if crop is not None and n == crop + lens_of[n]]
+        if others:
+            partners[name] = (twins or others)[0]
+    return partners
+
+
+def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, split: str = "test", progress: bool = True) -> dict:
+    """PSNR of each capture of a split restored with its own maps, another lens's maps
+    (:func:`swap_partners`: on the test split the same crop under another held-out lens) and no
+    maps (module docstring).
 
     Args:
         pipeline: a :class:`~dmdiff.model.pipeline.DMDiffPipeline`.
-        data: a lens-family dataset with at least two held-out lenses.
+        data: a lens-family dataset.
         alpha: the decoding α.
+        split: ``"test"`` (held-out lenses: report) or ``"val"`` (training lenses: where choices are made).
 
     Returns:
-        ``{"alpha", "images", "own", "swapped", "none"}``: mean RGB PSNR (dB) over the test frames
-        of each variant, and ``"per_image"``: ``{name: {"own", "swapped", "none"}}``.
+        ``{"alpha", "split", "images", "own", "swapped", "none"}``: mean RGB PSNR (dB, 8-bit) over the
+        frames of each variant, and ``"per_image"``: ``{name: {"own", "swapped", "none", "swapped_with"}}``.
 
     Raises:
-        DmdiffError: not a lens-family dataset, or fewer than two held-out lenses.
+        DmdiffError: not a lens-family dataset, or a split without maps or without two lenses.
     """
     data = Path(data)
     meta = family_lenses(data)
-    held_out = sorted(n for n, lens in meta["lenses"].items() if lens["held_out"])
-    if len(held_out) < 2:
-        raise DmdiffError(f"{data}: maps_swap needs two held-out lenses to swap their maps, the family has {len(held_out)}")
-    test = PairedFolderDataset(data, "test")
-    if test.map_paths is None:
-        raise DmdiffError(f"{data}: the test split has no maps to swap")
-    index = {name: i for i, name in enumerate(test.names)}
+    frames = PairedFolderDataset(data, split)
+    if frames.map_paths is None:
+        raise DmdiffError(f"{data}: the {split} split has no maps to swap")
+    partners = swap_partners(frames.names, meta)
+    if not partners:
+        raise DmdiffError(f"{data}: every frame of the {split} split is captured by one lens; there is no other lens's maps to give")
+    index = {name: i for i, name in enumerate(frames.names)}
     per_image = {}
-    for name in tqdm(test.names, desc="maps swapped", unit="img", disable=not progress):
-        lens = meta["images"][name]["lens"]
-        other = held_out[(held_out.index(lens) + 1) % len(held_out)]
-        twin = name[: -len(lens)] + other                  # the same crop under the other lens
-        if twin not in index:
-            continue
-        item = test[index[name]]
-        own, swapped = item["maps"], test[index[twin]]["maps"]
+    for name, partner in tqdm(partners.items(), desc="maps swapped", unit="img", disable=not progress):
+        item = frames[index[name]]
         target = item["gt"].permute(1, 2, 0).numpy()
         scores = {}
-        for variant, maps in (("own", own), ("swapped", swapped), ("none", None)):
+        for variant, maps in (("own", item["maps"]), ("swapped", frames[index[partner]]["maps"]), ("none", None)):
             out = pipeline(item["lr"], maps, alpha).images[0]
             scores[variant] = psnr(quantize(out, 8), target)       # 8-bit, as dmdiff evaluate scores
-        per_image[name] = scores
-    if not per_image:
-        raise DmdiffError(f"{data}: no test crop is captured by two held-out lenses")
+        per_image[name] = {**scores, "swapped_with": partner}
     means = {v: float(np.mean([s[v] for s in per_image.values()])) for v in ("own", "swapped", "none")}
-    return {"alpha": float(alpha), "images": len(per_image), **means, "per_image": per_image}
+    return {"alpha": float(alpha), "split": split, "images": len(per_image), **means, "per_image": per_image}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dmdiff.evaluation.family DATA MODEL… [--split val]``: :func:`maps_swap` of each model."""
+    parser = argparse.ArgumentParser(prog="python -m dmdiff.evaluation.family",
+                                     description="PSNR of a lens-family split restored with its own maps, another lens's, none")
+    parser.add_argument("data", help="lens-family dataset folder (dmdiff simulate with a family)")
+    parser.add_argument("models", nargs="+", help="pipeline folders, training runs or recipe runs")
+    parser.add_argument("--split", default="val", choices=("val", "test"), help="choices on val; test only to report")
+    parser.add_argument("--alpha", type=float, default=1.0, help="decoding α (default 1: the positive path)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"{'model':60s} {'own':>8s} {'another':>8s} {'none':>8s} {'own − another':>14s}  (dB, {args.split} split, α = {args.alpha:g})")
+    try:
+        for model in args.models:
+            r = maps_swap(load_pipeline(model).pipeline, args.data, args.alpha, args.split, progress=False)
+            print(f"{model:60s} {r['own']:8.3f} {r['swapped']:8.3f} {r['none']:8.3f} {r['own'] - r['swapped']:+14.3f}", flush=True)
+    except DmdiffError as err:
+        print(f"family: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
