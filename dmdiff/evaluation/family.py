@@ -150,13 +150,13 @@ def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, split: str = "test
     partners = swap_partners(frames.names, meta)
     if not partners:
         raise DmdiffError(f"{data}: every frame of the {split} split is captured by one lens; there is no other lens's maps to give")
-    index = {name: i for i, name in enumerate(frames.names)}
+    items = {name: frames[i] for i, name in enumerate(frames.names)}     # each frame read once
     per_image = {}
     for name, partner in tqdm(partners.items(), desc="maps swapped", unit="img", disable=not progress):
-        item = frames[index[name]]
+        item = items[name]
         target = item["gt"].permute(1, 2, 0).numpy()
         scores = {}
-        for variant, maps in (("own", item["maps"]), ("swapped", frames[index[partner]]["maps"]), ("none", None)):
+        for variant, maps in (("own", item["maps"]), ("swapped", items[partner]["maps"]), ("none", None)):
             out = pipeline(item["lr"], maps, alpha).images[0]
             scores[variant] = psnr(quantize(out, 8), target)       # 8-bit, as dmdiff evaluate scores
         per_image[name] = {**scores, "swapped_with": partner}
@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(f"{'model':60s} {'own':>8s} {'another':>8s} {'none':>8s} {'own − another':>14s}  (dB, {args.split} split, α = {args.alpha:g})")
     try:
+        family_lenses(args.data)                           # a wrong dataset fails before any model loads
         for model in args.models:
             r = maps_swap(load_pipeline(model).pipeline, args.data, args.alpha, args.split, progress=False)
             print(f"{model:60s} {r['own']:8.3f} {r['swapped']:8.3f} {r['none']:8.3f} {r['own'] - r['swapped']:+14.3f}", flush=True)
