@@ -23,8 +23,10 @@ repro: setup
 smoke: setup
 	$(VENV)/bin/dmdiff repro --smoke --out runs/smoke
 
+# The tests run on every core (at most 4 worker processes; pytest-xdist), whole modules per worker
+# so that module-scoped fixtures (trained models, datasets) are built once.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope
 
 clean-runs:
 	rm -rf runs

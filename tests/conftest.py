@@ -5,10 +5,26 @@ import os
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Modules holding a test marked ``slow`` first, each module's tests kept together and in order:
+    under pytest-xdist (``--dist loadscope`` hands out whole modules) the longest modules then start
+    at once instead of last, when the other workers have nothing left to do."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
 @pytest.fixture(scope="session")
 def psf_cache(tmp_path_factory):
-    """A session-wide PSF cache folder, also exported as $DMDIFF_CACHE for papermill kernels."""
-    path = tmp_path_factory.mktemp("psf-cache")
+    """A session-wide PSF cache folder, also exported as $DMDIFF_CACHE for papermill kernels.
+
+    Under pytest-xdist (``make test`` runs ``-n auto``) the workers share one folder beside their
+    own temporary folders, so each grid is built once per run, not once per worker (the cache's
+    writes are atomic; two workers building the same grid at once both write the same file)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "psf-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("psf-cache")
     old = os.environ.get("DMDIFF_CACHE")
     os.environ["DMDIFF_CACHE"] = str(path)
     yield path

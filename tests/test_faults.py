@@ -151,6 +151,7 @@ def test_restore_never_replaces_a_file_it_did_not_write(case):
     (case / "mine" / "IMG_1.jpg").unlink()   # the case fixture checks the rest
 
 
+@pytest.mark.slow
 def test_restore_replaces_only_its_own_unchanged_outputs(case):
     photos(case / "in")
     assert dmdiff("restore", "--model", "model", "--input", "in", "--out", "out", "--no-progress", cwd=case).returncode == 0
@@ -356,6 +357,7 @@ def test_killed_folder_restore_resumes(case):
         assert (case / "out" / name).read_bytes() == (case / "whole" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_repro_resumes_after_the_finished_notebooks(case):
     proc = start("repro", "--smoke", "--until", "01", "--out", "study", cwd=case)
 

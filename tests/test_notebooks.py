@@ -65,6 +65,7 @@ def test_notebook_is_committed_clean(path):
         assert info["help"], f"parameter {name} has no comment"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_headless_in_smoke_mode(path, tmp_path, psf_cache):
     out_dir = tmp_path / "out"
