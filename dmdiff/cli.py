@@ -41,6 +41,8 @@ COMMANDS = {
                                           "α=0/1, the backbone VAE ceiling (and a stage-1 model's degradation)"),
     "intervals": ("dmdiff.evaluation.uncertainty", "paired differences of evaluated methods with bootstrap "
                                                    "intervals over source photos, pooling several seeds' reports"),
+    "maps-swap": ("dmdiff.evaluation.family", "a lens family: PSNR with each image's own optics maps, another "
+                                              "lens's and none (does SVDA read its maps?)"),
     "restore": ("dmdiff.restore", "restore your own photos (any size, tiled) with a trained model"),
 }
 

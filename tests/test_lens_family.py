@@ -7,13 +7,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from dmdiff.cli import main as cli
 from dmdiff.config import config_layers
 from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, image_lens_spec, read_lens
 from dmdiff.data.family import RANGED_FIELDS, LensFamily, draw_lenses
 from dmdiff.data.simulate import simulate_dataset
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.evaluation.baselines import dataset_varying_blur
-from dmdiff.evaluation.family import format_lens_table, format_per_lens, main as family_main, maps_swap, swap_partners
+from dmdiff.evaluation.family import format_lens_table, format_per_lens, maps_swap, swap_partners
 from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.propagation import LensSpectrum
 from dmdiff.optics.spec import MetalensSpec, SpecError
@@ -171,8 +172,8 @@ def test_maps_swap_gives_another_lenses_maps(family, split):
 def test_maps_swap_refuses_what_it_cannot_swap(family, tmp_path, capsys):
     with pytest.raises(DmdiffError, match="lens-family"):
         maps_swap(MapsEcho(), tmp_path, split="val", progress=False)
-    assert family_main([str(tmp_path), str(tmp_path / "no-model")]) == 2
-    assert "family:" in capsys.readouterr().err
+    assert cli(["maps-swap", str(tmp_path), str(tmp_path / "no-model")]) == 2
+    assert "dmdiff maps-swap: error:" in capsys.readouterr().err
 
 
 def test_config_files_extend_others(tmp_path):

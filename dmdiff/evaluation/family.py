@@ -7,13 +7,12 @@ each held-out lens. :func:`maps_swap` restores each capture of a split three tim
 maps, with another lens's maps (on the test split those of the same crop under another held-out
 lens) and with no maps at all — so the PSNR it loses when told the wrong lens is the part of the
 restoration that depends on what SVDA is told (zero for a model without SVDA). Run it from the
-shell as ``python -m dmdiff.evaluation.family DATA MODEL… --split val``.
+shell as ``dmdiff maps-swap DATA MODEL… --split val``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -164,27 +163,21 @@ def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, split: str = "test
     return {"alpha": float(alpha), "split": split, "images": len(per_image), **means, "per_image": per_image}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dmdiff.evaluation.family DATA MODEL… [--split val]``: :func:`maps_swap` of each model."""
-    parser = argparse.ArgumentParser(prog="python -m dmdiff.evaluation.family",
-                                     description="PSNR of a lens-family split restored with its own maps, another lens's, none")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``dmdiff maps-swap``."""
     parser.add_argument("data", help="lens-family dataset folder (dmdiff simulate with a family)")
     parser.add_argument("models", nargs="+", help="pipeline folders, training runs or recipe runs")
     parser.add_argument("--split", default="val", choices=("val", "test"), help="choices on val; test only to report")
     parser.add_argument("--alpha", type=float, default=1.0, help="decoding α (default 1: the positive path)")
-    args = parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``dmdiff maps-swap DATA MODEL… [--split val]``: :func:`maps_swap` of each model, one line each
+    (on one torch thread, as the figures in docs/svda.md were measured)."""
+    family_lenses(args.data)                               # a wrong dataset fails before any model loads
     torch.set_num_threads(1)
     print(f"{'model':60s} {'own':>8s} {'another':>8s} {'none':>8s} {'own − another':>14s}  (dB, {args.split} split, α = {args.alpha:g})")
-    try:
-        family_lenses(args.data)                           # a wrong dataset fails before any model loads
-        for model in args.models:
-            r = maps_swap(load_pipeline(model).pipeline, args.data, args.alpha, args.split, progress=False)
-            print(f"{model:60s} {r['own']:8.3f} {r['swapped']:8.3f} {r['none']:8.3f} {r['own'] - r['swapped']:+14.3f}", flush=True)
-    except DmdiffError as err:
-        print(f"family: {err}", file=sys.stderr)
-        return 2
+    for model in args.models:
+        r = maps_swap(load_pipeline(model).pipeline, args.data, args.alpha, args.split, progress=False)
+        print(f"{model:60s} {r['own']:8.3f} {r['swapped']:8.3f} {r['none']:8.3f} {r['own'] - r['swapped']:+14.3f}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
