@@ -1,5 +1,6 @@
 """``dmdiff bench model``: its memory probe, its timings' bookkeeping, and the command (small sizes)."""
 
+import mmap
 import time
 
 import pytest
@@ -10,9 +11,13 @@ from dmdiff.bench import model as bench
 
 
 def _allocate_and_free(mib=64):
-    block = torch.ones(mib * 2 ** 20 // 4)          # touched pages: resident
+    """Make ``mib`` MiB resident and give it back: pages fresh from the kernel (an anonymous map), not
+    from the allocator, which may hand out memory an earlier test freed but left resident."""
+    block = mmap.mmap(-1, mib * 2 ** 20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1                           # touched pages: resident
     time.sleep(0.05)
-    del block
+    block.close()
 
 
 def test_peak_memory_sees_a_freed_allocation():
