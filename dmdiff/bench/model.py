@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import multiprocessing
 import statistics
 import threading
@@ -77,7 +78,9 @@ class PeakMemory:
     """Peak memory (bytes) used during a ``with`` block above the usage at entry: ``.bytes``.
 
     CPU: process RSS (kernel high-water mark reset at entry where Linux allows it, else sampled
-    every millisecond in a thread). CUDA: ``torch.cuda.max_memory_allocated`` of ``device``.
+    every millisecond in a thread), after collecting garbage at entry (a collection inside the block
+    would free earlier work's memory and hide the block's). CUDA: ``torch.cuda.max_memory_allocated``
+    of ``device``.
     """
 
     def __init__(self, device: torch.device):
@@ -91,6 +94,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
+        gc.collect()
         process = psutil.Process()
         self._start = process.memory_info().rss
         self._samples, self._stop = [self._start], threading.Event()
