@@ -170,3 +170,103 @@ def test_deconvolved_anchor_needs_its_psf(deconvolving, tmp_path):
 def test_deconvolved_anchor_config_validation(bad, match):
     with pytest.raises(ConfigError, match=match):
         DMDiffConfig(anchor_sigma_px=None if bad == 10 else SIGMA, anchor_rl_iterations=bad)
+
+
+# ---- the Wiener anchor with the PSF grid (anchor_wiener_nsr) ------------------------------------
+
+NSR = 2e-4
+
+
+def lens_like_grid(g=3, k=31):
+    """A (3, G, G, K, K) grid whose PSFs widen towards the field's corners (not normalised)."""
+    delta = np.zeros((k, k))
+    delta[k // 2, k // 2] = 1
+    grid = np.empty((3, g, g, k, k))
+    for i in range(g):
+        for j in range(g):
+            off = np.hypot(i - (g - 1) / 2, j - (g - 1) / 2)
+            grid[:, i, j] = [2 * gaussian_filter(delta, s * (1 + off)) for s in (2.0, 1.0, 2.5)]
+    return grid
+
+
+def smooth_scene(h=90, w=75, seed=0):
+    """Large-scale colour patches in (0.1, 0.9): (1, 3, H, W)."""
+    rng = np.random.default_rng(seed)
+    x = gaussian_filter(rng.random((3, h, w)), (0, 6, 6))
+    x = 0.1 + 0.8 * (x - x.min()) / (x.max() - x.min())
+    return torch.from_numpy(x).float()[None]
+
+
+def test_wiener_grid_undoes_the_varying_blur_of_the_large_scales():
+    """A smooth scene blurred by the spatially varying blur of the grid (linear light) comes back:
+    the deconvolved large scales are far closer to the scene's than the capture's are; a flat image
+    stays flat (the regulariser keeps the mean); sizes that are no multiple of the block work."""
+    from dmdiff.optics.blur import SpatiallyVaryingBlur
+    from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_large_scales
+    from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
+
+    grid = torch.from_numpy(check_psf_grid(lens_like_grid()))
+    scene = smooth_scene()
+    capture = linear_to_srgb(SpatiallyVaryingBlur(grid)(srgb_to_linear(scene).double()).float().clamp(0, 1))
+    restored = wiener_varying_large_scales(capture, grid, NSR, scale=3)
+    assert restored.shape == scene.shape and restored.dtype == scene.dtype
+
+    def error(a):
+        return float((gaussian_lowpass(a, SIGMA) - gaussian_lowpass(scene, SIGMA)).abs().mean())
+    assert error(restored) < 0.5 * error(capture)
+    flat = torch.full((2, 3, 40, 41), 0.4)
+    assert torch.allclose(wiener_varying_large_scales(flat, grid, NSR), flat, atol=1e-4)
+    with pytest.raises(DmdiffError, match="odd"):
+        wiener_varying_large_scales(flat, grid, NSR, scale=2)
+
+
+def test_wiener_grid_of_one_psf_everywhere_is_shift_invariant():
+    """With the same PSF at every node the blend is one Wiener filter: translating the image moves
+    the result (away from the borders), and the grid size does not matter."""
+    from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_large_scales
+
+    one = lens_like_grid(g=1)
+    x = smooth_scene(96, 96, seed=3)
+    a = wiener_varying_large_scales(x, torch.from_numpy(check_psf_grid(one)), NSR)
+    b = wiener_varying_large_scales(x, torch.from_numpy(check_psf_grid(np.tile(one, (1, 4, 4, 1, 1)))), NSR)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wiener_anchored():
+    model = make_model(anchor_sigma_px=SIGMA, anchor_wiener_nsr=NSR)
+    model.set_anchor_psf(lens_like_grid())
+    return model
+
+
+def test_wiener_anchor_is_the_lowpass_of_the_grid_deconvolution(wiener_anchored, tmp_path):
+    """The anchor is G_σ(W(x)) with the normalised grid; the positive path carries it; an anchor
+    handed to forward (a crop's, cut from its frame's) replaces it; the pipeline keeps the grid."""
+    from dmdiff.model.dmdiff import ANCHOR_WIENER_SCALE_PX
+    from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_large_scales
+
+    x, maps = _images(hw=(48, 40)), _maps()
+    grid = torch.from_numpy(check_psf_grid(lens_like_grid())).float()
+    expected = gaussian_lowpass(wiener_varying_large_scales(x, grid, NSR, ANCHOR_WIENER_SCALE_PX), SIGMA)
+    assert torch.allclose(wiener_anchored.input_anchor(x), expected, atol=1e-6)
+    assert (expected - gaussian_lowpass(x, SIGMA)).abs().mean() > 1e-3
+    with torch.no_grad():
+        y = wiener_anchored(x, maps, "positive")
+        given = wiener_anchored(x, maps, "positive", anchor=torch.zeros_like(x))
+    assert torch.allclose(y - given, expected, atol=1e-5)
+    folder = DMDiffPipeline.from_model(wiener_anchored).save_pretrained(tmp_path / "p")
+    loaded = DMDiffPipeline.from_pretrained(folder).model
+    assert loaded.anchor_psf.shape == (3, 3, 3, 31, 31) and torch.equal(loaded.anchor_psf, wiener_anchored.anchor_psf)
+    assert torch.allclose(loaded.restore(x, maps), wiener_anchored.restore(x, maps), atol=1e-6)
+    with pytest.raises(DmdiffError, match="anchor PSF is unusable"):
+        loaded.set_anchor_psf(lens_like_psf())                  # a single PSF where a grid is due
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"anchor_wiener_nsr": 0}, "anchor_wiener_nsr must be"), ({"anchor_wiener_nsr": True}, "anchor_wiener_nsr must be"),
+    ({"anchor_wiener_nsr": "1e-4"}, "anchor_wiener_nsr must be"),
+    ({"anchor_wiener_nsr": 1e-4, "anchor_sigma_px": None}, "set anchor_sigma_px"),
+    ({"anchor_wiener_nsr": 1e-4, "anchor_rl_iterations": 3}, "set one of them")])
+def test_wiener_anchor_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DMDiffConfig(**{"anchor_sigma_px": SIGMA, **kwargs})

@@ -16,4 +16,5 @@ def test_bench_inputs_are_the_tiny_recipes_model(tmp_path):
     pipeline, photos = bench.make_inputs(tmp_path, images=2, size=24)
     assert sorted(p.name for p in photos.iterdir()) == ["photo_000.png", "photo_001.png"]
     assert (pipeline / "anchor_psf.safetensors").is_file()
-    assert abs(bench.gaussian_psf().sum(axis=(1, 2)) - 1).max() < 1e-12
+    grid = bench.gaussian_psf_grid()
+    assert grid.shape == (3, 7, 7, 63, 63) and abs(grid.sum(axis=(-2, -1)) - 1).max() < 1e-12

@@ -178,10 +178,10 @@ def test_maps_swap_refuses_what_it_cannot_swap(family, tmp_path, capsys):
 
 def test_config_files_extend_others(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: tiny\nsteps: 7\n")
-    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_rl_iterations: null}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_wiener_nsr: null}\n")
     cfg = load_train_config(tmp_path / "child.yaml")
     tiny = load_train_config("configs/tiny.yaml")
-    assert cfg.steps == 7 and cfg.model.anchor_rl_iterations is None
+    assert cfg.steps == 7 and cfg.model.anchor_wiener_nsr is None and tiny.model.anchor_wiener_nsr is not None
     assert cfg.lr == tiny.lr and cfg.model.anchor_sigma_px == tiny.model.anchor_sigma_px
     assert [list(layer) for layer in config_layers(tmp_path / "child.yaml")][1:] == [["steps"], ["model"]]
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
@@ -191,5 +191,5 @@ def test_config_files_extend_others(tmp_path):
     with pytest.raises(ConfigError, match="nowhere"):
         load_train_config(tmp_path / "missing.yaml")
     family = load_train_config("configs/lens-family.yaml")
-    assert family.model.anchor_rl_iterations is None and family.recipe.simulate["family"]["held_out_lenses"] == 2
+    assert not family.model.anchor_deconvolves and family.recipe.simulate["family"]["held_out_lenses"] == 2
     assert json.dumps(family.recipe.simulate)      # a plain mapping, as dmdiff simulate takes it

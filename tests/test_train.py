@@ -210,6 +210,7 @@ def test_batch_path_sampling_is_shared_and_mixed_maps_dropped(dataset, tmp_path)
     ("small", "crop_px = 64 is larger"),
     ("grids", "maps have different shapes"),
     ("no_lens", "anchor_rl_iterations: .* no lens.json"),
+    ("no_lens_wiener", "anchor_wiener_nsr: .* no lens.json"),
 ])
 def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
     root = tmp_path / "data"
@@ -229,10 +230,11 @@ def test_bad_dataset_fails_before_training(dataset, tmp_path, breakage, match):
         write_pairs(tmp_path / "other", "train", ["o_00"], seed=4)
         np.save(tmp_path / "other" / "maps" / "o_00.npy", np.ones((7, 5, 5), np.float32))
         changes = {"extra_data": [str(tmp_path / "other")]}
-    elif breakage == "no_lens":
+    elif breakage.startswith("no_lens"):
         shutil.copytree(dataset, root)
         (root / "lens.json").unlink()
-        changes = {"model": {"anchor_sigma_px": 4.0, "anchor_rl_iterations": 3}}
+        deconvolution = {"anchor_wiener_nsr": 1e-3} if breakage.endswith("wiener") else {"anchor_rl_iterations": 3}
+        changes = {"model": {"anchor_sigma_px": 4.0, **deconvolution}}
     out = tmp_path / "run"
     with pytest.raises(DmdiffError, match=match):
         train(load_train_config(tiny(root, **changes)), out, progress=False)
@@ -492,6 +494,41 @@ def test_deconvolved_anchor_takes_the_datas_central_psf(dataset, tmp_path, psf_c
     loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
     assert torch.allclose(loaded.anchor_psf, expected)
     assert load_file(str(out / "pipeline" / "anchor_psf.safetensors"))["psf"].shape == (3, 15, 15)
+
+
+def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(dataset, tmp_path, psf_cache):
+    """A model with anchor_wiener_nsr trains with its data's whole PSF grid (normalised; its pipeline
+    carries it), and each training crop's anchor is the crop of its whole frame's anchor (flips
+    alike), not the anchor of the crop itself."""
+    from dmdiff.data.dataset import dataset_psf_grid
+    from dmdiff.model.dmdiff import colour_anchor
+    from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.optics.deconvolution import check_psf_grid
+    from dmdiff.train.data import whole_frame_anchor
+
+    model = {"anchor_sigma_px": 4.0, "anchor_wiener_nsr": 1e-3}
+    cfg = load_train_config(tiny(dataset, steps=2, model=model))
+    grid = dataset_psf_grid(dataset)[0]
+    anchor = whole_frame_anchor(cfg.model, grid)
+    sets = open_train_sets(cfg, anchor)
+    whole = PairedFolderDataset(dataset, "train")[1]
+    full = colour_anchor(whole["lr"][None], cfg.model, torch.from_numpy(check_psf_grid(grid)).float())[0]
+    item = sets[0][1]
+    matches = [torch.equal(item["anchor"], f[:, y:y + 32, x:x + 32]) for f in (full, full.flip(-1))
+               for y in range(SIZE - 31) for x in range(SIZE - 31)
+               if torch.equal(item["lr"], (whole["lr"] if f is full else whole["lr"].flip(-1))[:, y:y + 32, x:x + 32])]
+    assert matches and all(matches)
+    assert not torch.allclose(item["anchor"], colour_anchor(item["lr"][None], cfg.model,
+                                                            torch.from_numpy(check_psf_grid(grid)).float())[0])
+    batch = StepBatches(sets, cfg, 2)[0]
+    assert batch["anchor"].shape == batch["input"].shape
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
+    assert torch.allclose(loaded.anchor_psf, torch.from_numpy(check_psf_grid(grid)).float())
+    assert load_file(str(out / "pipeline" / "anchor_psf.safetensors"))["psf"].shape == (3, 3, 3, 15, 15)
+    with pytest.raises(ConfigError, match="exposure_range cannot be combined"):
+        load_train_config(tiny(dataset, model=model, exposure_range=[0.5, 2.0]))
 
 
 def test_loss_weights_by_path():

@@ -3,9 +3,9 @@ overlapped its stages) against overlapped, in the same process.
 
 One run writes ``images`` generated photos (dead-leaves scenes, :func:`dmdiff.data.sources.dead_leaves`,
 ``size`` px square, 8-bit PNGs) and a pipeline folder of the ``tiny`` preset with the settings of
-``configs/tiny.yaml``'s model (colour anchor σ = 12 px after 10 Richardson–Lucy iterations;
-seeded weights and a Gaussian stand-in for the lens's PSF: the weights and the PSF's values do not
-change the time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
+``configs/tiny.yaml``'s model (colour anchor σ = 12 px of the Wiener deconvolution with a 7 × 7 PSF
+grid; seeded weights and Gaussian stand-ins for the lens's PSFs: the weights and the PSFs' values do
+not change the time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
 as the command runs it:
 
 - ``sequential``: read, restore and write one image after the other with torch's default CPU
@@ -40,26 +40,30 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.restore import default_threads, restore
 
-__all__ = ["TARGET", "gaussian_psf", "make_inputs", "bench_restore", "format_table", "add_arguments", "main"]
+__all__ = ["TARGET", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments", "main"]
 
 #: The speed-up over ``sequential`` the overlapped restore should reach (issue 21).
 TARGET = 1.3
 #: The model settings of ``configs/tiny.yaml``.
-MODEL = dict(anchor_sigma_px=12.0, anchor_rl_iterations=10)
+MODEL = dict(anchor_sigma_px=12.0, anchor_wiener_nsr=2.0e-4)
 
 
-def gaussian_psf(size: int = 15, sigmas_px: tuple[float, float, float] = (1.6, 1.2, 1.9)) -> np.ndarray:
-    """A ``(3, size, size)`` Gaussian PSF per channel (R, G, B widths in px), each summing to 1."""
+def gaussian_psf_grid(grid: int = 7, size: int = 63,
+                      sigmas_px: tuple[float, float, float] = (1.6, 1.2, 1.9)) -> np.ndarray:
+    """A ``(3, grid, grid, size, size)`` PSF grid of Gaussians per channel (R, G, B widths in px on
+    the axis, twice as wide in the corners), each kernel summing to 1: the default lens's grid shape."""
     y, x = np.mgrid[:size, :size] - size // 2
-    psf = np.stack([np.exp(-(x ** 2 + y ** 2) / (2 * s ** 2)) for s in sigmas_px])
-    return psf / psf.sum(axis=(1, 2), keepdims=True)
+    off_axis = np.hypot(*np.mgrid[:grid, :grid] - (grid - 1) / 2) / max(np.hypot(grid - 1, grid - 1) / 2, 1)
+    widths = np.asarray(sigmas_px)[:, None, None] * (1 + off_axis)                 # (3, G, G)
+    psfs = np.exp(-(x ** 2 + y ** 2) / (2 * widths[..., None, None] ** 2))
+    return psfs / psfs.sum(axis=(-2, -1), keepdims=True)
 
 
 def make_inputs(folder: Path, images: int, size: int, seed: int = 0) -> tuple[Path, Path]:
     """The benchmark's pipeline folder and photo folder under ``folder``: ``(pipeline, photos)``."""
     torch.manual_seed(seed)
     model = DMDiff(DMDiffConfig(**MODEL))
-    model.set_anchor_psf(gaussian_psf())
+    model.set_anchor_psf(gaussian_psf_grid())
     pipeline = DMDiffPipeline.from_model(model).save_pretrained(folder / "pipeline")
     photos = folder / "photos"
     photos.mkdir()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.grid import psf_grid
 from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "image_lens_spec", "dataset_central_psf", "images_by_stem",
+__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "image_lens_spec", "dataset_central_psf", "dataset_psf_grid", "images_by_stem",
            "DEAD_LEAVES", "image_source"]
 
 
@@ -131,11 +132,11 @@ def image_lens_spec(meta: dict | None, name: str) -> MetalensSpec | None:
     return MetalensSpec.from_dict(meta["lenses"][lens]["spec"])
 
 
-def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
-    """The true central PSF of a simulated dataset's lens: ``(psf (3, K, K) float64, spec dict, None)``,
-    or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with a lens spec (real captures).
-    The PSF grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`; ``progress``: its bar
-    when it must be computed)."""
+def dataset_psf_grid(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """The true PSF grid of a simulated dataset's lens: ``(psfs (3, G, G, K, K) float64, spec dict,
+    None)``, or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with one lens spec (real
+    captures, or a lens family). The grid comes from the disk cache (:func:`dmdiff.optics.grid.psf_grid`;
+    ``progress``: its bar when it must be computed)."""
     lens = read_lens(dataset)
     if isinstance(lens, dict) and "lenses" in lens:
         return None, None, (f"{dataset} is a lens-family dataset (one lens per image): there is no single "
@@ -143,7 +144,14 @@ def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | N
     if not lens or "spec" not in lens:
         return None, None, f"{dataset} has no lens.json with a lens spec (real captures?): no true PSF to deconvolve with"
     spec = MetalensSpec.from_dict(lens["spec"])
-    return central_psf(psf_grid(spec, progress=progress)), spec.to_dict(), None
+    return np.asarray(psf_grid(spec, progress=progress).psfs, dtype=np.float64), spec.to_dict(), None
+
+
+def dataset_central_psf(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """The true central PSF of a simulated dataset's lens: ``(psf (3, K, K) float64, spec dict, None)``,
+    or :func:`dataset_psf_grid`'s ``(None, None, reason)``."""
+    grid, spec, reason = dataset_psf_grid(dataset, progress)
+    return (None, None, reason) if grid is None else (central_psf(grid), spec, None)
 
 
 def gt_blur_note(root: str | Path) -> str | None:
@@ -201,17 +209,23 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         flips: random horizontal flips (and vertical ones with ``vflips``), maps flipped alike.
         vflips: random vertical flips.
         use_maps: load ``maps/<name>.npy`` when the folder has them (False ignores them).
+        anchor: a function of a whole ``lr`` image ``(1, 3, H, W)`` → ``(1, 3, H, W)`` (a model's colour
+            anchor, :func:`dmdiff.model.dmdiff.colour_anchor`): its result on each whole image, computed
+            once and kept in memory, is cropped and flipped with the images as the item's ``anchor``.
 
-    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``) float32 tensors ``(3, h, w)`` sRGB in ``[0, 1]``,
-    ``maps`` float32 ``(7, G, G)`` when present, ``name`` (str).
+    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``, ``anchor``) float32 tensors ``(3, h, w)`` sRGB in
+    ``[0, 1]``, ``maps`` float32 ``(7, G, G)`` when present, ``name`` (str).
 
     Raises:
         DmdiffError: the folder fails validation (see the module docstring).
     """
 
     def __init__(self, root: str | Path, split: str = "train", crop_px: int | None = None, seed: int = 0,
-                 *, flips: bool = False, vflips: bool = False, use_maps: bool = True):
+                 *, flips: bool = False, vflips: bool = False, use_maps: bool = True,
+                 anchor: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.root = Path(root)
+        self.anchor = anchor
+        self._anchors: dict[int, np.ndarray] = {}
         self.split = split
         self.crop_px = crop_px
         self.seed = int(seed)
@@ -333,6 +347,8 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         images = {"lr": read_image(self.lr_paths[index]), "gt": read_image(self.gt_paths[index])}
         if self.gt_blur_paths is not None:
             images["gt_blur"] = read_image(self.gt_blur_paths[index])
+        if self.anchor is not None:
+            images["anchor"] = self._whole_anchor(index, images["lr"])
         maps = np.load(self.map_paths[index], allow_pickle=False) if self.map_paths is not None else None
         height, width = images["gt"].shape[:2]
         for key, img in images.items():
@@ -360,3 +376,10 @@ class PairedFolderDataset(torch.utils.data.Dataset):
             item["maps"] = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
         item["name"] = self.names[index]
         return item
+
+    def _whole_anchor(self, index: int, lr: np.ndarray) -> np.ndarray:
+        """``anchor`` of the whole ``lr`` image ``(H, W, 3)`` → ``(H, W, 3)`` float32, once per index."""
+        if index not in self._anchors:
+            x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1), dtype=np.float32))[None]
+            self._anchors[index] = self.anchor(x)[0].cpu().numpy().transpose(1, 2, 0)
+        return self._anchors[index]

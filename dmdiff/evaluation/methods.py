@@ -245,7 +245,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            _baseline(richardson_lucy, "richardson_lucy"), _has_baselines, warm_up=False),
     Method("richardson_lucy_sv", "Richardson–Lucy, true PSF grid (spatially varying)", "gt", _varying_baseline,
            lambda context: context.blur is not None, warm_up=False),
-    Method("color_anchor", "colour anchor alone (the model's G_σ(RL_n(x)))", "gt", _anchor, _has_anchor,
+    Method("color_anchor", "colour anchor alone", "gt", _anchor, _has_anchor,
            warm_up=False),
     Method("untrained", "untrained adapters (backbone + anchor), α=1", "gt", _untrained,
            lambda context: context.untrained is not None),
@@ -281,6 +281,15 @@ def ablation_label(name: str, short: bool = False) -> str:
     return label if short else f"ablation: {label} (α=1)"
 
 
+def anchor_label(config) -> str:
+    """The colour anchor row's label: what the model's anchor is (``DMDiffConfig``)."""
+    if config.anchor_rl_iterations is not None:
+        return "colour anchor alone (the model's G_σ(RL_n(x)))"
+    if config.anchor_wiener_nsr is not None:
+        return "colour anchor alone (the model's G_σ(Wiener with the PSF grid))"
+    return "colour anchor alone (the model's G_σ(x))"
+
+
 def methods_for(context: Context) -> list[Method]:
     """The rows of this evaluation, in table order: the registry's that apply (the recommended-α
     row labelled with its value, e.g. ``"DMDiff α=0.6 (recommended)"``, the colour anchor's with what
@@ -293,8 +302,8 @@ def methods_for(context: Context) -> list[Method]:
         if method.applies(context):
             if method.name == RECOMMENDED:
                 method = replace(method, label=f"DMDiff α={recommended_alpha(context):g} (recommended)")
-            if method.name == "color_anchor" and context.model.config.anchor_rl_iterations is None:
-                method = replace(method, label="colour anchor alone (the model's G_σ(x))")
+            if method.name == "color_anchor":
+                method = replace(method, label=anchor_label(context.model.config))
             rows.append(method)
         if method.name == "dmdiff_a1_x8":
             rows += ablations

@@ -1,7 +1,7 @@
 """The untrained counterpart of a trained model, a trivial baseline of ``dmdiff evaluate``.
 
 Three rows of the report make the network's own contribution one subtraction away: the capture
-itself (``input``), the colour anchor alone (``color_anchor``: ``G_σ(RL_n(x))``, what an anchored
+itself (``input``), the colour anchor alone (``color_anchor``: e.g. ``G_σ(RL_n(x))``, what an anchored
 model adds to its own high-pass output, :meth:`dmdiff.model.dmdiff.DMDiff.input_anchor`), and
 ``untrained``: the same model — same config, same backbone preset, same anchor and anchor PSF — with
 its adapters as they start training (:func:`untrained_pipeline`). Every LoRA ``B`` matrix and the

@@ -54,7 +54,9 @@ from dmdiff.model.svda import SVDA
 from dmdiff.optics.deconvolution import (
     DeconvolutionInputError,
     check_psf,
+    check_psf_grid,
     richardson_lucy_srgb,
+    wiener_varying_large_scales,
 )
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
@@ -62,6 +64,10 @@ ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapol
 #: each parameter by about the learning rate per step whatever its gradient's scale, so without the
 #: factor the paths' modulations would need ~1000 steps at lr 1e-3 to move by the identity's size.
 PATH_MODULATION_SCALE = 20.0
+#: Block size (px) of the Wiener colour anchor's computation (``anchor_wiener_nsr``): 3 px blocks scored
+#: higher than 5 px and than full resolution on the validation split (docs/svda.md), at about a tenth of
+#: full resolution's time.
+ANCHOR_WIENER_SCALE_PX = 3
 
 
 @dataclass
@@ -101,6 +107,14 @@ class DMDiffConfig:
         and saved with the pipeline), so the large-scale colours are the deconvolved capture's —
         less of the lens's blur and chromatic spread — instead of the raw capture's. None: ``G_σ(x)``.
         Needs ``anchor_sigma_px``.
+    anchor_wiener_nsr: deconvolve the input's large scales with the lens's whole PSF grid instead:
+        the anchor becomes ``G_σ(W(x))``, ``W`` the spatially varying Wiener filter of
+        :func:`~dmdiff.optics.deconvolution.wiener_varying_large_scales` (on blocks of
+        :data:`ANCHOR_WIENER_SCALE_PX` px) with this regularisation weight, so each part of the
+        field is deconvolved with its own PSF; the grid ``(3, G, G, K, K)`` is set with
+        :meth:`DMDiff.set_anchor_psf` and saved with the pipeline. The anchor of a training crop
+        is cut from its whole frame's (:mod:`dmdiff.train.data`), as at inference, where a tiled
+        photo is anchored whole. Needs ``anchor_sigma_px``; excludes ``anchor_rl_iterations``.
     path_modulation: give each path its own learned modulation of the UNet's LoRA in every block
         (``M = M_svda + P_path``, ``P`` zero at initialisation), besides its prompt. The prompt alone
         reaches the UNet through cross-attention only, which the tiny backbone has at its two coarsest
@@ -124,6 +138,7 @@ class DMDiffConfig:
     timestep: int | None = None
     anchor_sigma_px: float | None = None
     anchor_rl_iterations: int | None = None
+    anchor_wiener_nsr: float | None = None
     path_modulation: bool = True
     recommended_alpha: float | None = None
     prompts: Prompts = field(default_factory=Prompts)
@@ -148,6 +163,15 @@ class DMDiffConfig:
                 raise ConfigError(f"anchor_rl_iterations must be an integer >= 1 or None, got {n!r}")
             if self.anchor_sigma_px is None:
                 raise ConfigError("anchor_rl_iterations needs a colour anchor: set anchor_sigma_px too")
+        if self.anchor_wiener_nsr is not None:
+            v = self.anchor_wiener_nsr
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6:
+                raise ConfigError(f"anchor_wiener_nsr must be a positive number or None, got {v!r}")
+            if self.anchor_sigma_px is None:
+                raise ConfigError("anchor_wiener_nsr needs a colour anchor: set anchor_sigma_px too")
+            if self.anchor_rl_iterations is not None:
+                raise ConfigError("anchor_rl_iterations and anchor_wiener_nsr are two ways to deconvolve the "
+                                  "colour anchor: set one of them (the other null)")
         if self.recommended_alpha is not None:
             try:
                 self.recommended_alpha = check_alpha(self.recommended_alpha)
@@ -160,6 +184,34 @@ class DMDiffConfig:
         for name in ("unet_rank", "vae_rank"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer or None, got {getattr(self, name)}")
+
+    @property
+    def anchor_deconvolves(self) -> bool:
+        """Whether the colour anchor deconvolves its input (and so needs a PSF)."""
+        return self.anchor_rl_iterations is not None or self.anchor_wiener_nsr is not None
+
+    @property
+    def anchor_deconvolution(self) -> str | None:
+        """How the colour anchor deconvolves, in words (None: it does not)."""
+        if self.anchor_rl_iterations is not None:
+            return f"{self.anchor_rl_iterations} Richardson–Lucy iterations with the lens's central PSF"
+        if self.anchor_wiener_nsr is not None:
+            return f"a Wiener filter with the lens's PSF grid, nsr {self.anchor_wiener_nsr:g}"
+        return None
+
+
+@torch.no_grad()
+def colour_anchor(x: torch.Tensor, config: DMDiffConfig, psf: torch.Tensor | None) -> torch.Tensor:
+    """The colour anchor of ``config`` for the images ``x`` ``(B, 3, H, W)`` → same: ``G_σ(x)``,
+    ``G_σ(RL_n(x))`` or ``G_σ(W(x))`` (``DMDiffConfig.anchor_sigma_px``, ``anchor_rl_iterations``,
+    ``anchor_wiener_nsr``) with ``psf`` the normalised PSF (``(3, K, K)``) or grid (``(3, G, G, K, K)``)
+    of :meth:`DMDiff.set_anchor_psf`; no gradient. A function of its arguments alone, so a dataset can
+    anchor whole training frames with it (:mod:`dmdiff.train.data`)."""
+    if config.anchor_rl_iterations is not None:
+        x = richardson_lucy_srgb(x, psf, config.anchor_rl_iterations)
+    elif config.anchor_wiener_nsr is not None:
+        x = wiener_varying_large_scales(x, psf, config.anchor_wiener_nsr, ANCHOR_WIENER_SCALE_PX)
+    return gaussian_lowpass(x, config.anchor_sigma_px)
 
 
 @dataclass
@@ -231,7 +283,7 @@ class DMDiff(nn.Module):
                                                         dtype=self.dtype)) if config.path_modulation else None
         prompts = [getattr(config.prompts, path) for path in self.PATHS]
         self.register_buffer("text_embeddings", backbone.encode_prompt(prompts), persistent=False)  # (3, 77, D)
-        self.register_buffer("anchor_psf", None, persistent=False)      # (3, K, K), set_anchor_psf
+        self.register_buffer("anchor_psf", None, persistent=False)      # set_anchor_psf
         self.eval()
 
     @property
@@ -245,11 +297,13 @@ class DMDiff(nn.Module):
     # ------------------------------------------------------------------ training interface
 
     def forward(self, x: torch.Tensor, maps: torch.Tensor | None = None,
-                path: str | Sequence[str] = "positive") -> torch.Tensor:
+                path: str | Sequence[str] = "positive", anchor: torch.Tensor | None = None) -> torch.Tensor:
         """One differentiable step along ``path``: ``(B, 3, H, W)`` → ``(B, 3, H, W)``, about [0, 1] (not clamped).
 
         ``path`` is one path for the whole batch or a sequence of B paths, one per sample (still one
-        VAE-encoder and one UNet call: each sample cross-attends to its own prompt).
+        VAE-encoder and one UNet call: each sample cross-attends to its own prompt). ``anchor``: the
+        colour anchor ``(B, 3, H, W)`` of ``x`` when the caller has it (a crop's, cut from its whole
+        frame's); None: :meth:`input_anchor` of ``x``.
         """
         paths = [path] * len(x) if isinstance(path, str) else list(path)
         if len(paths) != len(x):
@@ -261,7 +315,8 @@ class DMDiff(nn.Module):
         keep = torch.tensor([p != "negative" for p in paths], dtype=y.dtype, device=y.device).view(-1, 1, 1, 1)
         if not keep.any():
             return y
-        return y + keep * (self.input_anchor(x) - self.input_lowpass(y))
+        anchor = self.input_anchor(x) if anchor is None else anchor.to(y)
+        return y + keep * (anchor - self.input_lowpass(y))
 
     def latents(self, x: torch.Tensor, maps: torch.Tensor | None = None,
                 paths: Sequence[str] = ("neutral", "positive")) -> dict[str, torch.Tensor]:
@@ -392,40 +447,45 @@ class DMDiff(nn.Module):
         return gaussian_lowpass(x, self.config.anchor_sigma_px)
 
     def input_anchor(self, x: torch.Tensor) -> torch.Tensor:
-        """The colour anchor of the input ``x`` ``(B, 3, H, W)`` → same: ``G_σ(x)``, or ``G_σ(RL_n(x))``
-        with ``config.anchor_rl_iterations = n`` (no gradient through ``RL_n``).
+        """The colour anchor of the input ``x`` ``(B, 3, H, W)`` → same: ``G_σ(x)``, ``G_σ(RL_n(x))``
+        with ``config.anchor_rl_iterations = n``, or ``G_σ(W(x))`` with ``config.anchor_wiener_nsr``
+        (no gradient through ``RL_n`` or ``W``). ``x`` is a whole frame for the Wiener anchor (its
+        PSF grid spans the frame).
 
         Raises:
             DmdiffError: the model deconvolves but has no PSF (:meth:`set_anchor_psf`).
         """
-        n = self.config.anchor_rl_iterations
-        if n is None:
-            return self.input_lowpass(x)
-        if self.anchor_psf is None:
-            raise DmdiffError(f"this model's colour anchor deconvolves its input ({n} Richardson–Lucy "
-                              "iterations) but no PSF is set: load the model from its pipeline folder "
-                              "(which stores it), or call set_anchor_psf(central PSF of the lens)")
-        return self.input_lowpass(richardson_lucy_srgb(x, self.anchor_psf, n))
+        config = self.config
+        if config.anchor_deconvolves and self.anchor_psf is None:
+            raise DmdiffError(f"this model's colour anchor deconvolves its input ({config.anchor_deconvolution}) "
+                              "but no PSF is set: load the model from its pipeline folder (which stores it), "
+                              "or call set_anchor_psf")
+        return colour_anchor(x, config, self.anchor_psf)
 
     def set_anchor_psf(self, psf) -> None:
-        """Set the PSF of the deconvolved colour anchor (``config.anchor_rl_iterations``).
+        """Set the PSF of the deconvolved colour anchor.
 
         Args:
-            psf: ``(3, K, K)`` per-channel PSF (numpy or tensor), ``K`` odd, centred at ``K // 2``,
-                non-negative, each channel with some energy; stored float32, each channel normalised
-                to sum 1 (:func:`dmdiff.optics.deconvolution.check_psf`, the baselines' checks and
-                white-balance convention), on the model's device. Typically
-                :func:`~dmdiff.optics.deconvolution.central_psf` of the training lens's PSF grid.
+            psf: numpy or tensor, ``K`` odd, centred at ``K // 2``, non-negative, each kernel with
+                some energy: for ``config.anchor_rl_iterations`` the ``(3, K, K)`` per-channel PSF
+                (typically :func:`~dmdiff.optics.deconvolution.central_psf` of the training lens's
+                grid), for ``config.anchor_wiener_nsr`` the lens's whole ``(3, G, G, K, K)`` PSF grid.
+                Stored float32 on the model's device, each kernel normalised to sum 1
+                (:func:`~dmdiff.optics.deconvolution.check_psf` / ``check_psf_grid``: the baselines'
+                checks and white-balance convention).
 
         Raises:
             DmdiffError: the model does not deconvolve its anchor, or ``psf`` is malformed.
         """
-        if self.config.anchor_rl_iterations is None:
-            raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve (anchor_rl_iterations is None)")
+        config = self.config
+        if not config.anchor_deconvolves:
+            raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve "
+                              "(anchor_rl_iterations and anchor_wiener_nsr are None)")
+        check = check_psf if config.anchor_rl_iterations is not None else check_psf_grid
         try:
-            normalised = check_psf(torch.as_tensor(psf).detach().cpu().numpy())
+            normalised = check(torch.as_tensor(psf).detach().cpu().numpy())
         except DeconvolutionInputError as err:
-            raise DmdiffError(f"the anchor PSF is unusable: {err}") from None
+            raise DmdiffError(f"the anchor PSF is unusable ({config.anchor_deconvolution}): {err}") from None
         self.anchor_psf = torch.from_numpy(normalised).to(self.device, torch.float32)
 
     def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:

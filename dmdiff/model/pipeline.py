@@ -10,7 +10,8 @@ Folder layout of ``save_pretrained`` / ``from_pretrained`` (safetensors only; do
     FOLDER/
       dmdiff_config.json              format tag, DMDiffConfig, backbone reference, provenance
       dmdiff_trainable.safetensors    DMDiff.trainable_state_dict(): LoRA A/B, unet.conv_in, SVDA, MLPs
-      anchor_psf.safetensors          models with a deconvolved colour anchor only: ``psf`` (3, K, K)
+      anchor_psf.safetensors          models with a deconvolved colour anchor only: ``psf``, (3, K, K) for
+                                      ``anchor_rl_iterations``, the grid (3, G, G, K, K) for ``anchor_wiener_nsr``
       backbone/                       tiny preset only: the base backbone in SD-Turbo's layout
 
 There is no top-level ``model_index.json``: ``DiffusionPipeline.from_pretrained`` cannot build this
@@ -320,7 +321,7 @@ class DMDiffPipeline(DiffusionPipeline):
         psf_file = _inside(folder, meta.get("anchor_psf_file", ANCHOR_PSF_FILE), "anchor_psf_file")
         if not weights.is_file():
             raise DmdiffError(f"{folder} lacks its trained weights {weights.name}; {RESAVE}")
-        anchored = config.anchor_rl_iterations is not None
+        anchored = config.anchor_deconvolves
         if anchored and not psf_file.is_file():
             raise DmdiffError(f"{folder} lacks {psf_file.name}, the PSF its colour anchor deconvolves with; {RESAVE}")
         backbone = _load_reference(folder, config, meta["backbone"], model_path, device, torch_dtype)
@@ -332,7 +333,7 @@ class DMDiffPipeline(DiffusionPipeline):
             psf = load_safetensors(psf_file).get("psf")
             with _naming(psf_file):
                 if psf is None:
-                    raise DmdiffError(f"no tensor 'psf' (the (3, K, K) PSF of the colour anchor); {RESAVE}")
+                    raise DmdiffError(f"no tensor 'psf' (the PSF of the colour anchor); {RESAVE}")
                 model.set_anchor_psf(psf)
         return cls.from_model(model)
 

@@ -377,6 +377,10 @@ class TrainConfig:
             if not (0 < lo <= hi and math.isfinite(hi / lo)):  # the gain is lo · (hi / lo) ** u
                 raise ConfigError(f"exposure_range must be [lo, hi] with 0 < lo <= hi (hi / lo a finite "
                                   f"number), or null, got {list(self.exposure_range)}")
+            if self.model.anchor_wiener_nsr is not None:
+                raise ConfigError("exposure_range cannot be combined with model.anchor_wiener_nsr: that colour "
+                                  "anchor is computed once per whole training frame, before any re-exposure; "
+                                  "set one of them to null")
         if self.val_crop_px is not None and self.val_crop_px < 1:
             raise ConfigError(f"val_crop_px must be >= 1 or null, got {self.val_crop_px}")
         for name in ("crop_px", "val_crop_px"):

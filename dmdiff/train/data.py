@@ -18,24 +18,42 @@ where a dataset has none); negative ``gt → lr``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from dmdiff.data.dataset import PairedFolderDataset, crop_maps, gt_blur_note, has_split
 from dmdiff.errors import DmdiffError
+from dmdiff.model.dmdiff import DMDiffConfig, colour_anchor
+from dmdiff.optics.deconvolution import check_psf_grid
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
 
 _ORDER, _PATH_BATCH, _PATH_SAMPLE, _EXPOSURE = 1, 2, 3, 4   # stream tags of the seed sequences
 IMAGES = ("lr", "gt", "gt_blur")
+#: A colour anchor of whole images, ``(1, 3, H, W)`` → same (:func:`whole_frame_anchor`).
+Anchor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
-    """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening).
+def whole_frame_anchor(model_config: DMDiffConfig, psf) -> Anchor | None:
+    """The colour anchor the datasets must compute on whole frames and crop with the images, or None
+    when the model computes its anchor on the training crop itself. Only the Wiener anchor
+    (``anchor_wiener_nsr``) needs whole frames: its PSF grid spans the frame, so a crop's anchor is
+    the part of its frame's that the crop covers, as at inference (tiles are anchored whole).
+    ``psf``: the anchor's PSF grid ``(3, G, G, K, K)`` (normalised by ``check_psf_grid`` here)."""
+    if model_config.anchor_wiener_nsr is None:
+        return None
+    grid = torch.from_numpy(check_psf_grid(psf)).float()
+    return functools.partial(colour_anchor, config=model_config, psf=grid)
+
+
+def open_train_sets(cfg: TrainConfig, anchor: Anchor | None = None) -> list[PairedFolderDataset]:
+    """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening); with ``anchor``
+    (:func:`whole_frame_anchor`) their items carry the crops of their whole frames' colour anchors.
 
     Maps are used only when every dataset has them (else none are, with a warning); a dataset
     without ``gt_blur_train/`` makes the neutral path fall back to its GT (warning), when the
@@ -46,7 +64,7 @@ def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
             ``crop_px`` (the dataset's own checks), or the datasets' maps differ in grid size.
     """
     roots = [cfg.data, *cfg.extra_data]
-    sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips)
+    sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips, anchor=anchor)
             for root in roots]
     with_maps = [ds.map_paths is not None for ds in sets]
     if any(with_maps) and not all(with_maps):
@@ -54,7 +72,7 @@ def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
         warnings.warn(f"training without degradation maps: {', '.join(without)} has none (maps/), so the "
                       "maps of the other datasets are not used either", TrainWarning, stacklevel=2)
         sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips,
-                                    use_maps=False) for root in roots]
+                                    use_maps=False, anchor=anchor) for root in roots]
     grids = {str(ds.root): np.load(ds.map_paths[0], mmap_mode="r", allow_pickle=False).shape
              for ds in sets if ds.map_paths is not None}
     if len(set(grids.values())) > 1:
@@ -75,7 +93,8 @@ class StepBatches(torch.utils.data.Dataset):
     """Micro-batch ``m`` → batch dict (module docstring). Use with ``DataLoader(batch_size=None)``.
 
     Items: ``input``, ``target`` float32 ``(B, 3, h, w)`` sRGB in ``[0, 1]``; ``path`` int64 ``(B,)``
-    (index into :data:`PATHS`); ``maps`` float32 ``(B, 7, G, G)`` when the data has maps;
+    (index into :data:`PATHS`); ``maps`` float32 ``(B, 7, G, G)`` when the data has maps; ``anchor``
+    ``(B, 3, h, w)``, the crops of the ``lr`` frames' colour anchors, when the datasets have one;
     ``index`` int64 ``(B,)`` (pair index into the concatenated datasets).
     """
 
@@ -129,7 +148,7 @@ class StepBatches(torch.utils.data.Dataset):
         slots = self.slots(m)
         paths = self.paths(m, slots)
         indices = [self.pair_index(p) for p in slots]
-        inputs, targets, maps = [], [], []
+        inputs, targets, maps, anchors = [], [], [], []
         for slot, index, path in zip(slots, indices, paths):
             pair = self.item(int(slot), index)
             source, target = PATH_IO[PATHS[path]]
@@ -137,10 +156,14 @@ class StepBatches(torch.utils.data.Dataset):
             targets.append(pair.get(target, pair["gt"]))
             if "maps" in pair:
                 maps.append(pair["maps"])
+            if "anchor" in pair:
+                anchors.append(pair["anchor"])
         batch = {"input": torch.stack(inputs), "target": torch.stack(targets),
                  "path": torch.from_numpy(paths), "index": torch.tensor(indices, dtype=torch.int64)}
         if maps:
             batch["maps"] = torch.stack(maps)
+        if anchors:
+            batch["anchor"] = torch.stack(anchors)
         return batch
 
 
@@ -160,11 +183,12 @@ def validation_split(root: str | Path) -> str:
     return "test"
 
 
-def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
+def validation_pairs(cfg: TrainConfig, use_maps: bool = True, anchor: Anchor | None = None) -> list[dict]:
     """``cfg.val_images`` pairs of the validation split of ``cfg.data`` (:func:`validation_split`),
     evenly spaced over the sorted names (so the crops of one photo do not fill the set), centre-cropped to
     ``val_crop_px`` (when smaller than the image): dicts of ``lr``, ``gt`` ``(3, h, w)``, ``maps``
-    ``(7, G, G)`` when present and ``use_maps``, ``name``.
+    ``(7, G, G)`` when present and ``use_maps``, ``anchor`` (the crop of the whole frame's) with
+    ``anchor``, ``name``.
 
     Raises:
         DmdiffError: validation is on but ``data`` has no usable validation or test split.
@@ -174,7 +198,7 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
     root = Path(cfg.data)
     split = validation_split(root)
     try:
-        ds = PairedFolderDataset(root, split, use_maps=use_maps)
+        ds = PairedFolderDataset(root, split, use_maps=use_maps, anchor=anchor)
     except DmdiffError as e:
         raise DmdiffError(f"validation needs the {split} split of {root}: {e} (set val_images: 0 to "
                           "train without validation)") from None
@@ -186,7 +210,7 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True) -> list[dict]:
         c = cfg.val_crop_px
         if c is not None and c < min(h, w):
             y0, x0 = (h - c) // 2, (w - c) // 2
-            pair = {k: v[:, y0:y0 + c, x0:x0 + c] if k in ("lr", "gt", "gt_blur") else v for k, v in pair.items()}
+            pair = {k: v[:, y0:y0 + c, x0:x0 + c] if k in (*IMAGES, "anchor") else v for k, v in pair.items()}
             if "maps" in pair:
                 pair["maps"] = torch.from_numpy(crop_maps(pair["maps"].numpy(), (h, w), (y0, x0, c, c)))
         out.append(pair)

@@ -47,12 +47,13 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from dmdiff.config import to_dict
-from dmdiff.data.dataset import dataset_central_psf
+from dmdiff.data.dataset import dataset_psf_grid
 from dmdiff.device import eval_mode, torch_threads
 from dmdiff.errors import DmdiffError, RunFault
 from dmdiff.metrics import psnr, ssim
 from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import TRAINABLE_FILE, DMDiffPipeline
+from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.sensor import quantize
 from dmdiff.outputs import write_json
 from dmdiff.runs import PIPELINE, REPORT
@@ -65,7 +66,7 @@ from dmdiff.train.config import (
     TrainWarning,
     check_device_support,
 )
-from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs
+from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs, whole_frame_anchor
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
 from dmdiff.train.processes import use_cpu
@@ -123,7 +124,8 @@ def validate(model, pairs: list[dict], path: str, accelerator, batch_size: int) 
             x = torch.stack([p[source] for p in chunk]).to(accelerator.device)
             target = torch.stack([p.get(reference, p["gt"]) for p in chunk])
             maps = torch.stack([p["maps"] for p in chunk]).to(accelerator.device) if "maps" in chunk[0] else None
-            out, ref, inp = _quantised(model(x, maps, path)), _quantised(target), _quantised(x)
+            anchor = torch.stack([p["anchor"] for p in chunk]).to(accelerator.device) if "anchor" in chunk[0] else None
+            out, ref, inp = _quantised(model(x, maps, path, anchor)), _quantised(target), _quantised(x)
             for o, r, x_ in zip(out, ref, inp):
                 rows.append({"psnr": psnr(o, r), "ssim": ssim(o, r), "psnr_input": psnr(x_, r),
                              "ssim_input": ssim(x_, r)})
@@ -141,17 +143,19 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def anchor_psf(cfg: TrainConfig):
-    """The PSF a deconvolved colour anchor (``model.anchor_rl_iterations``) uses: the central PSF of the
-    lens of ``cfg.data`` (its ``lens.json``), ``(3, K, K)``.
+    """The PSF a deconvolved colour anchor uses, from the lens of ``cfg.data`` (its ``lens.json``):
+    the central PSF ``(3, K, K)`` for ``model.anchor_rl_iterations``, the whole grid ``(3, G, G, K, K)``
+    for ``model.anchor_wiener_nsr``.
 
     Raises:
-        DmdiffError: ``cfg.data`` has no lens spec (real captures): there is no PSF to deconvolve with.
+        DmdiffError: ``cfg.data`` has no single lens spec (real captures, a lens family): there is no
+            PSF to deconvolve with.
     """
-    psf, _, reason = dataset_central_psf(cfg.data)
-    if psf is None:
-        raise DmdiffError(f"model.anchor_rl_iterations: {reason}; set model.anchor_rl_iterations: null "
-                          "to anchor to the capture itself")
-    return psf
+    grid, _, reason = dataset_psf_grid(cfg.data)
+    if grid is None:
+        key = "anchor_rl_iterations" if cfg.model.anchor_rl_iterations is not None else "anchor_wiener_nsr"
+        raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null to anchor to the capture itself")
+    return central_psf(grid) if cfg.model.anchor_rl_iterations is not None else grid
 
 
 #: ``on_log(step, record)``: called with each record written to ``metrics.jsonl``.
@@ -211,15 +215,18 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     cfg.validate()
     check_device_support(cfg)
     check_run(out, cfg, resume)
-    sets = open_train_sets(cfg)
-    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None)
+    psf = anchor_psf(cfg) if cfg.model.anchor_deconvolves else None
+    anchored_paths = any(p > 0 for p in cfg.path_probs.normalised()[:2])      # positive, neutral
+    anchor = whole_frame_anchor(cfg.model, psf) if anchored_paths else None
+    sets = open_train_sets(cfg, anchor)
+    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, anchor)
     AcceleratorState._reset_state()   # keeps the processes; lets this run set its own mixed precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=use_cpu())
     set_seed(cfg.seed)
     model = DMDiff(cfg.model)
-    if cfg.model.anchor_rl_iterations is not None:
-        model.set_anchor_psf(anchor_psf(cfg))
+    if psf is not None:
+        model.set_anchor_psf(psf)
     if cfg.init_weights:
         load_init_weights(model, cfg.init_weights)
     if cfg.gradient_checkpointing:
@@ -331,7 +338,7 @@ def train_step(session: Session, batches, lr: float, step: int, stats: LossStats
         path_ids = batch["path"].tolist()
         paths = [PATHS[i] for i in path_ids]
         with accelerator.accumulate(session.wrapped):
-            output = session.wrapped(batch["input"], batch.get("maps"), paths)
+            output = session.wrapped(batch["input"], batch.get("maps"), paths, batch.get("anchor"))
             loss, terms = session.loss_fn(output, batch["target"], paths)
             if adversary is not None and adversary.generator_active(step):
                 term, adv_terms = adversary.generator_loss(output, paths)
