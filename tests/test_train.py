@@ -510,7 +510,7 @@ def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(datase
     cfg = load_train_config(tiny(dataset, steps=2, model=model))
     grid = dataset_psf_grid(dataset)[0]
     anchor = whole_frame_anchor(cfg.model, grid)
-    sets = open_train_sets(cfg, anchor)
+    sets = [ds.with_anchor(anchor) for ds in open_train_sets(cfg)]
     whole = PairedFolderDataset(dataset, "train")[1]
     full = colour_anchor(whole["lr"][None], cfg.model, torch.from_numpy(check_psf_grid(grid)).float())[0]
     item = sets[0][1]

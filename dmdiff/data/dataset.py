@@ -22,6 +22,7 @@ so it is reproducible and identical across DataLoader workers; call :meth:`set_e
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -209,11 +210,8 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         flips: random horizontal flips (and vertical ones with ``vflips``), maps flipped alike.
         vflips: random vertical flips.
         use_maps: load ``maps/<name>.npy`` when the folder has them (False ignores them).
-        anchor: a function of a whole ``lr`` image ``(1, 3, H, W)`` → ``(1, 3, H, W)`` (a model's colour
-            anchor, :func:`dmdiff.model.dmdiff.colour_anchor`): its result on each whole image, computed
-            once and kept in memory, is cropped and flipped with the images as the item's ``anchor``.
 
-    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``, ``anchor``) float32 tensors ``(3, h, w)`` sRGB in
+    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``; ``anchor``, :meth:`with_anchor`) float32 tensors ``(3, h, w)`` sRGB in
     ``[0, 1]``, ``maps`` float32 ``(7, G, G)`` when present, ``name`` (str).
 
     Raises:
@@ -221,10 +219,9 @@ class PairedFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, split: str = "train", crop_px: int | None = None, seed: int = 0,
-                 *, flips: bool = False, vflips: bool = False, use_maps: bool = True,
-                 anchor: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 *, flips: bool = False, vflips: bool = False, use_maps: bool = True):
         self.root = Path(root)
-        self.anchor = anchor
+        self.anchor: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._anchors: dict[int, np.ndarray] = {}
         self.split = split
         self.crop_px = crop_px
@@ -376,6 +373,15 @@ class PairedFolderDataset(torch.utils.data.Dataset):
             item["maps"] = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
         item["name"] = self.names[index]
         return item
+
+    def with_anchor(self, anchor: Callable[[torch.Tensor], torch.Tensor]) -> PairedFolderDataset:
+        """This dataset (a copy: same files, already checked) whose items also carry ``anchor``: a
+        function of a whole ``lr`` image ``(1, 3, H, W)`` → ``(1, 3, H, W)`` (a model's colour anchor,
+        :func:`dmdiff.model.dmdiff.colour_anchor`), computed once per image and kept in memory, then
+        cropped and flipped with the images."""
+        anchored = copy.copy(self)
+        anchored.anchor, anchored._anchors = anchor, {}
+        return anchored
 
     def _whole_anchor(self, index: int, lr: np.ndarray) -> np.ndarray:
         """``anchor`` of the whole ``lr`` image ``(H, W, 3)`` → ``(H, W, 3)`` float32, once per index."""

@@ -51,9 +51,9 @@ def whole_frame_anchor(model_config: DMDiffConfig, psf) -> Anchor | None:
     return functools.partial(colour_anchor, config=model_config, psf=grid)
 
 
-def open_train_sets(cfg: TrainConfig, anchor: Anchor | None = None) -> list[PairedFolderDataset]:
-    """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening); with ``anchor``
-    (:func:`whole_frame_anchor`) their items carry the crops of their whole frames' colour anchors.
+def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
+    """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening; with
+    :func:`whole_frame_anchor`, ``PairedFolderDataset.with_anchor`` adds the frames' colour anchors).
 
     Maps are used only when every dataset has them (else none are, with a warning); a dataset
     without ``gt_blur_train/`` makes the neutral path fall back to its GT (warning), when the
@@ -64,7 +64,7 @@ def open_train_sets(cfg: TrainConfig, anchor: Anchor | None = None) -> list[Pair
             ``crop_px`` (the dataset's own checks), or the datasets' maps differ in grid size.
     """
     roots = [cfg.data, *cfg.extra_data]
-    sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips, anchor=anchor)
+    sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips)
             for root in roots]
     with_maps = [ds.map_paths is not None for ds in sets]
     if any(with_maps) and not all(with_maps):
@@ -72,7 +72,7 @@ def open_train_sets(cfg: TrainConfig, anchor: Anchor | None = None) -> list[Pair
         warnings.warn(f"training without degradation maps: {', '.join(without)} has none (maps/), so the "
                       "maps of the other datasets are not used either", TrainWarning, stacklevel=2)
         sets = [PairedFolderDataset(root, "train", crop_px=cfg.crop_px, seed=cfg.seed, flips=cfg.flips,
-                                    use_maps=False, anchor=anchor) for root in roots]
+                                    use_maps=False) for root in roots]
     grids = {str(ds.root): np.load(ds.map_paths[0], mmap_mode="r", allow_pickle=False).shape
              for ds in sets if ds.map_paths is not None}
     if len(set(grids.values())) > 1:
@@ -198,10 +198,12 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True, anchor: Anchor | N
     root = Path(cfg.data)
     split = validation_split(root)
     try:
-        ds = PairedFolderDataset(root, split, use_maps=use_maps, anchor=anchor)
+        ds = PairedFolderDataset(root, split, use_maps=use_maps)
     except DmdiffError as e:
         raise DmdiffError(f"validation needs the {split} split of {root}: {e} (set val_images: 0 to "
                           "train without validation)") from None
+    if anchor is not None:
+        ds = ds.with_anchor(anchor)
     out = []
     count = min(cfg.val_images, len(ds))
     for i in sorted({round(k * (len(ds) - 1) / max(count - 1, 1)) for k in range(count)}):

@@ -215,10 +215,12 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     cfg.validate()
     check_device_support(cfg)
     check_run(out, cfg, resume)
+    sets = open_train_sets(cfg)               # the data is checked before the lens's PSFs are computed
     psf = anchor_psf(cfg) if cfg.model.anchor_deconvolves else None
     anchored_paths = any(p > 0 for p in cfg.path_probs.normalised()[:2])      # positive, neutral
     anchor = whole_frame_anchor(cfg.model, psf) if anchored_paths else None
-    sets = open_train_sets(cfg, anchor)
+    if anchor is not None:
+        sets = [ds.with_anchor(anchor) for ds in sets]
     val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, anchor)
     AcceleratorState._reset_state()   # keeps the processes; lets this run set its own mixed precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
