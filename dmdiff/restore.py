@@ -38,7 +38,9 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   The PSF grid of each distinct lens is computed (progress bar; or loaded from the disk cache) once,
   before the first image. An image of another size than the lens's sensor is taken as the whole
   sensor at another resolution (a non-square one as its centred crop): the PSF widths are scaled
-  (warned once). An image that a family's ``lens.json`` does not list fails alone.
+  (warned once). An image that a family's ``lens.json`` does not list fails alone. A model whose
+  colour anchor deconvolves uses each capture's lens's PSF grid for it too, instead of the lens it
+  was trained with (a model trained on a lens family needs ``--lens``: it stores no lens).
 * **Colour correction** against the input (:mod:`dmdiff.model.color`), ``"auto"`` by default:
   none for a model with a colour anchor, ``"lowpass"`` for one without.
 * **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
@@ -287,6 +289,12 @@ class _InputMaps:
         entry["maps"] = None if maps_file is None else str(maps_file)
         return self.shared if self.shared is not None or maps_file is None else load_maps(maps_file)
 
+    def lens_grid(self, source: Path) -> np.ndarray | None:
+        """The PSF grid ``(3, G, G, K, K)`` of the input's lens (``--lens``), for the colour anchor;
+        None without a lens file (the model's own lens then) or a lens for the input."""
+        lens = None if self.lenses is None else self.lenses[source]
+        return self.cameras.camera(lens.spec).grid.psfs if isinstance(lens, CaptureLens) else None
+
 
 def input_lenses(lens: LensFile, inputs: list[Path]) -> dict[Path, CaptureLens | DmdiffError]:
     """Each input's lens from the lens file (by its name stem), or the DmdiffError saying why it has
@@ -314,6 +322,7 @@ class _Job:
     restored: np.ndarray | None = None
     payload: bytes | None = None
     seconds: float = 0.0
+    grid: np.ndarray | None = None
 
     @property
     def failed(self) -> bool:
@@ -324,7 +333,8 @@ class _FolderRun:
     """The three stages of restoring a folder (:func:`dmdiff.overlap.run_stages`):
 
     * ``read`` (reader thread): the file decoded, checked and prepared with its maps, and the colour
-      anchor computed (:meth:`DMDiffPipeline.prepare`: no network);
+      anchor computed (:meth:`DMDiffPipeline.prepare`: no network), with the input's lens (``--lens``)
+      when the anchor deconvolves;
     * ``compute`` (the calling thread, the only one using the model's encoder and UNet): the
       latents (:meth:`DMDiffPipeline.latents`), or the whole restore with the self-ensemble;
     * ``write`` (writer thread): decoding and colour correction (:meth:`DMDiffPipeline.finish`:
@@ -352,7 +362,11 @@ class _FolderRun:
         check_min_size(image, self.pipe.model.config.grid_size, "SVDA grid", path=job.source)
         job.entry["size"] = list(image.shape[:2])
         maps = self.maps.of(job.source, image.shape[:2], job.entry)
-        job.prepared = self.pipe.prepare(image, maps, anchor=not self.settings["self_ensemble"])
+        job.grid = self.maps.lens_grid(job.source)
+        anchor_now = not self.settings["self_ensemble"]       # else the compute step anchors each turned copy
+        if anchor_now:
+            self.pipe.model.use_capture_lens(job.grid)        # read only here: the prepared anchor travels on
+        job.prepared = self.pipe.prepare(image, maps, anchor=anchor_now)
 
     def compute(self, job: _Job) -> _Job:
         if not (job.resumed or job.failed):
@@ -369,6 +383,7 @@ class _FolderRun:
 
         if s["self_ensemble"]:
             prepared = job.prepared
+            self.pipe.model.use_capture_lens(job.grid)
             job.restored = self.pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
                                      self_ensemble=True, color_correct=s["color_correct"],
                                      on_tile=count_tiles).images[0]
@@ -507,6 +522,10 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     loaded = load_pipeline(model, device=device, model_path=model_path)
     pipe, net, pipeline_dir, run = loaded.pipeline, loaded.model, loaded.pipeline_dir, loaded.run_dir
     tile, overlap = check_tiling(net, tile, overlap)
+    if net.config.anchor_deconvolves and net.anchor_psf is None and lens_file is None:
+        raise ConfigError(f"{pipeline_dir} was trained on a lens family: its colour anchor deconvolves each capture "
+                          "with the capture's own lens, so give the lens with --lens FILE (a spec YAML/JSON, or "
+                          "the dataset's lens.json)")
     if alpha is None:
         alpha = 1.0 if net.config.recommended_alpha is None else net.config.recommended_alpha
     color = resolve_color_correction(color, net)

@@ -158,6 +158,15 @@ def test_deconvolved_anchor_needs_its_psf(deconvolving, tmp_path):
     folder = DMDiffPipeline.from_model(deconvolving).save_pretrained(tmp_path / "p")
     loaded = DMDiffPipeline.from_pretrained(folder).model
     assert torch.equal(loaded.anchor_psf, deconvolving.anchor_psf)
+    # a lens's whole grid: the Richardson-Lucy anchor takes its central PSF; None keeps the model's
+    grid = np.zeros((3, 3, 3, 31, 31))
+    grid[:, 1, 1] = 2 * lens_like_psf()
+    grid[:, 0, 0] = lens_like_psf()[::-1]
+    loaded.use_capture_lens(None)
+    assert torch.equal(loaded.anchor_psf, deconvolving.anchor_psf)
+    loaded.use_capture_lens(grid)
+    assert torch.allclose(loaded.anchor_psf, deconvolving.anchor_psf)
+    make_model(anchor_sigma_px=SIGMA).use_capture_lens(grid)           # nothing to set: no error
     x, maps = _images(hw=(32, 32)), _maps()
     assert torch.allclose(loaded.restore(x, maps), deconvolving.restore(x, maps), atol=1e-6)
     (folder / "anchor_psf.safetensors").unlink()

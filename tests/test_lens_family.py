@@ -9,7 +9,7 @@ import pytest
 
 from dmdiff.cli import main as cli
 from dmdiff.config import config_layers
-from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, image_lens_spec, read_lens
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset, dataset_central_psf, image_lens_spec, read_lens
 from dmdiff.data.family import RANGED_FIELDS, LensFamily, draw_lenses
 from dmdiff.data.simulate import simulate_dataset
 from dmdiff.errors import ConfigError, DmdiffError
@@ -19,7 +19,7 @@ from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.propagation import LensSpectrum
 from dmdiff.optics.spec import MetalensSpec, SpecError
 from dmdiff.train.config import load_train_config
-from dmdiff.train.pseudo import imitated_lenses
+from dmdiff.train.pseudo import imitated_lenses, pairs_lens, pairs_lens_record
 
 SMALL = {"image_size_px": 64, "psf_size_px": 15, "grid_size": 3, "wavelengths_per_channel": 2}
 FAMILY = {"train_lenses": 2, "held_out_lenses": 2}
@@ -114,10 +114,11 @@ def test_family_downstream_uses_each_images_lens(family):
     stored = {n: np.load(p) for n, p in zip(train.names, train.map_paths)}
     imitated = set()
     for k in range(12):
-        maps, camera = lens(f"pseudo_{k}")
+        maps, camera, lens_name = lens(f"pseudo_{k}")
         donor = next(n for n, m in stored.items() if np.array_equal(m, maps))
         assert camera.spec == image_lens_spec(meta, donor)
-        imitated.add(meta["images"][donor]["lens"])
+        assert lens_name == meta["images"][donor]["lens"]
+        imitated.add(lens_name)
         assert np.array_equal(lens(f"pseudo_{k}")[0], maps)
     assert imitated == {"lens_00", "lens_01"}
 
@@ -137,7 +138,11 @@ class MapsEcho:
     that what :func:`maps_swap` gives it shows in the PSNR; records the maps it was called with."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.grids = [], []
+        self.model = self                       # DMDiff.use_capture_lens, recorded
+
+    def use_capture_lens(self, grid):
+        self.grids.append(grid)
 
     def __call__(self, lr, maps, alpha):
         self.calls.append(None if maps is None else maps.clone())
@@ -164,6 +169,10 @@ def test_maps_swap_gives_another_lenses_maps(family, split):
     assert np.array_equal(own.numpy(), stored[first]) and none is None
     assert np.array_equal(swapped.numpy(), stored[record["per_image"][first]["swapped_with"]])
     assert not np.array_equal(own.numpy(), swapped.numpy())
+    # the colour anchor always deconvolves with the capture's own lens: only the maps are swapped
+    grids = LensGrids.of_dataset(family)
+    assert np.array_equal(pipeline.grids[0], grids(first)) and len(pipeline.grids) == len(frames.names)
+    assert not np.array_equal(pipeline.grids[0], grids(record["per_image"][first]["swapped_with"]))
     scores = record["per_image"][first]
     assert scores["own"] != scores["swapped"] and record["own"] == pytest.approx(
         np.mean([s["own"] for s in record["per_image"].values()]))
@@ -191,5 +200,69 @@ def test_config_files_extend_others(tmp_path):
     with pytest.raises(ConfigError, match="nowhere"):
         load_train_config(tmp_path / "missing.yaml")
     family = load_train_config("configs/lens-family.yaml")
-    assert not family.model.anchor_deconvolves and family.recipe.simulate["family"]["held_out_lenses"] == 2
+    assert family.model.anchor_wiener_nsr == tiny.model.anchor_wiener_nsr    # each image's own lens grid
+    assert family.recipe.simulate["family"]["held_out_lenses"] == 2
     assert json.dumps(family.recipe.simulate)      # a plain mapping, as dmdiff simulate takes it
+
+
+def test_pseudo_pairs_record_the_lens_each_imitates(family, tmp_path):
+    meta = read_lens(family)
+    names = {e["lens"]: n for n, e in meta["images"].items()}
+    record = pairs_lens_record(meta, {"pseudo_a": "lens_00", "pseudo_b": "lens_01", "pseudo_c": "lens_00"})
+    assert sorted(record["lenses"]) == ["lens_00", "lens_01"]
+    grids = LensGrids(record)          # read like a lens.json: each pair the grid of the lens it imitates
+    assert np.array_equal(grids("pseudo_b"), LensGrids.of_dataset(family)(names["lens_01"]))
+    assert grids("pseudo_a") is grids("pseudo_c")
+    single = {"spec": meta["lenses"]["lens_00"]["spec"]}
+    assert pairs_lens_record(single, {"pseudo_a": None}) == single and pairs_lens_record(None, {}) is None
+    folder = tmp_path / "pseudo"
+    folder.mkdir()
+    assert pairs_lens(folder) is None                                  # not a pseudo-pair folder
+    (folder / "pseudo.json").write_text(json.dumps({"format": "dmdiff-pseudo-pairs", "names": []}))
+    with pytest.raises(DmdiffError, match="older dmdiff"):
+        pairs_lens(folder)
+
+
+def test_family_model_anchors_each_capture_with_its_own_lens(family, tmp_path):
+    """Trained on a family with the Wiener anchor, each training frame is anchored with its own
+    lens's grid; the pipeline stores no lens, refuses to restore without one and restores with
+    --lens."""
+    import torch
+
+    from dmdiff.model.dmdiff import colour_anchor
+    from dmdiff.model.pipeline import CONFIG_FILE, DMDiffPipeline
+    from dmdiff.optics.deconvolution import check_psf_grid
+    from dmdiff.restore import restore
+    from dmdiff.train.data import frame_anchor
+    from dmdiff.train.loop import train
+
+    cfg = load_train_config({"data": str(family), "crop_px": 32, "batch_size": 2, "steps": 2, "lr": 1e-3,
+                             "checkpoint_every": 2, "validate_every": 2, "val_images": 2, "val_crop_px": 32,
+                             "model": {"anchor_sigma_px": 4.0, "anchor_wiener_nsr": 1e-3}})
+    meta, grids = read_lens(family), LensGrids.of_dataset(family)
+    train_set = PairedFolderDataset(family, "train")
+    first = {}
+    for i, name in enumerate(train_set.names):
+        first.setdefault(meta["images"][name]["lens"], i)
+    (a, b) = sorted(first.values())[:2]
+    anchor = frame_anchor(cfg.model, family)
+    for i, other in ((a, b), (b, a)):
+        name, x = train_set.names[i], train_set[i]["lr"][None]
+        own = colour_anchor(x, cfg.model, torch.from_numpy(check_psf_grid(grids(name))).float())
+        wrong = colour_anchor(x, cfg.model, torch.from_numpy(check_psf_grid(grids(train_set.names[other]))).float())
+        assert torch.equal(anchor(x, name), own) and not torch.allclose(own, wrong, atol=1e-4)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    assert json.loads((out / "pipeline" / CONFIG_FILE).read_text())["anchor_psf_file"] is None
+    assert not (out / "pipeline" / "anchor_psf.safetensors").exists()
+    model = DMDiffPipeline.from_pretrained(out / "pipeline").model
+    assert model.anchor_psf is None
+    with pytest.raises(DmdiffError, match="lens family"):
+        model.input_anchor(train_set[a]["lr"][None])
+    with pytest.raises(ConfigError, match="--lens"):
+        restore(out / "pipeline", family / "lr_test", tmp_path / "no-lens", progress=False)
+    assert not (tmp_path / "no-lens").exists()
+    report = restore(out / "pipeline", family / "lr_test", tmp_path / "restored", lens=family / "lens.json",
+                     progress=False)
+    assert report["failed"] == 0
+    assert len(list((tmp_path / "restored").glob("*.png"))) == len(meta["splits"]["test"])

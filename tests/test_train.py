@@ -500,17 +500,16 @@ def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(datase
     """A model with anchor_wiener_nsr trains with its data's whole PSF grid (normalised; its pipeline
     carries it), and each training crop's anchor is the crop of its whole frame's anchor (flips
     alike), not the anchor of the crop itself."""
-    from dmdiff.data.dataset import dataset_psf_grid
+    from dmdiff.data.dataset import LensGrids, dataset_psf_grid
     from dmdiff.model.dmdiff import colour_anchor
     from dmdiff.model.pipeline import DMDiffPipeline
     from dmdiff.optics.deconvolution import check_psf_grid
-    from dmdiff.train.data import whole_frame_anchor
+    from dmdiff.train.data import frame_anchor
 
     model = {"anchor_sigma_px": 4.0, "anchor_wiener_nsr": 1e-3}
     cfg = load_train_config(tiny(dataset, steps=2, model=model))
     grid = dataset_psf_grid(dataset)[0]
-    anchor = whole_frame_anchor(cfg.model, grid)
-    sets = [ds.with_anchor(anchor) for ds in open_train_sets(cfg)]
+    sets = [ds.with_anchor(frame_anchor(cfg.model, ds.root)) for ds in open_train_sets(cfg)]
     whole = PairedFolderDataset(dataset, "train")[1]
     full = colour_anchor(whole["lr"][None], cfg.model, torch.from_numpy(check_psf_grid(grid)).float())[0]
     item = sets[0][1]
@@ -527,6 +526,10 @@ def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(datase
     loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
     assert torch.allclose(loaded.anchor_psf, torch.from_numpy(check_psf_grid(grid)).float())
     assert load_file(str(out / "pipeline" / "anchor_psf.safetensors"))["psf"].shape == (3, 3, 3, 15, 15)
+    # evaluate / restore --lens anchor with the capture's lens: for the training lens, the stored PSF exactly
+    stored = loaded.anchor_psf.clone()
+    loaded.use_capture_lens(LensGrids.of_dataset(dataset)(whole["name"]))
+    assert torch.equal(loaded.anchor_psf, stored)
     with pytest.raises(ConfigError, match="exposure_range cannot be combined"):
         load_train_config(tiny(dataset, model=model, exposure_range=[0.5, 2.0]))
 

@@ -39,7 +39,8 @@ from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.grid import psf_grid
 from dmdiff.optics.spec import MetalensSpec
 
-__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "image_lens_spec", "dataset_central_psf", "dataset_psf_grid", "images_by_stem",
+__all__ = ["PairedFolderDataset", "crop_maps", "read_lens", "image_lens_spec", "LensGrids", "dataset_central_psf",
+           "dataset_psf_grid", "images_by_stem",
            "DEAD_LEAVES", "image_source"]
 
 
@@ -133,6 +134,44 @@ def image_lens_spec(meta: dict | None, name: str) -> MetalensSpec | None:
     return MetalensSpec.from_dict(meta["lenses"][lens]["spec"])
 
 
+class LensGrids:
+    """The true PSF grid of each image's own lens in a dataset whose lens record is ``meta`` (a
+    ``lens.json``, single lens or family: :func:`image_lens_spec`): ``grids(name)`` is the
+    ``(3, G, G, K, K)`` float32 grid of the lens that captured image ``name``, one per distinct lens,
+    loaded from (or computed into) the PSF disk cache on first use.
+
+    Raises (on call):
+        DmdiffError: the record has no lens for ``name`` (a family that does not list it).
+    """
+
+    def __init__(self, meta: dict, progress: bool = False):
+        self.meta, self.progress = meta, progress
+        self._grids: dict[str, np.ndarray] = {}
+
+    def spec(self, name: str) -> MetalensSpec:
+        """The lens that captured image ``name``."""
+        spec = image_lens_spec(self.meta, name)
+        if spec is None:
+            raise DmdiffError(f"no lens spec for image {name!r} (the lens record has neither 'spec' nor 'lenses')")
+        return spec
+
+    def __call__(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        key = spec.cache_key()
+        if key not in self._grids:
+            self._grids[key] = psf_grid(spec, progress=self.progress).psfs
+        return self._grids[key]
+
+    @classmethod
+    def of_dataset(cls, root: str | Path, progress: bool = False) -> LensGrids | None:
+        """The grids of a simulated dataset's images (its ``lens.json``), or None without a lens spec
+        (real captures)."""
+        meta = read_lens(root)
+        if not isinstance(meta, dict) or not ("spec" in meta or "lenses" in meta):
+            return None
+        return cls(meta, progress)
+
+
 def dataset_psf_grid(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:
     """The true PSF grid of a simulated dataset's lens: ``(psfs (3, G, G, K, K) float64, spec dict,
     None)``, or ``(None, None, reason)`` when ``dataset`` has no ``lens.json`` with one lens spec (real
@@ -221,7 +260,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str = "train", crop_px: int | None = None, seed: int = 0,
                  *, flips: bool = False, vflips: bool = False, use_maps: bool = True):
         self.root = Path(root)
-        self.anchor: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.anchor: Callable[[torch.Tensor, str], torch.Tensor] | None = None
         self._anchors: dict[int, np.ndarray] = {}
         self.split = split
         self.crop_px = crop_px
@@ -374,11 +413,11 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         item["name"] = self.names[index]
         return item
 
-    def with_anchor(self, anchor: Callable[[torch.Tensor], torch.Tensor]) -> PairedFolderDataset:
+    def with_anchor(self, anchor: Callable[[torch.Tensor, str], torch.Tensor]) -> PairedFolderDataset:
         """This dataset (a copy: same files, already checked) whose items also carry ``anchor``: a
-        function of a whole ``lr`` image ``(1, 3, H, W)`` → ``(1, 3, H, W)`` (a model's colour anchor,
-        :func:`dmdiff.model.dmdiff.colour_anchor`), computed once per image and kept in memory, then
-        cropped and flipped with the images."""
+        function ``anchor(lr, name)`` of a whole ``lr`` image ``(1, 3, H, W)`` and its name → ``(1, 3,
+        H, W)`` (a model's colour anchor with the image's lens, :func:`dmdiff.train.data.frame_anchor`),
+        computed once per image and kept in memory, then cropped and flipped with the images."""
         anchored = copy.copy(self)
         anchored.anchor, anchored._anchors = anchor, {}
         return anchored
@@ -387,5 +426,5 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         """``anchor`` of the whole ``lr`` image ``(H, W, 3)`` → ``(H, W, 3)`` float32, once per index."""
         if index not in self._anchors:
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1), dtype=np.float32))[None]
-            self._anchors[index] = self.anchor(x)[0].cpu().numpy().transpose(1, 2, 0)
+            self._anchors[index] = self.anchor(x, self.names[index])[0].cpu().numpy().transpose(1, 2, 0)
         return self._anchors[index]

@@ -64,10 +64,9 @@ import torch
 from skimage.restoration import wiener
 from tqdm.auto import tqdm
 
-from dmdiff.data.dataset import PairedFolderDataset, has_split, image_lens_spec, read_lens
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset, has_split
 from dmdiff.metrics import psnr
 from dmdiff.optics.blur import SpatiallyVaryingBlur
-from dmdiff.optics.grid import psf_grid
 from dmdiff.optics.deconvolution import (
     DeconvolutionInputError,
     check_psf,
@@ -363,29 +362,26 @@ def tune_richardson_lucy_sv(dataset: str | Path, blurs: Callable[[str], Spatiall
 
 class LensBlurs:
     """The spatially varying blur of each image's own lens in a simulated dataset: ``blurs(name)``
-    is :func:`varying_blur` of the lens that captured image ``name``
-    (:func:`dmdiff.data.dataset.image_lens_spec`: the dataset's lens, or in a lens-family dataset
-    the image's), one operator per distinct lens, built on first use from the PSF disk cache."""
+    is :func:`varying_blur` of the grid :class:`dmdiff.data.dataset.LensGrids` gives image ``name``
+    (the dataset's lens, or in a lens-family dataset the image's), one operator per distinct lens.
+    ``grids``: that :class:`~dmdiff.data.dataset.LensGrids`."""
 
-    def __init__(self, lens: dict, progress: bool = False):
-        self.lens, self.progress = lens, progress
+    def __init__(self, grids: LensGrids):
+        self.grids = grids
         self._blurs: dict[str, SpatiallyVaryingBlur] = {}
 
     def __call__(self, name: str) -> SpatiallyVaryingBlur:
-        spec = image_lens_spec(self.lens, name)
-        key = spec.cache_key()
+        key = self.grids.spec(name).cache_key()
         if key not in self._blurs:
-            self._blurs[key] = varying_blur(psf_grid(spec, progress=self.progress).psfs)
+            self._blurs[key] = varying_blur(self.grids(name))
         return self._blurs[key]
 
 
 def dataset_varying_blur(dataset: str | Path, progress: bool = False) -> LensBlurs | None:
     """The :class:`LensBlurs` of a simulated dataset (``lens.json`` → each image's lens → PSF grid),
     or None without a lens spec (real captures)."""
-    lens = read_lens(dataset)
-    if not isinstance(lens, dict) or not ("spec" in lens or "lenses" in lens):
-        return None
-    return LensBlurs(lens, progress)
+    grids = LensGrids.of_dataset(dataset, progress)
+    return None if grids is None else LensBlurs(grids)
 
 
 def varying_baseline(dataset: str | Path, pairs: int = 8,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dmdiff.data.dataset import PairedFolderDataset, read_lens
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset, read_lens
 from dmdiff.errors import DmdiffError
 from dmdiff.metrics import psnr
 from dmdiff.optics.camera import MAP_CHANNELS
@@ -126,7 +126,8 @@ def swap_partners(names: Sequence[str], meta: Mapping) -> dict[str, str]:
 def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, split: str = "test", progress: bool = True) -> dict:
     """PSNR of each capture of a split restored with its own maps, another lens's maps
     (:func:`swap_partners`: on the test split the same crop under another held-out lens) and no
-    maps (module docstring).
+    maps (module docstring); a deconvolved colour anchor uses the capture's own lens in all three,
+    so only what SVDA is told changes.
 
     Args:
         pipeline: a :class:`~dmdiff.model.pipeline.DMDiffPipeline`.
@@ -150,9 +151,11 @@ def maps_swap(pipeline, data: str | Path, alpha: float = 1.0, split: str = "test
     if not partners:
         raise DmdiffError(f"{data}: every frame of the {split} split is captured by one lens; there is no other lens's maps to give")
     items = {name: frames[i] for i, name in enumerate(frames.names)}     # each frame read once
+    grids = LensGrids(meta)
     per_image = {}
     for name, partner in tqdm(partners.items(), desc="maps swapped", unit="img", disable=not progress):
         item = items[name]
+        pipeline.model.use_capture_lens(grids(name))      # the anchor deconvolves with the capture's true lens
         target = item["gt"].permute(1, 2, 0).numpy()
         scores = {}
         for variant, maps in (("own", item["maps"]), ("swapped", items[partner]["maps"]), ("none", None)):

@@ -43,7 +43,9 @@ Protocol and choices (also written to ``metrics.json`` under ``settings``):
   measured, and exactly those pixels are saved as PNGs under ``images/<method>/`` (captures and
   GT are 8-bit PNGs already), so every number can be recomputed from the files.
 * **Maps.** DMDiff (and the stage-1 model) get the dataset's ``maps/<name>.npy`` when the
-  dataset has them, else None.
+  dataset has them, else None. A deconvolved colour anchor likewise uses each image's own lens
+  (its ``lens.json``: the dataset's lens, or in a lens family the image's), else the lens the
+  model was saved with.
 * **Baselines** deconvolve with the *true* per-channel PSF of the dataset's lens at the centre of
   the field (:func:`dmdiff.data.dataset.dataset_central_psf`). Their parameter (Wiener NSR, RL
   iterations) is tuned by mean RGB PSNR on at most ``tune_pairs`` full-frame **train** pairs,
@@ -100,7 +102,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmdiff.config import to_dict
-from dmdiff.data.dataset import PairedFolderDataset, dataset_central_psf, read_lens
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset, dataset_central_psf, read_lens
 from dmdiff.device import resolve_device
 from dmdiff.errors import DmdiffError
 from dmdiff.evaluation.baselines import dataset_varying_blur, tune_baselines, varying_baseline
@@ -308,7 +310,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
     correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
     context = Context(pipeline, degrader, ablation_pipes, psf, params, correction, blur,
-                      untrained_pipeline(net, model_path), self_ensemble)
+                      untrained_pipeline(net, model_path), self_ensemble, LensGrids.of_dataset(data))
     rows = methods_for(context)
     methods = ["input", *(m.name for m in rows)]
     labels = {**LABELS, **{m.name: m.label for m in rows}}
@@ -317,6 +319,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     # ---- every test image through every method
     with atomic_directory(out, EVALUATION_KIND, replace=True, legacy=evaluation_parts) as tmp:
         warm = Sample.stand_in(test[0])                             # networks only, untimed
+        context.use_capture_lens(warm.name)
         for method in rows:
             if method.warm_up:
                 method.run(context, warm)
@@ -338,8 +341,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             "baselines": baselines_record,
             "field": field.record(),
             "sources": dict(zip([r["name"] for r in records], source_photos([r["name"] for r in records], data))),
-            "settings": _settings(model, pipeline_dir, net, stage1_dir, stage1_source, ablation_dirs, ablation_pipes,
-                                  methods, correction, device, limit, tune_pairs),
+            "settings": {**_settings(model, pipeline_dir, net, stage1_dir, stage1_source, ablation_dirs,
+                                     ablation_pipes, methods, correction, device, limit, tune_pairs),
+                         "anchor_psf": None if not net.config.anchor_deconvolves else
+                         "each test image's own lens's PSF grid (lens.json)" if context.lenses is not None else
+                         "the lens the model was saved with"},
         }
         metrics["quality_bar"] = quality_bar(metrics)
         for method, (key, _) in BAR_VARIANTS.items():
@@ -368,7 +374,7 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
     images under ``out/external/images/``."""
     psf = dataset_central_psf(data)[0] if context.psf is not None else None
     context = replace(context, psf=psf, blur=dataset_varying_blur(data) if context.blur is not None else None,
-                      self_ensemble=False)
+                      self_ensemble=False, lenses=LensGrids.of_dataset(data))
     rows = methods_for(context)
     test = PairedFolderDataset(data, "test")
     field = FieldScores(_lens_spec(data))
@@ -398,6 +404,7 @@ def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: C
     for index in tqdm(range(count), desc="evaluate", disable=not progress):
         item = test[index]
         name, sample = item["name"], Sample.of(item)
+        context.use_capture_lens(name)
         gt = to_hwc(item["gt"])
         row: dict[str, dict] = {"input": compute_metrics(sample.capture, gt, lpips=lpips)}
         perception.add_reference(gt)

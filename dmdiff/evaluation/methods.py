@@ -57,7 +57,9 @@ class Context:
     lens's spatially varying blur for ``richardson_lucy_sv`` by image name
     (:class:`dmdiff.evaluation.baselines.LensBlurs`; None: no such row); untrained: the same model with untrained adapters
     (:func:`dmdiff.evaluation.trivial.untrained_pipeline`; None: no such row); self_ensemble: whether
-    the ×8 self-ensemble row runs.
+    the ×8 self-ensemble row runs; lenses: each test image's lens's PSF grid by image name
+    (:class:`dmdiff.data.dataset.LensGrids`) for the models' deconvolved colour anchors (None: the
+    models keep the lens they were saved with).
     """
 
     pipeline: DMDiffPipeline
@@ -69,11 +71,21 @@ class Context:
     blur: Any = None
     untrained: DMDiffPipeline | None = None
     self_ensemble: bool = True
+    lenses: Any = None
 
     @property
     def model(self) -> DMDiff:
         """The evaluated :class:`~dmdiff.model.dmdiff.DMDiff` model."""
         return self.pipeline.model
+
+    def use_capture_lens(self, name: str) -> None:
+        """Point every model's colour anchor at the lens of test image ``name``
+        (:meth:`DMDiff.use_capture_lens <dmdiff.model.dmdiff.DMDiff.use_capture_lens>`), as its maps
+        describe that lens to SVDA."""
+        grid = None if self.lenses is None else self.lenses(name)
+        untrained = [] if self.untrained is None else [self.untrained]
+        for pipeline in (self.pipeline, *self.ablations.values(), *untrained):
+            pipeline.model.use_capture_lens(grid)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from dmdiff.model.lowpass import gaussian_lowpass
 from dmdiff.model.svda import SVDA
 from dmdiff.optics.deconvolution import (
     DeconvolutionInputError,
+    central_psf,
     check_psf,
     check_psf_grid,
     richardson_lucy_srgb,
@@ -112,7 +113,9 @@ class DMDiffConfig:
         :func:`~dmdiff.optics.deconvolution.wiener_varying_large_scales` (on blocks of
         :data:`ANCHOR_WIENER_SCALE_PX` px) with this regularisation weight, so each part of the
         field is deconvolved with its own PSF; the grid ``(3, G, G, K, K)`` is set with
-        :meth:`DMDiff.set_anchor_psf` and saved with the pipeline. The anchor of a training crop
+        :meth:`DMDiff.set_anchor_psf` and saved with the pipeline — except for a model trained on a
+        lens family, whose anchor takes each capture's own lens grid (set per capture by
+        ``dmdiff evaluate`` from the dataset's ``lens.json`` and by ``dmdiff restore --lens``). The anchor of a training crop
         is cut from its whole frame's (:mod:`dmdiff.train.data`), as at inference, where a tiled
         photo is anchored whole. Needs ``anchor_sigma_px``; excludes ``anchor_rl_iterations``.
     path_modulation: give each path its own learned modulation of the UNet's LoRA in every block
@@ -458,21 +461,24 @@ class DMDiff(nn.Module):
         config = self.config
         if config.anchor_deconvolves and self.anchor_psf is None:
             raise DmdiffError(f"this model's colour anchor deconvolves its input ({config.anchor_deconvolution}) "
-                              "but no PSF is set: load the model from its pipeline folder (which stores it), "
-                              "or call set_anchor_psf")
+                              "but no PSF is set: a model trained on a lens family needs the capture's lens "
+                              "(dmdiff restore --lens FILE; dmdiff evaluate takes it from the dataset's lens.json); "
+                              "otherwise load the model from its pipeline folder (which stores it), or call "
+                              "set_anchor_psf")
         return colour_anchor(x, config, self.anchor_psf)
 
     def set_anchor_psf(self, psf) -> None:
-        """Set the PSF of the deconvolved colour anchor.
+        """Set the PSF of the deconvolved colour anchor: the training lens's, or the lens of the captures
+        about to be restored.
 
         Args:
             psf: numpy or tensor, ``K`` odd, centred at ``K // 2``, non-negative, each kernel with
-                some energy: for ``config.anchor_rl_iterations`` the ``(3, K, K)`` per-channel PSF
-                (typically :func:`~dmdiff.optics.deconvolution.central_psf` of the training lens's
-                grid), for ``config.anchor_wiener_nsr`` the lens's whole ``(3, G, G, K, K)`` PSF grid.
-                Stored float32 on the model's device, each kernel normalised to sum 1
-                (:func:`~dmdiff.optics.deconvolution.check_psf` / ``check_psf_grid``: the baselines'
-                checks and white-balance convention).
+                some energy: the lens's whole ``(3, G, G, K, K)`` PSF grid, of which
+                ``config.anchor_rl_iterations`` uses the central PSF
+                (:func:`~dmdiff.optics.deconvolution.central_psf`; or give it that ``(3, K, K)``
+                PSF) and ``config.anchor_wiener_nsr`` the whole grid. Stored float32 on the model's
+                device, each kernel normalised to sum 1 (:func:`~dmdiff.optics.deconvolution.check_psf`
+                / ``check_psf_grid``: the baselines' checks and white-balance convention).
 
         Raises:
             DmdiffError: the model does not deconvolve its anchor, or ``psf`` is malformed.
@@ -481,12 +487,24 @@ class DMDiff(nn.Module):
         if not config.anchor_deconvolves:
             raise DmdiffError("set_anchor_psf: this model's anchor does not deconvolve "
                               "(anchor_rl_iterations and anchor_wiener_nsr are None)")
-        check = check_psf if config.anchor_rl_iterations is not None else check_psf_grid
+        array = torch.as_tensor(psf).detach().cpu().numpy()
         try:
-            normalised = check(torch.as_tensor(psf).detach().cpu().numpy())
+            if config.anchor_rl_iterations is not None:
+                normalised = check_psf(central_psf(array) if array.ndim == 5 else array)
+            else:
+                normalised = check_psf_grid(array)
         except DeconvolutionInputError as err:
             raise DmdiffError(f"the anchor PSF is unusable ({config.anchor_deconvolution}): {err}") from None
         self.anchor_psf = torch.from_numpy(normalised).to(self.device, torch.float32)
+
+    def use_capture_lens(self, grid) -> None:
+        """Anchor the next restorations with the lens of the captures they restore: :meth:`set_anchor_psf`
+        with ``grid``, that lens's ``(3, G, G, K, K)`` PSF grid, for a model whose anchor deconvolves;
+        nothing for other models or when ``grid`` is None (the model keeps its own lens's PSF). What
+        ``dmdiff evaluate`` does per test image of a simulated dataset, and ``dmdiff restore --lens``
+        per capture, as they give SVDA each capture's maps."""
+        if grid is not None and self.config.anchor_deconvolves:
+            self.set_anchor_psf(grid)
 
     def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """``y − G_σ(y) + anchor`` (``anchor = G_σ(input)``), or ``y`` when ``anchor`` is None; not clamped."""

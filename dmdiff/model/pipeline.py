@@ -11,7 +11,9 @@ Folder layout of ``save_pretrained`` / ``from_pretrained`` (safetensors only; do
       dmdiff_config.json              format tag, DMDiffConfig, backbone reference, provenance
       dmdiff_trainable.safetensors    DMDiff.trainable_state_dict(): LoRA A/B, unet.conv_in, SVDA, MLPs
       anchor_psf.safetensors          models with a deconvolved colour anchor only: ``psf``, (3, K, K) for
-                                      ``anchor_rl_iterations``, the grid (3, G, G, K, K) for ``anchor_wiener_nsr``
+                                      ``anchor_rl_iterations``, the grid (3, G, G, K, K) for ``anchor_wiener_nsr``;
+                                      absent (``anchor_psf_file: null``) for a model trained on a lens family,
+                                      whose anchor takes each capture's own lens
       backbone/                       tiny preset only: the base backbone in SD-Turbo's layout
 
 There is no top-level ``model_index.json``: ``DiffusionPipeline.from_pretrained`` cannot build this
@@ -284,6 +286,8 @@ class DMDiffPipeline(DiffusionPipeline):
             if model.anchor_psf is not None:
                 save_safetensors(tmp / ANCHOR_PSF_FILE, {"psf": model.anchor_psf.cpu().contiguous()})
                 files["anchor_psf_file"] = ANCHOR_PSF_FILE
+            elif model.config.anchor_deconvolves:     # trained on a lens family: each capture's lens
+                files["anchor_psf_file"] = None
             write_json(tmp / CONFIG_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "config": to_dict(model.config),
                 "backbone": reference, **files, "provenance": provenance(),
@@ -318,10 +322,12 @@ class DMDiffPipeline(DiffusionPipeline):
         with _naming(config_file):
             config = merge(DMDiffConfig(), meta["config"], prefix="config.")
         weights = _inside(folder, meta.get("trainable_file"), "trainable_file")
-        psf_file = _inside(folder, meta.get("anchor_psf_file", ANCHOR_PSF_FILE), "anchor_psf_file")
+        per_capture = "anchor_psf_file" in meta and meta["anchor_psf_file"] is None
+        psf_file = None if per_capture else _inside(folder, meta.get("anchor_psf_file", ANCHOR_PSF_FILE),
+                                                    "anchor_psf_file")
         if not weights.is_file():
             raise DmdiffError(f"{folder} lacks its trained weights {weights.name}; {RESAVE}")
-        anchored = config.anchor_deconvolves
+        anchored = config.anchor_deconvolves and not per_capture
         if anchored and not psf_file.is_file():
             raise DmdiffError(f"{folder} lacks {psf_file.name}, the PSF its colour anchor deconvolves with; {RESAVE}")
         backbone = _load_reference(folder, config, meta["backbone"], model_path, device, torch_dtype)

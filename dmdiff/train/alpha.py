@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dmdiff.data.dataset import PairedFolderDataset
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset
 from dmdiff.errors import DmdiffError
 from dmdiff.metrics import psnr
 from dmdiff.model.pipeline import CONFIG_FILE, DMDiffPipeline
@@ -32,7 +32,8 @@ ALPHA_GRID = tuple(round(0.1 * k, 1) for k in range(11))
 @torch.no_grad()
 def alpha_sweep(pipeline_dir: str | Path, data: str | Path, split: str = "val",
                 alphas: tuple[float, ...] = ALPHA_GRID, progress: bool = True) -> dict:
-    """Mean PSNR (dB, 8-bit RGB outputs) against the GT of the ``split`` pairs of ``data`` at each α.
+    """Mean PSNR (dB, 8-bit RGB outputs) against the GT of the ``split`` pairs of ``data`` at each α
+    (a deconvolved colour anchor uses each pair's own lens: ``DMDiff.use_capture_lens``).
 
     Returns:
         ``{"split", "images", "alphas": [...], "psnr": [...] (same order), "psnr_input"}``.
@@ -42,11 +43,13 @@ def alpha_sweep(pipeline_dir: str | Path, data: str | Path, split: str = "val",
     """
     pipe = DMDiffPipeline.from_pretrained(pipeline_dir)
     pairs = PairedFolderDataset(data, split)
+    grids = LensGrids.of_dataset(data)
     scores = np.zeros((len(pairs), len(alphas)))
     inputs = []
     for i in tqdm(range(len(pairs)), desc=f"α sweep ({split})", unit="img", disable=not progress):
         pair = pairs[i]
         gt = np.round(pair["gt"].permute(1, 2, 0).numpy() * 255) / 255
+        pipe.model.use_capture_lens(None if grids is None else grids(pair["name"]))
         out = pipe(pair["lr"], pair.get("maps"), alpha=alphas[0], return_latents=True)
         images = [out.images[0]] + [pipe.decode(out, a)[0] for a in alphas[1:]]
         scores[i] = [psnr(np.round(im * 255) / 255, gt) for im in images]

@@ -18,7 +18,6 @@ where a dataset has none); negative ``gt → lr``.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,34 +25,69 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from dmdiff.data.dataset import PairedFolderDataset, crop_maps, gt_blur_note, has_split
+from dmdiff.data.dataset import LensGrids, PairedFolderDataset, crop_maps, gt_blur_note, has_split, read_lens
 from dmdiff.errors import DmdiffError
 from dmdiff.model.dmdiff import DMDiffConfig, colour_anchor
 from dmdiff.optics.deconvolution import check_psf_grid
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
+from dmdiff.train.pseudo import pairs_lens
 
 _ORDER, _PATH_BATCH, _PATH_SAMPLE, _EXPOSURE = 1, 2, 3, 4   # stream tags of the seed sequences
 IMAGES = ("lr", "gt", "gt_blur")
-#: A colour anchor of whole images, ``(1, 3, H, W)`` → same (:func:`whole_frame_anchor`).
-Anchor = Callable[[torch.Tensor], torch.Tensor]
+#: A colour anchor of whole images: ``anchor(frame, name)``, ``frame`` ``(1, 3, H, W)`` being image
+#: ``name`` of its dataset, → ``(1, 3, H, W)`` (:func:`frame_anchor`).
+Anchor = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-def whole_frame_anchor(model_config: DMDiffConfig, psf) -> Anchor | None:
-    """The colour anchor the datasets must compute on whole frames and crop with the images, or None
-    when the model computes its anchor on the training crop itself. Only the Wiener anchor
+def lens_grids(root: str | Path) -> LensGrids | None:
+    """The true PSF grid of each image's lens in the training set ``root``: its ``lens.json``'s (one
+    lens, or each image's in a lens family), or for pseudo pairs the lenses ``pseudo.json`` records
+    they imitate; None without either (real captures).
+
+    Raises:
+        DmdiffError: an unreadable ``lens.json``, or pseudo pairs that do not record their lenses.
+    """
+    meta = read_lens(root)
+    if meta is None:
+        meta = pairs_lens(Path(root))
+    if not isinstance(meta, dict) or not ("spec" in meta or "lenses" in meta):
+        return None
+    return LensGrids(meta)
+
+
+def frame_anchor(model_config: DMDiffConfig, root: str | Path) -> Anchor | None:
+    """The colour anchor the dataset at ``root`` must compute on whole frames and crop with the images,
+    or None when the model computes its anchor on the training crop itself. Only the Wiener anchor
     (``anchor_wiener_nsr``) needs whole frames: its PSF grid spans the frame, so a crop's anchor is
-    the part of its frame's that the crop covers, as at inference (tiles are anchored whole).
-    ``psf``: the anchor's PSF grid ``(3, G, G, K, K)`` (normalised by ``check_psf_grid`` here)."""
+    the part of its frame's that the crop covers, as at inference (tiles are anchored whole). Each
+    frame is deconvolved with its own lens's grid (:func:`lens_grids`): the dataset's lens, or in a
+    lens family the image's, as ``dmdiff evaluate`` and ``dmdiff restore --lens`` do.
+
+    Raises:
+        DmdiffError: the model's anchor deconvolves and ``root`` records no lens.
+    """
     if model_config.anchor_wiener_nsr is None:
         return None
-    grid = torch.from_numpy(check_psf_grid(psf)).float()
-    return functools.partial(colour_anchor, config=model_config, psf=grid)
+    grids = lens_grids(root)
+    if grids is None:
+        raise DmdiffError(f"model.anchor_wiener_nsr: {root} has no lens.json with a lens spec (real captures?): "
+                          "no PSF grid to deconvolve the colour anchor with; set model.anchor_wiener_nsr: null "
+                          "to anchor to the capture itself")
+    normalised: dict[str, torch.Tensor] = {}
+
+    def anchor(frame: torch.Tensor, name: str) -> torch.Tensor:
+        key = grids.spec(name).cache_key()
+        if key not in normalised:
+            normalised[key] = torch.from_numpy(check_psf_grid(grids(name))).float()
+        return colour_anchor(frame, model_config, normalised[key])
+
+    return anchor
 
 
 def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
     """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening; with
-    :func:`whole_frame_anchor`, ``PairedFolderDataset.with_anchor`` adds the frames' colour anchors).
+    :func:`frame_anchor`, ``PairedFolderDataset.with_anchor`` adds the frames' colour anchors).
 
     Maps are used only when every dataset has them (else none are, with a warning); a dataset
     without ``gt_blur_train/`` makes the neutral path fall back to its GT (warning), when the

@@ -53,7 +53,6 @@ from dmdiff.errors import DmdiffError, RunFault
 from dmdiff.metrics import psnr, ssim
 from dmdiff.model.dmdiff import DMDiff
 from dmdiff.model.pipeline import TRAINABLE_FILE, DMDiffPipeline
-from dmdiff.optics.deconvolution import central_psf
 from dmdiff.optics.sensor import quantize
 from dmdiff.outputs import write_json
 from dmdiff.runs import PIPELINE, REPORT
@@ -66,7 +65,7 @@ from dmdiff.train.config import (
     TrainWarning,
     check_device_support,
 )
-from dmdiff.train.data import StepBatches, open_train_sets, validation_pairs, whole_frame_anchor
+from dmdiff.train.data import StepBatches, frame_anchor, lens_grids, open_train_sets, validation_pairs
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
 from dmdiff.train.processes import use_cpu
@@ -143,19 +142,22 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def anchor_psf(cfg: TrainConfig):
-    """The PSF a deconvolved colour anchor uses, from the lens of ``cfg.data`` (its ``lens.json``):
-    the central PSF ``(3, K, K)`` for ``model.anchor_rl_iterations``, the whole grid ``(3, G, G, K, K)``
-    for ``model.anchor_wiener_nsr``.
+    """The PSF grid ``(3, G, G, K, K)`` a deconvolved colour anchor stores with the model: the lens
+    of ``cfg.data`` (its ``lens.json``); None for a lens-family dataset with the Wiener anchor,
+    which takes each image's own lens (:func:`dmdiff.train.data.frame_anchor`, and at inference
+    the capture's).
 
     Raises:
-        DmdiffError: ``cfg.data`` has no single lens spec (real captures, a lens family): there is no
-            PSF to deconvolve with.
+        DmdiffError: ``cfg.data`` has no lens spec (real captures), or is a lens family under the
+            Richardson–Lucy anchor, which needs one lens.
     """
     grid, _, reason = dataset_psf_grid(cfg.data)
+    if grid is None and cfg.model.anchor_wiener_nsr is not None and lens_grids(cfg.data) is not None:
+        return None
     if grid is None:
         key = "anchor_rl_iterations" if cfg.model.anchor_rl_iterations is not None else "anchor_wiener_nsr"
         raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null to anchor to the capture itself")
-    return central_psf(grid) if cfg.model.anchor_rl_iterations is not None else grid
+    return grid
 
 
 #: ``on_log(step, record)``: called with each record written to ``metrics.jsonl``.
@@ -217,11 +219,13 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     check_run(out, cfg, resume)
     sets = open_train_sets(cfg)               # the data is checked before the lens's PSFs are computed
     psf = anchor_psf(cfg) if cfg.model.anchor_deconvolves else None
-    anchored_paths = any(p > 0 for p in cfg.path_probs.normalised()[:2])      # positive, neutral
-    anchor = whole_frame_anchor(cfg.model, psf) if anchored_paths else None
-    if anchor is not None:
-        sets = [ds.with_anchor(anchor) for ds in sets]
-    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, anchor)
+    if any(p > 0 for p in cfg.path_probs.normalised()[:2]):      # the positive or neutral path: anchored
+        anchors = [frame_anchor(cfg.model, ds.root) for ds in sets]
+        sets = [ds if a is None else ds.with_anchor(a) for ds, a in zip(sets, anchors)]
+        val_anchor = anchors[0]
+    else:
+        val_anchor = None
+    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, val_anchor)
     AcceleratorState._reset_state()   # keeps the processes; lets this run set its own mixed precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=use_cpu())

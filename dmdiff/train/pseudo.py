@@ -10,7 +10,7 @@ reads it and stage 2 can add it to the real pairs::
       gt_train/pseudo_<name>.png   lr_train/pseudo_<name>.png
       gt_blur_train/pseudo_<name>.png    ideal-lens target, when the dataset has lens.json + gt_blur
       maps/pseudo_<name>.npy             when the dataset has maps (see below)
-      pseudo.json                        settings, model run, names, provenance
+      pseudo.json                        settings, model run, names, the lens each pair imitates, provenance
 
 Clean images: ``--images DIR`` (every image file, a random ``size`` crop of each, upscaled first
 when smaller), or by default ``count`` bundled ones: dead-leaves images and random crops of the
@@ -83,6 +83,26 @@ def pseudo_parts(folder: Path) -> set[str] | None:
         | {f"maps/{n}.npy" for n in record["names"]}
 
 
+def pairs_lens(folder: Path) -> dict | None:
+    """The lens record of the pseudo pairs in ``folder`` (``pseudo.json``'s ``lens``,
+    :func:`pairs_lens_record`); None when ``folder`` holds no pseudo pairs or they imitate no lens spec.
+
+    Raises:
+        DmdiffError: pseudo pairs written before the record existed (the message says how to remake them).
+    """
+    try:
+        record = json.loads((Path(folder) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != "dmdiff-pseudo-pairs":
+        return None
+    if "lens" not in record:
+        raise DmdiffError(f"{Path(folder) / RECORD} does not record the lens each pseudo pair imitates (made by an "
+                          f"older dmdiff), which the colour anchor deconvolves with: make them again "
+                          f"(dmdiff pseudo --overwrite, or delete {folder} and rerun the recipe)")
+    return record["lens"]
+
+
 def load_trained(run: str | Path):
     """The DMDiff model of a finished training run (``RUN/pipeline/``, its base backbone as trained)
     and the run's :class:`~dmdiff.train.config.TrainConfig` (``RUN/config.yaml``).
@@ -126,27 +146,41 @@ def _ideal_lens(dataset: Path):
     return MetalensCamera(MetalensSpec.from_dict(lens["spec"]), progress=False)
 
 
-def imitated_lenses(dataset: Path, seed: int) -> tuple[Callable[[str], tuple[np.ndarray | None, Any]], bool, bool]:
+def imitated_lenses(dataset: Path, seed: int) -> tuple[Callable[[str], tuple[np.ndarray | None, Any, str | None]],
+                                                      bool, bool]:
     """What each pseudo pair imitates (module docstring, "Maps"): ``(lens, maps, targets)`` with
-    ``lens(name) -> (maps (7, G, G) float32 or None, MetalensCamera or None)`` for pair ``name``,
-    and whether the pairs get maps and ideal-lens targets at all."""
+    ``lens(name) -> (maps (7, G, G) float32 or None, MetalensCamera or None, family lens name or
+    None)`` for pair ``name``, and whether the pairs get maps and ideal-lens targets at all."""
 
     meta = read_lens(dataset)
     if not (isinstance(meta, dict) and "lenses" in meta):
         maps, camera = dataset_maps(dataset), _ideal_lens(dataset)
-        return (lambda name: (maps, camera)), maps is not None, camera is not None
+        return (lambda name: (maps, camera, None)), maps is not None, camera is not None
     train = PairedFolderDataset(dataset, "train")
     targets = (dataset / "gt_blur_train").is_dir()
     cameras: dict[str, MetalensCamera] = {}
 
-    def lens(name: str) -> tuple[np.ndarray | None, Any]:
+    def lens(name: str) -> tuple[np.ndarray | None, Any, str | None]:
         k = int(named_rng(seed, f"{name}/lens").integers(len(train.names)))
         spec = image_lens_spec(meta, train.names[k])
         camera = cameras.setdefault(spec.cache_key(), MetalensCamera(spec, progress=False)) if targets else None
         maps = None if train.map_paths is None else np.load(train.map_paths[k], allow_pickle=False).astype(np.float32)
-        return maps, camera
+        return maps, camera, meta["images"][train.names[k]]["lens"]
 
     return lens, train.map_paths is not None, targets
+
+
+def pairs_lens_record(meta: dict | None, lens_of: dict[str, str | None]) -> dict | None:
+    """The lens record of pseudo pairs (``pseudo.json``'s ``lens``, read like a ``lens.json`` by
+    :class:`dmdiff.data.dataset.LensGrids`): the dataset's ``{"spec": …}`` for a single lens; for a
+    family, ``{"lenses": {lens: {"spec": …}}, "images": {pair: {"lens": lens}}}`` from
+    ``lens_of`` (pair name → the family lens it imitates); None for a dataset without a lens spec."""
+    if not isinstance(meta, dict):
+        return None
+    if "lenses" not in meta:
+        return {"spec": meta["spec"]} if "spec" in meta else None
+    return {"lenses": {k: {"spec": meta["lenses"][k]["spec"]} for k in sorted(set(lens_of.values()))},
+            "images": {name: {"lens": k} for name, k in lens_of.items()}}
 
 
 def _square_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -241,7 +275,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
 
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    names = []
+    names, lens_of = [], {}
     with atomic_directory(out, PSEUDO_KIND, replace=True, legacy=pseudo_parts) as tmp:
         folders = ["gt_train", "lr_train"] + (["gt_blur_train"] if has_targets else []) + (["maps"] if has_maps else [])
         for d in folders:
@@ -253,9 +287,9 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
                 break
             gt = torch.from_numpy(np.stack([img for _, img in chunk]).transpose(0, 3, 1, 2).copy())
             lenses = [imitate(name) for name, _ in chunk]
-            m = None if not has_maps else torch.from_numpy(np.stack([pair_maps for pair_maps, _ in lenses]))
+            m = None if not has_maps else torch.from_numpy(np.stack([pair_maps for pair_maps, _, _ in lenses]))
             lr = model.degrade(gt, m).float().permute(0, 2, 3, 1).cpu().numpy()
-            for (name, g), degraded, (pair_maps, pair_camera) in zip(chunk, lr, lenses):
+            for (name, g), degraded, (pair_maps, pair_camera, lens_name) in zip(chunk, lr, lenses):
                 noisy = pseudo_noise_augment(degraded, named_rng(settings.seed, f"{name}/noise"), settings.noise_strength)
                 write_png(tmp / "gt_train" / f"{name}.png", g)
                 write_png(tmp / "lr_train" / f"{name}.png", noisy)
@@ -265,6 +299,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
                     with open(tmp / "maps" / f"{name}.npy", "wb") as f:
                         np.save(f, pair_maps, allow_pickle=False)
                 names.append(name)
+                lens_of[name] = lens_name
             bar.update(len(chunk))
         bar.close()
         settings = replace(settings, size_px=size, count=len(names))
@@ -272,7 +307,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
             "format": "dmdiff-pseudo-pairs", "model_run": str(model_run.resolve()),
             "dataset": str(dataset.resolve()), "images": None if images is None else str(Path(images).resolve()),
             "settings": to_dict(settings), "maps": has_maps, "gt_blur": has_targets,
-            "names": names,
+            "names": names, "lens": pairs_lens_record(read_lens(dataset), lens_of),
             "provenance": provenance(config=to_dict(settings), seed=settings.seed, command="dmdiff pseudo",
                                      elapsed_s=round(time.perf_counter() - t0, 1)),
         })
