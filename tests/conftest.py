@@ -55,3 +55,13 @@ def perturb_trainable(model, seed: int = 0, scale: float = 0.02):
         for p in model.trainable_parameters().values():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return model
+
+
+def noisy_photo(h: int, w: int, seed: int = 0):
+    """A test photo: smooth colour ramps and one slow sine plus seeded uniform noise, float64
+    ``(h, w, 3)`` in [0, 1]."""
+    import numpy as np
+
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    smooth = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(2 * np.pi * yy), 0.6 - 0.3 * xx * yy], axis=-1)
+    return np.clip(smooth + 0.15 * np.random.default_rng(seed).random((h, w, 3)) - 0.07, 0, 1)

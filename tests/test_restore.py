@@ -10,7 +10,7 @@ import png
 import pytest
 import tifffile
 import torch
-from conftest import perturb_trainable  # noqa: E402
+from conftest import noisy_photo, perturb_trainable  # noqa: E402
 from PIL import Image
 
 from dmdiff.cli import main as cli
@@ -235,14 +235,10 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def _photo(h, w, seed=0):
-    return np.clip(_to_np(_smooth(h, w)) + 0.15 * np.random.default_rng(seed).random((h, w, 3)) - 0.07, 0, 1)
-
-
 def test_folder_of_mixed_images_continues_after_bad_files(pipeline_dir, model, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
-    rgb = _photo(40, 56)
+    rgb = noisy_photo(40, 56)
     Image.fromarray(_u8(rgb)).save(photos / "a_rgb.png")
     Image.fromarray(_u8(rgb[..., 1])).save(photos / "b_gray.png")
     rgba = np.dstack([_u8(rgb), np.full((40, 56), 128, np.uint8)])
@@ -287,7 +283,7 @@ def test_folder_of_mixed_images_continues_after_bad_files(pipeline_dir, model, t
 
 
 def test_big_image_16_bit_output_and_colour_correction(pipeline_dir, model, tmp_path):
-    image = _photo(96, 200, seed=4)
+    image = noisy_photo(96, 200, seed=4)
     source = tmp_path / "wide.png"
     write_png(source, image, bits=16)
     out = tmp_path / "out"
@@ -315,7 +311,7 @@ def test_maps_auto_none_and_file(pipeline_dir, model, tmp_path):
     data = tmp_path / "data"
     (data / "lr_test").mkdir(parents=True)
     (data / "maps").mkdir()
-    image = _photo(48, 48, seed=5)
+    image = noisy_photo(48, 48, seed=5)
     Image.fromarray(_u8(image)).save(data / "lr_test" / "scene.png")
     maps = _field_maps(grid=7)[0].numpy()
     np.save(data / "maps" / "scene.npy", maps)
@@ -346,7 +342,7 @@ def test_maps_auto_none_and_file(pipeline_dir, model, tmp_path):
 def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
-    Image.fromarray(_u8(_photo(24, 24))).save(photos / "x.png")
+    Image.fromarray(_u8(noisy_photo(24, 24))).save(photos / "x.png")
     unsafe = tmp_path / "unsafe"
     shutil.copytree(pipeline_dir, unsafe)
     torch.save({"w": torch.zeros(1)}, unsafe / "dmdiff_trainable.bin")
@@ -355,8 +351,8 @@ def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, bin_only / "diffusion_pytorch_model.bin")
     twins = tmp_path / "twins"
     twins.mkdir()
-    Image.fromarray(_u8(_photo(24, 24))).save(twins / "y.png")
-    Image.fromarray(_u8(_photo(24, 24))).save(twins / "y.jpg")
+    Image.fromarray(_u8(noisy_photo(24, 24))).save(twins / "y.png")
+    Image.fromarray(_u8(noisy_photo(24, 24))).save(twins / "y.jpg")
     out = str(tmp_path / "out")
     base = ["restore", "--no-progress"]
     cases = [
@@ -379,7 +375,7 @@ def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
     assert _digest(photos) == before
     assert not (tmp_path / "out").exists()
     # a file next to its output folder is fine when the names differ
-    Image.fromarray(_u8(_photo(24, 24))).save(tmp_path / "z.jpg")
+    Image.fromarray(_u8(noisy_photo(24, 24))).save(tmp_path / "z.jpg")
     assert cli(base + ["--model", str(pipeline_dir), "--input", str(tmp_path / "z.jpg"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "z.png").is_file() and (tmp_path / REPORT_FILE).is_file()
 
@@ -395,7 +391,7 @@ def test_restore_uses_the_models_recommended_alpha_unless_told(pipeline_dir, tmp
     assert DMDiffPipeline.from_pretrained(chosen).model.config.recommended_alpha == 0.4
     photos = tmp_path / "in"
     photos.mkdir()
-    write_png(photos / "a.png", _photo(32, 48))
+    write_png(photos / "a.png", noisy_photo(32, 48))
     assert restore(chosen, photos, tmp_path / "o1", progress=False)["alpha"] == 0.4
     assert restore(chosen, photos, tmp_path / "o2", alpha=0.9, progress=False)["alpha"] == 0.9
     assert restore(pipeline_dir, photos, tmp_path / "o3", progress=False)["alpha"] == 1.0
@@ -427,9 +423,9 @@ def test_overlapped_and_sequential_folder_runs_agree(pipeline_dir, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, (h, w) in enumerate([(40, 56), (96, 200), (48, 48), (33, 70)]):
-        write_png(photos / f"p{i}.png", _photo(h, w, seed=i))
+        write_png(photos / f"p{i}.png", noisy_photo(h, w, seed=i))
     (photos / "p1_broken.png").write_bytes((photos / "p0.png").read_bytes()[:50])
-    Image.fromarray(_u8(_photo(5, 5))).save(photos / "p2_tiny.png")
+    Image.fromarray(_u8(noisy_photo(5, 5))).save(photos / "p2_tiny.png")
     records = {}
     for sequential in (True, False):
         out = tmp_path / f"out-{sequential}"

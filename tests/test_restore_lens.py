@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_trainable  # noqa: E402
+from conftest import noisy_photo, perturb_trainable  # noqa: E402
 from PIL import Image
 
 from dmdiff.cli import main as cli
@@ -40,15 +40,8 @@ def pipeline_dir(model, tmp_path_factory):
     return DMDiffPipeline.from_model(model).save_pretrained(tmp_path_factory.mktemp("restore-lens") / "pipe")
 
 
-def _photo(h, w, seed=0):
-    """A smooth colour ramp with some noise, (h, w, 3) in [0, 1]."""
-    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    smooth = np.stack([0.3 + 0.4 * xx, 0.5 + 0.2 * np.sin(6 * yy), 0.6 - 0.3 * xx * yy], axis=-1)
-    return np.clip(smooth + 0.15 * np.random.default_rng(seed).random((h, w, 3)) - 0.07, 0, 1)
-
-
 def _save(path, h, w, seed=0):
-    write_png(path, _photo(h, w, seed))
+    write_png(path, noisy_photo(h, w, seed))
     return path
 
 
