@@ -163,13 +163,18 @@ class LensGrids:
         return self._grids[key]
 
     @classmethod
-    def of_dataset(cls, root: str | Path, progress: bool = False) -> LensGrids | None:
-        """The grids of a simulated dataset's images (its ``lens.json``), or None without a lens spec
-        (real captures)."""
-        meta = read_lens(root)
+    def of_record(cls, meta: dict | None, progress: bool = False) -> LensGrids | None:
+        """The grids of a lens record (a ``lens.json``'s contents), or None when it names no lens
+        spec (no record: real captures)."""
         if not isinstance(meta, dict) or not ("spec" in meta or "lenses" in meta):
             return None
         return cls(meta, progress)
+
+    @classmethod
+    def of_dataset(cls, root: str | Path, progress: bool = False) -> LensGrids | None:
+        """The grids of a simulated dataset's images (its ``lens.json``), or None without a lens spec
+        (real captures)."""
+        return cls.of_record(read_lens(root), progress)
 
 
 def dataset_psf_grid(dataset, progress: bool = False) -> tuple[np.ndarray | None, dict | None, str | None]:

@@ -310,7 +310,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lpips = LPIPSMetric("alex", device=device) if lpips_ok else None
     correction = resolve_color_correction(DEFAULT_COLOR_CORRECTION, net)
     context = Context(pipeline, degrader, ablation_pipes, psf, params, correction, blur,
-                      untrained_pipeline(net, model_path), self_ensemble, LensGrids.of_dataset(data))
+                      untrained_pipeline(net, model_path), self_ensemble, _lens_grids(data, blur))
     rows = methods_for(context)
     methods = ["input", *(m.name for m in rows)]
     labels = {**LABELS, **{m.name: m.label for m in rows}}
@@ -373,8 +373,8 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
     cores, for a row the test split already reports), with its means, spreads and quality bar;
     images under ``out/external/images/``."""
     psf = dataset_central_psf(data)[0] if context.psf is not None else None
-    context = replace(context, psf=psf, blur=dataset_varying_blur(data) if context.blur is not None else None,
-                      self_ensemble=False, lenses=LensGrids.of_dataset(data))
+    blur = dataset_varying_blur(data) if context.blur is not None else None
+    context = replace(context, psf=psf, blur=blur, self_ensemble=False, lenses=_lens_grids(data, blur))
     rows = methods_for(context)
     test = PairedFolderDataset(data, "test")
     field = FieldScores(_lens_spec(data))
@@ -424,6 +424,13 @@ def _run_split(test: PairedFolderDataset, count: int, rows: Sequence, context: C
         if index in show:
             shown.append((name, {"gt": gt, "input": sample.capture, **outputs}, row))
     return records, shown, perception.record()
+
+
+def _lens_grids(data: Path, blur) -> LensGrids | None:
+    """Each test image's lens's PSF grid for the models' colour anchors: the grids the spatially
+    varying Richardson–Lucy (``blur``, a :class:`~dmdiff.evaluation.baselines.LensBlurs`) already
+    loaded, else the dataset's own (None without a ``lens.json``)."""
+    return blur.grids if blur is not None else LensGrids.of_dataset(data)
 
 
 def _lens_spec(data: Path) -> MetalensSpec | None:

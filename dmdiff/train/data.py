@@ -49,11 +49,7 @@ def lens_grids(root: str | Path) -> LensGrids | None:
         DmdiffError: an unreadable ``lens.json``, or pseudo pairs that do not record their lenses.
     """
     meta = read_lens(root)
-    if meta is None:
-        meta = pairs_lens(Path(root))
-    if not isinstance(meta, dict) or not ("spec" in meta or "lenses" in meta):
-        return None
-    return LensGrids(meta)
+    return LensGrids.of_record(pairs_lens(Path(root)) if meta is None else meta)
 
 
 def frame_anchor(model_config: DMDiffConfig, root: str | Path) -> Anchor | None:

@@ -69,15 +69,20 @@ PSEUDO_KIND = "pseudo-pairs"
 PAIR_FOLDERS = ("gt_train", "lr_train", "gt_blur_train")
 
 
+def _pairs_record(folder: Path) -> dict | None:
+    """The ``pseudo.json`` of a pseudo-pair folder, or None when ``folder`` has no readable one."""
+    try:
+        record = json.loads((Path(folder) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == "dmdiff-pseudo-pairs" else None
+
+
 def pseudo_parts(folder: Path) -> set[str] | None:
     """The files of a pseudo-pair folder from its ``pseudo.json`` (the record, and per name its
     images and maps); None when ``folder`` has no such record."""
-    try:
-        record = json.loads((folder / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != "dmdiff-pseudo-pairs" \
-            or not isinstance(record.get("names"), list):
+    record = _pairs_record(folder)
+    if record is None or not isinstance(record.get("names"), list):
         return None
     return {RECORD} | {f"{d}/{n}.png" for n in record["names"] for d in PAIR_FOLDERS} \
         | {f"maps/{n}.npy" for n in record["names"]}
@@ -90,11 +95,8 @@ def pairs_lens(folder: Path) -> dict | None:
     Raises:
         DmdiffError: pseudo pairs written before the record existed (the message says how to remake them).
     """
-    try:
-        record = json.loads((Path(folder) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != "dmdiff-pseudo-pairs":
+    record = _pairs_record(folder)
+    if record is None:
         return None
     if "lens" not in record:
         raise DmdiffError(f"{Path(folder) / RECORD} does not record the lens each pseudo pair imitates (made by an "
