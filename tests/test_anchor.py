@@ -45,8 +45,9 @@ def test_lowpass_equals_scipys_reflect_gaussian(shape, sigma):
     np.testing.assert_allclose(ours, gaussian_filter(x, (0, 0, sigma, sigma), mode="reflect"), atol=1e-12)
 
 
-def test_lowpass_is_differentiable_and_rejects_bad_sigma():
-    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (1, 2, 4, 1100)])
+def test_lowpass_is_differentiable_and_rejects_bad_sigma(shape):
+    x = torch.rand(*shape, requires_grad=True)
     gaussian_lowpass(x, 2.0).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError):
@@ -239,6 +240,38 @@ def test_wiener_grid_of_one_psf_everywhere_is_shift_invariant():
     a = wiener_varying_large_scales(x, torch.from_numpy(check_psf_grid(one)), NSR)
     b = wiener_varying_large_scales(x, torch.from_numpy(check_psf_grid(np.tile(one, (1, 4, 4, 1, 1)))), NSR)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_wiener_grid_chunks_and_kept_gains_change_nothing(monkeypatch):
+    """Deconvolving the nodes a few at a time (large photos) gives the same up to rounding; the
+    gains kept from the previous call serve only the same lens, regulariser and size: alternating two
+    lenses and two sizes, every call equals a call that computed its gains afresh."""
+    from dmdiff.optics import deconvolution
+    from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_large_scales
+
+    first = torch.from_numpy(check_psf_grid(lens_like_grid()))
+    second = torch.from_numpy(check_psf_grid(lens_like_grid() ** 2))          # narrower PSFs
+    small, large = smooth_scene(48, 40, seed=1), smooth_scene(60, 52, seed=2)
+
+    def fresh(x, grid, nsr=NSR):
+        monkeypatch.setattr(deconvolution, "_wiener_gains", deconvolution._WienerGains())
+        return wiener_varying_large_scales(x, grid, nsr)
+
+    expected = {key: fresh(x, grid, nsr) for key, (x, grid, nsr) in
+                {"a": (small, first, NSR), "b": (small, second, NSR), "c": (large, first, NSR),
+                 "d": (small, first, 4 * NSR)}.items()}
+    assert not torch.equal(expected["a"], expected["b"]) and not torch.equal(expected["a"], expected["d"])
+    kept = deconvolution._WienerGains()
+    monkeypatch.setattr(deconvolution, "_wiener_gains", kept)
+    for key, x, grid, nsr in [("a", small, first, NSR), ("a", small, first, NSR), ("b", small, second, NSR),
+                              ("a", small, first, NSR), ("c", large, first, NSR), ("d", small, first, 4 * NSR),
+                              ("a", small, first, NSR)]:
+        assert torch.equal(wiener_varying_large_scales(x, grid, nsr), expected[key]), key
+    assert kept._gains is not None
+    monkeypatch.setattr(deconvolution, "WIENER_CHUNK_BYTES", 1)              # one node at a time
+    monkeypatch.setattr(deconvolution, "_wiener_gains", deconvolution._WienerGains())
+    chunked = wiener_varying_large_scales(torch.cat([small, small.flip(-1)]), first, NSR)
+    assert torch.allclose(chunked, torch.cat([expected["a"], fresh(small.flip(-1), first)]), rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ repeating its last row and column, so any size works.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -207,14 +209,74 @@ def _laplacian_power(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor
     return (4 - 2 * torch.cos(2 * torch.pi * fy) - 2 * torch.cos(2 * torch.pi * fx)) ** 2
 
 
+#: Bytes the spatially varying Wiener filter's per-node FFT arrays may take at once: its nodes are
+#: deconvolved in chunks that fit (all at once for one photo up to about 300 px a side).
+WIENER_CHUNK_BYTES = 64 * 2 ** 20
+
+
+class _WienerGains:
+    """The last spatially varying Wiener gains computed, ``(3, G·G, S, S // 2 + 1)`` complex, kept for
+    the next call with the same kernels (by content), regulariser and extension shape: a folder of
+    photos of one size from one lens reuses them (they are 60 % of a 256² photo's anchor). Only gains
+    computed for all nodes at once (in one chunk) are kept. Thread-safe (a reader thread anchors photos)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._gains: torch.Tensor | None = None
+
+    def __call__(self, kernels: torch.Tensor, nsr: float, shape: tuple[int, int], nodes: slice) -> torch.Tensor:
+        """The gains of ``kernels[:, nodes]`` (``(3, G·G, k, k)``) on ``shape``, ``conj(H) / (|H|² + nsr·|L|²)``."""
+        key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
+               kernels.dtype, kernels.device, float(nsr), shape)
+        whole = nodes == slice(0, kernels.shape[1])
+        with self._lock:
+            if whole and key == self._key:
+                return self._gains
+        part = kernels[:, nodes]
+        otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
+        gains = otf.conj() / (otf.abs() ** 2 + nsr * _laplacian_power(shape, kernels))
+        if whole:
+            with self._lock:
+                self._key, self._gains = key, gains
+        return gains
+
+
+_wiener_gains = _WienerGains()
+
+
+def _wiener_blended(small: torch.Tensor, kernels: torch.Tensor, nsr: float, wy: np.ndarray,
+                    wx: np.ndarray) -> torch.Tensor:
+    """``small`` ``(B, 3, h, w)`` deconvolved with each node's kernels ``(3, G·G, k, k)`` and blended
+    with the node weights ``wy[i] ⊗ wx[j]`` of node ``i·G + j`` (``(G, h)``, ``(G, w)``) → ``(B, 3, h, w)``,
+    the nodes in chunks of :data:`WIENER_CHUNK_BYTES`."""
+    batch, channels, h, w = small.shape
+    nodes, grid = kernels.shape[1], wy.shape[0]
+    ext = _extension(small.reshape(batch * channels, h, w), kernels.shape[-1])
+    shape = tuple(ext.shape[-2:])
+    spectrum = torch.fft.rfft2(ext).reshape(batch, channels, 1, shape[0], -1)
+    # the gains, their product with the spectrum and the node estimates of one node (all channels)
+    node_bytes = channels * shape[0] * (shape[1] // 2 + 1) * 8 * (1 + batch) + batch * channels * shape[0] * shape[1] * 4
+    chunk = max(1, min(nodes, WIENER_CHUNK_BYTES // node_bytes))
+    blended = None
+    for start in range(0, nodes, chunk):
+        part = np.arange(start, min(start + chunk, nodes))
+        weights = torch.from_numpy(wy[part // grid, :, None] * wx[part % grid, None, :]).to(small)
+        gains = _wiener_gains(kernels, nsr, shape, slice(part[0], part[-1] + 1))
+        per_node = torch.fft.irfft2(spectrum * gains, s=shape)[..., :h, :w]   # (B, 3, chunk, h, w)
+        summed = (per_node * weights).sum(dim=2)
+        blended = summed if blended is None else blended + summed
+    return blended
+
+
 @torch.no_grad()
 def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, nsr: float,
                                 scale: int = 3) -> torch.Tensor:
     """The large scales of a Wiener deconvolution with a spatially varying PSF, on sRGB batches.
 
     For a colour anchor, which keeps only the scales above about ``scale`` pixels, and computed at
-    that resolution (about 0.13 s for a 256² photo and a 7 × 7 grid of 63-px PSFs on one CPU thread,
-    scale 3): the image in linear light is
+    that resolution (a 256² photo and a 7 × 7 grid of 63-px PSFs on one CPU thread, scale 3: 0.03 s
+    when the previous call had the same lens and size, else 0.06 s): the image in linear light is
     averaged over ``scale × scale`` blocks (edges repeated up to a multiple of ``scale``), each PSF of
     the grid summed over the same blocks around its centre, and the small image deconvolved with
     every node's kernel by the Wiener filter with a Laplacian regulariser,
@@ -222,7 +284,9 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     term), on its even mirror extension. The node estimates are blended with the bilinear node
     weights of the blur model (:mod:`dmdiff.optics.blur`: node ``(i, j)`` at
     ``((i + 0.5)·H/G − 0.5, (j + 0.5)·W/G − 0.5)``), i.e. each pixel is deconvolved with the PSF
-    of its place in the field, and the result is upsampled bilinearly to ``H × W``.
+    of its place in the field, and the result is upsampled bilinearly to ``H × W``. The nodes are
+    deconvolved in chunks of at most :data:`WIENER_CHUNK_BYTES`, so memory stays bounded for large
+    photos (chunks change the result by float rounding only).
 
     Args:
         images: ``(B, 3, H, W)`` sRGB in ``[0, 1]`` (clipped), any float dtype.
@@ -237,24 +301,14 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     """
     if scale < 1 or scale % 2 == 0:
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 1, got {scale!r}")
-    batch, channels, height, width = images.shape
+    height, width = images.shape[-2:]
     grid = psf_grid.to(images.device, torch.float32)
-    nodes = grid.shape[1]
     linear = srgb_to_linear(images.float().clamp(0, 1))
-    linear = F.pad(linear, (0, -width % scale, 0, -height % scale), mode="replicate")
-    small = F.avg_pool2d(linear, scale)                                   # (B, 3, h, w)
-    h, w = small.shape[-2:]
+    small = F.avg_pool2d(F.pad(linear, (0, -width % scale, 0, -height % scale), mode="replicate"), scale)
+    del linear                                                            # (B, 3, H, W): large photos
     kernels = _summed_blocks(grid.reshape(-1, *grid.shape[-2:]), scale)  # (3·G·G, k, k)
-    ext = _extension(small.reshape(batch * channels, h, w), kernels.shape[-1])
-    shape = tuple(ext.shape[-2:])
-    otf = _otf(kernels, shape).reshape(channels, nodes * nodes, shape[0], -1)
-    gain = otf.conj() / (otf.abs() ** 2 + nsr * _laplacian_power(shape, small))
-    spectrum = torch.fft.rfft2(ext).reshape(batch, channels, 1, shape[0], -1)
-    per_node = torch.fft.irfft2(spectrum * gain, s=shape)[..., :h, :w]   # (B, 3, G·G, h, w)
-    centres_y = np.arange(h) * scale + (scale - 1) / 2
-    centres_x = np.arange(w) * scale + (scale - 1) / 2
-    weights = np.einsum("iy,jx->ijyx", node_weights(centres_y, height, nodes), node_weights(centres_x, width, nodes))
-    weights = torch.from_numpy(weights.reshape(nodes * nodes, h, w)).to(per_node)
-    blended = (per_node * weights).sum(dim=2)
+    blended = _wiener_blended(small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
+                              node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
+                              node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
     large = F.interpolate(blended, scale_factor=scale, mode="bilinear", align_corners=False)[..., :height, :width]
     return linear_to_srgb(large.clamp(0, 1)).clamp(0, 1).to(images.dtype)
