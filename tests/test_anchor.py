@@ -243,9 +243,9 @@ def test_wiener_grid_of_one_psf_everywhere_is_shift_invariant():
 
 
 def test_wiener_grid_chunks_and_kept_gains_change_nothing(monkeypatch):
-    """Deconvolving the nodes a few at a time (large photos) gives the same up to rounding; the
-    gains kept from the previous call serve only the same lens, regulariser and size: alternating two
-    lenses and two sizes, every call equals a call that computed its gains afresh."""
+    """Deconvolving the nodes a few at a time (large photos) gives the same up to rounding; the gains
+    kept from the previous call serve only the same lens, regulariser and size: alternating two lenses
+    and two sizes, every call equals a call that computed its gains afresh."""
     from dmdiff.optics import deconvolution
     from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_large_scales
 

@@ -235,7 +235,8 @@ class _WienerGains:
                 return self._gains
         part = kernels[:, nodes]
         otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
-        gains = otf.conj() / (otf.abs() ** 2 + nsr * _laplacian_power(shape, kernels))
+        denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
+        gains = otf.conj_physical_().div_(denominator)              # in place: large photos' chunks
         if whole:
             with self._lock:
                 self._key, self._gains = key, gains
