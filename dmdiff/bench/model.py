@@ -2,11 +2,12 @@
 
 One run prints:
 
-- the ``tiny`` preset (``DMDiffConfig()`` defaults, batch 1, fp32, CPU), restoring as ``dmdiff
-  restore`` does (:class:`~dmdiff.model.pipeline.DMDiffPipeline`, 256-px blended tiles with 32 px
-  of overlap by default): the latency of a full restore (both paths) and of an α-change re-decode
+- the ``tiny`` preset (``DMDiffConfig()`` with ``configs/tiny.yaml``'s colour anchor, as the default
+  recipe's model has it; batch 1, fp32, CPU), restoring as ``dmdiff restore`` does
+  (:class:`~dmdiff.model.pipeline.DMDiffPipeline`, 256-px blended tiles with 32 px of overlap by
+  default): the latency of a full restore (both paths) and of an α-change re-decode
   (:meth:`~dmdiff.model.pipeline.DMDiffPipeline.decode`) at each size, their ratio (target ≤ 0.35
-  at 512²), where the restore time goes (SVDA, VAE encoder, UNet, VAE decoder), and the peak memory
+  at 512²), where the restore time goes (SVDA, VAE encoder, UNet, VAE decoder, colour anchor), and the peak memory
   of a restore, for the shipped backbone and, side by side in the same run, for the tiny layout
   shipped before it (:data:`PREVIOUS_TINY_LAYOUT`, random weights: the layout, not the weights,
   sets the time), with the speed-up and the targets of the current layout;
@@ -43,6 +44,8 @@ import psutil
 import torch
 from diffusers import UNet2DConditionModel
 
+from dmdiff.bench.restore import MODEL as ANCHOR_MODEL
+from dmdiff.bench.restore import gaussian_psf_grid
 from dmdiff.device import synchronize, timed
 from dmdiff.errors import DmdiffError
 from dmdiff.model.backbone import SD_TURBO_UNET, TINY_TEXT, random_init
@@ -160,7 +163,8 @@ class StageTimes:
 
 
 def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device: str = "cpu",
-                      half: bool = False, tile: int | None = DEFAULT_TILE_PX, layout: dict | None = None) -> dict:
+                      half: bool = False, tile: int | None = DEFAULT_TILE_PX, layout: dict | None = None,
+                      anchored: bool = False) -> dict:
     """Time DMDiff restore and α re-decode of one ``size × size`` image through the pipeline, as
     ``dmdiff restore`` runs it (run it in a fresh process).
 
@@ -168,19 +172,27 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         tile: the pipeline's tile side in px (None: the whole image in one call); overlap 32 px.
         layout: ``{"unet": config, "vae": config}`` of a random-init tiny backbone to time instead of
             the preset's (e.g. :data:`PREVIOUS_TINY_LAYOUT`).
+        anchored: with the colour anchor of ``configs/tiny.yaml``'s model (the Wiener filter of the
+            PSF grid, :data:`dmdiff.bench.restore.MODEL`, on a Gaussian stand-in grid of the default
+            lens's shape), as the default recipe's model restores.
 
     Returns:
         ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "peak_rss_bytes",
-        "stages_s"}``: medians over ``repeats`` timed calls (seconds; one above :data:`REPEAT_LIMIT`
-        px), the backbone's source, the peak memory of the first restore at this size (bytes above
-        the usage before it, and the process's peak), the median time per stage of a restore.
+        "stages_s", "anchor_s"}``: medians over ``repeats`` timed calls (seconds; one above
+        :data:`REPEAT_LIMIT` px), the backbone's source, the peak memory of the first restore at this
+        size (bytes above the usage before it, and the process's peak), the median time per stage of
+        a restore, and the colour anchor's time in a restore (0 without it; its filter gains kept from
+        the restore before, as in a folder of photos of one size).
     """
 
     torch.set_num_threads(threads)
     device = torch.device(device)
     start = time.perf_counter()
     backbone = None if layout is None else random_init("tiny", 0, layout["unet"], layout["vae"])
-    model = DMDiff(DMDiffConfig(preset=preset), backbone).to(device, torch.float16 if half else torch.float32)
+    model = DMDiff(DMDiffConfig(preset=preset, **(ANCHOR_MODEL if anchored else {})), backbone)
+    if anchored:
+        model.set_anchor_psf(gaussian_psf_grid())
+    model = model.to(device, torch.float16 if half else torch.float32)
     pipe = DMDiffPipeline.from_model(model)
     build_s = time.perf_counter() - start
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
@@ -202,9 +214,10 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
     for _ in range(repeats - 1 if size <= REPEAT_LIMIT else 0):
         timed_restore()
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
+    anchor_s = timed(lambda: model.input_anchor(x), device)[0] if anchored else 0.0
     return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
             "ratio": decode / restore, "peak_bytes": memory.bytes, "peak_rss_bytes": memory.peak,
-            "stages_s": {s: statistics.median(lap[s] for lap in stages.laps) for s in STAGES}}
+            "stages_s": {s: statistics.median(lap[s] for lap in stages.laps) for s in STAGES}, "anchor_s": anchor_s}
 
 
 def unet_benchmark(size: int, repeats: int, threads: int) -> dict:
@@ -243,7 +256,7 @@ def _mib(n: int) -> str:
 
 
 def _row(label: str, r: dict) -> str:
-    stages = ", ".join(f"{s} {r['stages_s'][s]:.2f}" for s in STAGES)
+    stages = ", ".join([f"{s} {r['stages_s'][s]:.2f}" for s in STAGES] + [f"colour anchor {r['anchor_s']:.2f}"] * (r["anchor_s"] > 0))
     return (f"{label:<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
             f"{'+' + _mib(r['peak_bytes']):>11}{_mib(r['peak_rss_bytes']):>11}   {stages} s")
 
@@ -253,7 +266,8 @@ def format_tiny(sizes: list[int], results: list[dict], previous: list[dict] | No
     """The tiny-preset part of the report: per size the shipped backbone's row and, when measured,
     the previous layout's and the speed-up; then the targets."""
     tiles = f"{tile}-px tiles, {DEFAULT_OVERLAP_PX} px overlap" if tile else "untiled"
-    lines = [f"tiny preset, DMDiffConfig() defaults, restored as `dmdiff restore` does ({tiles}); batch 1, fp32, "
+    lines = [f"tiny preset with configs/tiny.yaml's colour anchor (the Wiener filter of a 7×7 stand-in PSF grid), "
+             f"restored as `dmdiff restore` does ({tiles}); batch 1, fp32, "
              f"CPU, {threads} thread(s), medians of {repeats} (sizes above {REPEAT_LIMIT} px: one call)",
              f"  shipped:  {results[0]['backbone']}"]
     if previous:
@@ -307,10 +321,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"dmdiff bench model  (torch {torch.__version__}, {psutil.cpu_count()} CPUs)", flush=True)
     tiny, previous = [], []
     for size in args.sizes:
-        tiny.append(in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads, "cpu", False, tile))
+        tiny.append(in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads, "cpu", False, tile,
+                                     None, True))
         if args.previous:
             previous.append(in_fresh_process(restore_benchmark, "tiny", size, args.repeats, args.threads, "cpu", False,
-                                             tile, PREVIOUS_TINY_LAYOUT))
+                                             tile, PREVIOUS_TINY_LAYOUT, True))
     print(format_tiny(args.sizes, tiny, previous, args.repeats, args.threads, tile), flush=True)
     if args.sd_turbo_shape:
         u = in_fresh_process(unet_benchmark, RATIO_SIZE, args.repeats, args.threads)
