@@ -5,6 +5,8 @@ device."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import time
 from typing import Callable, Iterator, TypeVar
 
@@ -12,7 +14,7 @@ import torch
 
 from dmdiff.errors import DmdiffError
 
-__all__ = ["resolve_device", "torch_threads", "eval_mode", "synchronize", "timed"]
+__all__ = ["resolve_device", "torch_threads", "eval_mode", "synchronize", "timed", "release_freed_memory"]
 
 T = TypeVar("T")
 
@@ -82,3 +84,24 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
     out = fn()
     synchronize(device)
     return time.perf_counter() - start, out
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed by the C allocator back to the operating system (glibc's
+    ``malloc_trim(0)``; nothing elsewhere). After a large photo's temporary arrays: glibc keeps freed
+    heap memory resident, and the next phase's differently sized arrays land beside it, so the
+    process's peak RSS grows by what it kept (0.23 GiB for a 2048² colour anchor)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

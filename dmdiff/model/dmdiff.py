@@ -508,7 +508,10 @@ class DMDiff(nn.Module):
 
     def anchored(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """``y − G_σ(y) + anchor`` (``anchor = G_σ(input)``), or ``y`` when ``anchor`` is None; not clamped."""
-        return y if anchor is None else y - self.input_lowpass(y) + anchor
+        if anchor is None:
+            return y
+        detail = (y - self.input_lowpass(y)).to(torch.result_type(y, anchor))
+        return detail.add_(anchor)           # in place: one whole-image array less at a time (large photos)
 
     def decode(self, latents: RestoreLatents, alpha: float, clamp: bool = True) -> torch.Tensor:
         """Re-decode cached latents at another ``alpha`` (VAE decoder only, then the colour anchor

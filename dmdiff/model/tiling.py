@@ -212,7 +212,8 @@ def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int
     left, _, top, _ = latents.pad
     H, W = latents.size
     with torch.no_grad():
-        return model.anchored((image / weight)[..., top:top + H, left:left + W], latents.anchor).clamp(0, 1)
+        image = image.div_(weight)[..., top:top + H, left:left + W]       # in place: a large photo's peak memory
+        return model.anchored(image, latents.anchor).clamp(0, 1)
 
 
 def tiled_restore(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None, alpha: float = 1.0,

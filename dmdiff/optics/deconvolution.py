@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmdiff.device import release_freed_memory
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.blur import node_weights
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
@@ -225,15 +226,17 @@ class _WienerGains:
         self._key: tuple | None = None
         self._gains: torch.Tensor | None = None
 
-    def __call__(self, kernels: torch.Tensor, nsr: float, shape: tuple[int, int], nodes: slice) -> torch.Tensor:
-        """The gains of ``kernels[:, nodes]`` (``(3, G·G, k, k)``) on ``shape``, ``conj(H) / (|H|² + nsr·|L|²)``."""
+    def __call__(self, kernels: torch.Tensor, nsr: float, shape: tuple[int, int], channels: slice,
+                 nodes: slice) -> torch.Tensor:
+        """The gains of ``kernels[channels, nodes]`` (``(3, G·G, k, k)``) on ``shape``,
+        ``conj(H) / (|H|² + nsr·|L|²)``."""
         key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
                kernels.dtype, kernels.device, float(nsr), shape)
-        whole = nodes == slice(0, kernels.shape[1])
+        whole = channels == slice(0, kernels.shape[0]) and nodes == slice(0, kernels.shape[1])
         with self._lock:
             if whole and key == self._key:
                 return self._gains
-        part = kernels[:, nodes]
+        part = kernels[channels, nodes]
         otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
         denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
         gains = otf.conj_physical_().div_(denominator)              # in place: large photos' chunks
@@ -247,27 +250,48 @@ _wiener_gains = _WienerGains()
 
 
 def _wiener_blended(small: torch.Tensor, kernels: torch.Tensor, nsr: float, wy: np.ndarray,
-                    wx: np.ndarray) -> torch.Tensor:
+                    wx: np.ndarray) -> tuple[torch.Tensor, bool]:
     """``small`` ``(B, 3, h, w)`` deconvolved with each node's kernels ``(3, G·G, k, k)`` and blended
-    with the node weights ``wy[i] ⊗ wx[j]`` of node ``i·G + j`` (``(G, h)``, ``(G, w)``) → ``(B, 3, h, w)``,
-    the nodes in chunks of :data:`WIENER_CHUNK_BYTES`."""
+    with the node weights ``wy[i] ⊗ wx[j]`` of node ``i·G + j`` (``(G, h)``, ``(G, w)``) →
+    ``((B, 3, h, w), chunked)``: all kernels at once when their arrays fit in :data:`WIENER_CHUNK_BYTES`,
+    else one channel and as many nodes as fit at a time."""
     batch, channels, h, w = small.shape
     nodes, grid = kernels.shape[1], wy.shape[0]
     ext = _extension(small.reshape(batch * channels, h, w), kernels.shape[-1])
     shape = tuple(ext.shape[-2:])
     spectrum = torch.fft.rfft2(ext).reshape(batch, channels, 1, shape[0], -1)
-    # the gains, their product with the spectrum and the node estimates of one node (all channels)
-    node_bytes = channels * shape[0] * (shape[1] // 2 + 1) * 8 * (1 + batch) + batch * channels * shape[0] * shape[1] * 4
-    chunk = max(1, min(nodes, WIENER_CHUNK_BYTES // node_bytes))
-    blended = None
-    for start in range(0, nodes, chunk):
-        part = np.arange(start, min(start + chunk, nodes))
-        weights = torch.from_numpy(wy[part // grid, :, None] * wx[part % grid, None, :]).to(small)
-        gains = _wiener_gains(kernels, nsr, shape, slice(part[0], part[-1] + 1))
-        per_node = torch.fft.irfft2(spectrum * gains, s=shape)[..., :h, :w]   # (B, 3, chunk, h, w)
-        summed = (per_node * weights).sum(dim=2)
-        blended = summed if blended is None else blended + summed
-    return blended
+    del ext
+    # one kernel's gains, their product with the spectrum and its estimates of the batch
+    kernel_bytes = shape[0] * (shape[1] // 2 + 1) * 8 * (1 + batch) + batch * shape[0] * shape[1] * 4
+    if channels * nodes * kernel_bytes <= WIENER_CHUNK_BYTES:
+        groups = [(slice(0, channels), slice(0, nodes))]
+    else:
+        chunk = max(1, WIENER_CHUNK_BYTES // kernel_bytes)
+        groups = [(slice(c, c + 1), slice(start, min(start + chunk, nodes)))
+                  for c in range(channels) for start in range(0, nodes, chunk)]
+    blended = small.new_zeros(batch, channels, h, w)
+    for chans, part in groups:
+        index = np.arange(part.start, part.stop)
+        weights = torch.from_numpy(wy[index // grid, :, None] * wx[index % grid, None, :]).to(small)
+        gains = _wiener_gains(kernels, nsr, shape, chans, part)
+        per_node = torch.fft.irfft2(spectrum[:, chans] * gains, s=shape)[..., :h, :w]   # (B, c, n, h, w)
+        blended[:, chans] += (per_node * weights).sum(dim=2)
+    return blended, len(groups) > 1
+
+
+#: Photos with a side above this many pixels go through the Wiener anchor's conversions one colour
+#: plane at a time (a third of the temporary memory; the same values up to float rounding).
+BY_PLANE_PX = 1024
+
+
+def _by_plane(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, large: bool | None = None) -> torch.Tensor:
+    """``fn(x)`` for ``x`` ``(B, C, H, W)``; when ``large`` (default: a side of ``x`` above
+    :data:`BY_PLANE_PX`), ``fn`` of each ``(1, 1, H, W)`` plane, stacked back."""
+    if not (max(x.shape[-2:]) > BY_PLANE_PX if large is None else large):
+        return fn(x)
+    batch, channels = x.shape[:2]
+    planes = [fn(plane[None, None]) for plane in x.reshape(-1, *x.shape[-2:])]
+    return torch.cat(planes).reshape(batch, channels, *planes[0].shape[-2:])
 
 
 @torch.no_grad()
@@ -304,12 +328,17 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 1, got {scale!r}")
     height, width = images.shape[-2:]
     grid = psf_grid.to(images.device, torch.float32)
-    linear = srgb_to_linear(images.float().clamp(0, 1))
-    small = F.avg_pool2d(F.pad(linear, (0, -width % scale, 0, -height % scale), mode="replicate"), scale)
-    del linear                                                            # (B, 3, H, W): large photos
+    small = _by_plane(lambda x: F.avg_pool2d(F.pad(srgb_to_linear(x.float().clamp(0, 1)),
+                                                   (0, -width % scale, 0, -height % scale), mode="replicate"), scale),
+                      images)                                             # (B, 3, h, w)
     kernels = _summed_blocks(grid.reshape(-1, *grid.shape[-2:]), scale)  # (3·G·G, k, k)
-    blended = _wiener_blended(small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
-                              node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
-                              node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
-    large = F.interpolate(blended, scale_factor=scale, mode="bilinear", align_corners=False)[..., :height, :width]
-    return linear_to_srgb(large.clamp(0, 1)).clamp(0, 1).to(images.dtype)
+    blended, chunked = _wiener_blended(
+        small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
+        node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
+        node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
+    out = _by_plane(lambda x: linear_to_srgb(F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                                             [..., :height, :width].clamp(0, 1)).clamp(0, 1).to(images.dtype), blended,
+                    large=max(height, width) > BY_PLANE_PX)
+    if chunked:
+        release_freed_memory()        # a large photo's transients, which the allocator would keep
+    return out
