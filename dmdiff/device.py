@@ -14,7 +14,8 @@ import torch
 
 from dmdiff.errors import DmdiffError
 
-__all__ = ["resolve_device", "torch_threads", "eval_mode", "synchronize", "timed", "release_freed_memory"]
+__all__ = ["resolve_device", "torch_threads", "eval_mode", "synchronize", "timed", "release_freed_memory",
+           "by_plane"]
 
 T = TypeVar("T")
 
@@ -105,3 +106,13 @@ def release_freed_memory() -> None:
     process's peak RSS grows by what it kept (0.23 GiB for a 2048² colour anchor)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def by_plane(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, large: bool) -> torch.Tensor:
+    """``fn(x)`` for images ``x`` ``(..., H, W)``; when ``large``, ``fn`` of each ``(1, 1, H, W)``
+    plane in turn, stacked back to ``(..., H', W')``: the temporary arrays of one plane at a time
+    (a third for RGB) instead of the whole batch's, for large photos."""
+    if not large or x.dim() < 3:
+        return fn(x)
+    planes = [fn(plane[None, None]) for plane in x.reshape(-1, *x.shape[-2:])]
+    return torch.cat(planes).reshape(*x.shape[:-2], *planes[0].shape[-2:])

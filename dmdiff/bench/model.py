@@ -256,7 +256,10 @@ def _mib(n: int) -> str:
 
 
 def _row(label: str, r: dict) -> str:
-    stages = ", ".join([f"{s} {r['stages_s'][s]:.2f}" for s in STAGES] + [f"colour anchor {r['anchor_s']:.2f}"] * (r["anchor_s"] > 0))
+    parts = [f"{s} {r['stages_s'][s]:.2f}" for s in STAGES]
+    if r["anchor_s"] > 0:
+        parts.append(f"colour anchor {r['anchor_s']:.2f}")
+    stages = ", ".join(parts)
     return (f"{label:<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
             f"{'+' + _mib(r['peak_bytes']):>11}{_mib(r['peak_rss_bytes']):>11}   {stages} s")
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
+from dmdiff.device import by_plane
+
 __all__ = ["gaussian_lowpass", "TRUNCATE", "MATRIX_MAX_PX"]
 
 #: Kernel half-width in standard deviations (scipy's default).
@@ -67,7 +69,5 @@ def gaussian_lowpass(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
     image axes (reflected edges, kernel truncated at 4σ); same shape and dtype; differentiable."""
     if not sigma_px > 0:
         raise ValueError(f"sigma_px must be > 0, got {sigma_px!r}")
-    if max(x.shape[-2:]) > MATRIX_MAX_PX and x.dim() > 2:       # a large photo: one plane at a time
-        planes = [gaussian_lowpass(plane, sigma_px) for plane in x.reshape(-1, *x.shape[-2:])]
-        return torch.stack(planes).reshape(x.shape)
-    return _blur_axis(_blur_axis(x, float(sigma_px), -1), float(sigma_px), -2)
+    sigma = float(sigma_px)
+    return by_plane(lambda p: _blur_axis(_blur_axis(p, sigma, -1), sigma, -2), x, max(x.shape[-2:]) > MATRIX_MAX_PX)

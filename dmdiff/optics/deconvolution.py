@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmdiff.device import release_freed_memory
+from dmdiff.device import by_plane, release_freed_memory
 from dmdiff.errors import DmdiffError
 from dmdiff.optics.blur import node_weights
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
@@ -230,12 +230,13 @@ class _WienerGains:
                  nodes: slice) -> torch.Tensor:
         """The gains of ``kernels[channels, nodes]`` (``(3, G·G, k, k)``) on ``shape``,
         ``conj(H) / (|H|² + nsr·|L|²)``."""
-        key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
-               kernels.dtype, kernels.device, float(nsr), shape)
         whole = channels == slice(0, kernels.shape[0]) and nodes == slice(0, kernels.shape[1])
-        with self._lock:
-            if whole and key == self._key:
-                return self._gains
+        if whole:
+            key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
+                   kernels.dtype, kernels.device, float(nsr), shape)
+            with self._lock:
+                if key == self._key:
+                    return self._gains
         part = kernels[channels, nodes]
         otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
         denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
@@ -284,16 +285,6 @@ def _wiener_blended(small: torch.Tensor, kernels: torch.Tensor, nsr: float, wy: 
 BY_PLANE_PX = 1024
 
 
-def _by_plane(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, large: bool | None = None) -> torch.Tensor:
-    """``fn(x)`` for ``x`` ``(B, C, H, W)``; when ``large`` (default: a side of ``x`` above
-    :data:`BY_PLANE_PX`), ``fn`` of each ``(1, 1, H, W)`` plane, stacked back."""
-    if not (max(x.shape[-2:]) > BY_PLANE_PX if large is None else large):
-        return fn(x)
-    batch, channels = x.shape[:2]
-    planes = [fn(plane[None, None]) for plane in x.reshape(-1, *x.shape[-2:])]
-    return torch.cat(planes).reshape(batch, channels, *planes[0].shape[-2:])
-
-
 @torch.no_grad()
 def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, nsr: float,
                                 scale: int = 3) -> torch.Tensor:
@@ -327,18 +318,19 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     if scale < 1 or scale % 2 == 0:
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 1, got {scale!r}")
     height, width = images.shape[-2:]
+    large = max(height, width) > BY_PLANE_PX
     grid = psf_grid.to(images.device, torch.float32)
-    small = _by_plane(lambda x: F.avg_pool2d(F.pad(srgb_to_linear(x.float().clamp(0, 1)),
-                                                   (0, -width % scale, 0, -height % scale), mode="replicate"), scale),
-                      images)                                             # (B, 3, h, w)
+    small = by_plane(lambda x: F.avg_pool2d(F.pad(srgb_to_linear(x.float().clamp(0, 1)),
+                                                  (0, -width % scale, 0, -height % scale), mode="replicate"), scale),
+                     images, large)                                       # (B, 3, h, w)
     kernels = _summed_blocks(grid.reshape(-1, *grid.shape[-2:]), scale)  # (3·G·G, k, k)
     blended, chunked = _wiener_blended(
         small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
         node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
         node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
-    out = _by_plane(lambda x: linear_to_srgb(F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-                                             [..., :height, :width].clamp(0, 1)).clamp(0, 1).to(images.dtype), blended,
-                    large=max(height, width) > BY_PLANE_PX)
+    out = by_plane(lambda x: linear_to_srgb(F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                                            [..., :height, :width].clamp(0, 1)).clamp(0, 1).to(images.dtype),
+                   blended, large)
     if chunked:
         release_freed_memory()        # a large photo's transients, which the allocator would keep
     return out
