@@ -12,16 +12,19 @@ import nbformat
 import papermill
 import pytest
 
+from notebook_checks import TEACHING_TAGS, assert_ran_headless, tagged
+
 from dmdiff.repro import NOTEBOOK_DIR, notebooks
 
 NOTEBOOKS = notebooks()
 #: Notebooks that teach actively: a summary, 3–5 questions with collapsed answers, a "try this" cell.
 TEACHING = [p for p in NOTEBOOKS if p.name[:2] in {"00", "01", "02", "03", "04", "05", "06"}]
-TEACHING_TAGS = ("summary", "question", "answer", "try-this")
-
-
-def tagged(nb, tag):
-    return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+#: Notebooks whose standalone run takes a path the smoke study (tests/test_repro.py, which runs every
+#: notebook headless in study order and checks each like this) does not: 02 opens an untrained model
+#: when no trained one is there, 04 trains its own smoke model. The others run in the study exactly
+#: as they would alone (00, 01, 03, 06 need no other notebook; 05's own smoke model is trained the
+#: way 04's is).
+STANDALONE = [p for p in NOTEBOOKS if p.name[:2] in {"02", "04"}]
 
 
 def test_the_tour_lists_every_notebook():
@@ -66,8 +69,8 @@ def test_notebook_is_committed_clean(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_headless_in_smoke_mode(path, tmp_path, psf_cache):
+@pytest.mark.parametrize("path", STANDALONE, ids=lambda p: p.name)
+def test_notebook_runs_headless_on_its_own(path, tmp_path, psf_cache):
     out_dir = tmp_path / "out"
     params = {"smoke": True, "out_dir": str(out_dir)}
     declared = papermill.inspect_notebook(str(path))
@@ -77,14 +80,7 @@ def test_notebook_runs_headless_in_smoke_mode(path, tmp_path, psf_cache):
         params["run_dir"] = str(tmp_path / "run")
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
                                kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
-    assert list(out_dir.glob("*.png")), "the notebook saved no figure"
-    # the "try this", question and answer code cells ran in this smoke run, without an error
-    executed = nbformat.read(str(tmp_path / path.name), as_version=4)
-    for tag in ("try-this", "question", "answer"):
-        for cell in tagged(executed, tag):
-            if cell.cell_type == "code":
-                assert cell.execution_count is not None, f"a {tag} cell did not run"
-                assert not [o for o in cell.outputs if o.output_type == "error"], f"a {tag} cell failed"
+    assert_ran_headless(tmp_path / path.name, out_dir)
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ import json
 
 import nbformat
 import pytest
+from notebook_checks import assert_ran_headless
 
 from dmdiff.errors import DmdiffError
 from dmdiff.repro import metrics_differences, notebooks, parse_params, run_order, run_study, select_notebooks
@@ -126,10 +127,13 @@ def test_metrics_differences_ignores_timings_and_run_paths_only(tmp_path):
 @pytest.mark.slow
 def test_same_seed_gives_the_same_numbers_in_two_smoke_studies(tmp_path, psf_cache):
     """The whole smoke study (every notebook, real training included) twice with seed 0: every
-    metrics.json agrees to 1e-6 (timings aside)."""
+    notebook runs headless and leaves its figures and teaching cells run (the smoke test of every
+    notebook, tests/notebook_checks.py); every metrics.json agrees to 1e-6 (timings aside)."""
     runs = [tmp_path / "first", tmp_path / "second"]
     for run in runs:
         assert all(r.status == "ok" for r in run_study(run, smoke=True, seed=0)), (run / "manifest.json").read_text()
+    for path in notebooks():
+        assert_ran_headless(runs[0] / "notebooks" / path.name, runs[0] / path.stem)
     compared = list(runs[0].glob("*/metrics.json"))
     assert len(compared) == len(notebooks()), "every notebook writes a metrics.json"
     assert metrics_differences(*runs) == []
