@@ -50,12 +50,14 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   rest continue, the failures are listed at the end and the exit status is 1.
 * **Throughput.** The model is loaded once per run. In a folder run the next image is read,
   decoded and prepared (its colour anchor computed) in a reader thread, and the previous one
-  decoded by the VAE, colour-corrected, PNG-encoded and written in a writer thread, while the
-  calling thread runs the encoder and UNet of the current one (:class:`_FolderRun`,
-  :func:`dmdiff.overlap.run_stages`); on a CPU torch then gets half of its default threads
-  (:func:`default_threads`). ``sequential=True`` (``--sequential``) does the same steps one after
-  the other, with torch's default threads; the outputs are the same. ``dmdiff bench restore``
-  times both.
+  decoded by the VAE, colour-corrected, PNG-encoded and written in a writer thread, while compute
+  threads run the encoder and UNet of the images between (:class:`_FolderRun`,
+  :func:`dmdiff.overlap.run_stages`). On a CPU with two or more cores a small model restores two
+  images at a time, each in its own thread with its own copy of the model
+  (:func:`default_workers`; ``workers``, ``--workers``), and torch gets a share of its default
+  threads (:func:`default_threads`): the tiny networks use one core better than two cores share
+  one operator. ``sequential=True`` (``--sequential``) does the same steps one after the other,
+  with torch's default threads; the outputs are the same. ``dmdiff bench restore`` times them.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
   colour correction, maps option (``"lens"`` with a lens file), lens file, device, ``settings``
   (what ``--resume`` compares: with a lens, its file), ``written`` (every output of dmdiff restore
@@ -68,6 +70,8 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import hashlib
 import json
 import sys
@@ -335,8 +339,9 @@ class _FolderRun:
     * ``read`` (reader thread): the file decoded, checked and prepared with its maps, and the colour
       anchor computed (:meth:`DMDiffPipeline.prepare`: no network), with the input's lens (``--lens``)
       when the anchor deconvolves;
-    * ``compute`` (the calling thread, the only one using the model's encoder and UNet): the
-      latents (:meth:`DMDiffPipeline.latents`), or the whole restore with the self-ensemble;
+    * ``compute`` (one or more compute threads, each with its own copy of the pipeline, the only
+      thread using that copy's encoder and UNet): the latents (:meth:`DMDiffPipeline.latents`), or
+      the whole restore with the self-ensemble;
     * ``write`` (writer thread): decoding and colour correction (:meth:`DMDiffPipeline.finish`:
       the VAE decoder, which carries no LoRA), PNG encoding, the report naming the file and its
       entry, the atomic write, the report again and the progress bar.
@@ -368,13 +373,14 @@ class _FolderRun:
             self.pipe.model.use_capture_lens(job.grid)        # read only here: the prepared anchor travels on
         job.prepared = self.pipe.prepare(image, maps, anchor=anchor_now)
 
-    def compute(self, job: _Job) -> _Job:
+    def compute(self, job: _Job, pipe) -> _Job:
+        """The compute stage of ``job`` with ``pipe``, the calling thread's own copy of the pipeline."""
         if not (job.resumed or job.failed):
             self.bar.set_postfix_str(job.source.name)
-            _step(job, lambda: self._latents(job))
+            _step(job, lambda: self._latents(job, pipe))
         return job
 
-    def _latents(self, job: _Job) -> None:
+    def _latents(self, job: _Job, pipe) -> None:
         s, name = self.settings, job.source.name
 
         def count_tiles(done: int, total: int) -> None:
@@ -383,12 +389,12 @@ class _FolderRun:
 
         if s["self_ensemble"]:
             prepared = job.prepared
-            self.pipe.model.use_capture_lens(job.grid)
-            job.restored = self.pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
+            pipe.model.use_capture_lens(job.grid)
+            job.restored = pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
                                      self_ensemble=True, color_correct=s["color_correct"],
                                      on_tile=count_tiles).images[0]
         else:
-            job.latents = self.pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles)
+            job.latents = pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles)
 
     def write(self, job: _Job) -> None:
         if not (job.resumed or job.failed):
@@ -431,14 +437,30 @@ def _step(job: _Job, work) -> None:
         job.seconds += time.perf_counter() - start
 
 
-def default_threads(device: torch.device, overlap: bool) -> int | None:
+#: The largest model (parameters and buffers, bytes) that a folder restore copies for a second
+#: compute thread by default: the tiny preset (about 10 MiB) is copied, SD-Turbo (about 5 GB) is not.
+COPY_MAX_BYTES = 256 * 2 ** 20
+
+
+def default_workers(device: torch.device, overlap: bool, model: torch.nn.Module) -> int:
+    """Compute threads for a folder restore when ``--workers`` is not given: 2 on a CPU with two or
+    more of torch's threads when the images overlap and ``model`` is at most :data:`COPY_MAX_BYTES`
+    (each thread restores its own image with its own copy: the tiny networks' operators gain 1.2×
+    from a second core, two images side by side about 1.8×, measured in docs/experiments.md); else 1."""
+    if device.type != "cpu" or not overlap or torch.get_num_threads() < 2:
+        return 1
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return 2 if size <= COPY_MAX_BYTES else 1
+
+
+def default_threads(device: torch.device, overlap: bool, workers: int = 1) -> int | None:
     """torch's intra-op threads for a restore when ``--threads`` is not given: on a CPU, overlapped,
-    half of torch's default (at least 1), the other cores being the reader's and the writer's (the
-    tiny networks gain little from more threads per operator, and lose much when threads outnumber
-    free cores); else None (torch's default)."""
+    torch's default divided by twice the compute threads (at least 1): the other half of the cores
+    read and write, and the tiny networks gain little from more threads per operator and lose much
+    when threads outnumber free cores; else None (torch's default)."""
     if device.type != "cpu" or not overlap:
         return None
-    return max(1, torch.get_num_threads() // 2)
+    return max(1, torch.get_num_threads() // (2 * workers))
 
 
 def model_digest(pipeline_dir: Path) -> str:
@@ -465,7 +487,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
             tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX, color: str = DEFAULT_COLOR_CORRECTION,
             maps: str = "auto", lens: str | Path | None = None, bits: int = 8, self_ensemble: bool = False,
             device: str | None = None, model_path: str | None = None, overwrite: bool = False, resume: bool = False,
-            sequential: bool = False, threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+            sequential: bool = False, threads: int | None = None, workers: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
     """Restore one image or a folder of them into ``out`` (module docstring); returns the report.
 
     Args:
@@ -490,6 +513,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
             overlapping the reading of the next image and the writing of the previous one with
             each restore (:mod:`dmdiff.overlap`; a single image is always restored sequentially).
         threads: torch's intra-op CPU threads during the run (None: :func:`default_threads`).
+        workers: compute threads of an overlapped folder run, each restoring its own image with its
+            own copy of the model (None: :func:`default_workers`; ignored when not overlapped).
         progress: a tqdm bar over the images (with the tile count of the current one), and one while
             a lens's PSF grid is computed.
 
@@ -505,8 +530,9 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         raise ConfigError(f"--color-correct must be one of {', '.join(COLOR_CORRECTIONS)}, got {color!r}")
     if bits not in (8, 16):
         raise ConfigError(f"--bits must be 8 or 16, got {bits!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    for name, value in (("threads", threads), ("workers", workers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
     if lens is not None and maps != "auto":
         raise ConfigError(f"--lens and --maps {maps} both give the optics maps: use one of them "
                           "(--lens computes the maps from the lens)")
@@ -544,8 +570,9 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         _warn_assumed_noise(lens_file, todo)
         input_maps.cameras.prepare(v.spec for v in todo)
     overlapped = not sequential and len(inputs) - len(finished) > 1
+    workers = (default_workers(device, overlapped, net) if workers is None else workers) if overlapped else 1
     if threads is None:
-        threads = default_threads(device, overlapped)
+        threads = default_threads(device, overlapped, workers)
 
     record: dict[str, Any] = {
         "format": REPORT_FORMAT, "format_version": 1,
@@ -553,7 +580,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         "alpha": alpha, "tile": tile, "overlap": overlap, "color_correct": color, "maps": settings["maps"],
         "lens": None if lens_file is None else str(lens_file.path), "bits": bits,
         "self_ensemble": bool(self_ensemble), "device": str(device), "overlapped": overlapped,
-        "torch_threads": torch.get_num_threads() if threads is None else threads,
+        "workers": workers, "torch_threads": torch.get_num_threads() if threads is None else threads,
         "settings": settings, "files": [], "failed": 0, "written": written, "provenance": provenance(),
     }
     try:
@@ -565,8 +592,10 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     jobs = [(source, target, finished.get(str(source))) for source, target in zip(inputs, outputs)]
     bar = tqdm(total=len(jobs), desc="dmdiff restore", unit="image", disable=not progress)
     run = _FolderRun(pipe, settings, input_maps, record, out, bar)
+    copies = [pipe] + [copy.deepcopy(pipe) for _ in range(workers - 1)]
     with torch_threads(threads):
-        run_stages(jobs, run.read, run.compute, run.write, overlap=overlapped)
+        run_stages(jobs, run.read, [functools.partial(run.compute, pipe=p) for p in copies], run.write,
+                   overlap=overlapped)
     bar.close()
     return record
 
@@ -617,8 +646,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip images an earlier restore into --out finished with the same model and settings")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: on a CPU, half of torch's default when images are "
-                             "overlapped, the other cores reading and writing; torch's default with --sequential)")
+                        help="CPU threads for torch (default: on a CPU, when images are overlapped, torch's default "
+                             "divided by twice the compute threads, the other cores reading and writing; torch's "
+                             "default with --sequential)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="compute threads of a folder restore, each restoring its own image with its own copy "
+                             "of the model (default: 2 on a CPU with 2+ cores for a model of at most 256 MiB, such "
+                             "as the tiny preset; else 1); each holds one image's memory")
     parser.add_argument("--sequential", action="store_true",
                         help="read, restore and write one image after the other (default: a folder's next image "
                              "is read and its previous one written while one is restored, on threads)")
@@ -628,15 +662,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """Entry point of ``dmdiff restore`` (args: model, input, out, alpha, tile, overlap, color_correct,
-    maps, lens, bits, self_ensemble, device, threads, sequential, model_path, overwrite, resume, no_progress).
+    maps, lens, bits, self_ensemble, device, threads, workers, sequential, model_path, overwrite, resume,
+    no_progress).
     Exit status 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when an image failed."""
-    if args.threads is not None and args.threads < 1:
-        raise DmdiffError(f"--threads must be at least 1, got {args.threads}")
+    for name in ("threads", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DmdiffError(f"--{name} must be at least 1, got {getattr(args, name)}")
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
                      color=args.color_correct, maps=args.maps, lens=args.lens, bits=args.bits,
                      self_ensemble=args.self_ensemble, device=args.device, model_path=args.model_path,
                      overwrite=args.overwrite, resume=args.resume, sequential=args.sequential,
-                     threads=args.threads, progress=not args.no_progress)
+                     threads=args.threads, workers=args.workers, progress=not args.no_progress)
     done = len(record["files"]) - record["failed"]
     resumed = sum(1 for e in record["files"] if e.get("resumed"))
     print(f"dmdiff restore: restored {done} of {len(record['files'])} image(s) into {args.out}"

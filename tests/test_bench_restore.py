@@ -1,14 +1,18 @@
 """``dmdiff bench restore``: the command at a small size (its figures are not tested, only its bookkeeping)."""
 
+import torch
+
 from dmdiff import cli
 from dmdiff.bench import restore as bench
 
 
-def test_command_prints_the_three_configurations(capsys):
+def test_command_prints_the_four_configurations(capsys):
     assert cli.main(["bench", "restore", "--images", "3", "--size", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| sequential") or line.startswith("| overlapped")]
-    assert len(rows) == 3 and "| sequential | " in out and "1.00× |" in rows[0]
+    assert len(rows) == 4 and "| sequential | 1 | " in out and "1.00× |" in rows[0]
+    assert "| overlapped, 1 compute thread | 1 | " in out
+    assert f"| overlapped | {2 if torch.get_num_threads() >= 2 else 1} | " in out
     assert "overlapped vs sequential: " in out and "same images as the sequential run at the same thread count: True" in out
 
 

@@ -86,3 +86,58 @@ def test_an_error_in_a_stage_stops_the_run_and_is_raised_in_the_caller():
     with pytest.raises(ValueError, match="depth"):
         run_stages([], lambda i: i, lambda x: x, lambda y: None, depth=0)
     assert not [t for t in threading.enumerate() if t.name.startswith("dmdiff-")]      # no thread left behind
+
+
+def test_several_compute_threads_write_in_order_and_stay_bounded():
+    """Two compute callables: each runs in its own thread, both take items, the writer still gets
+    them in order although they finish out of order, and no computed item waits for the writer more
+    than ``depth`` per compute thread beyond the one it needs next."""
+    events, lock = [], threading.Lock()
+
+    def note(stage, item):
+        with lock:
+            events.append((stage, item, threading.current_thread().name))
+
+    def computer(delay):
+        def compute(x):
+            note("compute", x)
+            time.sleep(delay(x))
+            return x
+        return compute
+
+    written = []
+
+    def write(y):
+        note("write", y)
+        time.sleep(0.002)
+        written.append(y)
+
+    # the calling thread is slow on even items, so odd ones overtake them in the other thread
+    run_stages(range(30), lambda i: i, [computer(lambda x: 0.02 * (x % 2 == 0)), computer(lambda x: 0.0)],
+               write, depth=2)
+    assert written == list(range(30))
+    threads = {t for s, _, t in events if s == "compute"}
+    assert threading.current_thread().name in threads and "dmdiff-compute-1" in threads
+    done, lowest_unwritten = set(), 0
+    for stage, item, _ in events:
+        if stage == "compute":
+            assert item - lowest_unwritten <= 2 * 2 + 2      # computed ahead, plus the two in hand
+        else:
+            done.add(item)
+            while lowest_unwritten in done:
+                lowest_unwritten += 1
+
+
+def test_an_error_in_one_of_several_compute_threads_stops_the_run():
+    def failing(x):
+        if x == 7:
+            raise KeyError("copy")
+        return x
+
+    done = []
+    with pytest.raises(KeyError):
+        run_stages(range(1000), lambda i: i, [failing, failing], done.append)
+    assert done == list(range(len(done))) and 7 not in done and len(done) < 20
+    with pytest.raises(ValueError, match="at least one compute"):
+        run_stages([1], lambda i: i, [], lambda y: None)
+    assert not [t for t in threading.enumerate() if t.name.startswith("dmdiff-")]

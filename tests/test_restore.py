@@ -15,6 +15,7 @@ from PIL import Image
 
 from dmdiff.cli import main as cli
 from dmdiff.data.dataset import crop_maps
+from dmdiff.device import torch_threads
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import read_image, write_png
 from dmdiff.model.color import color_correct, resolve_color_correction
@@ -29,7 +30,7 @@ from dmdiff.model.tiling import (
     tiled_latents,
     tiled_restore,
 )
-from dmdiff.restore import REPORT_FILE, restore
+from dmdiff.restore import COPY_MAX_BYTES, REPORT_FILE, default_threads, default_workers, restore
 
 
 @pytest.fixture(scope="module")
@@ -418,8 +419,9 @@ def test_the_colour_anchor_is_computed_once_per_image_and_reused(model, monkeypa
 
 
 def test_overlapped_and_sequential_folder_runs_agree(pipeline_dir, tmp_path):
-    """The overlapped run (reader and writer threads) writes the same files and report entries as
-    the sequential one, in input order, bad files included; a single image is not overlapped."""
+    """The overlapped run (reader and writer threads, one or three compute threads with their own
+    copies of the model) writes the same files and report entries as the sequential one, in input
+    order, bad files included; a single image is not overlapped."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, (h, w) in enumerate([(40, 56), (96, 200), (48, 48), (33, 70)]):
@@ -427,19 +429,35 @@ def test_overlapped_and_sequential_folder_runs_agree(pipeline_dir, tmp_path):
     (photos / "p1_broken.png").write_bytes((photos / "p0.png").read_bytes()[:50])
     Image.fromarray(_u8(noisy_photo(5, 5))).save(photos / "p2_tiny.png")
     records = {}
-    for sequential in (True, False):
-        out = tmp_path / f"out-{sequential}"
-        records[sequential] = restore(pipeline_dir, photos, out, tile=64, overlap=16, sequential=sequential,
-                                      threads=1, progress=False)
-        assert records[sequential]["overlapped"] is not sequential and records[sequential]["torch_threads"] == 1
-    assert _digest(tmp_path / "out-True").keys() == _digest(tmp_path / "out-False").keys()
-    for name in (f"p{i}.png" for i in range(4)):
-        assert (tmp_path / "out-True" / name).read_bytes() == (tmp_path / "out-False" / name).read_bytes()
-    strip = [[{**{k: v for k, v in e.items() if k != "seconds"}, "output": e["output"] and e["output"].rsplit("/", 1)[-1]}
-              for e in r["files"]] for r in records.values()]
-    assert strip[0] == strip[1]
-    assert [e["input"].rsplit("/", 1)[-1] for e in records[False]["files"]] == sorted(p.name for p in photos.iterdir())
-    assert records[False]["failed"] == 2 and records[False]["written"] == records[True]["written"]
-    assert [e["tiles"] for e in records[False]["files"] if e["status"] == "ok"] == [1, 8, 1, 2]
-    single = restore(pipeline_dir, photos / "p0.png", tmp_path / "one", progress=False)
-    assert single["overlapped"] is False
+    for name, options in {"sequential": dict(sequential=True), "one": dict(workers=1),
+                          "three": dict(workers=3)}.items():
+        records[name] = restore(pipeline_dir, photos, tmp_path / name, tile=64, overlap=16, threads=1,
+                                progress=False, **options)
+        assert records[name]["overlapped"] is (name != "sequential") and records[name]["torch_threads"] == 1
+        assert records[name]["workers"] == {"sequential": 1, "one": 1, "three": 3}[name]
+    for name in ("one", "three"):
+        assert _digest(tmp_path / "sequential").keys() == _digest(tmp_path / name).keys()
+        for image in (f"p{i}.png" for i in range(4)):
+            assert (tmp_path / "sequential" / image).read_bytes() == (tmp_path / name / image).read_bytes()
+    strip = {name: [{**{k: v for k, v in e.items() if k != "seconds"},
+                     "output": e["output"] and e["output"].rsplit("/", 1)[-1]} for e in r["files"]]
+             for name, r in records.items()}
+    assert strip["sequential"] == strip["one"] == strip["three"]
+    assert [e["input"].rsplit("/", 1)[-1] for e in records["three"]["files"]] == sorted(p.name for p in photos.iterdir())
+    assert records["three"]["failed"] == 2 and records["three"]["written"] == records["sequential"]["written"]
+    assert [e["tiles"] for e in records["three"]["files"] if e["status"] == "ok"] == [1, 8, 1, 2]
+    single = restore(pipeline_dir, photos / "p0.png", tmp_path / "single", progress=False)
+    assert single["overlapped"] is False and single["workers"] == 1
+
+
+def test_default_compute_threads_copy_only_a_small_model_on_a_multi_core_cpu():
+    cpu, small, large = torch.device("cpu"), torch.nn.Linear(4, 4), torch.nn.Module()
+    large.register_buffer("weights", torch.empty(COPY_MAX_BYTES // 4 + 1, device="meta"))
+    with torch_threads(2):
+        assert default_workers(cpu, True, small) == 2 and default_workers(cpu, True, large) == 1
+        assert default_workers(cpu, False, small) == 1 and default_workers(torch.device("meta"), True, small) == 1
+        assert default_threads(cpu, True, 2) == 1 and default_threads(cpu, False, 2) is None
+    with torch_threads(1):
+        assert default_workers(cpu, True, small) == 1
+    with torch_threads(8):
+        assert default_threads(cpu, True, 2) == 2 and default_threads(cpu, True, 1) == 4

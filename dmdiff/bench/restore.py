@@ -12,12 +12,15 @@ as the command runs it:
   threads (``--sequential``; the way every ``dmdiff restore`` ran before);
 - ``sequential, N threads``: the same with the overlapped run's thread count, which separates
   what the thread count does from what the overlap does;
-- ``overlapped``: the default (reader and writer threads, :func:`dmdiff.restore.default_threads`).
+- ``overlapped, 1 compute thread``: reader and writer threads beside one compute thread (the
+  overlapped restore before it restored two images at a time);
+- ``overlapped``: the default (:func:`dmdiff.restore.default_workers` compute threads, each with
+  its own copy of the model, with reader and writer threads, :func:`dmdiff.restore.default_threads`).
 
 Each configuration runs ``repeats`` times, the configurations interleaved (so all see the same
 load); the table shows the median seconds, images per second and the speed-up over
-``sequential``. After one untimed warm-up restore. All three write byte-identical images when
-their thread counts agree (the overlapped and ``sequential, N threads`` runs are compared).
+``sequential``. After one untimed warm-up restore. All write byte-identical images when their
+thread counts agree (the overlapped and ``sequential, N threads`` runs are compared).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from dmdiff.errors import DmdiffError
 from dmdiff.imageio import write_png
 from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline
-from dmdiff.restore import default_threads, restore
+from dmdiff.restore import default_threads, default_workers, restore
+from dmdiff.runs import load_pipeline
 
 __all__ = ["TARGET", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments", "main"]
 
@@ -81,35 +85,40 @@ def bench_restore(images: int = 20, size: int = 256, repeats: int = 2) -> dict:
     """Time the three configurations (module docstring) on the CPU.
 
     Returns:
-        ``{"images", "size", "repeats", "threads": {config: torch threads}, "seconds": {config:
-        [per repeat]}, "median_s", "speedup": {config: sequential median / its median},
-        "identical": overlapped and ``sequential, N threads`` wrote the same bytes}``.
+        ``{"images", "size", "repeats", "threads": {config: torch threads}, "workers": {config:
+        compute threads}, "seconds": {config: [per repeat]}, "median_s", "speedup": {config:
+        sequential median / its median}, "identical": overlapped and ``sequential, N threads``
+        wrote the same bytes}``.
     """
     cpu = resolve_device("cpu")
-    overlapped_threads = default_threads(cpu, overlap=True)
-    matched = f"sequential, {overlapped_threads} thread{'s' * (overlapped_threads != 1)}"
-    configs = {"sequential": dict(sequential=True, threads=None),
-               matched: dict(sequential=True, threads=overlapped_threads),
-               "overlapped": dict(sequential=False, threads=None)}
-    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    seconds: dict[str, list[float]] = {}
     threads: dict[str, int] = {}
+    workers: dict[str, int] = {}
     digests: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="dmdiff-bench-restore-") as tmp:
         root = Path(tmp)
         pipeline, photos = make_inputs(root, images, size)
+        overlapped_workers = default_workers(cpu, True, load_pipeline(pipeline, device=cpu).model)
+        overlapped_threads = default_threads(cpu, True, overlapped_workers)
+        matched = f"sequential, {overlapped_threads} thread{'s' * (overlapped_threads != 1)}"
+        configs = {"sequential": dict(sequential=True, threads=None),
+                   matched: dict(sequential=True, threads=overlapped_threads),
+                   "overlapped, 1 compute thread": dict(sequential=False, threads=None, workers=1),
+                   "overlapped": dict(sequential=False, threads=None)}
         restore(pipeline, photos / "photo_000.png", root / "warm-up", device="cpu", progress=False)
         for repeat in range(repeats):
             for index, (name, options) in enumerate(configs.items()):
                 out = root / f"out-{repeat}-{index}"
                 start = time.perf_counter()
                 record = restore(pipeline, photos, out, device="cpu", progress=False, **options)
-                seconds[name].append(time.perf_counter() - start)
-                threads[name] = record["torch_threads"]
+                seconds.setdefault(name, []).append(time.perf_counter() - start)
+                threads[name], workers[name] = record["torch_threads"], record["workers"]
                 if record["failed"]:
                     raise DmdiffError(f"dmdiff bench restore: {record['failed']} image(s) failed in {name}")
                 digests[name] = _digests(out)
     median = {name: statistics.median(times) for name, times in seconds.items()}
-    return {"images": images, "size": size, "repeats": repeats, "threads": threads, "seconds": seconds,
+    return {"images": images, "size": size, "repeats": repeats, "threads": threads, "workers": workers,
+            "seconds": seconds,
             "median_s": median, "speedup": {name: median["sequential"] / m for name, m in median.items()},
             "identical": digests["overlapped"] == digests[matched]}
 
@@ -118,10 +127,11 @@ def format_table(result: dict) -> str:
     """The benchmark's printout: one row per configuration, then the speed-up against the target."""
     lines = [f"dmdiff restore of {result['images']} photos of {result['size']}² px (tiny preset, CPU, model "
              f"loading included; median of {result['repeats']}, configurations interleaved)",
-             "", "| configuration | torch threads | seconds | images/s | speed-up |", "|---|---:|---:|---:|---:|"]
+             "", "| configuration | compute threads | torch threads | seconds | images/s | speed-up |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, median in result["median_s"].items():
-        lines.append(f"| {name} | {result['threads'][name]} | {median:.2f} | {result['images'] / median:.2f} | "
-                     f"{result['speedup'][name]:.2f}× |")
+        lines.append(f"| {name} | {result['workers'][name]} | {result['threads'][name]} | {median:.2f} | "
+                     f"{result['images'] / median:.2f} | {result['speedup'][name]:.2f}× |")
     ratio = result["speedup"]["overlapped"]
     lines += ["", f"overlapped vs sequential: {ratio:.2f}× (target ≥ {TARGET}×: {'met' if ratio >= TARGET else 'missed'}); "
                   f"same images as the sequential run at the same thread count: {result['identical']}"]
