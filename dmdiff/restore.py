@@ -55,9 +55,10 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   :func:`dmdiff.overlap.run_stages`). On a CPU with two or more cores a small model restores two
   images at a time, each in its own thread with its own copy of the model
   (:func:`default_workers`; ``workers``, ``--workers``), and torch gets a share of its default
-  threads (:func:`default_threads`): the tiny networks use one core better than two cores share
-  one operator. ``sequential=True`` (``--sequential``) does the same steps one after the other,
-  with torch's default threads; the outputs are the same. ``dmdiff bench restore`` times them.
+  threads (:func:`default_threads`): two images on two cores go faster than one image whose
+  operators share two cores. ``sequential=True`` (``--sequential``) does the same steps one after
+  the other, with torch's default threads; the outputs are the same. ``dmdiff bench restore`` times
+  them.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
   colour correction, maps option (``"lens"`` with a lens file), lens file, device, ``settings``
   (what ``--resume`` compares: with a lens, its file), ``written`` (every output of dmdiff restore
@@ -391,8 +392,7 @@ class _FolderRun:
             prepared = job.prepared
             pipe.model.use_capture_lens(job.grid)
             job.restored = pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
-                                     self_ensemble=True, color_correct=s["color_correct"],
-                                     on_tile=count_tiles).images[0]
+                                self_ensemble=True, color_correct=s["color_correct"], on_tile=count_tiles).images[0]
         else:
             job.latents = pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles)
 

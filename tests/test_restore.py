@@ -364,6 +364,7 @@ def test_refusals_are_clear_and_write_nothing(pipeline_dir, tmp_path, capsys):
         (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--alpha", "1.5"], "alpha must be"),
         (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--tile", "50"], "tile must be"),
         (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--overlap", "200"], "overlap must be"),
+        (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--workers", "0"], "--workers must be"),
         (["--model", str(pipeline_dir), "--input", str(tmp_path / "missing"), "--out", out], "no such file"),
         (["--model", str(pipeline_dir), "--input", str(twins), "--out", out], "share the name"),
         (["--model", str(pipeline_dir), "--input", str(photos), "--out", out, "--maps", str(tmp_path / "no.npy")],
