@@ -570,7 +570,10 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         _warn_assumed_noise(lens_file, todo)
         input_maps.cameras.prepare(v.spec for v in todo)
     overlapped = not sequential and len(inputs) - len(finished) > 1
-    workers = (default_workers(device, overlapped, net) if workers is None else workers) if overlapped else 1
+    if not overlapped:
+        workers = 1
+    elif workers is None:
+        workers = default_workers(device, overlapped, net)
     if threads is None:
         threads = default_threads(device, overlapped, workers)
 
@@ -665,9 +668,6 @@ def main(args) -> int:
     maps, lens, bits, self_ensemble, device, threads, workers, sequential, model_path, overwrite, resume,
     no_progress).
     Exit status 1 (:data:`~dmdiff.errors.EXIT_PARTIAL`) when an image failed."""
-    for name in ("threads", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise DmdiffError(f"--{name} must be at least 1, got {getattr(args, name)}")
     record = restore(args.model, args.input, args.out, alpha=args.alpha, tile=args.tile, overlap=args.overlap,
                      color=args.color_correct, maps=args.maps, lens=args.lens, bits=args.bits,
                      self_ensemble=args.self_ensemble, device=args.device, model_path=args.model_path,

@@ -118,8 +118,7 @@ def bench_restore(images: int = 20, size: int = 256, repeats: int = 2) -> dict:
                 digests[name] = _digests(out)
     median = {name: statistics.median(times) for name, times in seconds.items()}
     return {"images": images, "size": size, "repeats": repeats, "threads": threads, "workers": workers,
-            "seconds": seconds,
-            "median_s": median, "speedup": {name: median["sequential"] / m for name, m in median.items()},
+            "seconds": seconds, "median_s": median, "speedup": {name: median["sequential"] / m for name, m in median.items()},
             "identical": digests["overlapped"] == digests[matched]}
 
 
