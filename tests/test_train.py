@@ -561,3 +561,39 @@ def test_loss_weights_by_path():
         g = gradient_l1(out, target, per_sample=True)
         assert torch.allclose(gradient_l1(out, target), g.mean())
         assert torch.allclose(total, 2.0 * per_image.mean() + (torch.tensor([5.0, 0, 0]) * g).mean())
+
+
+def test_spectral_term_compares_band_energies_not_phases():
+    """The spectral term (loss_by_path.<path>.spectral): a white noise's band energies are its
+    variance in every band; an image and its negative (same spectrum, every pixel wrong) score 0;
+    a blurred copy scores above 0; only the paths that weight it compute and log it."""
+    from dmdiff.train.config import LossConfig
+    from dmdiff.train.losses import SPECTRAL_FLOOR, MultipathLoss, band_log_energy, spectral_log_l1
+
+    gen = torch.Generator().manual_seed(0)
+    noise = (0.1 * torch.randn(8, 1, 64, 64, generator=gen)).expand(8, 3, 64, 64)
+    energies = band_log_energy(noise).exp() - SPECTRAL_FLOOR
+    assert energies.shape == (8, 6)
+    assert torch.allclose(energies.mean(dim=0), torch.full((6,), 0.01), rtol=0.15)
+    image = torch.rand(2, 3, 64, 64, generator=gen)
+    flipped = 1.0 - image
+    assert float(spectral_log_l1(flipped, image)) < 1e-5 < float((flipped - image).abs().mean())
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
+    assert float(spectral_log_l1(blurred, image)) > 0.5
+    base = LossConfig(mse=1.0, lpips=0.0)
+    loss = MultipathLoss(base, by_path={"positive": LossConfig(mse=1.0, lpips=0.0, spectral=0.5)})
+    assert set(loss(blurred, image, ["neutral"] * 2)[1]) == {"mse"}
+    total, terms = loss(blurred, image, ["positive"] * 2)
+    assert torch.allclose(total, terms["mse"] + 0.5 * terms["spectral"])
+    mixed, _ = loss(blurred, image, ["positive", "neutral"])
+    per_image = spectral_log_l1(blurred, image, per_sample=True)
+    assert torch.allclose(mixed, (blurred - image).pow(2).mean() + 0.5 * per_image[0] / 2)
+
+
+def test_spectral_weight_is_checked_by_path():
+    from dmdiff.errors import ConfigError
+    from dmdiff.train.config import TrainConfig
+
+    cfg = TrainConfig(loss_by_path={"positive": {"spectral": -1.0}})
+    with pytest.raises(ConfigError, match=r"loss_by_path\.positive\.spectral"):
+        cfg.path_losses()

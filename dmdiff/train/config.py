@@ -84,7 +84,8 @@ class LossConfig:
     ``substitute_weight`` (None: the ``lpips`` weight). Its own weight exists because the two terms
     differ in scale and kind: LPIPS distances are ~0.1–0.5 and penalise colour shifts, gradient-L1
     values are ~0.03 and blind to them, so LPIPS's weight on the substitute lets the network trade
-    colour fidelity for edges.
+    colour fidelity for edges. ``spectral`` weights :func:`dmdiff.train.losses.spectral_log_l1`
+    (log band energies compared, phases ignored; 0: off).
     """
 
     mse: float = 2.0
@@ -92,6 +93,7 @@ class LossConfig:
     lpips_net: Literal["vgg", "alex"] = "vgg"
     lpips_substitute: Literal["gradient-l1", "none"] = "gradient-l1"
     substitute_weight: float | None = None
+    spectral: float = 0.0
 
     def substitute_weight_value(self) -> float:
         """The weight the substitute term gets when LPIPS is unavailable."""
@@ -105,12 +107,14 @@ class LossConfig:
                               f"mse={self.mse}, lpips={self.lpips}")
         if self.substitute_weight is not None and not self.substitute_weight >= 0:
             raise ConfigError(f"{prefix}.substitute_weight must be >= 0 or null, got {self.substitute_weight}")
+        if not 0 <= self.spectral < math.inf:
+            raise ConfigError(f"{prefix}.spectral must be >= 0 and finite, got {self.spectral}")
         return self
 
 
 #: The keys of :class:`LossConfig` that ``loss_by_path`` may set per path (the LPIPS network and the
 #: substitute's kind are shared: one loss module serves all paths).
-PATH_LOSS_KEYS = ("mse", "lpips", "substitute_weight")
+PATH_LOSS_KEYS = ("mse", "lpips", "substitute_weight", "spectral")
 #: Most discriminator channels (``adversarial.channels``): a patch critic needs far fewer.
 MAX_DISC_CHANNELS = 1024
 
