@@ -197,9 +197,7 @@ class Session:
     @property
     def term_names(self) -> tuple[str, ...]:
         """Every loss term a micro-batch may log, in a fixed order (the same on every process)."""
-        names = ("loss", "mse") + ((self.loss_fn.perceptual,) if self.loss_fn.perceptual else ())
-        names += ("spectral",) if any(w > 0 for _, _, w in self.loss_fn.weights.values()) else ()
-        return names + (self.adversary.term_names if self.adversary is not None else ())
+        return ("loss",) + self.loss_fn.term_names + (self.adversary.term_names if self.adversary is not None else ())
 
     def write_log(self, record: dict) -> None:
         """Append ``record`` to ``metrics.jsonl`` (main process) and hand a copy to ``on_log``."""

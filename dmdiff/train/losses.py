@@ -11,6 +11,7 @@ perceptual paths is :mod:`dmdiff.train.adversarial`'s.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Mapping, Sequence
 
@@ -41,6 +42,20 @@ SPECTRAL_BANDS_CPP = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 2 ** -1.5, 1 / 2, 2 ** -0.5)
 SPECTRAL_FLOOR = (1 / 255) ** 2 / 12
 
 
+@functools.lru_cache(maxsize=8)
+def _band_geometry(h: int, w: int, device: torch.device,
+                   edges: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The ``(h, w)`` Hann window, its energy ``Σ window²`` (a 0-d tensor) and the boolean ``(h, w)``
+    masks of the FFT samples in each band of ``edges`` that holds any (computed once per crop size:
+    every micro-batch of a run has the same)."""
+    window = torch.outer(torch.hann_window(h, periodic=False, device=device),
+                         torch.hann_window(w, periodic=False, device=device))
+    radius = torch.hypot(*torch.meshgrid(torch.fft.fftfreq(h, device=device),
+                                         torch.fft.fftfreq(w, device=device), indexing="ij"))
+    masks = [(radius >= low) & (radius < high) for low, high in zip(edges[:-1], edges[1:])]
+    return window, window.pow(2).sum(), [m for m in masks if bool(m.any())]
+
+
 def band_log_energy(images: torch.Tensor, edges: Sequence[float] = SPECTRAL_BANDS_CPP) -> torch.Tensor:
     """``(B, N)`` log mean power of ``(B, C, H, W)`` images in ``N = len(edges) − 1`` radial frequency
     bands: the channel mean, its own mean removed, Hann-windowed (no leakage from the crop's edges),
@@ -49,18 +64,9 @@ def band_log_energy(images: torch.Tensor, edges: Sequence[float] = SPECTRAL_BAND
     image this small are left out, so N may be smaller."""
     gray = images.float().mean(dim=1)
     gray = gray - gray.mean(dim=(1, 2), keepdim=True)
-    h, w = gray.shape[-2:]
-    window = torch.outer(torch.hann_window(h, periodic=False, device=gray.device),
-                         torch.hann_window(w, periodic=False, device=gray.device))
-    power = torch.fft.fft2(gray * window).abs().pow(2) / window.pow(2).sum()
-    radius = torch.hypot(*torch.meshgrid(torch.fft.fftfreq(h, device=gray.device),
-                                         torch.fft.fftfreq(w, device=gray.device), indexing="ij"))
-    bands = []
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (radius >= low) & (radius < high)
-        if bool(inside.any()):
-            bands.append(power[:, inside].mean(dim=1))
-    return torch.log(torch.stack(bands, dim=1) + SPECTRAL_FLOOR)
+    window, energy, masks = _band_geometry(*gray.shape[-2:], gray.device, tuple(edges))
+    power = torch.fft.fft2(gray * window).abs().pow(2) / energy
+    return torch.log(torch.stack([power[:, m].mean(dim=1) for m in masks], dim=1) + SPECTRAL_FLOOR)
 
 
 def spectral_log_l1(output: torch.Tensor, target: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -127,6 +133,13 @@ class MultipathLoss(nn.Module):
                 raise DmdiffError(f"the loss is empty: {name}.mse is 0 and the LPIPS term is off ("
                                   f"{self.note or 'its weight is 0'}); set {name}.mse > 0 or "
                                   "loss.lpips_substitute: gradient-l1")
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The names of the terms a micro-batch may report (``mse``, the perceptual term when any path
+        weights it, ``spectral`` when any path weights it), in a fixed order."""
+        spectral = ("spectral",) if any(w > 0 for _, _, w in self.weights.values()) else ()
+        return ("mse",) + ((self.perceptual,) if self.perceptual else ()) + spectral
 
     def _perceptual(self, output: torch.Tensor, target: torch.Tensor, per_sample: bool) -> torch.Tensor:
         """The perceptual term: a scalar batch mean, or ``(B,)`` with ``per_sample``."""
