@@ -2,6 +2,6 @@
 
 import sys
 
-from dmdiff.cli import main
+from dmdiff.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

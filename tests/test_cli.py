@@ -1,11 +1,14 @@
 """The command line's shape: ``python -m dmdiff``, each subcommand's arguments declared beside its
 ``main`` with the defaults of the code that uses them, and only the chosen subcommand imported."""
 
+import gc
+import importlib
 import subprocess
 import sys
 
 import pytest
 
+from dmdiff import cli
 from dmdiff.cli import COMMANDS, build_parser
 from dmdiff.model.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX
 from dmdiff.train.config import PseudoConfig
@@ -15,6 +18,24 @@ def test_python_dash_m_dmdiff_runs_the_command_line():
     result = subprocess.run([sys.executable, "-m", "dmdiff", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "exit status" in result.stdout
     assert all(name in result.stdout for name in COMMANDS)
+
+
+def test_the_console_script_imports_its_command_with_the_collector_paused_then_freezes(monkeypatch, tmp_path):
+    seen, real_import = [], importlib.import_module
+
+    def spy(name):
+        seen.append((name, gc.isenabled()))
+        return real_import(name)
+
+    monkeypatch.setattr(importlib, "import_module", spy)
+    monkeypatch.setattr(sys, "argv", ["dmdiff", "restore", "--model", str(tmp_path / "none"),
+                                      "--input", str(tmp_path), "--out", str(tmp_path / "out")])
+    try:
+        assert cli.entry() == 2                                   # no such model: a usage error, as main() says
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert seen[0] == ("dmdiff.restore", False)
 
 
 def test_help_imports_no_subcommand_module():
