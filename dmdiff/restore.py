@@ -53,12 +53,15 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   decoded by the VAE, colour-corrected, PNG-encoded and written in a writer thread, while compute
   threads run the encoder and UNet of the images between (:class:`_FolderRun`,
   :func:`dmdiff.overlap.run_stages`). On a CPU with two or more cores a small model restores two
-  images at a time, each in its own thread with its own copy of the model
-  (:func:`default_workers`; ``workers``, ``--workers``), and torch gets a share of its default
-  threads (:func:`default_threads`): two images on two cores go faster than one image whose
-  operators share two cores. ``sequential=True`` (``--sequential``) does the same steps one after
-  the other, with torch's default threads; the outputs are the same. ``dmdiff bench restore`` times
-  them.
+  images at a time, each in its own thread with its own copy of the model's modules sharing its
+  weights (:func:`default_workers`, :func:`worker_copy`; ``workers``, ``--workers``), and torch gets
+  a share of its default threads (:func:`default_threads`): two images on two cores go faster than
+  one image whose operators share two cores. At α = 0 or 1 the UNet runs only the path that α
+  decodes (:func:`dmdiff.model.dmdiff.decoded_paths`; half its batch), so these outputs agree with
+  :class:`~dmdiff.model.pipeline.DMDiffPipeline`'s, which keeps both paths' latents for
+  re-decoding, to float round-off (at most one 16-bit level) rather than bit for bit.
+  ``sequential=True`` (``--sequential``) does the same steps one after the other, with torch's
+  default threads; the outputs are the same. ``dmdiff bench restore`` times them.
 * ``DIR/restore.json`` (rewritten atomically after every image): the model, α, tile settings,
   colour correction, maps option (``"lens"`` with a lens file), lens file, device, ``settings``
   (what ``--resume`` compares: with a lens, its file), ``written`` (every output of dmdiff restore
@@ -341,8 +344,8 @@ class _FolderRun:
       anchor computed (:meth:`DMDiffPipeline.prepare`: no network), with the input's lens (``--lens``)
       when the anchor deconvolves;
     * ``compute`` (one or more compute threads, each with its own copy of the pipeline, the only
-      thread using that copy's encoder and UNet): the latents (:meth:`DMDiffPipeline.latents`), or
-      the whole restore with the self-ensemble;
+      thread using that copy's encoder and UNet): the latents (:meth:`DMDiffPipeline.latents`) of
+      the paths the run's α needs (one at α = 0 or 1), or the whole restore with the self-ensemble;
     * ``write`` (writer thread): decoding and colour correction (:meth:`DMDiffPipeline.finish`:
       the VAE decoder, which carries no LoRA), PNG encoding, the report naming the file and its
       entry, the atomic write, the report again and the progress bar.
@@ -394,7 +397,8 @@ class _FolderRun:
             job.restored = pipe(prepared.image, prepared.maps, s["alpha"], tile=s["tile"], overlap=s["overlap"],
                                 self_ensemble=True, color_correct=s["color_correct"], on_tile=count_tiles).images[0]
         else:
-            job.latents = pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles)
+            job.latents = pipe.latents(job.prepared, tile=s["tile"], overlap=s["overlap"], on_tile=count_tiles,
+                                       alpha=s["alpha"])
 
     def write(self, job: _Job) -> None:
         if not (job.resumed or job.failed):
@@ -437,16 +441,26 @@ def _step(job: _Job, work) -> None:
         job.seconds += time.perf_counter() - start
 
 
-#: The largest model (parameters and buffers, bytes) that a folder restore copies for a second
-#: compute thread by default: the tiny preset (about 10 MiB) is copied, SD-Turbo (about 5 GB) is not.
+#: The largest model (parameters and buffers, bytes) that a folder restore gives a second compute
+#: thread by default (:func:`worker_copy`): the tiny preset (about 10 MiB) gets one, SD-Turbo
+#: (about 5 GB), whose operators are large enough to use torch's threads, does not.
 COPY_MAX_BYTES = 256 * 2 ** 20
+
+
+def worker_copy(pipe):
+    """A copy of the pipeline for another compute thread: its own modules, LoRA modulation state and
+    hooks (which a forward pass sets), sharing the parameter and buffer tensors, which inference only
+    reads (no second copy of the weights in memory; 5× faster to make than a full deep copy)."""
+    shared = {id(t): t for t in (*pipe.model.parameters(), *pipe.model.buffers())}
+    return copy.deepcopy(pipe, shared)
 
 
 def default_workers(device: torch.device, overlap: bool, model: torch.nn.Module) -> int:
     """Compute threads for a folder restore when ``--workers`` is not given: 2 on a CPU with two or
     more of torch's threads when the images overlap and ``model`` is at most :data:`COPY_MAX_BYTES`
-    (each thread restores its own image with its own copy: the tiny networks' operators gain 1.2×
-    from a second core, two images side by side about 1.8×, measured in docs/experiments.md); else 1."""
+    (each thread restores its own image with its own :func:`worker_copy`: the tiny networks'
+    operators gain 1.2× from a second core, two images side by side about 1.8×, measured in
+    docs/experiments.md); else 1."""
     if device.type != "cpu" or not overlap or torch.get_num_threads() < 2:
         return 1
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -595,7 +609,7 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     jobs = [(source, target, finished.get(str(source))) for source, target in zip(inputs, outputs)]
     bar = tqdm(total=len(jobs), desc="dmdiff restore", unit="image", disable=not progress)
     run = _FolderRun(pipe, settings, input_maps, record, out, bar)
-    copies = [pipe] + [copy.deepcopy(pipe) for _ in range(workers - 1)]
+    copies = [pipe] + [worker_copy(pipe) for _ in range(workers - 1)]
     with torch_threads(threads):
         run_stages(jobs, run.read, [functools.partial(run.compute, pipe=p) for p in copies], run.write,
                    overlap=overlapped)

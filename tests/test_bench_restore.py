@@ -6,14 +6,15 @@ from dmdiff import cli
 from dmdiff.bench import restore as bench
 
 
-def test_command_prints_the_four_configurations(capsys):
+def test_command_prints_the_five_configurations(capsys):
     assert cli.main(["bench", "restore", "--images", "3", "--size", "32", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| sequential") or line.startswith("| overlapped")]
-    assert len(rows) == 4 and "| sequential | 1 | " in out and "1.00× |" in rows[0]
+    assert len(rows) == 5 and rows[0].startswith("| sequential, both paths | 1 | ") and "1.00× |" in rows[0]
+    assert "| sequential | 1 | " in out
     assert "| overlapped, 1 compute thread | 1 | " in out
     assert f"| overlapped | {2 if torch.get_num_threads() >= 2 else 1} | " in out
-    assert "overlapped vs sequential: " in out and "same images as the sequential run at the same thread count: True" in out
+    assert "overlapped vs sequential, both paths: " in out and "vs sequential at α = 1: " in out and "same images as the sequential run at the same thread count: True" in out
 
 
 def test_bench_inputs_are_the_tiny_recipes_model(tmp_path):

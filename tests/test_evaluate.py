@@ -52,7 +52,7 @@ from dmdiff.model.color import (  # noqa: E402
     color_correct,
     resolve_color_correction,
 )
-from dmdiff.model.dmdiff import DMDiff, DMDiffConfig  # noqa: E402
+from dmdiff.model.dmdiff import DECODED_PATHS, DMDiff, DMDiffConfig  # noqa: E402
 from dmdiff.model.ensemble import orient, self_ensemble  # noqa: E402
 from dmdiff.model.pipeline import DMDiffPipeline  # noqa: E402
 from dmdiff.optics.deconvolution import central_psf  # noqa: E402
@@ -614,10 +614,10 @@ def test_each_restore_runs_once_per_sample(dataset, pipeline_dir, tmp_path, monk
     restores, unet_calls = [], []
     real_latents, real_step = DMDiff.path_latents, Backbone.one_step
 
-    def latents(self, lr, maps=None):
+    def latents(self, lr, maps=None, paths=DECODED_PATHS):
         key = lr.numpy().tobytes() + (b"" if maps is None else maps.numpy().tobytes())
         restores.append((id(self), hashlib.sha256(key).hexdigest(), tuple(lr.shape)))
-        return real_latents(self, lr, maps)
+        return real_latents(self, lr, maps, paths)
 
     monkeypatch.setattr(DMDiff, "path_latents", latents)
     monkeypatch.setattr(Backbone, "one_step", lambda self, *a, **k: unet_calls.append(1) or real_step(self, *a, **k))

@@ -19,7 +19,7 @@ from dmdiff.device import torch_threads
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.imageio import read_image, write_png
 from dmdiff.model.color import color_correct, resolve_color_correction
-from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
+from dmdiff.model.dmdiff import DECODED_PATHS, DMDiff, DMDiffConfig, decoded_paths
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.model.tiling import (
     axis_tiles,
@@ -30,7 +30,8 @@ from dmdiff.model.tiling import (
     tiled_latents,
     tiled_restore,
 )
-from dmdiff.restore import COPY_MAX_BYTES, REPORT_FILE, default_threads, default_workers, restore
+from dmdiff.restore import COPY_MAX_BYTES, REPORT_FILE, default_threads, default_workers, restore, worker_copy
+from dmdiff.runs import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +129,38 @@ def test_alpha_redecodes_tiled_latents(model):
     assert (tiled_decode(model, latents, 0.0, tile=48, overlap=16) - restored).abs().max() > 2e-6
 
 
+def test_latents_for_one_alpha_run_one_path_and_decode_only_there(model):
+    x = _smooth(80, 144) * 0.8 + 0.1 * torch.rand(1, 3, 80, 144, generator=torch.Generator().manual_seed(2))
+    maps = _field_maps()
+    both = model.restore_latents(x, maps)
+    tiled_both = tiled_latents(model, x, maps, tile=48, overlap=16)
+    for alpha, kept in ((0.0, "neutral"), (1.0, "positive")):
+        assert decoded_paths(alpha) == (kept,)
+        one = model.restore_latents(x, maps, paths=decoded_paths(alpha))
+        tiled_one = tiled_latents(model, x, maps, tile=48, overlap=16, paths=(kept,))
+        for latents, reference in ((one, both), (tiled_one, tiled_both)):
+            assert [p for p in DECODED_PATHS if getattr(latents, f"z_{p}") is None] == [p for p in DECODED_PATHS
+                                                                                        if p != kept]
+            torch.testing.assert_close(getattr(latents, f"z_{kept}"), getattr(reference, f"z_{kept}"),
+                                       rtol=0, atol=1e-5)
+            with pytest.raises(DmdiffError, match="cannot be decoded at α = 0.5"):
+                model.decode(latents, 0.5)
+        torch.testing.assert_close(model.decode(one, alpha), model.decode(both, alpha), rtol=0, atol=1e-5)
+        torch.testing.assert_close(tiled_decode(model, tiled_one, alpha, tile=48, overlap=16),
+                                   tiled_decode(model, tiled_both, alpha, tile=48, overlap=16), rtol=0, atol=1e-5)
+    assert decoded_paths(0.5) == decoded_paths(None) == DECODED_PATHS
+    with pytest.raises(ConfigError, match="paths must be some of"):
+        model.path_latents(x, maps, paths=("negative",))
+
+
 def test_each_tile_gets_the_maps_of_its_own_window(model, monkeypatch):
     x, maps = _smooth(64, 144), _field_maps(grid=7)
     seen = []
     original = model.path_latents
 
-    def spy(tile, tile_maps=None):
+    def spy(tile, tile_maps=None, paths=DECODED_PATHS):
         seen.append((tuple(tile.shape[-2:]), tile_maps))
-        return original(tile, tile_maps)
+        return original(tile, tile_maps, paths)
 
     monkeypatch.setattr(model, "path_latents", spy)
     latents = tiled_latents(model, x, maps, tile=64, overlap=16)
@@ -449,6 +474,16 @@ def test_overlapped_and_sequential_folder_runs_agree(pipeline_dir, tmp_path):
     assert [e["tiles"] for e in records["three"]["files"] if e["status"] == "ok"] == [1, 8, 1, 2]
     single = restore(pipeline_dir, photos / "p0.png", tmp_path / "single", progress=False)
     assert single["overlapped"] is False and single["workers"] == 1
+
+
+def test_a_worker_copy_has_its_own_modules_and_modulation_but_shares_the_weights(pipeline_dir):
+    pipe = load_pipeline(pipeline_dir)
+    other = worker_copy(pipe)
+    for (name, a), (_, b) in zip(pipe.model.named_parameters(), other.model.named_parameters(), strict=True):
+        assert a is b, name
+    assert other.model is not pipe.model and other.model.unet_lora.state is not pipe.model.unet_lora.state
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(other.model.restore(x), pipe.model.restore(x))
 
 
 def test_default_compute_threads_copy_only_a_small_model_on_a_multi_core_cpu():

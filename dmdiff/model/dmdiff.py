@@ -222,18 +222,38 @@ class RestoreLatents:
     """The cached two-path latents of :meth:`DMDiff.restore`, for re-decoding at another α.
 
     z_neutral, z_positive: ``(B, 4, h, w)`` x0 predictions of the padded image (``h = H_pad / f``,
-        f = ``backbone.vae_scale_factor``).
+        f = ``backbone.vae_scale_factor``); one of them None when only the other path was computed
+        (:func:`decoded_paths`: latents for α = 0 or 1 only).
     size: ``(H, W)`` of the input image, in pixels.
     pad: ``(left, right, top, bottom)`` padding added to it, in pixels.
     anchor: the colour anchor ``(B, 3, H, W)`` of the input (:meth:`DMDiff.input_anchor`) for a
         model with one (``DMDiffConfig.anchor_sigma_px``), else None.
     """
 
-    z_neutral: torch.Tensor
-    z_positive: torch.Tensor
+    z_neutral: torch.Tensor | None
+    z_positive: torch.Tensor | None
     size: tuple[int, int]
     pad: tuple[int, int, int, int]
     anchor: torch.Tensor | None = None
+
+    @property
+    def any(self) -> torch.Tensor:
+        """One of the paths' latents (the neutral path's when present), for their shape and device."""
+        return self.z_positive if self.z_neutral is None else self.z_neutral
+
+
+#: The two paths decoding mixes, in the order of their rows in the UNet batch.
+DECODED_PATHS = ("neutral", "positive")
+
+
+def decoded_paths(alpha: float | None) -> tuple[str, ...]:
+    """The paths whose latents decoding at ``alpha`` needs: only the neutral path at α = 0, only the
+    positive at α = 1, both otherwise or when ``alpha`` is None (latents kept for any α)."""
+    if alpha == 0:
+        return ("neutral",)
+    if alpha == 1:
+        return ("positive",)
+    return DECODED_PATHS
 
 
 def check_alpha(alpha: float) -> float:
@@ -325,12 +345,17 @@ class DMDiff(nn.Module):
                 paths: Sequence[str] = ("neutral", "positive")) -> dict[str, torch.Tensor]:
         """x0 latents ``(B, 4, h, w)`` of the padded image per path, from one VAE encoding and one
         UNet call on the ``len(paths) · B`` stacked latents (differentiable)."""
+        return self._paths_z0(x, maps, paths)[0]
+
+    def _paths_z0(self, x: torch.Tensor, maps: torch.Tensor | None,
+                  paths: Sequence[str]) -> tuple[dict[str, torch.Tensor], tuple]:
+        """:meth:`latents` and the geometry ``((H, W), pad)`` for decoding them."""
         paths = tuple(paths)
         if len(set(paths)) != len(paths):
             raise ValueError(f"paths must be distinct, got {paths}")
         index = [self._path_index(p) for p in paths for _ in range(len(x))]
-        z0, _ = self._z0(x, maps, index, copies=len(paths))
-        return dict(zip(paths, z0.chunk(len(paths))))
+        z0, geometry = self._z0(x, maps, index, copies=len(paths))
+        return dict(zip(paths, z0.chunk(len(paths)))), geometry
 
     def enable_gradient_checkpointing(self) -> None:
         """Keep only the UNet's and the VAE's block inputs in training and recompute the blocks'
@@ -421,29 +446,36 @@ class DMDiff(nn.Module):
         return (images, latents) if return_latents else images
 
     def restore_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
-                        anchor: torch.Tensor | None = None) -> RestoreLatents:
-        """The encoder + UNet half of :meth:`restore`: both paths' x0 latents (:meth:`path_latents`)
+                        anchor: torch.Tensor | None = None,
+                        paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
+        """The encoder + UNet half of :meth:`restore`: the paths' x0 latents (:meth:`path_latents`)
         and, for a model with a colour anchor, the anchor of ``lr``; no grad, eval mode.
 
         ``anchor``: :meth:`input_anchor` of ``lr`` when the caller computed it already (e.g. in a
         thread reading ahead, :meth:`DMDiffPipeline.prepare <dmdiff.model.pipeline.DMDiffPipeline.prepare>`):
-        used as it is; None: computed here. Models without an anchor ignore it.
+        used as it is; None: computed here. Models without an anchor ignore it. ``paths``: as in
+        :meth:`path_latents`.
         """
-        latents = self.path_latents(lr, maps)
+        latents = self.path_latents(lr, maps, paths)
         if self.config.anchor_sigma_px is not None:
             with self._inference():
                 latents.anchor = self.input_anchor(lr.to(self.device, self.dtype)) if anchor is None else anchor
         return latents
 
-    def path_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None) -> RestoreLatents:
-        """Both paths' x0 latents of ``lr`` ``(B, 3, H, W)`` with its ``maps`` ``(B, 7, G', G')`` or
-        None, without the colour anchor (``anchor`` None): one VAE encoding and one batched UNet call
-        (neutral, positive); no grad, eval mode. Tiled restoration (:mod:`dmdiff.model.tiling`) calls
-        it once per tile, the anchor being the whole image's."""
+    def path_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
+                     paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
+        """The x0 latents (:meth:`latents`) of ``lr`` ``(B, 3, H, W)`` with its ``maps`` ``(B, 7, G', G')`` or None,
+        without the colour anchor (``anchor`` None): one VAE encoding and one batched UNet call of
+        the ``paths`` (both by default; :func:`decoded_paths` ``(α)`` for one decoding only: at α = 0
+        or 1 the UNet runs half the batch, and the path computed agrees with the two-path call to
+        float round-off, ~5e-7); no grad, eval mode. Tiled restoration (:mod:`dmdiff.model.tiling`)
+        calls it once per tile, the anchor being the whole image's."""
+        unknown = sorted(set(paths) - set(DECODED_PATHS))
+        if unknown or not paths:
+            raise ConfigError(f"paths must be some of {', '.join(DECODED_PATHS)}, got {list(paths)!r}")
         with self._inference():
-            index = [self._path_index(p) for p in ("neutral", "positive") for _ in range(len(lr))]
-            z0, geometry = self._z0(lr, maps, index, copies=2)
-        return RestoreLatents(*z0.chunk(2), *geometry)
+            z, geometry = self._paths_z0(lr, maps, [p for p in DECODED_PATHS if p in paths])
+        return RestoreLatents(z.get("neutral"), z.get("positive"), *geometry)
 
     def input_lowpass(self, x: torch.Tensor) -> torch.Tensor:
         """``G_σ(x)`` of the colour anchor, ``(B, 3, H, W)`` → same (σ = ``config.anchor_sigma_px``)."""
@@ -619,6 +651,13 @@ class DMDiff(nn.Module):
         return y[..., top:top + size[0], left:left + size[1]]
 
     def _mix(self, latents: RestoreLatents, alpha: float) -> torch.Tensor:
-        z = (1 - alpha) * latents.z_neutral + alpha * latents.z_positive
+        missing = [p for p in decoded_paths(alpha) if getattr(latents, f"z_{p}") is None]
+        if missing:
+            raise DmdiffError(f"these latents hold no {missing[0]} path (computed for one α only), so they "
+                              f"cannot be decoded at α = {alpha:g}; compute both paths' latents to re-decode")
+        if latents.z_neutral is None or latents.z_positive is None:
+            z = latents.any        # α = 0 or 1: what (1 − α)·z_neutral + α·z_positive gives, bit for bit
+        else:
+            z = (1 - alpha) * latents.z_neutral + alpha * latents.z_positive
         return self.anchored(self._decode(z, latents.size, latents.pad), latents.anchor)
 

@@ -41,7 +41,7 @@ from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.model.backbone import Backbone, load_backbone, save_backbone
 from dmdiff.model.color import color_correct as color_correct_image
 from dmdiff.model.color import resolve_color_correction
-from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents, check_alpha
+from dmdiff.model.dmdiff import DMDiff, DMDiffConfig, RestoreLatents, check_alpha, decoded_paths
 from dmdiff.model.ensemble import self_ensemble as ensemble_mean
 from dmdiff.model.tiling import (
     DEFAULT_OVERLAP_PX,
@@ -214,12 +214,17 @@ class DMDiffPipeline(DiffusionPipeline):
         return PreparedImage(x, None if maps is None else maps[None], cached)
 
     def latents(self, prepared: PreparedImage, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX,
-                on_tile: Callable[[int, int], None] | None = None) -> RestoreLatents:
-        """The encoder + UNet half of a restore (both paths' latents, whole or in ``tile``-px tiles
-        as in :meth:`__call__`), reusing the prepared anchor."""
+                on_tile: Callable[[int, int], None] | None = None, alpha: float | None = None) -> RestoreLatents:
+        """The encoder + UNet half of a restore (the paths' latents, whole or in ``tile``-px tiles
+        as in :meth:`__call__`), reusing the prepared anchor. ``alpha``: None, both paths (to decode
+        at any α); else the one α they will be decoded at, so that α = 0 or 1 runs one path
+        (:func:`~dmdiff.model.dmdiff.decoded_paths`; the result agrees with both paths' to float
+        round-off, not bit for bit)."""
+        paths = decoded_paths(None if alpha is None else check_alpha(alpha))
         if tile is None:
-            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor)
-        return tiled_latents(self.model, prepared.image, prepared.maps, tile, overlap, on_tile, prepared.anchor)
+            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor, paths)
+        return tiled_latents(self.model, prepared.image, prepared.maps, tile, overlap, on_tile, prepared.anchor,
+                             paths)
 
     def finish(self, prepared: PreparedImage, latents: RestoreLatents, alpha: float, *, tile: int | None = None,
                overlap: int = DEFAULT_OVERLAP_PX, color_correct: str = "none") -> np.ndarray:

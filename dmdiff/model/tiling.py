@@ -8,7 +8,8 @@ linearly, so a large photo is restored tile by tile, in two blended passes:
 1. **Latents.** The image is padded as :meth:`DMDiff.restore` pads it (to multiples of
    ``latent_multiple``, centred) into a canvas, and the canvas is cut into overlapping tiles of
    ``tile`` pixels (fewer along an axis that is shorter). Each tile runs the LoRA-modulated VAE
-   encoder and the batched two-path UNet call (:meth:`DMDiff.path_latents`) with **its own**
+   encoder and the batched UNet call of both paths (or of the one an α of 0 or 1 needs;
+   :meth:`DMDiff.path_latents`) with **its own**
    degradation input: SVDA's image statistics of the tile, and the optics maps resampled to the
    tile's window of the field (:func:`dmdiff.data.dataset.crop_maps`; the maps describe the full
    image). The x0 latents of both paths are blended into full latent canvases; the colour anchor
@@ -47,7 +48,7 @@ import torch
 
 from dmdiff.data.dataset import crop_maps
 from dmdiff.errors import ConfigError
-from dmdiff.model.dmdiff import DMDiff, RestoreLatents, check_alpha
+from dmdiff.model.dmdiff import DECODED_PATHS, DMDiff, RestoreLatents, check_alpha
 
 __all__ = ["DEFAULT_TILE_PX", "DEFAULT_OVERLAP_PX", "check_tiling", "axis_tiles", "ramp_profile",
            "tile_windows", "tiled_latents", "tiled_decode", "tiled_restore"]
@@ -133,8 +134,8 @@ def _tile_maps(maps: torch.Tensor | None, image_hw: tuple[int, int],
 def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None,
                   tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX,
                   on_tile: Callable[[int, int], None] | None = None,
-                  anchor: torch.Tensor | None = None) -> RestoreLatents:
-    """Both paths' x0 latents of ``image``, tile by tile, blended into full canvases (pass 1).
+                  anchor: torch.Tensor | None = None, paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
+    """The paths' x0 latents of ``image``, tile by tile, blended into full canvases (pass 1).
 
     Args:
         model: the DMDiff model (eval mode is kept; no grad).
@@ -144,6 +145,8 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         on_tile: called as ``on_tile(done, total)`` after each tile (progress display).
         anchor: :meth:`DMDiff.input_anchor` of ``image`` when the caller has it (None: computed
             here, once for the whole image; models without an anchor ignore it).
+        paths: the paths to compute (:meth:`DMDiff.path_latents`): both, or
+            :func:`~dmdiff.model.dmdiff.decoded_paths` of the one α they will be decoded at.
 
     Returns:
         :class:`RestoreLatents` of the padded image, as :meth:`DMDiff.restore_latents` returns it
@@ -156,23 +159,25 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     size = tuple(image.shape[-2:])
     tiles = tile_windows(canvas.shape[-2] // f, canvas.shape[-1] // f, tile // f, overlap // f)
     if len(tiles) == 1:
-        latents = model.restore_latents(image, maps, anchor)
+        latents = model.restore_latents(image, maps, anchor, paths)
         if on_tile:
             on_tile(1, 1)
         return latents
     left, _, top, _ = pad
-    z_neutral = z_positive = weight = None
+    canvases: dict[str, torch.Tensor] = {}
+    weight = None
     for done, ((y0, x0, h, w), ramps) in enumerate(tiles, start=1):
         window_px = (y0 * f - top, x0 * f - left, h * f, w * f)          # in image pixels
         part = canvas[..., y0 * f:(y0 + h) * f, x0 * f:(x0 + w) * f]
-        z = model.path_latents(part, _tile_maps(maps, size, window_px))
+        z = model.path_latents(part, _tile_maps(maps, size, window_px), paths)
+        computed = {p: v for p in DECODED_PATHS if (v := getattr(z, f"z_{p}")) is not None}
         if weight is None:
-            shape = (*z.z_neutral.shape[:2], canvas.shape[-2] // f, canvas.shape[-1] // f)
-            z_neutral, z_positive = z.z_neutral.new_zeros(shape), z.z_positive.new_zeros(shape)
-            weight = z.z_neutral.new_zeros(shape[-2:])
-        blend = _window(ramps, h, w, 1, z.z_neutral)
-        z_neutral[..., y0:y0 + h, x0:x0 + w] += blend * z.z_neutral
-        z_positive[..., y0:y0 + h, x0:x0 + w] += blend * z.z_positive
+            shape = (*z.any.shape[:2], canvas.shape[-2] // f, canvas.shape[-1] // f)
+            canvases = {p: v.new_zeros(shape) for p, v in computed.items()}
+            weight = z.any.new_zeros(shape[-2:])
+        blend = _window(ramps, h, w, 1, z.any)
+        for p, v in computed.items():
+            canvases[p][..., y0:y0 + h, x0:x0 + w] += blend * v
         weight[y0:y0 + h, x0:x0 + w] += blend
         if on_tile:
             on_tile(done, len(tiles))
@@ -181,7 +186,8 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     elif anchor is None:
         with torch.no_grad():
             anchor = model.input_anchor(image.to(model.device, model.dtype))
-    return RestoreLatents(z_neutral / weight, z_positive / weight, size, pad, anchor)
+    blended = {p: canvases[p] / weight if p in canvases else None for p in DECODED_PATHS}
+    return RestoreLatents(blended["neutral"], blended["positive"], size, pad, anchor)
 
 
 def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int = DEFAULT_TILE_PX,
@@ -194,14 +200,15 @@ def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int
     alpha = check_alpha(alpha)
     tile, overlap = check_tiling(model, tile, overlap)
     f = model.backbone.vae_scale_factor
-    h_lat, w_lat = latents.z_neutral.shape[-2:]
+    h_lat, w_lat = latents.any.shape[-2:]
     tiles = tile_windows(h_lat, w_lat, tile // f, overlap // f)
     if len(tiles) == 1:
         return model.decode(latents, alpha)
     image = weight = None
     for (y0, x0, h, w), ramps in tiles:
-        part = RestoreLatents(latents.z_neutral[..., y0:y0 + h, x0:x0 + w],
-                              latents.z_positive[..., y0:y0 + h, x0:x0 + w], (h * f, w * f), (0, 0, 0, 0))
+        window = (..., slice(y0, y0 + h), slice(x0, x0 + w))
+        part = RestoreLatents(*(None if z is None else z[window] for z in (latents.z_neutral, latents.z_positive)),
+                              (h * f, w * f), (0, 0, 0, 0))
         decoded = model.decode(part, alpha, clamp=False)                  # (B, 3, h·f, w·f)
         if image is None:
             image = decoded.new_zeros(*decoded.shape[:2], h_lat * f, w_lat * f)
