@@ -464,9 +464,9 @@ class DMDiff(nn.Module):
 
     def path_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
                      paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
-        """The x0 latents (:meth:`latents`) of ``lr`` ``(B, 3, H, W)`` with its ``maps`` ``(B, 7, G', G')`` or None,
-        without the colour anchor (``anchor`` None): one VAE encoding and one batched UNet call of
-        the ``paths`` (both by default; :func:`decoded_paths` ``(α)`` for one decoding only: at α = 0
+        """The x0 latents (:meth:`latents`) of ``lr`` ``(B, 3, H, W)`` with its ``maps``
+        ``(B, 7, G', G')`` or None, without the colour anchor (``anchor`` None): one VAE encoding and
+        one batched UNet call of the ``paths`` (both by default; :func:`decoded_paths` ``(α)`` for one decoding only: at α = 0
         or 1 the UNet runs half the batch, and the path computed agrees with the two-path call to
         float round-off, ~5e-7); no grad, eval mode. Tiled restoration (:mod:`dmdiff.model.tiling`)
         calls it once per tile, the anchor being the whole image's."""
