@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The ``dmdiff`` console script and ``python -m dmdiff``: :func:`main`, with the garbage collector
-    kept off the objects that live to the end. torch, diffusers and peft create about a million of
+    kept off the objects that live to the end. torch, diffusers and peft create half a million of
     them on import; the collector's passes over them took ~1.2 s of the imports and ~1.3 s of the
     interpreter's exit in a 10 s ``dmdiff restore`` of 20 small photos (docs/experiments.md). So the
     command's module is imported with the collector paused, and what is alive after the import and

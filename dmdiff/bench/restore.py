@@ -24,8 +24,8 @@ All but the first at α = 1.
 
 Each configuration runs ``repeats`` times, the configurations interleaved (so all see the same
 load); the table shows the median seconds, images per second and the speed-up over
-``sequential, both paths``. After one untimed warm-up restore. All write byte-identical images when their
-thread counts agree (the overlapped and ``sequential, N threads`` runs are compared).
+``sequential, both paths``. After one untimed warm-up restore. All at α = 1 write byte-identical
+images when their thread counts agree (the overlapped and ``sequential, N threads`` runs are compared).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.restore import default_threads, default_workers, restore
 from dmdiff.runs import load_pipeline
 
-__all__ = ["TARGET", "BASELINE", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments", "main"]
+__all__ = ["TARGET", "BASELINE", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments",
+           "main"]
 
 #: The speed-up over :data:`BASELINE` the overlapped restore should reach (issue 21).
 TARGET = 1.3
