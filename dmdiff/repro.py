@@ -8,12 +8,16 @@ smoke, data and run folders), each into ``RUN/notebooks/``, and gathers their fi
   and for a failed notebook the failing cell and error;
 * ``report.md`` — every notebook's figures and metrics in one page.
 
-A notebook that reads a later notebook's outputs says so in its metadata,
-``{"dmdiff": {"needs": ["03"]}}`` (the numbers of the notebooks it needs): it runs after them, the
+A notebook names the notebooks whose outputs it reads in its metadata,
+``{"dmdiff": {"needs": ["03"]}}`` (their numbers; ``[]``: none): it runs after them, and the
 numbering stays the order readers meet the ideas in (notebook 02 looks inside the model notebook 03
-trains). A failing notebook stops the study (later notebooks depend on earlier outputs); the job
-exits non-zero and keeps everything that succeeded. ``--resume`` skips steps already done with the
-same parameters and the same results of the steps they need.
+trains). A notebook without the key reads what every notebook before it in :func:`run_order` wrote.
+Up to ``jobs`` notebooks run at once (default: one per core), each as soon as those it waits for
+have run: on two cores notebook 06's lens-family study, which needs no other notebook, runs beside
+00–05 (each notebook's torch thread count is its own, so its numbers do not depend on what runs
+beside it). A failing notebook stops the study: nothing new starts, the notebooks already running
+finish; the job exits non-zero and keeps everything that succeeded. ``--resume`` skips steps already
+done with the same parameters and the same results of the steps they need.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +62,18 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     return found
 
 
-def needs(path: Path) -> list[str]:
+def needs(path: Path) -> list[str] | None:
     """The numbers (``"03"``) of the notebooks whose outputs ``path`` reads: its metadata's
-    ``dmdiff.needs`` (empty when absent).
+    ``dmdiff.needs``; None when the notebook does not say (it then waits for every notebook before
+    it, :func:`waits_for`).
 
     Raises:
         DmdiffError: the entry is not a list of notebook numbers.
     """
     ours = nbformat.read(str(path), as_version=4).metadata.get("dmdiff", {})
-    declared = ours.get("needs", []) if isinstance(ours, dict) else ours
+    if isinstance(ours, dict) and "needs" not in ours:
+        return None
+    declared = ours.get("needs") if isinstance(ours, dict) else ours
     if not isinstance(declared, list) or not all(isinstance(n, str) and n.isdigit() for n in declared):
         raise DmdiffError(f"{path}: metadata dmdiff.needs must be a list of notebook numbers like [\"03\"], "
                           f"got {declared!r}")
@@ -79,7 +89,7 @@ def run_order(paths: list[Path]) -> list[Path]:
         DmdiffError: a notebook needs one that is not among ``paths``, or the needs form a cycle.
     """
     by_number = {p.name[:2]: p for p in paths}
-    pending = {number: needs(path) for number, path in by_number.items()}
+    pending = {number: needs(path) or [] for number, path in by_number.items()}
     for number, wanted in pending.items():
         missing = [n for n in wanted if n not in by_number]
         if missing:
@@ -92,6 +102,23 @@ def run_order(paths: list[Path]) -> list[Path]:
         order.append(ready[0])
         del pending[ready[0]]
     return [by_number[n] for n in order]
+
+
+def waits_for(ordered: list[Path]) -> dict[str, set[str]]:
+    """For each notebook of ``ordered`` (a :func:`run_order`), the stems of the notebooks it waits
+    for: those its metadata :func:`needs` names, or, without the key, every notebook before it."""
+    stems = {p.name[:2]: p.stem for p in ordered}
+    waits: dict[str, set[str]] = {}
+    for index, path in enumerate(ordered):
+        declared = needs(path)
+        waits[path.stem] = ({p.stem for p in ordered[:index]} if declared is None
+                            else {stems[n] for n in declared})
+    return waits
+
+
+def default_jobs() -> int:
+    """How many notebooks run at once by default: one per core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -171,6 +198,17 @@ def run_notebook(path: Path, executed: Path, params: dict, cwd: Path) -> None:
     nbformat.sign.NotebookNotary().sign(nbformat.read(executed, as_version=4))
 
 
+def _run_step(name: str, path: Path, params: dict, digest: str, executed_dir: Path) -> StepResult:
+    """Run one step of the study (:func:`run_notebook` into ``executed_dir``) and say how it went."""
+    executed = executed_dir / path.name
+    start = time.perf_counter()
+    try:
+        run_notebook(path, executed, params, cwd=path.parent)
+        return StepResult(name, "ok", time.perf_counter() - start, params, None, digest)
+    except Exception as exc:  # papermill raises PapermillExecutionError; anything else is a failure too
+        return StepResult(name, "failed", time.perf_counter() - start, params, _failure_details(exc, executed), digest)
+
+
 def _report(run_dir: Path, results: list[StepResult]) -> str:
     """A markdown page with each step's status, figures and metrics."""
     lines = ["# dmdiff study report", "", "| step | status | seconds |", "|---|---|---|"]
@@ -193,12 +231,18 @@ def _report(run_dir: Path, results: list[StepResult]) -> str:
 
 def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
               extra: dict | None = None, resume: bool = False,
-              notebook_paths: list[Path] | None = None) -> list[StepResult]:
-    """Run every notebook in :func:`run_order`; returns the per-step results (also written to the manifest).
+              notebook_paths: list[Path] | None = None, jobs: int | None = None) -> list[StepResult]:
+    """Run every notebook, up to ``jobs`` at once (None: :func:`default_jobs`), each when those it
+    :func:`waits_for` have run; returns the per-step results in :func:`run_order` (also written to
+    the manifest after every step).
 
     Raises:
-        DmdiffError: ``out`` holds files that are not a dmdiff study's (:func:`dmdiff.outputs.claim_folder`).
+        DmdiffError: ``out`` holds files that are not a dmdiff study's (:func:`dmdiff.outputs.claim_folder`),
+            or ``jobs`` is not positive.
     """
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise DmdiffError(f"--jobs {jobs}: at least one notebook must run at a time")
     out = claim_folder(Path(out).resolve(), STUDY_KIND, study_folder_parts)
     manifest_path = out / "manifest.json"
     previous = {}
@@ -209,35 +253,62 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
               "data_dir": str(out / "data"), "run_dir": str(out / "train"), **(extra or {})}
     paths = run_order(notebook_paths or notebooks())
     names = {p.name[:2]: p.stem for p in paths}
-    results: list[StepResult] = []
-    digests: dict[str, str] = {}
-    failed = False
-    for path in tqdm(paths, desc="dmdiff repro", unit="notebook"):
-        name = path.stem
-        if failed:
-            results.append(StepResult(name, "not run"))
-            continue
+    waits = waits_for(paths)
+    steps: dict[str, tuple[Path, dict, str]] = {}
+    for path in paths:
         declared = declared_parameters(path)
         params = {k: v for k, v in shared.items() if k in declared}
-        params["out_dir"] = str(out / name)
-        digest = digests[name] = _params_hash(params, {names[n]: digests.get(names[n]) for n in needs(path)})
-        done = previous.get(name)
-        if done and done["status"] in DONE and done.get("params_hash") == digest:
-            results.append(StepResult(name, "skipped (resumed)", done.get("seconds", 0.0), params, None, digest))
-            continue
-        executed = out / "notebooks" / path.name
-        start = time.perf_counter()
-        try:
-            run_notebook(path, executed, params, cwd=path.parent)
-            results.append(StepResult(name, "ok", time.perf_counter() - start, params, None, digest))
-        except Exception as exc:  # papermill raises PapermillExecutionError; anything else is a failure too
-            results.append(StepResult(name, "failed", time.perf_counter() - start, params,
-                                      _failure_details(exc, executed), digest))
-            failed = True
-        _write_manifest(out, shared, results)
-    _write_manifest(out, shared, results)
-    atomic_write_text(out / "report.md", _report(out, results))
-    return results
+        params["out_dir"] = str(out / path.stem)
+        needed = {names[n]: steps[names[n]][2] for n in needs(path) or []}
+        steps[path.stem] = (path, params, _params_hash(params, needed))
+
+    results: dict[str, StepResult] = {}
+
+    def record(result: StepResult) -> None:
+        results[result.name] = result
+        bar.update()
+        _write_manifest(out, shared, [results[p.stem] for p in paths if p.stem in results])
+
+    pending = [p.stem for p in paths]
+    running: dict = {}
+    # a process per running notebook: papermill changes the process's working directory while it runs one
+    spawn = multiprocessing.get_context("spawn")
+    bar = tqdm(total=len(paths), desc="dmdiff repro", unit="notebook")
+    with ProcessPoolExecutor(jobs, mp_context=spawn) as pool, bar:
+        while True:
+            failed = any(r.status == "failed" for r in results.values())
+            ready = [] if failed else [n for n in pending
+                                       if all(w in results and results[w].status in DONE for w in waits[n])]
+            resumed = False
+            for name in ready:
+                if len(running) == jobs:
+                    break
+                pending.remove(name)
+                _, params, digest = steps[name]
+                done = previous.get(name)
+                if done and done["status"] in DONE and done.get("params_hash") == digest:
+                    record(StepResult(name, "skipped (resumed)", done.get("seconds", 0.0), params, None, digest))
+                    resumed = True
+                else:
+                    running[pool.submit(_run_step, name, *steps[name], out / "notebooks")] = name
+            if resumed:
+                continue  # a skipped step may let others start
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                try:
+                    record(future.result())
+                except Exception as exc:  # the process running it died (killed, out of memory)
+                    record(StepResult(name, "failed", 0.0, steps[name][1],
+                                      {"error": f"the process running the notebook ended: {exc}"}, steps[name][2]))
+    for name in pending:
+        results[name] = StepResult(name, "not run")
+    ordered = [results[p.stem] for p in paths]
+    _write_manifest(out, shared, ordered)
+    atomic_write_text(out / "report.md", _report(out, ordered))
+    return ordered
 
 
 #: Key tokens (``_``-separated, lower case) of metrics that describe the machine or the run, not
@@ -314,12 +385,12 @@ def select_notebooks(until: str | None, directory: Path = NOTEBOOK_DIR) -> list[
     if wanted not in numbers:
         raise DmdiffError(f"--until {until}: no notebook with that number (the study has {', '.join(numbers)})")
     chosen = set(numbers[:numbers.index(wanted) + 1])
-    wanted_next = [n for p in paths if p.name[:2] in chosen for n in needs(p)]
+    wanted_next = [n for p in paths if p.name[:2] in chosen for n in needs(p) or []]
     while wanted_next:
         number = wanted_next.pop()
         if number in numbers and number not in chosen:
             chosen.add(number)
-            wanted_next += needs(paths[numbers.index(number)])
+            wanted_next += needs(paths[numbers.index(number)]) or []
     return [p for p in paths if p.name[:2] in chosen]
 
 
@@ -353,13 +424,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", default=None, metavar="NN",
                         help="stop after the notebook numbered NN (e.g. 01: the tour and the dataset only); "
                              "later notebooks it needs run too (02 needs 03's trained model)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="notebooks run at once, each when those it needs have run (default: one per core; "
+                             "the numbers do not depend on it)")
     parser.add_argument("--compare", metavar="OTHER_RUN", default=None,
                         help="afterwards, compare every notebook's metrics.json with those of an earlier run "
                              "folder (to 1e-6; timings left out); differences make the exit status non-zero")
 
 
 def main(args) -> int:
-    """Entry point of ``dmdiff repro`` (args: out, preset, smoke, param, resume, until, compare)."""
+    """Entry point of ``dmdiff repro`` (args: out, preset, smoke, param, resume, until, jobs, compare)."""
     extra = parse_params(args.param)
     paths = select_notebooks(args.until)
     seed = check_params(extra, paths)
@@ -367,7 +441,7 @@ def main(args) -> int:
     if args.compare is not None and not Path(args.compare).is_dir():
         raise DmdiffError(f"--compare {args.compare}: no such run folder")
     results = run_study(Path(args.out), preset=args.preset, smoke=args.smoke, seed=seed, extra=extra,
-                        resume=args.resume, notebook_paths=paths)
+                        resume=args.resume, notebook_paths=paths, jobs=args.jobs)
     for r in results:
         print(f"{r.name:32s} {r.status:18s} {r.seconds:8.1f} s")
         if r.error:

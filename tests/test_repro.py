@@ -7,7 +7,8 @@ import pytest
 from notebook_checks import assert_ran_headless
 
 from dmdiff.errors import DmdiffError
-from dmdiff.repro import metrics_differences, notebooks, parse_params, run_order, run_study, select_notebooks
+from dmdiff.repro import (metrics_differences, notebooks, parse_params, run_order, run_study, select_notebooks,
+                          waits_for)
 
 
 def _notebook(path, body: str, fail: bool = False, needs: list | None = None, extra: str = ""):
@@ -96,6 +97,47 @@ def test_needs_that_cannot_be_met_are_named(tmp_path):
 def test_the_study_runs_notebook_02_after_03_whose_model_it_opens():
     order = [p.name[:2] for p in run_order(notebooks())]
     assert order.index("02") == order.index("03") + 1 and order.index("04") > order.index("03")
+
+
+def test_the_lens_family_study_waits_for_no_other_notebook_and_03_waits_for_all_before_it():
+    waits = waits_for(run_order(notebooks()))
+    assert waits["06_lens_family"] == set()
+    assert waits["03_multipath_training"] == {"00_tour", "01_metalens_degradation"}
+    assert waits["05_evaluation"] == {"03_multipath_training"}
+
+
+#: A notebook that marks its start, then waits (at most 60 s) until the notebook named ``other``
+#: has started too: it fails unless both run at the same time.
+MEETS = ("import pathlib, time\npathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)\n"
+         "pathlib.Path(out_dir, 'started').touch()\nother = pathlib.Path(out_dir).parent / {other!r} / 'started'\n"
+         "deadline = time.monotonic() + 60\nwhile not other.exists():\n"
+         "    assert time.monotonic() < deadline, f'{{other}} did not start beside this notebook'\n"
+         "    time.sleep(0.1)")
+
+
+def test_notebooks_that_need_nothing_run_at_the_same_time_and_one_without_needs_waits_for_both(tmp_path):
+    """00 and 01 need nothing: with two jobs they run at once (each waits for the other's start);
+    02, without the key, waits for both: with two jobs it would otherwise start beside 00."""
+    nbs = [_notebook(tmp_path / "00_a.ipynb", MEETS.format(other="01_b"), needs=[]),
+           _notebook(tmp_path / "01_b.ipynb", MEETS.format(other="00_a"), needs=[]),
+           _notebook(tmp_path / "02_c.ipynb", BODY + "\nfor d in ('00_a', '01_b'):\n"
+                     "    assert (pathlib.Path(out_dir).parent / d / 'started').exists()")]
+    assert waits_for(nbs) == {"00_a": set(), "01_b": set(), "02_c": {"00_a", "01_b"}}
+    results = run_study(tmp_path / "run", notebook_paths=nbs, jobs=2)
+    assert [(r.name, r.status) for r in results] == [("00_a", "ok"), ("01_b", "ok"), ("02_c", "ok")]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["steps"]] == ["00_a", "01_b", "02_c"]
+
+
+def test_after_a_failure_nothing_new_starts_and_the_notebook_running_beside_it_finishes(tmp_path):
+    """00 fails while 01 (needing nothing) runs beside it: 01 finishes and is kept, 02 does not start."""
+    nbs = [_notebook(tmp_path / "00_a.ipynb", BODY, fail=True, needs=[]),
+           _notebook(tmp_path / "01_b.ipynb", BODY + "\nimport time\ntime.sleep(3)", needs=[]),
+           _notebook(tmp_path / "02_c.ipynb", BODY, needs=["01"])]
+    results = run_study(tmp_path / "run", notebook_paths=nbs, jobs=2)
+    assert [(r.name, r.status) for r in results] == [("00_a", "failed"), ("01_b", "ok"), ("02_c", "not run")]
+    with pytest.raises(DmdiffError, match="--jobs 0"):
+        run_study(tmp_path / "other", notebook_paths=nbs, jobs=0)
 
 
 def test_parse_params():
