@@ -27,7 +27,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,9 @@ from typing import Any
 import nbformat
 import nbformat.sign
 import papermill
+from jupyter_client import AsyncKernelManager
 from tqdm.auto import tqdm
+from traitlets import default
 
 from dmdiff.errors import EXIT_PARTIAL, DmdiffError
 from dmdiff.outputs import atomic_write_text, claim_folder, write_json
@@ -185,13 +189,29 @@ def _failure_details(exc: BaseException, executed: Path) -> dict:
     return details
 
 
+class LocalSocketKernelManager(AsyncKernelManager):
+    """A kernel manager whose kernel listens on unix-domain sockets of its own (in the temporary
+    folder) instead of TCP ports: kernels that start at the same time in several processes (the
+    study's notebooks, the test workers) cannot race for a free port, and nothing listens on the
+    network."""
+
+    @default("transport")
+    def _transport_default(self) -> str:
+        return "ipc"
+
+    @default("ip")
+    def _ip_default(self) -> str:
+        return os.path.join(tempfile.gettempdir(), f"dmdiff-kernel-{uuid.uuid4().hex}")
+
+
 def run_notebook(path: Path, executed: Path, params: dict, cwd: Path) -> None:
-    """Execute one notebook with papermill (kernel ``python3``), writing the executed copy."""
+    """Execute one notebook with papermill (kernel ``python3`` on :class:`LocalSocketKernelManager`),
+    writing the executed copy."""
 
     executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(path), str(executed), parameters=params, kernel_name="python3", cwd=str(cwd),
-        progress_bar=False, request_save_on_cell_execute=True,
+        progress_bar=False, request_save_on_cell_execute=True, kernel_manager_class=LocalSocketKernelManager,
     )
     # Trust the output for the user who ran it (as `jupyter trust` does): JupyterLab draws widget
     # outputs (the α panel, progress bars) only in trusted notebooks, else their text fallback.

@@ -25,7 +25,7 @@ import papermill
 import pytest
 from conftest import perturb_trainable
 
-from dmdiff.repro import NOTEBOOK_DIR
+from dmdiff.repro import NOTEBOOK_DIR, LocalSocketKernelManager
 
 NOTEBOOK = "04_tunable_decoding.ipynb"
 INSTALL = "install with: apt-get install chromium chromium-driver (and pip install -e '.[dev]' for selenium)"
@@ -245,7 +245,7 @@ def _alpha_panel_in_jupyterlab(browser, lab, tmp_path, shots):
     executed = root / "04_executed.ipynb"
     papermill.execute_notebook(str(NOTEBOOK_DIR / NOTEBOOK), str(executed), kernel_name="python3",
                                parameters={**params, "out_dir": str(tmp_path / "out-papermill")},
-                               cwd=str(root), progress_bar=False)
+                               cwd=str(root), progress_bar=False, kernel_manager_class=LocalSocketKernelManager)
     phase("notebook executed by papermill")
     _open(browser, url, token, executed.name)
     WebDriverWait(browser, WAIT_S).until(lambda d: any("a still of the α panel" in t for t in _outputs(d)))

@@ -14,7 +14,7 @@ import pytest
 
 from notebook_checks import TEACHING_TAGS, assert_ran_headless, tagged
 
-from dmdiff.repro import NOTEBOOK_DIR, notebooks
+from dmdiff.repro import NOTEBOOK_DIR, notebooks, run_notebook
 
 NOTEBOOKS = notebooks()
 #: Notebooks that teach actively: a summary, 3–5 questions with collapsed answers, a "try this" cell.
@@ -78,8 +78,7 @@ def test_notebook_runs_headless_on_its_own(path, tmp_path, psf_cache):
         params["data_dir"] = str(tmp_path / "data")
     if "run_dir" in declared:
         params["run_dir"] = str(tmp_path / "run")
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=params,
-                               kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    run_notebook(path, tmp_path / path.name, params, cwd=NOTEBOOK_DIR)
     assert_ran_headless(tmp_path / path.name, out_dir)
 
 

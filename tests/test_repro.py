@@ -117,11 +117,14 @@ MEETS = ("import pathlib, time\npathlib.Path(out_dir).mkdir(parents=True, exist_
 
 def test_notebooks_that_need_nothing_run_at_the_same_time_and_one_without_needs_waits_for_both(tmp_path):
     """00 and 01 need nothing: with two jobs they run at once (each waits for the other's start);
-    02, without the key, waits for both: with two jobs it would otherwise start beside 00."""
+    02, without the key, waits for both: with two jobs it would otherwise start beside 00. The
+    kernels talk over unix-domain sockets (kernels started at once cannot race for a TCP port)."""
     nbs = [_notebook(tmp_path / "00_a.ipynb", MEETS.format(other="01_b"), needs=[]),
            _notebook(tmp_path / "01_b.ipynb", MEETS.format(other="00_a"), needs=[]),
            _notebook(tmp_path / "02_c.ipynb", BODY + "\nfor d in ('00_a', '01_b'):\n"
-                     "    assert (pathlib.Path(out_dir).parent / d / 'started').exists()")]
+                     "    assert (pathlib.Path(out_dir).parent / d / 'started').exists()\n"
+                     "from ipykernel import get_connection_info\n"
+                     "assert json.loads(get_connection_info())['transport'] == 'ipc'")]
     assert waits_for(nbs) == {"00_a": set(), "01_b": set(), "02_c": {"00_a", "01_b"}}
     results = run_study(tmp_path / "run", notebook_paths=nbs, jobs=2)
     assert [(r.name, r.status) for r in results] == [("00_a", "ok"), ("01_b", "ok"), ("02_c", "ok")]
