@@ -315,6 +315,7 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
                 continue  # a skipped step may let others start
             if not running:
                 break
+            bar.set_postfix_str("running " + ", ".join(sorted(n[:2] for n in running.values())))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)
