@@ -249,6 +249,20 @@ def _report(run_dir: Path, results: list[StepResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plan_steps(paths: list[Path], shared: dict, out: Path) -> dict[str, tuple[Path, dict, str]]:
+    """For each notebook of ``paths`` (a :func:`run_order`): its path, the parameters it declares
+    among ``shared`` (plus its ``out_dir``) and its ``params_hash``, keyed by stem."""
+    names = {p.name[:2]: p.stem for p in paths}
+    steps: dict[str, tuple[Path, dict, str]] = {}
+    for path in paths:
+        declared = declared_parameters(path)
+        params = {k: v for k, v in shared.items() if k in declared}
+        params["out_dir"] = str(out / path.stem)
+        needed = {names[n]: steps[names[n]][2] for n in needs(path) or []}
+        steps[path.stem] = (path, params, _params_hash(params, needed))
+    return steps
+
+
 def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
               extra: dict | None = None, resume: bool = False,
               notebook_paths: list[Path] | None = None, jobs: int | None = None) -> list[StepResult]:
@@ -272,15 +286,8 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
     shared = {"seed": seed, "preset": preset, "smoke": smoke,
               "data_dir": str(out / "data"), "run_dir": str(out / "train"), **(extra or {})}
     paths = run_order(notebook_paths or notebooks())
-    names = {p.name[:2]: p.stem for p in paths}
     waits = waits_for(paths)
-    steps: dict[str, tuple[Path, dict, str]] = {}
-    for path in paths:
-        declared = declared_parameters(path)
-        params = {k: v for k, v in shared.items() if k in declared}
-        params["out_dir"] = str(out / path.stem)
-        needed = {names[n]: steps[names[n]][2] for n in needs(path) or []}
-        steps[path.stem] = (path, params, _params_hash(params, needed))
+    steps = _plan_steps(paths, shared, out)
 
     results: dict[str, StepResult] = {}
 
