@@ -44,7 +44,7 @@ from traitlets import default
 
 from dmdiff.errors import EXIT_PARTIAL, DmdiffError
 from dmdiff.outputs import atomic_write_text, claim_folder, write_json
-from dmdiff.runinfo import provenance
+from dmdiff.runinfo import provenance, usable_cores
 
 #: The kind of output folder a study is (:mod:`dmdiff.outputs`).
 STUDY_KIND = "study"
@@ -118,11 +118,6 @@ def waits_for(ordered: list[Path]) -> dict[str, set[str]]:
         waits[path.stem] = ({p.stem for p in ordered[:index]} if declared is None
                             else {stems[n] for n in declared})
     return waits
-
-
-def default_jobs() -> int:
-    """How many notebooks run at once by default: one per core this process may use."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -266,7 +261,7 @@ def _plan_steps(paths: list[Path], shared: dict, out: Path) -> dict[str, tuple[P
 def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 0,
               extra: dict | None = None, resume: bool = False,
               notebook_paths: list[Path] | None = None, jobs: int | None = None) -> list[StepResult]:
-    """Run every notebook, up to ``jobs`` at once (None: :func:`default_jobs`), each when those it
+    """Run every notebook, up to ``jobs`` at once (None: one per core, :func:`~dmdiff.runinfo.usable_cores`), each when those it
     :func:`waits_for` have run; returns the per-step results in :func:`run_order` (also written to
     the manifest after every step).
 
@@ -274,7 +269,7 @@ def run_study(out: Path, preset: str = "tiny", smoke: bool = False, seed: int = 
         DmdiffError: ``out`` holds files that are not a dmdiff study's (:func:`dmdiff.outputs.claim_folder`),
             or ``jobs`` is not positive.
     """
-    jobs = default_jobs() if jobs is None else jobs
+    jobs = usable_cores() if jobs is None else jobs
     if jobs < 1:
         raise DmdiffError(f"--jobs {jobs}: at least one notebook must run at a time")
     out = claim_folder(Path(out).resolve(), STUDY_KIND, study_folder_parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -20,6 +21,11 @@ from dmdiff.outputs import (  # noqa: F401
 
 PACKAGES = ("dmdiff", "torch", "torchvision", "numpy", "scipy", "scikit-image", "diffusers",
             "transformers", "peft", "accelerate", "safetensors", "deepinv", "lpips", "papermill")
+
+
+def usable_cores() -> int:
+    """How many CPU cores this process may run on (its affinity where the OS reports one), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def package_versions() -> dict[str, str | None]:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,7 +55,7 @@ from tqdm.auto import tqdm
 from dmdiff.config import merge, to_dict
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.outputs import write_json
-from dmdiff.runinfo import provenance
+from dmdiff.runinfo import provenance, usable_cores
 from dmdiff.runs import ABLATIONS_DIR, CONFIG, REPORT, STAGE2, is_complete
 from dmdiff.train.config import TrainConfig, load_train_config, stage_config
 from dmdiff.train.loop import train
@@ -199,8 +198,7 @@ def default_workers(cfg: TrainConfig, pending: int) -> int:
 
     if pending <= 1 or cfg.threads is None or torch.cuda.is_available():
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(pending, cores // cfg.threads))
+    return max(1, min(pending, usable_cores() // cfg.threads))
 
 
 def _train_ablation(config: TrainConfig, run: Path, name: str) -> None:
