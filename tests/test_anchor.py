@@ -267,7 +267,7 @@ def test_wiener_grid_chunks_and_kept_gains_change_nothing(monkeypatch):
                               ("a", small, first, NSR), ("c", large, first, NSR), ("d", small, first, 4 * NSR),
                               ("a", small, first, NSR)]:
         assert torch.equal(wiener_varying_large_scales(x, grid, nsr), expected[key]), key
-    assert kept._gains is not None
+    assert len(kept._kept) == deconvolution.KEPT_GAINS
     monkeypatch.setattr(deconvolution, "WIENER_CHUNK_BYTES", 1)              # one node at a time
     monkeypatch.setattr(deconvolution, "_wiener_gains", deconvolution._WienerGains())
     chunked = wiener_varying_large_scales(torch.cat([small, small.flip(-1)]), first, NSR)
@@ -312,3 +312,69 @@ def test_wiener_anchor_is_the_lowpass_of_the_grid_deconvolution(wiener_anchored,
 def test_wiener_anchor_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DMDiffConfig(**{"anchor_sigma_px": SIGMA, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"anchor_wiener_nsr": NSR, "input_wiener_nsr": 0}, "input_wiener_nsr must be"),
+    ({"anchor_wiener_nsr": NSR, "input_wiener_nsr": "3e-3"}, "input_wiener_nsr must be"),
+    ({"input_wiener_nsr": 3e-3}, "set anchor_wiener_nsr")])
+def test_deconvolved_input_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DMDiffConfig(**{"anchor_sigma_px": SIGMA, **kwargs})
+
+
+def test_deconvolved_input_keeps_the_captures_fine_detail_and_undoes_the_blur_above_it():
+    """W(x) + x − B(x): with a lens that does not blur (one-pixel PSFs) the capture comes back; with
+    the lens-like grid the scene's blurred large scales come back (far closer than the capture's),
+    while pixel-level detail added to the capture passes through as it is."""
+    from dmdiff.optics.blur import SpatiallyVaryingBlur
+    from dmdiff.optics.deconvolution import check_psf_grid, wiener_varying_with_fine_detail
+    from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
+
+    x = torch.from_numpy(np.random.default_rng(5).uniform(0.1, 0.9, (1, 3, 40, 44))).float()
+    sharp = np.zeros((3, 3, 3, 9, 9))
+    sharp[..., 4, 4] = 1
+    assert torch.allclose(wiener_varying_with_fine_detail(x, torch.from_numpy(check_psf_grid(sharp)), 1e-8),
+                          x, atol=1e-4)
+    grid = torch.from_numpy(check_psf_grid(lens_like_grid()))
+    scene = smooth_scene()
+    capture = linear_to_srgb(SpatiallyVaryingBlur(grid)(srgb_to_linear(scene).double()).float().clamp(0, 1))
+    seen = wiener_varying_with_fine_detail(capture, grid, NSR)
+    assert seen.shape == capture.shape and seen.dtype == capture.dtype
+
+    def error(a):
+        return float((gaussian_lowpass(a, SIGMA) - gaussian_lowpass(scene, SIGMA)).abs().mean())
+    assert error(seen) < 0.5 * error(capture)
+    grain = 0.02 * torch.from_numpy(np.random.default_rng(6).standard_normal(capture.shape)).float()
+    passed = wiener_varying_with_fine_detail(capture + grain, grid, NSR) - seen   # pixel-level detail passes
+    assert 0.8 < float((passed * grain).sum() / (grain * grain).sum()) < 1.5     # with gain about 1
+    with pytest.raises(DmdiffError, match="odd"):
+        wiener_varying_with_fine_detail(capture, grid, NSR, scale=1)
+
+
+def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path):
+    """A model with input_wiener_nsr restores from the deconvolved capture: its latents are those of
+    path_latents on network_input(x), not on x; the anchor still comes from the capture; the tiled
+    restore deconvolves the whole photo before cutting tiles (so its tiles' latents differ from
+    tiling the raw capture); the pipeline keeps the setting."""
+    from dmdiff.model.dmdiff import network_input
+    from dmdiff.model.tiling import tiled_latents
+
+    model = make_model(anchor_sigma_px=SIGMA, anchor_wiener_nsr=NSR, input_wiener_nsr=3e-3)
+    model.set_anchor_psf(lens_like_grid())
+    x, maps = _images(hw=(64, 64)), _maps()
+    seen = network_input(x, model.config, model.anchor_psf)
+    assert (seen - x).abs().mean() > 1e-3 and torch.equal(model.network_input(x), seen)
+    latents = model.restore_latents(x, maps)
+    assert torch.equal(latents.z_positive, model.path_latents(seen, maps).z_positive)
+    assert not torch.allclose(latents.z_positive, model.path_latents(x, maps).z_positive, atol=1e-4)
+    assert torch.equal(latents.anchor, model.input_anchor(x))
+    tiled = tiled_latents(model, x, maps, tile=32, overlap=8)
+    plain = make_model(anchor_sigma_px=SIGMA, anchor_wiener_nsr=NSR)
+    plain.load_trainable_state_dict(model.trainable_state_dict())
+    plain.set_anchor_psf(lens_like_grid())
+    assert torch.allclose(tiled.z_positive, tiled_latents(plain, seen, maps, tile=32, overlap=8).z_positive,
+                          atol=1e-5)
+    loaded = DMDiffPipeline.from_pretrained(DMDiffPipeline.from_model(model).save_pretrained(tmp_path / "p")).model
+    assert loaded.config.input_wiener_nsr == 3e-3
+    assert torch.allclose(loaded.restore(x, maps), model.restore(x, maps), atol=1e-6)

@@ -187,7 +187,7 @@ def test_maps_swap_refuses_what_it_cannot_swap(family, tmp_path, capsys):
 
 def test_config_files_extend_others(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: tiny\nsteps: 7\n")
-    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_wiener_nsr: null}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_wiener_nsr: null, input_wiener_nsr: null}\n")
     cfg = load_train_config(tmp_path / "child.yaml")
     tiny = load_train_config("configs/tiny.yaml")
     assert cfg.steps == 7 and cfg.model.anchor_wiener_nsr is None and tiny.model.anchor_wiener_nsr is not None
@@ -233,7 +233,7 @@ def test_family_model_anchors_each_capture_with_its_own_lens(family, tmp_path):
     from dmdiff.model.pipeline import CONFIG_FILE, DMDiffPipeline
     from dmdiff.optics.deconvolution import check_psf_grid
     from dmdiff.restore import restore
-    from dmdiff.train.data import frame_anchor
+    from dmdiff.train.data import frame_products
     from dmdiff.train.loop import train
 
     cfg = load_train_config({"data": str(family), "crop_px": 32, "batch_size": 2, "steps": 2, "lr": 1e-3,
@@ -245,7 +245,7 @@ def test_family_model_anchors_each_capture_with_its_own_lens(family, tmp_path):
     for i, name in enumerate(train_set.names):
         first.setdefault(meta["images"][name]["lens"], i)
     (a, b) = sorted(first.values())[:2]
-    anchor = frame_anchor(cfg.model, family)
+    anchor = frame_products(cfg.model, family)["anchor"]
     for i, other in ((a, b), (b, a)):
         name, x = train_set.names[i], train_set[i]["lr"][None]
         own = colour_anchor(x, cfg.model, torch.from_numpy(check_psf_grid(grids(name))).float())

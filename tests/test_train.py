@@ -504,12 +504,13 @@ def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(datase
     from dmdiff.model.dmdiff import colour_anchor
     from dmdiff.model.pipeline import DMDiffPipeline
     from dmdiff.optics.deconvolution import check_psf_grid
-    from dmdiff.train.data import frame_anchor
+    from dmdiff.train.data import frame_products
 
     model = {"anchor_sigma_px": 4.0, "anchor_wiener_nsr": 1e-3}
     cfg = load_train_config(tiny(dataset, steps=2, model=model))
     grid = dataset_psf_grid(dataset)[0]
-    sets = [ds.with_anchor(frame_anchor(cfg.model, ds.root)) for ds in open_train_sets(cfg)]
+    assert set(frame_products(cfg.model, dataset)) == {"anchor"}
+    sets = [ds.with_frame_products(frame_products(cfg.model, ds.root)) for ds in open_train_sets(cfg)]
     whole = PairedFolderDataset(dataset, "train")[1]
     full = colour_anchor(whole["lr"][None], cfg.model, torch.from_numpy(check_psf_grid(grid)).float())[0]
     item = sets[0][1]
@@ -532,6 +533,46 @@ def test_wiener_anchor_trains_with_the_datas_grid_and_whole_frame_anchors(datase
     assert torch.equal(loaded.anchor_psf, stored)
     with pytest.raises(ConfigError, match="exposure_range cannot be combined"):
         load_train_config(tiny(dataset, model=model, exposure_range=[0.5, 2.0]))
+
+
+def test_deconvolved_input_is_cut_from_whole_frames_for_the_paths_that_read_the_capture(dataset, tmp_path, psf_cache):
+    """With input_wiener_nsr every positive or neutral sample's network input is the crop of its whole
+    frame's deconvolved capture (not the raw crop, not the deconvolution of the crop), the negative
+    path's the scene; the trained pipeline keeps the setting and restores from the deconvolved photo."""
+    from dmdiff.data.dataset import dataset_psf_grid
+    from dmdiff.model.dmdiff import network_input
+    from dmdiff.model.pipeline import DMDiffPipeline
+    from dmdiff.optics.deconvolution import check_psf_grid
+    from dmdiff.train.data import frame_products
+
+    model = {"anchor_sigma_px": 4.0, "anchor_wiener_nsr": 1e-3, "input_wiener_nsr": 3e-3}
+    cfg = load_train_config(tiny(dataset, steps=2, model=model,
+                                 path_probs={"positive": 1.0, "neutral": 1.0, "negative": 1.0}))
+    grid = torch.from_numpy(check_psf_grid(dataset_psf_grid(dataset)[0])).float()
+    assert set(frame_products(cfg.model, dataset)) == {"anchor", "lr_input"}
+    sets = [ds.with_frame_products(frame_products(cfg.model, ds.root)) for ds in open_train_sets(cfg)]
+    whole = PairedFolderDataset(dataset, "train")[1]
+    full = network_input(whole["lr"][None], cfg.model, grid)[0]
+    item = sets[0][1]
+    matches = [torch.equal(item["lr_input"], f[:, y:y + 32, x:x + 32]) for f in (full, full.flip(-1))
+               for y in range(SIZE - 31) for x in range(SIZE - 31)
+               if torch.equal(item["lr"], (whole["lr"] if f is full else whole["lr"].flip(-1))[:, y:y + 32, x:x + 32])]
+    assert matches and all(matches)
+    assert not torch.allclose(item["lr_input"], network_input(item["lr"][None], cfg.model, grid)[0], atol=1e-4)
+    batches, seen = StepBatches(sets, cfg, 6), set()
+    for m in range(6):
+        batch = batches[m]
+        for i, slot in enumerate(batches.slots(m)):
+            pair, path = batches.item(int(slot), batches.pair_index(int(slot))), PATHS[int(batch["path"][i])]
+            assert torch.equal(batch["input"][i], pair["gt"] if path == "negative" else pair["lr_input"]), path
+            seen.add(path)
+    assert seen == set(PATHS)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    loaded = DMDiffPipeline.from_pretrained(out / "pipeline").model
+    assert loaded.config.input_wiener_nsr == 3e-3
+    x = whole["lr"][None]
+    assert torch.equal(loaded.restore_latents(x).z_positive, loaded.path_latents(full[None]).z_positive)
 
 
 def test_loss_weights_by_path():

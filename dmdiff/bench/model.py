@@ -172,17 +172,18 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         tile: the pipeline's tile side in px (None: the whole image in one call); overlap 32 px.
         layout: ``{"unet": config, "vae": config}`` of a random-init tiny backbone to time instead of
             the preset's (e.g. :data:`PREVIOUS_TINY_LAYOUT`).
-        anchored: with the colour anchor of ``configs/tiny.yaml``'s model (the Wiener filter of the
-            PSF grid, :data:`dmdiff.bench.restore.MODEL`, on a Gaussian stand-in grid of the default
-            lens's shape), as the default recipe's model restores.
+        anchored: with the colour anchor and deconvolved input of ``configs/tiny.yaml``'s model
+            (Wiener filters of the PSF grid, :data:`dmdiff.bench.restore.MODEL`, on a Gaussian
+            stand-in grid of the default lens's shape), as the default recipe's model restores.
 
     Returns:
         ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "peak_rss_bytes",
         "stages_s", "anchor_s"}``: medians over ``repeats`` timed calls (seconds; one above
         :data:`REPEAT_LIMIT` px), the backbone's source, the peak memory of the first restore at this
         size (bytes above the usage before it, and the process's peak), the median time per stage of
-        a restore, and the colour anchor's time in a restore (0 without it; its filter gains kept from
-        the restore before, as in a folder of photos of one size).
+        a restore, and the time in a restore of the colour anchor and the deconvolved network input
+        (0 without them; their filter gains kept from the restore before, as in a folder of photos of
+        one size).
     """
 
     torch.set_num_threads(threads)
@@ -214,7 +215,7 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
     for _ in range(repeats - 1 if size <= REPEAT_LIMIT else 0):
         timed_restore()
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
-    anchor_s = timed(lambda: model.input_anchor(x), device)[0] if anchored else 0.0
+    anchor_s = timed(lambda: (model.input_anchor(x), model.network_input(x)), device)[0] if anchored else 0.0
     return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
             "ratio": decode / restore, "peak_bytes": memory.bytes, "peak_rss_bytes": memory.peak,
             "stages_s": {s: statistics.median(lap[s] for lap in stages.laps) for s in STAGES}, "anchor_s": anchor_s}
@@ -258,7 +259,7 @@ def _mib(n: int) -> str:
 def _row(label: str, r: dict) -> str:
     parts = [f"{s} {r['stages_s'][s]:.2f}" for s in STAGES]
     if r["anchor_s"] > 0:
-        parts.append(f"colour anchor {r['anchor_s']:.2f}")
+        parts.append(f"anchor and deconvolved input {r['anchor_s']:.2f}")
     stages = ", ".join(parts)
     return (f"{label:<10}{r['restore_s']:>9.2f}s{r['decode_s']:>10.3f}s{r['ratio']:>8.3f}"
             f"{'+' + _mib(r['peak_bytes']):>11}{_mib(r['peak_rss_bytes']):>11}   {stages} s")

@@ -57,7 +57,7 @@ TARGET = 1.3
 #: The baseline row: a sequential restore computing both paths, as every restore did before.
 BASELINE = "sequential, both paths"
 #: The model settings of ``configs/tiny.yaml``.
-MODEL = dict(anchor_sigma_px=12.0, anchor_wiener_nsr=2.0e-4)
+MODEL = dict(anchor_sigma_px=12.0, anchor_wiener_nsr=2.0e-4, input_wiener_nsr=3.0e-3)
 
 
 def gaussian_psf_grid(grid: int = 7, size: int = 63,

@@ -255,7 +255,7 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         vflips: random vertical flips.
         use_maps: load ``maps/<name>.npy`` when the folder has them (False ignores them).
 
-    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``; ``anchor``, :meth:`with_anchor`) float32 tensors ``(3, h, w)`` sRGB in
+    Items are dicts: ``lr``, ``gt`` (and ``gt_blur``; the products of :meth:`with_frame_products`) float32 tensors ``(3, h, w)`` sRGB in
     ``[0, 1]``, ``maps`` float32 ``(7, G, G)`` when present, ``name`` (str).
 
     Raises:
@@ -265,8 +265,8 @@ class PairedFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str = "train", crop_px: int | None = None, seed: int = 0,
                  *, flips: bool = False, vflips: bool = False, use_maps: bool = True):
         self.root = Path(root)
-        self.anchor: Callable[[torch.Tensor, str], torch.Tensor] | None = None
-        self._anchors: dict[int, np.ndarray] = {}
+        self.frame_products: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {}
+        self._products: dict[tuple[str, int], np.ndarray] = {}
         self.split = split
         self.crop_px = crop_px
         self.seed = int(seed)
@@ -388,8 +388,8 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         images = {"lr": read_image(self.lr_paths[index]), "gt": read_image(self.gt_paths[index])}
         if self.gt_blur_paths is not None:
             images["gt_blur"] = read_image(self.gt_blur_paths[index])
-        if self.anchor is not None:
-            images["anchor"] = self._whole_anchor(index, images["lr"])
+        for key in self.frame_products:
+            images[key] = self._whole_product(key, index, images["lr"])
         maps = np.load(self.map_paths[index], allow_pickle=False) if self.map_paths is not None else None
         height, width = images["gt"].shape[:2]
         for key, img in images.items():
@@ -418,18 +418,20 @@ class PairedFolderDataset(torch.utils.data.Dataset):
         item["name"] = self.names[index]
         return item
 
-    def with_anchor(self, anchor: Callable[[torch.Tensor, str], torch.Tensor]) -> PairedFolderDataset:
-        """This dataset (a copy: same files, already checked) whose items also carry ``anchor``: a
-        function ``anchor(lr, name)`` of a whole ``lr`` image ``(1, 3, H, W)`` and its name → ``(1, 3,
-        H, W)`` (a model's colour anchor with the image's lens, :func:`dmdiff.train.data.frame_anchor`),
-        computed once per image and kept in memory, then cropped and flipped with the images."""
-        anchored = copy.copy(self)
-        anchored.anchor, anchored._anchors = anchor, {}
-        return anchored
+    def with_frame_products(self, products: dict[str, Callable[[torch.Tensor, str], torch.Tensor]]) -> PairedFolderDataset:
+        """This dataset (a copy: same files, already checked) whose items also carry, under each key
+        of ``products``, ``product(lr, name)``: a function of a whole ``lr`` image ``(1, 3, H, W)``
+        and its name → ``(1, 3, H, W)`` (a model's colour anchor or network input with the image's
+        lens, :func:`dmdiff.train.data.frame_products`), computed once per image and kept in memory,
+        then cropped and flipped with the images."""
+        copied = copy.copy(self)
+        copied.frame_products, copied._products = dict(products), {}
+        return copied
 
-    def _whole_anchor(self, index: int, lr: np.ndarray) -> np.ndarray:
-        """``anchor`` of the whole ``lr`` image ``(H, W, 3)`` → ``(H, W, 3)`` float32, once per index."""
-        if index not in self._anchors:
+    def _whole_product(self, key: str, index: int, lr: np.ndarray) -> np.ndarray:
+        """Product ``key`` of the whole ``lr`` image ``(H, W, 3)`` → ``(H, W, 3)`` float32, once per index."""
+        if (key, index) not in self._products:
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1), dtype=np.float32))[None]
-            self._anchors[index] = self.anchor(x, self.names[index])[0].cpu().numpy().transpose(1, 2, 0)
-        return self._anchors[index]
+            self._products[key, index] = (self.frame_products[key](x, self.names[index])[0].cpu().numpy()
+                                          .transpose(1, 2, 0))
+        return self._products[key, index]

@@ -58,6 +58,7 @@ from dmdiff.optics.deconvolution import (
     check_psf_grid,
     richardson_lucy_srgb,
     wiener_varying_large_scales,
+    wiener_varying_with_fine_detail,
 )
 
 ALPHA_RANGE = (0.0, 1.2)      # fidelity (0) … perceptual (1), slight extrapolation allowed
@@ -118,6 +119,15 @@ class DMDiffConfig:
         ``dmdiff evaluate`` from the dataset's ``lens.json`` and by ``dmdiff restore --lens``). The anchor of a training crop
         is cut from its whole frame's (:mod:`dmdiff.train.data`), as at inference, where a tiled
         photo is anchored whole. Needs ``anchor_sigma_px``; excludes ``anchor_rl_iterations``.
+    input_wiener_nsr: deconvolve the network's input too: the positive and neutral paths see
+        ``W(x) + x − B(x)`` instead of the capture ``x``
+        (:func:`~dmdiff.optics.deconvolution.wiener_varying_with_fine_detail`, blocks of
+        :data:`ANCHOR_WIENER_SCALE_PX` px, this regularisation weight, the same PSF grid as the
+        anchor): its large and middle scales deconvolved with each part of the field's own PSF, its
+        finest detail as captured, so the network no longer has to undo blur wider than its training
+        crop. Computed on whole frames, like the anchor (training crops are cut from their frame's,
+        tiles from the photo's). The negative path's input, the scene, is never changed. None: the
+        capture as it is. Needs ``anchor_wiener_nsr`` (it uses the grid that anchor keeps).
     path_modulation: give each path its own learned modulation of the UNet's LoRA in every block
         (``M = M_svda + P_path``, ``P`` zero at initialisation), besides its prompt. The prompt alone
         reaches the UNet through cross-attention only, which the tiny backbone has at its two coarsest
@@ -142,6 +152,7 @@ class DMDiffConfig:
     anchor_sigma_px: float | None = None
     anchor_rl_iterations: int | None = None
     anchor_wiener_nsr: float | None = None
+    input_wiener_nsr: float | None = None
     path_modulation: bool = True
     recommended_alpha: float | None = None
     prompts: Prompts = field(default_factory=Prompts)
@@ -175,6 +186,13 @@ class DMDiffConfig:
             if self.anchor_rl_iterations is not None:
                 raise ConfigError("anchor_rl_iterations and anchor_wiener_nsr are two ways to deconvolve the "
                                   "colour anchor: set one of them (the other null)")
+        if self.input_wiener_nsr is not None:
+            v = self.input_wiener_nsr
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6:
+                raise ConfigError(f"input_wiener_nsr must be a positive number or None, got {v!r}")
+            if self.anchor_wiener_nsr is None:
+                raise ConfigError("input_wiener_nsr deconvolves the input with the PSF grid of the Wiener colour "
+                                  "anchor: set anchor_wiener_nsr (and anchor_sigma_px) too, or input_wiener_nsr: null")
         if self.recommended_alpha is not None:
             try:
                 self.recommended_alpha = check_alpha(self.recommended_alpha)
@@ -204,6 +222,16 @@ class DMDiffConfig:
 
 
 @torch.no_grad()
+def network_input(x: torch.Tensor, config: DMDiffConfig, psf: torch.Tensor | None) -> torch.Tensor:
+    """What the positive and neutral paths' network sees of the captures ``x`` ``(B, 3, H, W)`` → same:
+    ``x`` itself, or with ``config.input_wiener_nsr`` the capture deconvolved with the PSF grid ``psf``
+    ``(3, G, G, K, K)`` at large and middle scales (:func:`wiener_varying_with_fine_detail`); no
+    gradient. A function of its arguments alone, so a dataset can compute it on whole training frames."""
+    if config.input_wiener_nsr is None:
+        return x
+    return wiener_varying_with_fine_detail(x, psf, config.input_wiener_nsr, ANCHOR_WIENER_SCALE_PX)
+
+
 def colour_anchor(x: torch.Tensor, config: DMDiffConfig, psf: torch.Tensor | None) -> torch.Tensor:
     """The colour anchor of ``config`` for the images ``x`` ``(B, 3, H, W)`` → same: ``G_σ(x)``,
     ``G_σ(RL_n(x))`` or ``G_σ(W(x))`` (``DMDiffConfig.anchor_sigma_px``, ``anchor_rl_iterations``,
@@ -324,9 +352,12 @@ class DMDiff(nn.Module):
         """One differentiable step along ``path``: ``(B, 3, H, W)`` → ``(B, 3, H, W)``, about [0, 1] (not clamped).
 
         ``path`` is one path for the whole batch or a sequence of B paths, one per sample (still one
-        VAE-encoder and one UNet call: each sample cross-attends to its own prompt). ``anchor``: the
-        colour anchor ``(B, 3, H, W)`` of ``x`` when the caller has it (a crop's, cut from its whole
-        frame's); None: :meth:`input_anchor` of ``x``.
+        VAE-encoder and one UNet call: each sample cross-attends to its own prompt). ``x`` is what the
+        network sees: for the positive and neutral paths of a model with a deconvolved input
+        (``config.input_wiener_nsr``), :meth:`network_input` of the capture (training cuts it from
+        the whole frame's), else the capture; for the negative path the scene. ``anchor``: the
+        colour anchor ``(B, 3, H, W)`` of the capture when the caller has it (a crop's, cut from its
+        whole frame's); None: :meth:`input_anchor` of ``x`` (only right when ``x`` is the capture).
         """
         paths = [path] * len(x) if isinstance(path, str) else list(path)
         if len(paths) != len(x):
@@ -456,7 +487,9 @@ class DMDiff(nn.Module):
         used as it is; None: computed here. Models without an anchor ignore it. ``paths``: as in
         :meth:`path_latents`.
         """
-        latents = self.path_latents(lr, maps, paths)
+        with self._inference():
+            seen = self.network_input(lr.to(self.device, self.dtype))
+        latents = self.path_latents(seen, maps, paths)
         if self.config.anchor_sigma_px is not None:
             with self._inference():
                 latents.anchor = self.input_anchor(lr.to(self.device, self.dtype)) if anchor is None else anchor
@@ -464,7 +497,8 @@ class DMDiff(nn.Module):
 
     def path_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
                      paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
-        """The x0 latents (:meth:`latents`) of ``lr`` ``(B, 3, H, W)`` with its ``maps``
+        """The x0 latents (:meth:`latents`) of ``lr`` ``(B, 3, H, W)`` — the network's input,
+        :meth:`network_input` of the capture — with its ``maps``
         ``(B, 7, G', G')`` or None, without the colour anchor (``anchor`` None): one VAE encoding and
         one batched UNet call of the ``paths`` (both by default; :func:`decoded_paths` ``(α)`` for one decoding only: at α = 0
         or 1 the UNet runs half the batch, and the path computed agrees with the two-path call to
@@ -490,6 +524,25 @@ class DMDiff(nn.Module):
         Raises:
             DmdiffError: the model deconvolves but has no PSF (:meth:`set_anchor_psf`).
         """
+        self._check_psf()
+        return colour_anchor(x, self.config, self.anchor_psf)
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the positive and neutral paths' network sees of the captures ``x`` ``(B, 3, H, W)`` →
+        same: ``x``, or with ``config.input_wiener_nsr`` its deconvolution with the lens's PSF grid
+        at large and middle scales (:func:`network_input`; no gradient). ``x`` is a whole frame (the
+        grid spans it).
+
+        Raises:
+            DmdiffError: the model deconvolves but has no PSF (:meth:`set_anchor_psf`).
+        """
+        if self.config.input_wiener_nsr is None:
+            return x
+        self._check_psf()
+        return network_input(x, self.config, self.anchor_psf)
+
+    def _check_psf(self) -> None:
+        """DmdiffError when the model deconvolves (its anchor, and its input) but has no PSF set."""
         config = self.config
         if config.anchor_deconvolves and self.anchor_psf is None:
             raise DmdiffError(f"this model's colour anchor deconvolves its input ({config.anchor_deconvolution}) "
@@ -497,7 +550,6 @@ class DMDiff(nn.Module):
                               "(dmdiff restore --lens FILE; dmdiff evaluate takes it from the dataset's lens.json); "
                               "otherwise load the model from its pipeline folder (which stores it), or call "
                               "set_anchor_psf")
-        return colour_anchor(x, config, self.anchor_psf)
 
     def set_anchor_psf(self, psf) -> None:
         """Set the PSF of the deconvolved colour anchor: the training lens's, or the lens of the captures

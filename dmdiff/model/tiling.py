@@ -13,7 +13,8 @@ linearly, so a large photo is restored tile by tile, in two blended passes:
    degradation input: SVDA's image statistics of the tile, and the optics maps resampled to the
    tile's window of the field (:func:`dmdiff.data.dataset.crop_maps`; the maps describe the full
    image). The x0 latents of both paths are blended into full latent canvases; the colour anchor
-   (models with one) is the whole image's, computed once (or given by the caller).
+   (models with one) is the whole image's, computed once (or given by the caller), and so is a
+   deconvolved network input (``DMDiffConfig.input_wiener_nsr``), which the tiles are cut from.
 2. **Decoding.** ``z(α) = (1 − α)·z_neutral + α·z_positive`` is decoded in overlapping latent tiles
    of the same layout (``tile / f`` latent cells, f = ``vae_scale_factor``) blended in pixel space,
    then cropped to the image. :func:`tiled_decode` re-decodes the cached canvases at another α
@@ -163,6 +164,9 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         if on_tile:
             on_tile(1, 1)
         return latents
+    if model.config.input_wiener_nsr is not None:     # the network's input, computed whole, then tiled
+        with torch.no_grad():
+            canvas = model.pad(model.network_input(image.to(model.device, model.dtype)))[0]
     left, _, top, _ = pad
     canvases: dict[str, torch.Tensor] = {}
     weight = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +31,8 @@ from dmdiff.optics.blur import node_weights
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 
 __all__ = ["DeconvolutionInputError", "central_psf", "check_psf", "check_psf_grid", "richardson_lucy_linear",
-           "richardson_lucy_srgb", "richardson_lucy_varying", "wiener_varying_large_scales"]
+           "richardson_lucy_srgb", "richardson_lucy_varying", "wiener_varying_large_scales",
+           "wiener_varying_with_fine_detail"]
 
 
 class DeconvolutionInputError(DmdiffError, ValueError):
@@ -213,18 +215,21 @@ def _laplacian_power(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor
 #: Bytes the spatially varying Wiener filter's per-node FFT arrays may take at once: its nodes are
 #: deconvolved in chunks that fit (all at once for one photo up to about 300 px a side).
 WIENER_CHUNK_BYTES = 64 * 2 ** 20
+#: How many sets of Wiener gains :class:`_WienerGains` keeps: the colour anchor's and the network
+#: input's of one lens and size.
+KEPT_GAINS = 2
 
 
 class _WienerGains:
-    """The last spatially varying Wiener gains computed, ``(3, G·G, S, S // 2 + 1)`` complex, kept for
-    the next call with the same kernels (by content), regulariser and extension shape: a folder of
-    photos of one size from one lens reuses them (they are 60 % of a 256² photo's anchor). Only gains
+    """The last :data:`KEPT_GAINS` spatially varying Wiener gains computed, each ``(3, G·G, S, S // 2 + 1)``
+    complex, kept for later calls with the same kernels (by content), regulariser and extension shape:
+    a folder of photos of one size from one lens reuses them (they are 60 % of a 256² photo's anchor),
+    for the colour anchor and the deconvolved network input alike (two regularisers). Only gains
     computed for all nodes at once (in one chunk) are kept. Thread-safe (a reader thread anchors photos)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._key: tuple | None = None
-        self._gains: torch.Tensor | None = None
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def __call__(self, kernels: torch.Tensor, nsr: float, shape: tuple[int, int], channels: slice,
                  nodes: slice) -> torch.Tensor:
@@ -235,15 +240,18 @@ class _WienerGains:
             key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
                    kernels.dtype, kernels.device, float(nsr), shape)
             with self._lock:
-                if key == self._key:
-                    return self._gains
+                if key in self._kept:
+                    self._kept.move_to_end(key)
+                    return self._kept[key]
         part = kernels[channels, nodes]
         otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
         denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
         gains = otf.conj_physical_().div_(denominator)              # in place: large photos' chunks
         if whole:
             with self._lock:
-                self._key, self._gains = key, gains
+                self._kept[key] = gains
+                while len(self._kept) > KEPT_GAINS:
+                    self._kept.popitem(last=False)
         return gains
 
 
@@ -285,6 +293,25 @@ def _wiener_blended(small: torch.Tensor, kernels: torch.Tensor, nsr: float, wy: 
 BY_PLANE_PX = 1024
 
 
+def _linear_blocks(images: torch.Tensor, scale: int, large: bool) -> torch.Tensor:
+    """``(B, 3, H, W)`` sRGB → ``(B, 3, ⌈H/scale⌉, ⌈W/scale⌉)`` float32 linear light averaged over
+    ``scale × scale`` blocks (edges repeated up to a multiple of ``scale``)."""
+    height, width = images.shape[-2:]
+    return by_plane(lambda x: F.avg_pool2d(F.pad(srgb_to_linear(x.float().clamp(0, 1)),
+                                                 (0, -width % scale, 0, -height % scale), mode="replicate"), scale),
+                    images, large)
+
+
+def _upsampled_srgb(small: torch.Tensor, scale: int, size: tuple[int, int], dtype: torch.dtype,
+                    large: bool) -> torch.Tensor:
+    """Inverse of :func:`_linear_blocks`' sampling: linear ``small`` upsampled bilinearly by ``scale``,
+    cut to ``size`` and returned as sRGB in ``[0, 1]`` of ``dtype``."""
+    height, width = size
+    return by_plane(lambda x: linear_to_srgb(F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                                             [..., :height, :width].clamp(0, 1)).clamp(0, 1).to(dtype),
+                    small, large)
+
+
 @torch.no_grad()
 def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, nsr: float,
                                 scale: int = 3) -> torch.Tensor:
@@ -320,17 +347,41 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     height, width = images.shape[-2:]
     large = max(height, width) > BY_PLANE_PX
     grid = psf_grid.to(images.device, torch.float32)
-    small = by_plane(lambda x: F.avg_pool2d(F.pad(srgb_to_linear(x.float().clamp(0, 1)),
-                                                  (0, -width % scale, 0, -height % scale), mode="replicate"), scale),
-                     images, large)                                       # (B, 3, h, w)
+    small = _linear_blocks(images, scale, large)                          # (B, 3, h, w)
     kernels = _summed_blocks(grid.reshape(-1, *grid.shape[-2:]), scale)  # (3·G·G, k, k)
     blended, chunked = _wiener_blended(
         small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
         node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
         node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
-    out = by_plane(lambda x: linear_to_srgb(F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-                                            [..., :height, :width].clamp(0, 1)).clamp(0, 1).to(images.dtype),
-                   blended, large)
+    out = _upsampled_srgb(blended, scale, (height, width), images.dtype, large)
     if chunked:
         release_freed_memory()        # a large photo's transients, which the allocator would keep
     return out
+
+
+@torch.no_grad()
+def wiener_varying_with_fine_detail(images: torch.Tensor, psf_grid: torch.Tensor, nsr: float,
+                                    scale: int = 3) -> torch.Tensor:
+    """A capture with its large and middle scales deconvolved and its finest detail as captured:
+    ``W(x) + x − B(x)``, ``W`` being :func:`wiener_varying_large_scales` (spatially varying Wiener
+    filter on ``scale × scale`` blocks, each part of the field with its own PSF) and ``B`` the same
+    block average and bilinear upsampling without the deconvolution, so ``x − B(x)`` is the detail
+    finer than a block that ``W`` leaves out. The network input of a model with
+    ``DMDiffConfig.input_wiener_nsr`` (the capture's noise stays in that detail, for the network to
+    judge; a 256² frame on one thread costs about what the colour anchor does).
+
+    Args:
+        images: ``(B, 3, H, W)`` sRGB in ``[0, 1]``.
+        psf_grid: ``(3, G, G, K, K)`` normalised kernels (:func:`check_psf_grid`).
+        nsr: the Wiener filter's regularisation weight > 0 (larger: smoother).
+        scale: odd block size (px), >= 3.
+
+    Returns:
+        ``(B, 3, H, W)`` of ``images``' dtype, about ``[0, 1]`` (not clamped: the fine detail may
+        reach a little outside).
+    """
+    if scale < 3 or scale % 2 == 0:
+        raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 3, got {scale!r}")
+    large = max(images.shape[-2:]) > BY_PLANE_PX
+    coarse = _upsampled_srgb(_linear_blocks(images, scale, large), scale, tuple(images.shape[-2:]), images.dtype, large)
+    return wiener_varying_large_scales(images, psf_grid, nsr, scale) + (images.clamp(0, 1) - coarse)

@@ -13,7 +13,9 @@ one would have seen. Global micro-batch ``m`` (optimizer step ``m // grad_accum`
 - **exposure** (``exposure_range``): one gain per slot from ``(seed, p)``.
 
 Targets (docs/method.md): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
-where a dataset has none); negative ``gt → lr``.
+where a dataset has none); negative ``gt → lr``. A model with a deconvolved input
+(``DMDiffConfig.input_wiener_nsr``) sees ``lr_input``, its whole frame's network input cropped with
+the pair, wherever ``lr`` is the input (:func:`path_input`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from dmdiff.data.dataset import LensGrids, PairedFolderDataset, crop_maps, gt_blur_note, has_split, read_lens
 from dmdiff.errors import DmdiffError
-from dmdiff.model.dmdiff import DMDiffConfig, colour_anchor
+from dmdiff.model.dmdiff import DMDiffConfig, colour_anchor, network_input
 from dmdiff.optics.deconvolution import check_psf_grid
 from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
 from dmdiff.train.config import PATH_IO, PATHS, TrainConfig, TrainWarning
@@ -35,9 +37,12 @@ from dmdiff.train.pseudo import pairs_lens
 
 _ORDER, _PATH_BATCH, _PATH_SAMPLE, _EXPOSURE = 1, 2, 3, 4   # stream tags of the seed sequences
 IMAGES = ("lr", "gt", "gt_blur")
-#: A colour anchor of whole images: ``anchor(frame, name)``, ``frame`` ``(1, 3, H, W)`` being image
-#: ``name`` of its dataset, → ``(1, 3, H, W)`` (:func:`frame_anchor`).
-Anchor = Callable[[torch.Tensor, str], torch.Tensor]
+#: What a model computes on whole captures, by the key a training pair carries it under: its colour
+#: anchor and its network input (:func:`frame_products`).
+FRAME_PRODUCTS = ("anchor", "lr_input")
+#: A product of whole images: ``product(frame, name)``, ``frame`` ``(1, 3, H, W)`` being image
+#: ``name`` of its dataset, → ``(1, 3, H, W)``.
+FrameProduct = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 def lens_grids(root: str | Path) -> LensGrids | None:
@@ -52,38 +57,51 @@ def lens_grids(root: str | Path) -> LensGrids | None:
     return LensGrids.of_record(pairs_lens(Path(root)) if meta is None else meta)
 
 
-def frame_anchor(model_config: DMDiffConfig, root: str | Path) -> Anchor | None:
-    """The colour anchor the dataset at ``root`` must compute on whole frames and crop with the images,
-    or None when the model computes its anchor on the training crop itself. Only the Wiener anchor
-    (``anchor_wiener_nsr``) needs whole frames: its PSF grid spans the frame, so a crop's anchor is
-    the part of its frame's that the crop covers, as at inference (tiles are anchored whole). Each
-    frame is deconvolved with its own lens's grid (:func:`lens_grids`): the dataset's lens, or in a
-    lens family the image's, as ``dmdiff evaluate`` and ``dmdiff restore --lens`` do.
+def frame_products(model_config: DMDiffConfig, root: str | Path) -> dict[str, FrameProduct]:
+    """What the dataset at ``root`` must compute on whole frames and crop with the images, by key
+    (:data:`FRAME_PRODUCTS`): the colour anchor (``anchor``) of a model with the Wiener anchor
+    (``anchor_wiener_nsr``) and the network input (``lr_input``) of one with a deconvolved input
+    (``input_wiener_nsr``); empty when the model computes its anchor on the training crop itself.
+    Both deconvolve with a PSF grid that spans the frame, so a crop's is the part of its frame's that
+    the crop covers, as at inference (tiles take the whole photo's). Each frame is deconvolved with
+    its own lens's grid (:func:`lens_grids`): the dataset's lens, or in a lens family the image's,
+    as ``dmdiff evaluate`` and ``dmdiff restore --lens`` do.
 
     Raises:
         DmdiffError: the model's anchor deconvolves and ``root`` records no lens.
     """
     if model_config.anchor_wiener_nsr is None:
-        return None
+        return {}
     grids = lens_grids(root)
     if grids is None:
         raise DmdiffError(f"model.anchor_wiener_nsr: {root} has no lens.json with a lens spec (real captures?): "
                           "no PSF grid to deconvolve the colour anchor with; set model.anchor_wiener_nsr: null "
-                          "to anchor to the capture itself")
+                          "(and model.input_wiener_nsr: null) to anchor to the capture itself")
     normalised: dict[str, torch.Tensor] = {}
 
-    def anchor(frame: torch.Tensor, name: str) -> torch.Tensor:
+    def grid(name: str) -> torch.Tensor:
         key = grids.spec(name).cache_key()
         if key not in normalised:
             normalised[key] = torch.from_numpy(check_psf_grid(grids(name))).float()
-        return colour_anchor(frame, model_config, normalised[key])
+        return normalised[key]
 
-    return anchor
+    products = {"anchor": lambda frame, name: colour_anchor(frame, model_config, grid(name))}
+    if model_config.input_wiener_nsr is not None:
+        products["lr_input"] = lambda frame, name: network_input(frame, model_config, grid(name))
+    return products
+
+
+def path_input(pair: dict, source: str) -> torch.Tensor:
+    """The network input of a training or validation ``pair`` for a path reading ``source``
+    (:data:`~dmdiff.train.config.PATH_IO`): the deconvolved capture ``lr_input`` where the pair has
+    one and the path reads ``lr``, else ``pair[source]``."""
+    return pair["lr_input"] if source == "lr" and "lr_input" in pair else pair[source]
 
 
 def open_train_sets(cfg: TrainConfig) -> list[PairedFolderDataset]:
     """The train splits of ``cfg.data`` and ``cfg.extra_data`` (validated on opening; with
-    :func:`frame_anchor`, ``PairedFolderDataset.with_anchor`` adds the frames' colour anchors).
+    :func:`frame_products`, ``PairedFolderDataset.with_frame_products`` adds the frames' colour
+    anchors and network inputs).
 
     Maps are used only when every dataset has them (else none are, with a warning); a dataset
     without ``gt_blur_train/`` makes the neutral path fall back to its GT (warning), when the
@@ -124,7 +142,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     Items: ``input``, ``target`` float32 ``(B, 3, h, w)`` sRGB in ``[0, 1]``; ``path`` int64 ``(B,)``
     (index into :data:`PATHS`); ``maps`` float32 ``(B, 7, G, G)`` when the data has maps; ``anchor``
-    ``(B, 3, h, w)``, the crops of the ``lr`` frames' colour anchors, when the datasets have one;
+    ``(B, 3, h, w)``, the crops of the ``lr`` frames' colour anchors, when the datasets have one
+    (``input`` is the pair's :func:`path_input`: the deconvolved capture for a model that has one);
     ``index`` int64 ``(B,)`` (pair index into the concatenated datasets).
     """
 
@@ -182,7 +201,7 @@ class StepBatches(torch.utils.data.Dataset):
         for slot, index, path in zip(slots, indices, paths):
             pair = self.item(int(slot), index)
             source, target = PATH_IO[PATHS[path]]
-            inputs.append(pair[source])
+            inputs.append(path_input(pair, source))
             targets.append(pair.get(target, pair["gt"]))
             if "maps" in pair:
                 maps.append(pair["maps"])
@@ -213,12 +232,13 @@ def validation_split(root: str | Path) -> str:
     return "test"
 
 
-def validation_pairs(cfg: TrainConfig, use_maps: bool = True, anchor: Anchor | None = None) -> list[dict]:
+def validation_pairs(cfg: TrainConfig, use_maps: bool = True,
+                     products: dict[str, FrameProduct] | None = None) -> list[dict]:
     """``cfg.val_images`` pairs of the validation split of ``cfg.data`` (:func:`validation_split`),
     evenly spaced over the sorted names (so the crops of one photo do not fill the set), centre-cropped to
     ``val_crop_px`` (when smaller than the image): dicts of ``lr``, ``gt`` ``(3, h, w)``, ``maps``
-    ``(7, G, G)`` when present and ``use_maps``, ``anchor`` (the crop of the whole frame's) with
-    ``anchor``, ``name``.
+    ``(7, G, G)`` when present and ``use_maps``, the crops of the whole frame's ``products``
+    (:func:`frame_products`: ``anchor``, ``lr_input``), ``name``.
 
     Raises:
         DmdiffError: validation is on but ``data`` has no usable validation or test split.
@@ -232,8 +252,8 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True, anchor: Anchor | N
     except DmdiffError as e:
         raise DmdiffError(f"validation needs the {split} split of {root}: {e} (set val_images: 0 to "
                           "train without validation)") from None
-    if anchor is not None:
-        ds = ds.with_anchor(anchor)
+    if products:
+        ds = ds.with_frame_products(products)
     out = []
     count = min(cfg.val_images, len(ds))
     for i in sorted({round(k * (len(ds) - 1) / max(count - 1, 1)) for k in range(count)}):
@@ -242,7 +262,7 @@ def validation_pairs(cfg: TrainConfig, use_maps: bool = True, anchor: Anchor | N
         c = cfg.val_crop_px
         if c is not None and c < min(h, w):
             y0, x0 = (h - c) // 2, (w - c) // 2
-            pair = {k: v[:, y0:y0 + c, x0:x0 + c] if k in (*IMAGES, "anchor") else v for k, v in pair.items()}
+            pair = {k: v[:, y0:y0 + c, x0:x0 + c] if k in (*IMAGES, *FRAME_PRODUCTS) else v for k, v in pair.items()}
             if "maps" in pair:
                 pair["maps"] = torch.from_numpy(crop_maps(pair["maps"].numpy(), (h, w), (y0, x0, c, c)))
         out.append(pair)

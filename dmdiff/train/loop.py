@@ -65,7 +65,7 @@ from dmdiff.train.config import (
     TrainWarning,
     check_device_support,
 )
-from dmdiff.train.data import StepBatches, frame_anchor, lens_grids, open_train_sets, validation_pairs
+from dmdiff.train.data import StepBatches, frame_products, lens_grids, open_train_sets, path_input, validation_pairs
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
 from dmdiff.train.processes import use_cpu
@@ -120,11 +120,12 @@ def validate(model, pairs: list[dict], path: str, accelerator, batch_size: int) 
     with eval_mode(model), torch.random.fork_rng(devices=[]), accelerator.autocast():
         for i in range(0, len(mine), batch_size):
             chunk = mine[i:i + batch_size]
-            x = torch.stack([p[source] for p in chunk]).to(accelerator.device)
+            x = torch.stack([path_input(p, source) for p in chunk]).to(accelerator.device)
+            captured = torch.stack([p[source] for p in chunk])
             target = torch.stack([p.get(reference, p["gt"]) for p in chunk])
             maps = torch.stack([p["maps"] for p in chunk]).to(accelerator.device) if "maps" in chunk[0] else None
             anchor = torch.stack([p["anchor"] for p in chunk]).to(accelerator.device) if "anchor" in chunk[0] else None
-            out, ref, inp = _quantised(model(x, maps, path, anchor)), _quantised(target), _quantised(x)
+            out, ref, inp = _quantised(model(x, maps, path, anchor)), _quantised(target), _quantised(captured)
             for o, r, x_ in zip(out, ref, inp):
                 rows.append({"psnr": psnr(o, r), "ssim": ssim(o, r), "psnr_input": psnr(x_, r),
                              "ssim_input": ssim(x_, r)})
@@ -144,7 +145,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 def anchor_psf(cfg: TrainConfig):
     """The PSF grid ``(3, G, G, K, K)`` a deconvolved colour anchor stores with the model: the lens
     of ``cfg.data`` (its ``lens.json``); None for a lens-family dataset with the Wiener anchor,
-    which takes each image's own lens (:func:`dmdiff.train.data.frame_anchor`, and at inference
+    which takes each image's own lens (:func:`dmdiff.train.data.frame_products`, and at inference
     the capture's).
 
     Raises:
@@ -156,7 +157,8 @@ def anchor_psf(cfg: TrainConfig):
         return None
     if grid is None:
         key = "anchor_rl_iterations" if cfg.model.anchor_rl_iterations is not None else "anchor_wiener_nsr"
-        raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null to anchor to the capture itself")
+        also = " (and model.input_wiener_nsr: null)" if cfg.model.input_wiener_nsr is not None else ""
+        raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null{also} to anchor to the capture itself")
     return grid
 
 
@@ -219,12 +221,12 @@ def build_session(cfg: TrainConfig, out: Path, resume: str | None) -> Session:
     sets = open_train_sets(cfg)               # the data is checked before the lens's PSFs are computed
     psf = anchor_psf(cfg) if cfg.model.anchor_deconvolves else None
     if any(p > 0 for p in cfg.path_probs.normalised()[:2]):      # the positive or neutral path: anchored
-        anchors = [frame_anchor(cfg.model, ds.root) for ds in sets]
-        sets = [ds if a is None else ds.with_anchor(a) for ds, a in zip(sets, anchors)]
-        val_anchor = anchors[0]
+        products = [frame_products(cfg.model, ds.root) for ds in sets]
+        sets = [ds.with_frame_products(p) if p else ds for ds, p in zip(sets, products)]
+        val_products = products[0]
     else:
-        val_anchor = None
-    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, val_anchor)
+        val_products = {}
+    val_pairs = validation_pairs(cfg, sets[0].map_paths is not None, val_products)
     AcceleratorState._reset_state()   # keeps the processes; lets this run set its own mixed precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=use_cpu())
