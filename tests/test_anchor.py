@@ -356,7 +356,7 @@ def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path)
     """A model with input_wiener_nsr restores from the deconvolved capture: its latents are those of
     path_latents on network_input(x), not on x; the anchor still comes from the capture; the tiled
     restore deconvolves the whole photo before cutting tiles (so its tiles' latents differ from
-    tiling the raw capture); the pipeline keeps the setting."""
+    tiling the raw capture); a prepared image carries it; the pipeline keeps the setting."""
     from dmdiff.model.dmdiff import network_input
     from dmdiff.model.tiling import tiled_latents
 
@@ -375,6 +375,12 @@ def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path)
     plain.set_anchor_psf(lens_like_grid())
     assert torch.allclose(tiled.z_positive, tiled_latents(plain, seen, maps, tile=32, overlap=8).z_positive,
                           atol=1e-5)
-    loaded = DMDiffPipeline.from_pretrained(DMDiffPipeline.from_model(model).save_pretrained(tmp_path / "p")).model
+    pipe = DMDiffPipeline.from_model(model)               # a folder restore prepares it in its reader thread
+    prepared = pipe.prepare(x[0], maps[0])
+    assert torch.equal(prepared.seen, model.network_input(x[:1]))
+    assert torch.equal(pipe.latents(prepared).z_positive, model.restore_latents(x[:1], maps[:1]).z_positive)
+    assert torch.equal(pipe.latents(prepared, tile=32, overlap=8).z_positive,
+                       tiled_latents(model, x[:1], maps[:1], tile=32, overlap=8).z_positive)
+    loaded = DMDiffPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "p")).model
     assert loaded.config.input_wiener_nsr == 3e-3
     assert torch.allclose(loaded.restore(x, maps), model.restore(x, maps), atol=1e-6)

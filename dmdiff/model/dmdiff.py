@@ -478,17 +478,19 @@ class DMDiff(nn.Module):
 
     def restore_latents(self, lr: torch.Tensor, maps: torch.Tensor | None = None,
                         anchor: torch.Tensor | None = None,
-                        paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
+                        paths: Sequence[str] = DECODED_PATHS, seen: torch.Tensor | None = None) -> RestoreLatents:
         """The encoder + UNet half of :meth:`restore`: the paths' x0 latents (:meth:`path_latents`)
         and, for a model with a colour anchor, the anchor of ``lr``; no grad, eval mode.
 
         ``anchor``: :meth:`input_anchor` of ``lr`` when the caller computed it already (e.g. in a
         thread reading ahead, :meth:`DMDiffPipeline.prepare <dmdiff.model.pipeline.DMDiffPipeline.prepare>`):
         used as it is; None: computed here. Models without an anchor ignore it. ``paths``: as in
-        :meth:`path_latents`.
+        :meth:`path_latents`. ``seen``: :meth:`network_input` of ``lr`` when the caller computed it
+        already (likewise); None: computed here.
         """
-        with self._inference():
-            seen = self.network_input(lr.to(self.device, self.dtype))
+        if seen is None:
+            with self._inference():
+                seen = self.network_input(lr.to(self.device, self.dtype))
         latents = self.path_latents(seen, maps, paths)
         if self.config.anchor_sigma_px is not None:
             with self._inference():

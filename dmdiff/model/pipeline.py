@@ -105,12 +105,15 @@ class PreparedImage:
 
     image: ``(1, 3, H, W)`` float32 in ``[0, 1]`` (on the CPU, as given); maps: ``(1, 7, G, G)`` or
     None; anchor: the model's colour anchor of the image (:meth:`DMDiff.input_anchor`, on the
-    model's device) for a model with one, else None.
+    model's device) for a model with one, else None; seen: what the model's network sees of it
+    (:meth:`DMDiff.network_input`, on the model's device) for a model with a deconvolved input,
+    else None.
     """
 
     image: torch.Tensor
     maps: torch.Tensor | None
     anchor: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
 
 class DMDiffPipeline(DiffusionPipeline):
@@ -203,28 +206,32 @@ class DMDiffPipeline(DiffusionPipeline):
 
     def prepare(self, image, maps=None, anchor: bool = True) -> PreparedImage:
         """One image (any input :meth:`__call__` takes) and its maps ``(7, G, G)`` or None made ready
-        for :meth:`latents`; with ``anchor`` (and a model with a colour anchor) its anchor computed
-        too. Uses no network of the model, so it may run in a thread beside a running restore."""
+        for :meth:`latents`; with ``anchor`` (and a model with a colour anchor) its anchor and, for a
+        model with a deconvolved input, its network input computed too. Uses no network of the model,
+        so it may run in a thread beside a running restore."""
         x = as_image(image)[None]
         maps = as_maps(maps, 1)[0]
-        cached = None
+        cached, seen = None, None
         if anchor and self.model.config.anchor_sigma_px is not None:
             with torch.no_grad():
-                cached = self.model.input_anchor(x.to(self.model.device, self.model.dtype))
-        return PreparedImage(x, None if maps is None else maps[None], cached)
+                on_device = x.to(self.model.device, self.model.dtype)
+                cached = self.model.input_anchor(on_device)
+                if self.model.config.input_wiener_nsr is not None:
+                    seen = self.model.network_input(on_device)
+        return PreparedImage(x, None if maps is None else maps[None], cached, seen)
 
     def latents(self, prepared: PreparedImage, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX,
                 on_tile: Callable[[int, int], None] | None = None, alpha: float | None = None) -> RestoreLatents:
         """The encoder + UNet half of a restore (the paths' latents, whole or in ``tile``-px tiles
-        as in :meth:`__call__`), reusing the prepared anchor. ``alpha``: None, both paths (to decode
+        as in :meth:`__call__`), reusing the prepared anchor and network input. ``alpha``: None, both paths (to decode
         at any α); else the one α they will be decoded at, so that α = 0 or 1 runs one path
         (:func:`~dmdiff.model.dmdiff.decoded_paths`; the result agrees with both paths' to float
         round-off, not bit for bit)."""
         paths = decoded_paths(None if alpha is None else check_alpha(alpha))
         if tile is None:
-            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor, paths)
+            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor, paths, prepared.seen)
         return tiled_latents(self.model, prepared.image, prepared.maps, tile, overlap, on_tile, prepared.anchor,
-                             paths)
+                             paths, prepared.seen)
 
     def finish(self, prepared: PreparedImage, latents: RestoreLatents, alpha: float, *, tile: int | None = None,
                overlap: int = DEFAULT_OVERLAP_PX, color_correct: str = "none") -> np.ndarray:

@@ -135,7 +135,8 @@ def _tile_maps(maps: torch.Tensor | None, image_hw: tuple[int, int],
 def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None,
                   tile: int = DEFAULT_TILE_PX, overlap: int = DEFAULT_OVERLAP_PX,
                   on_tile: Callable[[int, int], None] | None = None,
-                  anchor: torch.Tensor | None = None, paths: Sequence[str] = DECODED_PATHS) -> RestoreLatents:
+                  anchor: torch.Tensor | None = None, paths: Sequence[str] = DECODED_PATHS,
+                  seen: torch.Tensor | None = None) -> RestoreLatents:
     """The paths' x0 latents of ``image``, tile by tile, blended into full canvases (pass 1).
 
     Args:
@@ -148,6 +149,8 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
             here, once for the whole image; models without an anchor ignore it).
         paths: the paths to compute (:meth:`DMDiff.path_latents`): both, or
             :func:`~dmdiff.model.dmdiff.decoded_paths` of the one α they will be decoded at.
+        seen: :meth:`DMDiff.network_input` of ``image`` when the caller has it (None: computed here,
+            once for the whole image, then tiled).
 
     Returns:
         :class:`RestoreLatents` of the padded image, as :meth:`DMDiff.restore_latents` returns it
@@ -160,13 +163,15 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
     size = tuple(image.shape[-2:])
     tiles = tile_windows(canvas.shape[-2] // f, canvas.shape[-1] // f, tile // f, overlap // f)
     if len(tiles) == 1:
-        latents = model.restore_latents(image, maps, anchor, paths)
+        latents = model.restore_latents(image, maps, anchor, paths, seen)
         if on_tile:
             on_tile(1, 1)
         return latents
     if model.config.input_wiener_nsr is not None:     # the network's input, computed whole, then tiled
         with torch.no_grad():
-            canvas = model.pad(model.network_input(image.to(model.device, model.dtype)))[0]
+            if seen is None:
+                seen = model.network_input(image.to(model.device, model.dtype))
+            canvas = model.pad(seen.to(model.device, model.dtype))[0]
     left, _, top, _ = pad
     canvases: dict[str, torch.Tensor] = {}
     weight = None
