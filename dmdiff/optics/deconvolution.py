@@ -344,6 +344,16 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     """
     if scale < 1 or scale % 2 == 0:
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 1, got {scale!r}")
+    small, blended, large = _deconvolved_blocks(images, psf_grid, nsr, scale)
+    return _upsampled_srgb(blended, scale, tuple(images.shape[-2:]), images.dtype, large)
+
+
+def _deconvolved_blocks(images: torch.Tensor, psf_grid: torch.Tensor, nsr: float,
+                        scale: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The block computation of :func:`wiener_varying_large_scales`: ``(small, blended, large)``, the
+    images' linear light averaged over ``scale × scale`` blocks ``(B, 3, h, w)``, its spatially varying
+    Wiener deconvolution (same shape, linear) and whether the photo is large enough to be converted
+    one plane at a time (:data:`BY_PLANE_PX`)."""
     height, width = images.shape[-2:]
     large = max(height, width) > BY_PLANE_PX
     grid = psf_grid.to(images.device, torch.float32)
@@ -353,10 +363,9 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
         small, kernels.reshape(grid.shape[0], -1, *kernels.shape[-2:]), nsr,
         node_weights(np.arange(small.shape[-2]) * scale + (scale - 1) / 2, height, grid.shape[1]),
         node_weights(np.arange(small.shape[-1]) * scale + (scale - 1) / 2, width, grid.shape[1]))
-    out = _upsampled_srgb(blended, scale, (height, width), images.dtype, large)
     if chunked:
         release_freed_memory()        # a large photo's transients, which the allocator would keep
-    return out
+    return small, blended, large
 
 
 @torch.no_grad()
@@ -382,6 +391,7 @@ def wiener_varying_with_fine_detail(images: torch.Tensor, psf_grid: torch.Tensor
     """
     if scale < 3 or scale % 2 == 0:
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 3, got {scale!r}")
-    large = max(images.shape[-2:]) > BY_PLANE_PX
-    coarse = _upsampled_srgb(_linear_blocks(images, scale, large), scale, tuple(images.shape[-2:]), images.dtype, large)
-    return wiener_varying_large_scales(images, psf_grid, nsr, scale) + (images.clamp(0, 1) - coarse)
+    small, blended, large = _deconvolved_blocks(images, psf_grid, nsr, scale)   # one block average for both
+    size = tuple(images.shape[-2:])
+    return (_upsampled_srgb(blended, scale, size, images.dtype, large)
+            + (images.clamp(0, 1) - _upsampled_srgb(small, scale, size, images.dtype, large)))
