@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -36,10 +37,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+import numpy.lib.format
+
 from dmdiff.errors import DmdiffError
 
 __all__ = ["MANIFEST", "MARKER", "PARTIAL_MARKER", "OutputWarning", "atomic_write_bytes", "atomic_write_text",
-           "write_json", "atomic_directory", "check_replaceable", "clean_stale_partials", "claim_folder",
+           "write_json", "write_npy", "atomic_directory", "check_replaceable", "clean_stale_partials", "claim_folder",
            "check_claimable", "clean_stale_temp_files", "folder_files", "describe_entries", "usual_file_mode", "unwritable"]
 
 MANIFEST = ".dmdiff-manifest.json"        # every file an atomic folder was built with
@@ -109,6 +113,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Any) -> None:
     """Atomically write ``data`` as indented JSON (keys sorted; unknown types as ``str``)."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Atomically write ``array`` as a ``.npy`` file (no pickles: object arrays are refused).
+
+    The bytes are made in memory by ``numpy.lib.format.write_array`` and written by
+    :func:`atomic_write_bytes`, so an interrupted write leaves no truncated file behind."""
+    buf = io.BytesIO()
+    numpy.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _usual_permissions(folder: Path) -> None:

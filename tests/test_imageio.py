@@ -318,6 +318,20 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
 
 
+def test_write_npy_round_trips_atomically_and_refuses_object_arrays(tmp_path):
+    """Degradation maps are written as .npy bytes made in memory, then renamed into place: a failed
+    write (an object array, which only a pickle could hold) leaves neither a file nor a temporary."""
+    from dmdiff.outputs import write_npy
+
+    maps = np.random.default_rng(0).uniform(size=(7, 4, 4)).astype(np.float32)
+    write_npy(tmp_path / "maps" / "a.npy", maps)
+    loaded = np.load(tmp_path / "maps" / "a.npy", allow_pickle=False)
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, maps)
+    with pytest.raises(ValueError):
+        write_npy(tmp_path / "maps" / "b.npy", np.array([{"a": 1}], dtype=object))
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["a.npy"]
+
+
 # ---- the pixel limit: checked from the header, before any pixel memory is allocated ----------
 
 BOMB_SIDE = 15000  # 225 megapixels declared by files of a few hundred bytes

@@ -38,7 +38,7 @@ from dmdiff.bench.model import PeakMemory, in_fresh_process, restore_benchmark
 from dmdiff.config import CONFIGS
 from dmdiff.errors import DmdiffError
 from dmdiff.imageio import write_png
-from dmdiff.outputs import write_json
+from dmdiff.outputs import write_json, write_npy
 from dmdiff.runinfo import provenance
 from dmdiff.runs import REPORT
 from dmdiff.train.config import load_train_config
@@ -63,8 +63,7 @@ def synthetic_dataset(root: Path, size: int, pairs: int, grid: int, seed: int = 
         for folder, image in (("gt_train", gt), ("lr_train", lr), ("gt_blur_train", gt)):
             write_png(root / folder / f"{name}.png", image)
         maps = np.concatenate([rng.uniform(1, 3, (6, grid, grid)), rng.uniform(0, 0.02, (1, grid, grid))])
-        (root / "maps").mkdir(parents=True, exist_ok=True)
-        np.save(root / "maps" / f"{name}.npy", maps.astype(np.float32))
+        write_npy(root / "maps" / f"{name}.npy", maps.astype(np.float32))
     return root
 
 

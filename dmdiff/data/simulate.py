@@ -80,7 +80,7 @@ from dmdiff.imageio import IMAGE_EXTENSIONS, read_image, write_png
 from dmdiff.optics.camera import MAP_CHANNELS, MetalensCamera
 from dmdiff.optics.sensor import quantize
 from dmdiff.optics.spec import MetalensSpec
-from dmdiff.outputs import atomic_directory, check_replaceable, write_json
+from dmdiff.outputs import atomic_directory, check_replaceable, write_json, write_npy
 from dmdiff.runinfo import provenance
 
 __all__ = ["SimulationConfig", "SimulationWarning", "simulate_dataset", "main", "DATASET_FOLDERS",
@@ -519,8 +519,7 @@ def _build(root: Path, cfg: SimulationConfig, seed: int, sources: list[_Source],
             write_png(root / f"gt_{split}" / f"{image}.png", gt)
             write_png(root / f"lr_{split}" / f"{image}.png", cap.image)
             write_png(root / f"gt_blur_{split}" / f"{image}.png", cam.fidelity_target(gt, cap.noise))
-            with open(root / "maps" / f"{image}.npy", "wb") as f:
-                np.save(f, cap.maps.astype(np.float32), allow_pickle=False)
+            write_npy(root / "maps" / f"{image}.npy", cap.maps.astype(np.float32))
             images[image] = {**entry, "split": split, "noise": [cap.noise[0], cap.noise[1]],
                              **({"lens": lens} if lens else {})}
             splits[split].append(image)

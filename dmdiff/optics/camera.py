@@ -41,7 +41,6 @@ noise std at mid grey (0.5 linear) in ``[0, 1]`` units.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ from dmdiff.optics.sensor import (
     srgb_to_linear,
 )
 from dmdiff.optics.spec import MetalensSpec
-from dmdiff.outputs import atomic_write_bytes
+from dmdiff.outputs import write_npy
 
 __all__ = ["MetalensCamera", "Capture", "CameraInputError", "MAP_CHANNELS"]
 
@@ -361,10 +360,8 @@ class MetalensCamera:
         except (OSError, ValueError):
             pass
         arr = compute()
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
         try:
-            atomic_write_bytes(path, buf.getvalue())
+            write_npy(path, arr)
         except OSError:  # a read-only cache is not fatal: the array is just recomputed next time
             pass
         return arr

@@ -58,7 +58,7 @@ from dmdiff.imageio import IMAGE_EXTENSIONS, read_image, write_png
 from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.sensor import pseudo_noise_augment, quantize
 from dmdiff.optics.spec import MetalensSpec
-from dmdiff.outputs import atomic_directory, check_replaceable, write_json
+from dmdiff.outputs import atomic_directory, check_replaceable, write_json, write_npy
 from dmdiff.runinfo import provenance
 from dmdiff.runs import CONFIG, PIPELINE, load_pipeline
 from dmdiff.train.config import PseudoConfig, load_train_config
@@ -298,8 +298,7 @@ def _write_pairs(model, run_cfg, model_run: Path, out: Path, dataset, images, se
                 if has_targets:
                     write_png(tmp / "gt_blur_train" / f"{name}.png", pair_camera.ideal(g))
                 if has_maps:
-                    with open(tmp / "maps" / f"{name}.npy", "wb") as f:
-                        np.save(f, pair_maps, allow_pickle=False)
+                    write_npy(tmp / "maps" / f"{name}.npy", pair_maps)
                 names.append(name)
                 lens_of[name] = lens_name
             bar.update(len(chunk))
