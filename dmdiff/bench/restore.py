@@ -3,7 +3,7 @@ overlapped its stages) against overlapped, in the same process.
 
 One run writes ``images`` generated photos (dead-leaves scenes, :func:`dmdiff.data.sources.dead_leaves`,
 ``size`` px square, 8-bit PNGs) and a pipeline folder of the ``tiny`` preset with the settings of
-``configs/tiny.yaml``'s model (colour anchor σ = 12 px of the Wiener deconvolution with a 7 × 7 PSF
+``configs/tiny.yaml``'s model (colour anchor σ = 8 px of the Wiener deconvolution with a 7 × 7 PSF
 grid; seeded weights and Gaussian stand-ins for the lens's PSFs: the weights and the PSFs' values do
 not change the time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
 as the command runs it:
@@ -57,7 +57,7 @@ TARGET = 1.3
 #: The baseline row: a sequential restore computing both paths, as every restore did before.
 BASELINE = "sequential, both paths"
 #: The model settings of ``configs/tiny.yaml``.
-MODEL = dict(anchor_sigma_px=12.0, anchor_wiener_nsr=2.0e-4, input_wiener_nsr=3.0e-3)
+MODEL = dict(anchor_sigma_px=8.0, anchor_wiener_nsr=2.0e-4, input_wiener_nsr=3.0e-3)
 
 
 def gaussian_psf_grid(grid: int = 7, size: int = 63,
