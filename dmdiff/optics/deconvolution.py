@@ -344,7 +344,7 @@ def wiener_varying_large_scales(images: torch.Tensor, psf_grid: torch.Tensor, ns
     """
     if scale < 1 or scale % 2 == 0:
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 1, got {scale!r}")
-    small, blended, large = _deconvolved_blocks(images, psf_grid, nsr, scale)
+    _, blended, large = _deconvolved_blocks(images, psf_grid, nsr, scale)
     return _upsampled_srgb(blended, scale, tuple(images.shape[-2:]), images.dtype, large)
 
 
