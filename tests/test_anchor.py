@@ -350,6 +350,16 @@ def test_deconvolved_input_keeps_the_captures_fine_detail_and_undoes_the_blur_ab
     assert 0.8 < float((passed * grain).sum() / (grain * grain).sum()) < 1.5     # with gain about 1
     with pytest.raises(DmdiffError, match="odd"):
         wiener_varying_with_fine_detail(capture, grid, NSR, scale=1)
+    # summed in place for memory, it keeps the bits of W(x) + (x − B(x)) written out, small photos and
+    # large ones (converted a colour plane at a time)
+    from dmdiff.optics.deconvolution import _deconvolved_blocks, _upsampled_srgb
+    wide = torch.from_numpy(np.random.default_rng(7).uniform(-0.05, 1.05, (1, 3, 12, 1030))).float()
+    for image in (capture + grain, wide):
+        small, blended, large = _deconvolved_blocks(image, grid, NSR, 3)
+        size = tuple(image.shape[-2:])
+        written_out = (_upsampled_srgb(blended, 3, size, image.dtype, large)
+                       + (image.clamp(0, 1) - _upsampled_srgb(small, 3, size, image.dtype, large)))
+        assert torch.equal(wiener_varying_with_fine_detail(image, grid, NSR), written_out)
 
 
 def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path):
@@ -379,6 +389,7 @@ def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path)
     prepared = pipe.prepare(x[0], maps[0])
     assert torch.equal(prepared.seen, model.network_input(x[:1]))
     assert torch.equal(pipe.latents(prepared).z_positive, model.restore_latents(x[:1], maps[:1]).z_positive)
+    assert prepared.seen is None and prepared.anchor is not None   # released once encoded; decoding keeps the anchor
     assert torch.equal(pipe.latents(prepared, tile=32, overlap=8).z_positive,
                        tiled_latents(model, x[:1], maps[:1], tile=32, overlap=8).z_positive)
     loaded = DMDiffPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "p")).model

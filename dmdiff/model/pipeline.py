@@ -223,15 +223,17 @@ class DMDiffPipeline(DiffusionPipeline):
     def latents(self, prepared: PreparedImage, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP_PX,
                 on_tile: Callable[[int, int], None] | None = None, alpha: float | None = None) -> RestoreLatents:
         """The encoder + UNet half of a restore (the paths' latents, whole or in ``tile``-px tiles
-        as in :meth:`__call__`), reusing the prepared anchor and network input. ``alpha``: None, both paths (to decode
+        as in :meth:`__call__`), reusing the prepared anchor and network input (``prepared.seen`` is
+        released here: decoding does not need it). ``alpha``: None, both paths (to decode
         at any α); else the one α they will be decoded at, so that α = 0 or 1 runs one path
         (:func:`~dmdiff.model.dmdiff.decoded_paths`; the result agrees with both paths' to float
         round-off, not bit for bit)."""
         paths = decoded_paths(None if alpha is None else check_alpha(alpha))
+        seen, prepared.seen = prepared.seen, None     # not needed to decode: a large photo's copy freed early
         if tile is None:
-            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor, paths, prepared.seen)
+            return self.model.restore_latents(prepared.image, prepared.maps, prepared.anchor, paths, seen)
         return tiled_latents(self.model, prepared.image, prepared.maps, tile, overlap, on_tile, prepared.anchor,
-                             paths, prepared.seen)
+                             paths, seen)
 
     def finish(self, prepared: PreparedImage, latents: RestoreLatents, alpha: float, *, tile: int | None = None,
                overlap: int = DEFAULT_OVERLAP_PX, color_correct: str = "none") -> np.ndarray:

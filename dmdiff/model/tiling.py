@@ -229,7 +229,7 @@ def tiled_decode(model: DMDiff, latents: RestoreLatents, alpha: float, tile: int
     H, W = latents.size
     with torch.no_grad():
         image = image.div_(weight)[..., top:top + H, left:left + W]       # in place: a large photo's peak memory
-        return model.anchored(image, latents.anchor).clamp(0, 1)
+        return model.anchored(image, latents.anchor).clamp_(0, 1)         # (a tensor made here either way)
 
 
 def tiled_restore(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None = None, alpha: float = 1.0,
