@@ -37,6 +37,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,8 +45,7 @@ import psutil
 import torch
 from diffusers import UNet2DConditionModel
 
-from dmdiff.bench.restore import MODEL as ANCHOR_MODEL
-from dmdiff.bench.restore import gaussian_psf_grid
+from dmdiff.bench.restore import gaussian_psf_grid, tiny_model_config
 from dmdiff.device import synchronize, timed
 from dmdiff.errors import DmdiffError
 from dmdiff.model.backbone import SD_TURBO_UNET, TINY_TEXT, random_init
@@ -173,7 +173,7 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         layout: ``{"unet": config, "vae": config}`` of a random-init tiny backbone to time instead of
             the preset's (e.g. :data:`PREVIOUS_TINY_LAYOUT`).
         anchored: with the colour anchor and deconvolved input of ``configs/tiny.yaml``'s model
-            (Wiener filters of the PSF grid, :data:`dmdiff.bench.restore.MODEL`, on a Gaussian
+            (Wiener filters of the PSF grid, :func:`dmdiff.bench.restore.tiny_model_config`, on a Gaussian
             stand-in grid of the default lens's shape), as the default recipe's model restores.
 
     Returns:
@@ -190,7 +190,8 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
     device = torch.device(device)
     start = time.perf_counter()
     backbone = None if layout is None else random_init("tiny", 0, layout["unet"], layout["vae"])
-    model = DMDiff(DMDiffConfig(preset=preset, **(ANCHOR_MODEL if anchored else {})), backbone)
+    config = replace(tiny_model_config(), preset=preset) if anchored else DMDiffConfig(preset=preset)
+    model = DMDiff(config, backbone)
     if anchored:
         model.set_anchor_psf(gaussian_psf_grid())
     model = model.to(device, torch.float16 if half else torch.float32)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmdiff.config import CONFIGS, read_yaml
+from dmdiff.config import CONFIGS, load_config
 from dmdiff.data.sources import dead_leaves
 from dmdiff.device import resolve_device
 from dmdiff.errors import DmdiffError
@@ -49,18 +49,21 @@ from dmdiff.model.dmdiff import DMDiff, DMDiffConfig
 from dmdiff.model.pipeline import DMDiffPipeline
 from dmdiff.restore import default_threads, default_workers, restore
 from dmdiff.runs import load_pipeline
+from dmdiff.train.config import TrainConfig
 
-__all__ = ["TARGET", "BASELINE", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments",
+__all__ = ["TARGET", "BASELINE", "tiny_model_config", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments",
            "main"]
 
 #: The speed-up over :data:`BASELINE` the overlapped restore should reach (issue 21).
 TARGET = 1.3
 #: The baseline row: a sequential restore computing both paths, as every restore did before.
 BASELINE = "sequential, both paths"
-#: The model settings of ``configs/tiny.yaml`` the benchmarks time: its colour anchor and deconvolved input
-#: (read from the file, so the benchmarks follow the recipe).
-MODEL = {key: read_yaml(CONFIGS / "tiny.yaml")["model"][key]
-         for key in ("anchor_sigma_px", "anchor_wiener_nsr", "input_wiener_nsr")}
+
+
+def tiny_model_config() -> DMDiffConfig:
+    """The model of ``configs/tiny.yaml`` (its colour anchor and deconvolved input included), read with
+    the recipe's own loader, so the benchmarks time what ``dmdiff train --recipe tiny`` builds."""
+    return load_config(TrainConfig, CONFIGS / "tiny.yaml").model
 
 
 def gaussian_psf_grid(grid: int = 7, size: int = 63,
@@ -77,7 +80,7 @@ def gaussian_psf_grid(grid: int = 7, size: int = 63,
 def make_inputs(folder: Path, images: int, size: int, seed: int = 0) -> tuple[Path, Path]:
     """The benchmark's pipeline folder and photo folder under ``folder``: ``(pipeline, photos)``."""
     torch.manual_seed(seed)
-    model = DMDiff(DMDiffConfig(**MODEL))
+    model = DMDiff(tiny_model_config())
     model.set_anchor_psf(gaussian_psf_grid())
     pipeline = DMDiffPipeline.from_model(model).save_pretrained(folder / "pipeline")
     photos = folder / "photos"

@@ -393,6 +393,8 @@ def wiener_varying_with_fine_detail(images: torch.Tensor, psf_grid: torch.Tensor
         raise DeconvolutionInputError(f"scale must be an odd number of pixels >= 3, got {scale!r}")
     small, blended, large = _deconvolved_blocks(images, psf_grid, nsr, scale)   # one block average for both
     size = tuple(images.shape[-2:])
-    out = images.clamp(0, 1)           # W(x) + (x − B(x)) in place, each upsampled array freed once used:
-    out -= _upsampled_srgb(small, scale, size, images.dtype, large)     # two whole-photo arrays alive at
-    return out.add_(_upsampled_srgb(blended, scale, size, images.dtype, large))  # a time, not four; same bits
+    # W(x) + (x − B(x)), summed in place with each upsampled array freed once used: two whole-photo
+    # arrays alive at a time instead of four, and the same bits as the expression written out
+    out = images.clamp(0, 1)
+    out -= _upsampled_srgb(small, scale, size, images.dtype, large)
+    return out.add_(_upsampled_srgb(blended, scale, size, images.dtype, large))
