@@ -31,6 +31,7 @@ from dmdiff.train.recipe import recipe_config_path, stage2_config  # noqa: E402
 
 NO_SVDA = {"model.svda": False}
 ONLY_POSITIVE = {"path_probs.positive": 1.0, "path_probs.neutral": 0.0, "path_probs.negative": 0.0}
+NO_DECONVOLUTION = {"model.anchor_wiener_nsr": None, "model.input_wiener_nsr": None}   # the tiny model's
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -50,17 +51,21 @@ def changed(a, b) -> dict:
 
 
 @pytest.mark.parametrize("main, expected", [
-    ({}, {"single_path": {**NO_SVDA, **ONLY_POSITIVE}, "no_svda": NO_SVDA,
+    ({}, {"single_path": {**NO_SVDA, **ONLY_POSITIVE}, "no_svda": NO_SVDA, "no_lens": {**NO_SVDA, **NO_DECONVOLUTION},
           "no_pseudo": {"extra_data": []}, "spatial_svda": {"model.svda_spatial": True}}),
     ({"model": {"svda_spatial": True}, "extra_data": ["more"]},
      {"single_path": {**NO_SVDA, "model.svda_spatial": False, **ONLY_POSITIVE},
-      "no_svda": {**NO_SVDA, "model.svda_spatial": False}, "no_pseudo": {"extra_data": ["more"]},
+      "no_svda": {**NO_SVDA, "model.svda_spatial": False},
+      "no_lens": {**NO_SVDA, "model.svda_spatial": False, **NO_DECONVOLUTION}, "no_pseudo": {"extra_data": ["more"]},
       "global_svda": {"model.svda_spatial": False}}),
     # stage 2 starts from stage 1's SVDA weights: the models without SVDA cannot load them
     ({"recipe": {"stage2_init": "stage1", "stage2": {"lr": 3e-4}}},
      {"single_path": {**NO_SVDA, **ONLY_POSITIVE, "init_weights": None},
-      "no_svda": {**NO_SVDA, "init_weights": None}, "no_pseudo": {"extra_data": []},
-      "spatial_svda": {"model.svda_spatial": True}}),
+      "no_svda": {**NO_SVDA, "init_weights": None}, "no_lens": {**NO_SVDA, **NO_DECONVOLUTION, "init_weights": None},
+      "no_pseudo": {"extra_data": []}, "spatial_svda": {"model.svda_spatial": True}}),
+    # the central PSF's Richardson–Lucy anchor is lens knowledge too; without SVDA only no_lens removes it
+    ({"model": {"svda": False, "anchor_wiener_nsr": None, "input_wiener_nsr": None, "anchor_rl_iterations": 10}},
+     {"single_path": ONLY_POSITIVE, "no_lens": {"model.anchor_rl_iterations": None}, "no_pseudo": {"extra_data": []}}),
 ])
 def test_each_ablation_changes_exactly_its_keys(main, expected, tmp_path):
     cfg = load_train_config(recipe_config_path("tiny"), **main)
@@ -81,8 +86,11 @@ def test_unknown_and_inapplicable_ablations_are_refused(tmp_path, capsys):
         ablation_config(cfg, "no_lora", tmp_path)
     with pytest.raises(ConfigError, match="^ablation global_svda: stage 2 already trains with"):
         ablation_config(cfg, "global_svda", tmp_path)        # the main model is global already
-    plain = load_train_config(recipe_config_path("tiny"), model={"svda": False})
+    plain = load_train_config(recipe_config_path("tiny"), model={"svda": False, "anchor_wiener_nsr": None,
+                                                                 "input_wiener_nsr": None})
     assert ablation_names(plain) == ("single_path", "no_pseudo")
+    with pytest.raises(ConfigError, match="^ablation no_lens: stage 2 already trains with"):
+        ablation_config(plain, "no_lens", tmp_path)          # a model never told the lens already
     with pytest.raises(ConfigError, match="^ablation no_svda: "):
         ablation_config(plain, "no_svda", tmp_path)
     with pytest.raises(ConfigError, match="^ablation spatial_svda: model.svda_spatial=True needs svda=True"):

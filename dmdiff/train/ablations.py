@@ -15,8 +15,13 @@ table::
 name               what changes against stage 2 (all else — steps, lr, batch, crops, seed, data — kept)
 =================  ====================================================================================
 ``single_path``    the single-path one-step baseline: ``path_probs`` positive only, ``model.svda`` false
-                   (plain LoRA, no degradation input); same data (real + pseudo pairs) and budget
-``no_svda``        ``model.svda`` false (and ``svda_spatial`` false): DMDiff without SVDA
+                   (plain LoRA, no optics maps); same data (real + pseudo pairs) and budget
+``no_svda``        ``model.svda`` false (and ``svda_spatial`` false): DMDiff without SVDA. Where the model
+                   deconvolves its input or colour anchor with the lens's PSFs it still does: the lens
+                   reaches the network that way, only SVDA's maps are gone
+``no_lens``        ``no_svda`` and no deconvolution either (``anchor_rl_iterations``,
+                   ``anchor_wiener_nsr``, ``input_wiener_nsr`` null): the network sees the capture as it
+                   is, its colour anchor is the capture's own low-pass — a model never told the lens
 ``no_pseudo``      without the stage-1 pseudo pairs (``extra_data`` as the config gives it)
 ``spatial_svda``   ``model.svda_spatial`` true — the SVDA-mode flip of a main model with global SVDA
 ``global_svda``    ``model.svda_spatial`` false — the flip of a main model with spatially varying SVDA
@@ -80,7 +85,11 @@ ABLATIONS = {
     "single_path": Ablation("single-path baseline",
                             "the single-path one-step baseline: positive path only, plain LoRA without SVDA, "
                             "same data (real + pseudo pairs) and budget as stage 2"),
-    "no_svda": Ablation("no SVDA", "DMDiff without SVDA (plain LoRA, no degradation input); otherwise stage 2"),
+    "no_svda": Ablation("no SVDA", "DMDiff without SVDA (plain LoRA, no optics maps; a deconvolved input or colour "
+                                   "anchor stays); otherwise stage 2"),
+    "no_lens": Ablation("no lens knowledge",
+                        "DMDiff never told the lens: no SVDA and no deconvolution with the lens's PSFs (the capture "
+                        "as input, its own low-pass as colour anchor); otherwise stage 2"),
     "no_pseudo": Ablation("no pseudo pairs", "stage 2 without the stage-1 pseudo pairs (real pairs only)"),
     "spatial_svda": Ablation("spatially varying SVDA",
                              "stage 2 with one SVDA modulation per grid cell instead of one per image"),
@@ -95,6 +104,8 @@ _NO_SVDA = {"model": {"svda": False, "svda_spatial": False}}
 _OVERRIDES = {
     "single_path": {**_NO_SVDA, "path_probs": {"positive": 1.0, "neutral": 0.0, "negative": 0.0}},
     "no_svda": _NO_SVDA,
+    "no_lens": {"model": {**_NO_SVDA["model"], "anchor_rl_iterations": None, "anchor_wiener_nsr": None,
+                          "input_wiener_nsr": None}},
     "spatial_svda": {"model": {"svda_spatial": True}},
     "global_svda": {"model": {"svda_spatial": False}},
 }
@@ -105,13 +116,16 @@ def _unknown(name: str) -> ConfigError:
 
 
 def ablation_names(cfg: TrainConfig) -> tuple[str, ...]:
-    """The ablations that apply to ``cfg``'s stage 2, in table order: ``single_path``, ``no_pseudo``
-    and, when the main model has SVDA, ``no_svda`` and the SVDA-mode flip (``spatial_svda`` for
-    global SVDA, ``global_svda`` for spatial)."""
+    """The ablations that apply to ``cfg``'s stage 2, in table order: ``single_path``, ``no_pseudo``;
+    when the main model has SVDA, ``no_svda`` and the SVDA-mode flip (``spatial_svda`` for global
+    SVDA, ``global_svda`` for spatial); when it deconvolves with the lens's PSFs (its input or its
+    colour anchor), ``no_lens``."""
     model = stage_config(cfg, "stage2").model
     wanted = {"single_path", "no_pseudo"}
     if model.svda:
         wanted |= {"no_svda", "global_svda" if model.svda_spatial else "spatial_svda"}
+    if model.anchor_deconvolves:        # the input's deconvolution needs the anchor's (DMDiffConfig)
+        wanted.add("no_lens")
     return tuple(name for name in ABLATIONS if name in wanted)
 
 
