@@ -12,6 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_anchor import lens_like_grid  # noqa: E402
+from test_dmdiff import _images, _maps, make_model  # noqa: E402
 from test_train import SPEC, write_pairs  # noqa: E402
 
 from dmdiff.cli import main as cli_main  # noqa: E402
@@ -171,3 +173,23 @@ def test_ablations_train_end_to_end_and_are_skipped_when_done(tmp_path_factory, 
     with pytest.raises(DmdiffError, match=r"stage 2 was trained with other settings than this config \(lr\)"):
         run_ablations(load_train_config(config, lr=2e-3), out, ["no_svda"], progress=False)
     assert not (out / "ablations" / "no_svda").exists()
+
+
+def test_the_no_lens_model_restores_the_same_whatever_lens_it_is_told(tmp_path):
+    """``no_lens`` of the tiny recipe: its model neither reads maps nor deconvolves, so another lens's
+    PSF grid and maps (or none) leave the output bit for bit the same; the stage-2 model does not."""
+    cfg = load_train_config(recipe_config_path("tiny"))
+    x, maps = _images(hw=(48, 40)), _maps()
+    other_grid, other_maps = lens_like_grid()[[2, 0, 1]], maps * 0.5      # each colour blurred as another
+    for name, told in (("no_lens", False), (None, True)):
+        config = ablation_config(cfg, name, tmp_path).model if name else stage2_config(cfg, tmp_path).model
+        model = make_model(**{k: getattr(config, k) for k in ("svda", "anchor_sigma_px", "anchor_wiener_nsr",
+                                                              "input_wiener_nsr")})
+        if config.anchor_deconvolves:
+            model.set_anchor_psf(lens_like_grid())
+        with torch.no_grad():
+            own = model.restore(x, maps)
+            model.use_capture_lens(other_grid)
+            other = model.restore(x, other_maps)
+            none = model.restore(x, None)
+        assert told != (torch.equal(own, other) and torch.equal(own, none)), name or "stage 2"
