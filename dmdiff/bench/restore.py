@@ -51,8 +51,8 @@ from dmdiff.restore import default_threads, default_workers, restore
 from dmdiff.runs import load_pipeline
 from dmdiff.train.config import TrainConfig
 
-__all__ = ["TARGET", "BASELINE", "tiny_model_config", "gaussian_psf_grid", "make_inputs", "bench_restore", "format_table", "add_arguments",
-           "main"]
+__all__ = ["TARGET", "BASELINE", "tiny_model_config", "gaussian_psf_grid", "make_inputs", "bench_restore",
+           "format_table", "add_arguments", "main"]
 
 #: The speed-up over :data:`BASELINE` the overlapped restore should reach (issue 21).
 TARGET = 1.3
