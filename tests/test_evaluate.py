@@ -29,7 +29,7 @@ from dmdiff.evaluation.baselines import (  # noqa: E402
     varying_blur,
     wiener_deconvolve,
 )
-from dmdiff.evaluation.field import field_angle_map, zone_gains, zone_masks  # noqa: E402
+from dmdiff.evaluation.field import GAIN_FILE, field_angle_map, zone_gains, zone_masks  # noqa: E402
 from dmdiff.evaluation.job import evaluate  # noqa: E402
 from dmdiff.evaluation.map_response import CAPTURE, WITH_MAPS, field_scores  # noqa: E402
 from dmdiff.evaluation.methods import DEGRADE, METHODS, Context, Sample, methods_for  # noqa: E402
@@ -598,8 +598,19 @@ def test_an_external_set_gets_the_same_table(dataset, pipeline_dir, tmp_path):
     for zone, scores in metrics["field"]["per_image"][first]["richardson_lucy_sv"].items():   # same lens, same grid
         assert ext["field"]["per_image"][first]["richardson_lucy_sv"][zone] == pytest.approx(scores)
     assert "quality_bar" in ext and (tmp_path / "out" / "external" / "images" / "dmdiff_a1" / f"{first}.png").is_file()
+    assert ext["sources"][first] == metrics["sources"][first]       # the photos the intervals resample
+    by_photo: dict[str, list] = {}
+    for record in ext["per_image"]:
+        scores = record["methods"]
+        by_photo.setdefault(ext["sources"][record["name"]], []).append(scores["dmdiff_a0"]["psnr"] - scores["dmdiff_a1"]["psnr"])
+    row = next(r for r in ext["differences"] if r["method"] == "dmdiff_a0" and r["zone"] is None)
+    assert row["mean"] == pytest.approx(np.mean([np.mean(d) for d in by_photo.values()]))
+    assert {(r["method"], r["zone"]) for r in ext["differences"]} == {(r["method"], r["zone"]) for r in metrics["differences"]
+                                                                     if r["method"] != "dmdiff_a1_x8"}
+    assert (tmp_path / "out" / "external" / GAIN_FILE).is_file()
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.count("## Held-out evaluation") == 2 and str(external) in table
+    assert table.count("## Paired PSNR differences") == 2 and table.count("## PSNR / SSIM per field zone") == 2
     with pytest.raises(DmdiffError, match="test split"):
         evaluate(pipeline_dir, dataset, tmp_path / "o2", external=tmp_path, progress=False)
 

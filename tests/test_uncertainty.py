@@ -91,3 +91,13 @@ def test_dmdiff_intervals_prints_the_pooled_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| other | all | +0.75 | [+0.75, +0.75] | yes |" in out
     assert cli_main(["intervals", str(tmp_path / "missing.json")]) == 2
+    assert cli_main(["intervals", "--split", "external", *paths]) == 2          # no external set in them
+    assert "no external set" in capsys.readouterr().err
+    for seed, shift in enumerate((-1.0, -2.0)):                                 # now an external set, labelled
+        path = tmp_path / f"seed{seed}" / "metrics.json"
+        record = json.loads(path.read_text())
+        record["labels"] = {"other": "the other method"}
+        record["external"] = {k: v for k, v in report(base, base + shift, names).items() if k not in ("labels", "references")}
+        path.write_text(json.dumps(record))
+    assert cli_main(["intervals", "--split", "external", *paths]) == 0
+    assert "| the other method | all | -1.50 | [-1.50, -1.50] | yes |" in capsys.readouterr().out

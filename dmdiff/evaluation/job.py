@@ -272,8 +272,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             of one photo do not fill it).
         external: a second dataset (e.g. ``dmdiff simulate --external``: photos no training saw)
             whose test split gets the same methods, the baselines' parameters tuned on ``data``'s
-            train split and its own lens's PSF; reported under ``external`` in ``metrics.json``, as
-            a second table in ``table.md`` and with its images under ``external/images/``.
+            train split and its own lens's PSF (e.g. a lens no training saw, simulated with
+            ``dmdiff simulate --config``); reported under ``external`` in ``metrics.json``, as a
+            second table with its own field zones and paired differences in ``table.md``, with its
+            images under ``external/images/`` and its ``external/gain_map.png``; ``dmdiff intervals
+            --split external`` pools such reports over seeds.
         self_ensemble: include the ×8 self-ensemble row (8 restores per image; test split only).
         progress: progress bars.
 
@@ -354,8 +357,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         table = format_table(metrics)
         table += _field_sections(metrics, tmp)
         if external is not None:
-            metrics["external"] = _external_split(Path(external), context, lpips, tmp, progress)
-            table += "\n" + format_table({**metrics, **metrics["external"]})
+            ext = metrics["external"] = _external_split(Path(external), context, lpips, tmp, progress)
+            view = {**metrics, **ext}                     # the main split's labels and references
+            table += "\n" + format_table(view) + _field_sections(view, tmp / EXTERNAL_DIR)
+            if "differences" in view:
+                ext["differences"] = view["differences"]
         metrics["provenance"] = provenance(command="dmdiff evaluate")
         write_json(tmp / METRICS_FILE, metrics)
         atomic_write_text(tmp / CSV_FILE, csv_text(records, methods, references))
@@ -370,8 +376,9 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
     """``metrics.json``'s ``external``: every test pair of ``data`` through the same methods (the
     baselines with its own lens's central PSF or PSF grid and the parameters tuned for the main dataset)
     except the ×8 self-ensemble (8 more restores of every frame: about 6 minutes on 60 frames on two
-    cores, for a row the test split already reports), with its means, spreads and quality bar;
-    images under ``out/external/images/``."""
+    cores, for a row the test split already reports), with its means, spreads, quality bar, field
+    zones and source photos; images under ``out/external/images/`` (the caller adds the paired
+    differences and ``out/external/gain_map.png``, :func:`_field_sections`)."""
     psf = dataset_central_psf(data)[0] if context.psf is not None else None
     blur = dataset_varying_blur(data) if context.blur is not None else None
     context = replace(context, psf=psf, blur=blur, self_ensemble=False, lenses=_lens_grids(data, blur))
@@ -382,8 +389,9 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
                                         progress, field)
     methods = ["input", *(m.name for m in rows)]
     summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
-    record = {"dataset": str(data), "split": "test", "count": len(records), "names": [r["name"] for r in records],
-              "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
+    names = [r["name"] for r in records]
+    record = {"dataset": str(data), "split": "test", "count": len(records), "names": names,
+              "sources": dict(zip(names, source_photos(names, data))), "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
               "summary": summary, "per_image": records, "perception": perception, "field": field.record()}
     record["quality_bar"] = quality_bar(record)
     record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
@@ -440,8 +448,8 @@ def _lens_spec(data: Path) -> MetalensSpec | None:
 
 
 def _field_sections(metrics: dict, out: Path) -> str:
-    """``table.md``'s per-zone and paired-difference sections (the differences also go into
-    ``metrics["differences"]``); draws ``gain_map.png`` into ``out``."""
+    """``table.md``'s per-zone and paired-difference sections of one split's report ``metrics``
+    (the differences also go into ``metrics["differences"]``); draws ``gain_map.png`` into ``out``."""
     labels, field = metrics["labels"], metrics["field"]
     gt_methods = [m for m in metrics["methods"] if metrics["references"][m] == "gt" and m != "vae_ceiling"]
     text = "\n## PSNR / SSIM per field zone\n\n" + format_zone_table(field, labels, gt_methods)

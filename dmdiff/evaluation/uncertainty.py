@@ -221,9 +221,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zones", nargs="*", default=["all"], help="all, centre, mid, edge (default all)")
     parser.add_argument("--resamples", type=int, default=RESAMPLES)
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--split", choices=("test", "external"), default="test",
+                        help="the report's test split (default) or the set given to `dmdiff evaluate --external` "
+                             "(e.g. a lens no training saw)")
 
 
-def _read_report(path: str) -> dict:
+def _read_report(path: str, split: str = "test") -> dict:
+    """One evaluation's record of ``split``: the report itself, or its ``external`` section with
+    the report's labels and references (the same methods)."""
     file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
     try:
         record = json.loads(file.read_text())
@@ -231,14 +236,19 @@ def _read_report(path: str) -> dict:
         raise DmdiffError(f"cannot read the evaluation report {file}: {exc}") from exc
     if not isinstance(record, dict) or "per_image" not in record:
         raise DmdiffError(f"{file} is not a `dmdiff evaluate` metrics.json (no per_image)")
-    return record
+    if split == "test":
+        return record
+    external = record.get("external")
+    if not isinstance(external, dict) or "per_image" not in external:
+        raise DmdiffError(f"{file} has no external set: evaluate with `dmdiff evaluate … --external DATASET`")
+    return {"labels": record.get("labels", {}), "references": record.get("references", {}), **external}
 
 
 def main(args: argparse.Namespace) -> int:
     """``dmdiff intervals``: print the paired-difference table of one or more evaluations."""
     if args.resamples < 1:
         raise DmdiffError(f"--resamples must be at least 1, got {args.resamples}")
-    runs = [_read_report(p) for p in args.reports]
+    runs = [_read_report(p, args.split) for p in args.reports]
     zones = [None if z == "all" else z for z in args.zones]
     rows = differences_table(runs, args.base, args.methods, key=args.key, zones=zones, resamples=args.resamples,
                              seed=args.seed)
