@@ -383,6 +383,41 @@ def difference_figure(first, second, labels: tuple[str, str] = ("first", "second
     return fig
 
 
+def _sweep_limits(x: np.ndarray, y: np.ndarray, include_y: Sequence[float] = ()) -> tuple[tuple, tuple]:
+    """Axis limits ``(xlim, ylim)`` around the sweep's points (and the ``include_y`` levels), with a
+    margin of a tenth of each span (at least 0.05 dB in x, 2 % of the level in y)."""
+    ys = np.concatenate([y, np.asarray(include_y, float)])
+    xpad = max(0.1 * np.ptp(x), 0.05)
+    ypad = max(0.1 * np.ptp(ys), 0.02 * max(np.abs(ys).max(), 1e-6))
+    return (x.min() - xpad, x.max() + xpad), (ys.min() - ypad, ys.max() + ypad)
+
+
+def _label_alphas(ax, x: np.ndarray, y: np.ndarray, alphas: np.ndarray, label_px: float) -> None:
+    """Write ``α=a`` beside each point: consecutive points within ``label_px`` display pixels of
+    the first of their run share one label ``α=a…b``, and each label takes the first of four places
+    around its point (upper right, lower right, upper left, lower left) where it overlaps no label
+    written before it."""
+    where, runs = ax.transData.transform(np.column_stack([x, y])), [[0]]
+    for i in range(1, len(alphas)):
+        if np.hypot(*(where[i] - where[runs[-1][0]])) < label_px:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    renderer, placed = ax.figure.canvas.get_renderer(), []
+    places = [((4, 3), "left", "bottom"), ((4, -3), "left", "top"), ((-4, 3), "right", "bottom"),
+              ((-4, -3), "right", "top")]
+    for run in runs:
+        text = f"α={alphas[run[0]]:g}" + (f"…{alphas[run[-1]]:g}" if len(run) > 1 else "")
+        for n, (offset, ha, va) in enumerate(places):
+            label = ax.annotate(text, (x[run[0]], y[run[0]]), xytext=offset, textcoords="offset points",
+                                fontsize=7, ha=ha, va=va)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or n == len(places) - 1:
+                placed.append(box)
+                break
+            label.remove()
+
+
 def plot_perception_distortion(sweep: Mapping[str, Sequence], recommended_alpha: float | None = None,
                                capture: Mapping[str, float] | None = None,
                                reference: Sequence[Mapping[str, float]] | None = None,
@@ -392,11 +427,12 @@ def plot_perception_distortion(sweep: Mapping[str, Sequence], recommended_alpha:
     measure of ``sweep`` that has a value at every α — ``niqe_set`` (set-level NIQE, lower: more
     natural) and ``detail_ratio`` (set-level, 1 = the scene's fine detail) — one panel each.
 
-    Points are joined in α order, coloured and labelled by α (consecutive points within ``label_px``
-    display pixels of the first of their run share one label ``α=a…b``); the recommended α is ringed in red
-    and the capture, when given, is a grey star. ``reference``: rows of other figures (e.g. a
-    paper's own), drawn as a table in a last panel titled ``reference_title``; not plotted on the
-    axes, since they are other metrics on other data.
+    The axes frame the sweep (and the scene's level 1 of the detail ratio), so the trade-off along α
+    is readable; points are joined in α order, coloured and labelled by α without overlapping labels
+    (:func:`_label_alphas`); the recommended α is ringed in red. The capture, when given, is a grey
+    star where it falls inside the axes, else its figures are given in the legend. ``reference``:
+    rows of other figures (e.g. a paper's own), drawn as a table in a last panel titled
+    ``reference_title``; not plotted on the axes, since they are other metrics on other data.
 
     Args:
         sweep: ``{"alpha": [...], "psnr": [...], "niqe_set": [...] or None, "detail_ratio": [...]}``.
@@ -416,21 +452,16 @@ def plot_perception_distortion(sweep: Mapping[str, Sequence], recommended_alpha:
             i = int(np.argmin(np.abs(alphas - recommended_alpha)))
             ax.plot(psnr_db[i], y[i], "o", ms=14, mfc="none", mec="tab:red", mew=1.6, zorder=3,
                     label=f"recommended α = {recommended_alpha:g} (chosen on val)")
-        if capture and capture.get(key) is not None:
-            ax.plot(capture["psnr"], capture[key], "*", color="gray", ms=12, label="capture")
+        xlim, ylim = _sweep_limits(psnr_db, y, [1.0] if key == "detail_ratio" else [])
         if key == "detail_ratio":
             ax.axhline(1.0, color="gray", ls=":", lw=1)
-        ax.set(xlabel="mean PSNR vs scene (dB): fidelity →", ylabel=labels[key])
-        ax.autoscale_view()
-        where, runs = ax.transData.transform(np.column_stack([psnr_db, y])), [[0]]
-        for i in range(1, len(alphas)):     # runs of points within label_px of the run's first share a label
-            if np.hypot(*(where[i] - where[runs[-1][0]])) < label_px:
-                runs[-1].append(i)
+        if capture and capture.get(key) is not None:
+            cx, cy = capture["psnr"], capture[key]
+            if xlim[0] <= cx <= xlim[1] and ylim[0] <= cy <= ylim[1]:
+                ax.plot(cx, cy, "*", color="gray", ms=12, label="capture")
             else:
-                runs.append([i])
-        for run in runs:
-            text = f"α={alphas[run[0]]:g}" + (f"…{alphas[run[-1]]:g}" if len(run) > 1 else "")
-            ax.annotate(text, (psnr_db[run[0]], y[run[0]]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+                ax.plot([], [], "*", color="gray", ms=12, label=f"capture: {cx:.2f} dB, {cy:.2f} (off the axes)")
+        ax.set(xlabel="mean PSNR vs scene (dB): fidelity →", ylabel=labels[key], xlim=xlim, ylim=ylim)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if reference is not None:
@@ -444,4 +475,6 @@ def plot_perception_distortion(sweep: Mapping[str, Sequence], recommended_alpha:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    for ax, key in zip(axes[0], keys):                 # labels placed in the final layout's pixels
+        _label_alphas(ax, psnr_db, np.asarray(sweep[key], float), alphas, label_px)
     return fig
