@@ -325,9 +325,10 @@ def plot_spread(metrics: Mapping, seed: int = 0):
 
     * every image's PSNR against the ground truth (dB; box: quartiles, dots: images);
     * each image's PSNR minus the capture's on the same image (dB; dotted line: no gain); its axis
-      spans the restorations only: rows that are not restorations of the capture
-      (:data:`OFF_GAIN_AXIS`: the VAE ceiling, the colour anchor alone) would stretch it and hide
-      the differences between the others, so their mean gain is written in the row instead;
+      spans the restorations only: a row that is not a restoration of the capture
+      (:data:`OFF_GAIN_AXIS`: the VAE ceiling, the colour anchor alone) is drawn only where all its
+      gains fall inside that span; otherwise it would stretch the axis and hide the differences
+      between the others, so its mean gain is written in the row instead;
     * seconds per image (log scale; bar: mean, whiskers: min–max over the images), for the
       methods that were timed.
 
@@ -347,23 +348,26 @@ def plot_spread(metrics: Mapping, seed: int = 0):
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(shown) + 2.2), sharey=True,
                              gridspec_kw={"width_ratios": [1, 1, 0.7]})
-    rng = np.random.default_rng(seed)
-    for ax, values, xlabel in ((axes[0], per_image, "PSNR vs ground truth (dB)"),
-                               (axes[1], gain, "PSNR − capture's PSNR, same image (dB)")):
-
-        ax.boxplot([values[m] for m in shown], orientation="horizontal", tick_labels=labels, widths=0.6,
-                   showfliers=False)
-        for k, m in enumerate(shown):
-            ax.plot(values[m], k + 1 + rng.uniform(-0.15, 0.15, len(values[m])), "o", ms=3, alpha=0.6)
-        ax.set(xlabel=xlabel)
-    axes[0].invert_yaxis()   # shared: the table's order, top to bottom
-    axes[1].axvline(0, color="k", lw=0.8, ls=":")
     scaled = np.concatenate([gain[m] for m in shown if m not in OFF_GAIN_AXIS] or [np.zeros(1)])
     low, high = min(scaled.min(), 0.0), max(scaled.max(), 0.0)
     pad = 0.08 * (high - low or 1.0)
+    on_gain_axis = [m for m in shown if m not in OFF_GAIN_AXIS
+                    or (gain[m].min() >= low - pad and gain[m].max() <= high + pad)]
+    rng = np.random.default_rng(seed)
+    for ax, values, drawn, xlabel in ((axes[0], per_image, shown, "PSNR vs ground truth (dB)"),
+                                      (axes[1], gain, on_gain_axis, "PSNR − capture's PSNR, same image (dB)")):
+        rows = [shown.index(m) + 1 for m in drawn]
+        ax.boxplot([values[m] for m in drawn], positions=rows, orientation="horizontal", widths=0.6,
+                   showfliers=False, manage_ticks=False)
+        for row, m in zip(rows, drawn):
+            ax.plot(values[m], row + rng.uniform(-0.15, 0.15, len(values[m])), "o", ms=3, alpha=0.6)
+        ax.set(xlabel=xlabel)
+    axes[0].set(yticks=range(1, len(shown) + 1), yticklabels=labels, ylim=(0.5, len(shown) + 0.5))
+    axes[0].invert_yaxis()   # shared: the table's order, top to bottom
+    axes[1].axvline(0, color="k", lw=0.8, ls=":")
     axes[1].set_xlim(low - pad, high + pad)
     for k, m in enumerate(shown):
-        if m in OFF_GAIN_AXIS:
+        if m not in on_gain_axis:
             axes[1].text(0.5, k + 1, f"off this axis: mean {gain[m].mean():+.2f} dB", ha="center", va="center",
                          transform=axes[1].get_yaxis_transform(), fontsize=8, bbox={"fc": "white", "ec": "0.7"})
     rows = [k + 1 for k, m in enumerate(shown) if m in seconds]
