@@ -32,6 +32,7 @@ drawn by :func:`plot_gain_maps` (``gain_map.png`` in the report).
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -240,9 +241,12 @@ def plot_gain_maps(field: Mapping, methods: Sequence[str], references: Sequence[
                        colors="k", linewidths=0.5)
         overall = 10 * np.log10(np.mean(field["mse_grid"][reference]) / np.mean(field["mse_grid"][method]))
         ax.text(0.5, -0.08, f"{overall:+.2f} dB", transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    title = ("gain over the field: 10·log10(MSE_ref / MSE_method) per block, mean over images; "
+             "frame centre = optical axis, lines = zone borders; under each panel the gain of the mean MSE")
+    width_chars = int(fig.get_figwidth() * 72 / (0.55 * 7))      # about what a 7-pt line holds across the figure
+    lines = textwrap.wrap(title, max(width_chars, 40))
+    fig.suptitle("\n".join(lines), fontsize=7)
+    fig.subplots_adjust(top=1 - (0.12 * len(lines) + 0.3) / fig.get_figheight())   # inches: title lines, panel titles
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, extend="both", label="gain (dB)")
-    fig.suptitle("gain over the field: 10·log10(MSE_ref / MSE_method) per block, mean over images; "
-                 "frame centre = optical axis, lines = zone borders; under each panel the gain of the mean MSE",
-                 fontsize=7)
     return fig

@@ -1,4 +1,6 @@
-"""The perception–distortion figure (dmdiff.viz.plot_perception_distortion): readable axes and labels."""
+"""Figures a student reads: the perception–distortion plane (dmdiff.viz.plot_perception_distortion) and
+the gain maps over the field (dmdiff.evaluation.field.plot_gain_maps) — axes, labels and titles that do
+not hide each other."""
 
 import itertools
 
@@ -10,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from dmdiff.evaluation.field import plot_gain_maps  # noqa: E402
 from dmdiff.viz import plot_perception_distortion  # noqa: E402
 
 # An α sweep shaped like notebook 04's on the default preset: PSNR rises then falls, NIQE turns back
@@ -61,4 +64,24 @@ def test_alpha_labels_name_every_point_and_do_not_overlap():
                     itertools.combinations(zip(labels, boxes), 2) if ba.overlaps(bb)]
         assert not overlaps
     assert np.isfinite(fig.axes[0].get_xlim()).all()
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("columns", [1, 2, 12])
+def test_the_gain_maps_title_colour_bar_and_panels_do_not_overlap(columns):
+    rng = np.random.default_rng(0)
+    methods = [f"method_{k}" for k in range(columns)]
+    field = {"mse_grid": {m: rng.uniform(0.001, 0.01, (8, 8)).tolist() for m in ["input", *methods]},
+             "relative_field": np.hypot(*np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32))).tolist()}
+    fig = plot_gain_maps(field, methods, ["input"])
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    bar = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(panels) == columns and len(bar) == 1
+    for ax in panels:
+        assert not title.overlaps(ax.title.get_window_extent(renderer))
+        assert not title.overlaps(ax.get_window_extent(renderer))
+        assert not bar[0].get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    assert title.width <= fig.bbox.width                                # wrapped to the figure
     plt.close(fig)
