@@ -391,8 +391,9 @@ def _external_split(data: Path, context: Context, lpips, out: Path, progress: bo
     summary = {m: summarize(r["methods"][m] for r in records) for m in methods}
     names = [r["name"] for r in records]
     record = {"dataset": str(data), "split": "test", "count": len(records), "names": names,
-              "sources": dict(zip(names, source_photos(names, data))), "methods": methods, "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()},
-              "summary": summary, "per_image": records, "perception": perception, "field": field.record()}
+              "sources": dict(zip(names, source_photos(names, data))), "methods": methods,
+              "means": {m: {k: v["mean"] for k, v in s.items()} for m, s in summary.items()}, "summary": summary,
+              "per_image": records, "perception": perception, "field": field.record()}
     record["quality_bar"] = quality_bar(record)
     record.update({key: quality_bar(record, method=method) for method, (key, _) in BAR_VARIANTS.items()
                    if method in methods})
