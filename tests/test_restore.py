@@ -36,7 +36,9 @@ from dmdiff.runs import load_pipeline
 
 @pytest.fixture(scope="module")
 def model():
-    """The shipped tiny backbone with seeded, non-identity adapters (LoRA, SVDA, modulation)."""
+    """The shipped tiny backbone with seeded, non-identity adapters (LoRA, SVDA, modulation); the
+    adapters' initialisation is seeded too, so every run tests the same model."""
+    torch.manual_seed(3)
     return perturb_trainable(DMDiff(DMDiffConfig()), seed=3)
 
 
@@ -199,7 +201,7 @@ def test_blended_tiles_leave_no_seams_where_naive_tiles_do(model):
     ratio_blended, ratio_naive = _seam_ratio(blended, edges_blended), _seam_ratio(naive, [64])
     ratio_whole = _seam_ratio(whole, edges_blended)                      # the same rows/columns, no tiling
     print(f"seam ratios: blended {ratio_blended:.2f}, naive {ratio_naive:.1f}, untiled {ratio_whole:.2f}")
-    assert ratio_blended < 1.6 and ratio_naive > 10                     # measured: 1.09 and 295
+    assert ratio_blended < 1.6 and ratio_naive > 10                     # measured: 1.00 and 19.0
     # Tiles see less context (GroupNorm statistics, attention) than the whole image: at 64 px the
     # blended result is 0.04 (mean abs) from the untiled one, at 96 px 0.012; a misplaced tile is far more.
     larger = tiled_restore(model, x, maps, tile=96, overlap=32)
