@@ -35,6 +35,10 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   :class:`~dmdiff.optics.spec.MetalensSpec` fields with an optional ``noise: [shot, read]``, or a
   dataset's ``lens.json`` (a lens family's gives each image the lens recorded for its name stem, and
   its noise). Without noise levels the middle of the simulation's is assumed (a warning says so).
+  Without ``--lens``, with ``--maps auto``, when every input is ``DATA/lr_<split>/<stem>.*`` of one
+  dmdiff dataset, that dataset's ``lens.json`` is the lens file (:func:`dataset_lens_file`): its captures
+  are restored with their own lens, as ``dmdiff evaluate`` restores them — not with the lens the
+  model was trained on, which a dataset of another lens does not share.
   The PSF grid of each distinct lens is computed (progress bar; or loaded from the disk cache) once,
   before the first image. An image of another size than the lens's sensor is taken as the whole
   sensor at another resolution (a non-square one as its centred crop): the PSF widths are scaled
@@ -119,8 +123,8 @@ from dmdiff.overlap import run_stages
 from dmdiff.runinfo import provenance
 from dmdiff.runs import load_pipeline
 
-__all__ = ["REPORT_FILE", "list_inputs", "output_paths", "load_maps", "find_maps", "input_lenses", "previous_report",
-           "written_outputs", "check_outputs", "model_digest", "restore", "main"]
+__all__ = ["REPORT_FILE", "list_inputs", "output_paths", "load_maps", "find_maps", "dataset_lens_file", "input_lenses",
+           "previous_report", "written_outputs", "check_outputs", "model_digest", "restore", "main"]
 
 REPORT_FILE = "restore.json"
 REPORT_FORMAT = "dmdiff-restore"
@@ -204,6 +208,34 @@ def find_maps(image: Path, option: str) -> Path | None:
     folder = image.parent
     candidate = folder.parent / "maps" / f"{image.stem}.npy"
     return candidate if folder.name.startswith("lr_") and candidate.is_file() else None
+
+
+def _dataset_lens(inputs: list[Path]) -> LensFile | None:
+    """The lens file of :func:`dataset_lens_file`, when it gives every input a lens; else None, with a
+    warning when the file exists but cannot serve (the stored maps and the model's own lens then)."""
+    found = dataset_lens_file(inputs)
+    if found is None:
+        return None
+    try:
+        lens_file = LensFile(found)
+        for source in inputs:
+            if lens_file.lens_of(source.stem).noise_assumed:
+                raise DmdiffError(f"no noise recorded for {source.stem}")
+    except DmdiffError as exc:
+        warnings.warn(f"the inputs' dataset lens {found} is not used ({exc}): the stored maps are, and the model's "
+                      "own lens for its colour anchor", LensWarning, stacklevel=3)
+        return None
+    return lens_file
+
+
+def dataset_lens_file(inputs: list[Path]) -> Path | None:
+    """``DATA/lens.json`` when every input is ``DATA/lr_<split>/<stem>.*`` of one dataset that has
+    one (the lens ``--maps auto`` implies: the maps it finds are that lens's), else None."""
+    roots = {image.parent.parent for image in inputs if image.parent.name.startswith("lr_")}
+    if len(roots) != 1 or not all(image.parent.name.startswith("lr_") for image in inputs):
+        return None
+    lens = roots.pop() / "lens.json"
+    return lens if lens.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +547,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
         color: colour correction, one of :data:`COLOR_CORRECTIONS` (the report holds the resolved one).
         maps: ``"auto"``, ``"none"`` or a ``.npy`` file of maps (module docstring).
         lens: a lens file (spec YAML/JSON, or a dataset's ``lens.json``) to compute each input's maps
-            from, instead of ``maps`` (which must then be ``"auto"``; module docstring).
+            from, instead of ``maps`` (which must then be ``"auto"``; module docstring). None with
+            ``maps="auto"``: the inputs' dataset's ``lens.json`` when they are one dataset's captures.
         bits: 8 or 16 bits per output sample.
         self_ensemble: average the restorations of the 8 orientations of each image.
         device: torch device (default: CUDA when available, else CPU).
@@ -557,6 +590,8 @@ def restore(model: str | Path, images: str | Path, out: str | Path, *, alpha: fl
     written = written_outputs(report)
     check_outputs(outputs, written, overwrite)
     lens_file = None if lens is None else LensFile(lens)
+    if lens_file is None and maps == "auto":
+        lens_file = _dataset_lens(inputs)
     shared_maps = load_maps(maps) if maps not in ("auto", "none") else None
     device = resolve_device(device)
     loaded = load_pipeline(model, device=device, model_path=model_path)
@@ -651,7 +686,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute the optics maps from the lens instead of --maps: a YAML/JSON file of "
                              "MetalensSpec fields with an optional noise: [shot, read] (else the middle of the "
                              "simulation's noise is assumed), or a dataset's lens.json (each image's lens and noise "
-                             "by its name); images of another size are taken as the whole sensor, PSF widths scaled")
+                             "by its name); images of another size are taken as the whole sensor, PSF widths scaled "
+                             "(default with --maps auto: DATA/lens.json when the inputs are DATA/lr_*/ captures)")
     parser.add_argument("--bits", type=int, default=8, choices=(8, 16), help="bits per output sample (default %(default)s)")
     parser.add_argument("--self-ensemble", action="store_true",
                         help="average the restorations of the 8 rotations/mirrorings of each image (8× the time; "

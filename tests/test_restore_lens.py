@@ -2,6 +2,8 @@
 (dmdiff.data.lens, dmdiff.restore)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.sensor import sample_noise_levels, typical_noise_levels
 from dmdiff.optics.spec import MetalensSpec
 from dmdiff.restore import REPORT_FILE, restore
+from test_anchor import lens_like_grid  # noqa: E402
 
 #: Smoke lenses whose PSF grids other tests build too (tests/test_camera.py, tests/test_train.py):
 #: the same lens before a 64 px and a 48 px sensor.
@@ -166,6 +169,39 @@ def test_a_simulated_datasets_lens_json_gives_exactly_its_stored_maps(tmp_path, 
         assert scale == 1 and np.array_equal(maps, np.load(data / "maps" / f"{stem}.npy")), stem
         assert not lens.lens_of(stem).noise_assumed
     assert cameras.camera(lens.lens_of(stems[0]).spec) is cameras.camera(lens.lens_of(stems[-1]).spec)  # one lens
+
+
+def test_a_datasets_captures_are_restored_with_its_lens_unless_it_cannot_say(tmp_path, psf_cache, capsys):
+    """--maps auto on a dataset's DATA/lr_<split>/ captures: DATA/lens.json gives each its lens, so the
+    colour anchor deconvolves with the capture's lens, as with --lens DATA/lens.json, not with the lens
+    the model was trained on (here another lens); a lens.json that cannot give every capture its lens
+    is passed over with a warning."""
+    data = simulate_dataset(tmp_path / "data", smoke=True, config={"dead_leaves_train": 0}, progress=False)
+    model = perturb_trainable(DMDiff(DMDiffConfig(svda=False, anchor_sigma_px=4.0, anchor_wiener_nsr=1e-3)), seed=3)
+    model.set_anchor_psf(lens_like_grid())                  # trained on another lens: the maps play no part
+    pipe = DMDiffPipeline.from_model(model).save_pretrained(tmp_path / "pipe")
+    lr, photos = data / "lr_test", tmp_path / "photos"      # the same captures outside the dataset
+    shutil.copytree(lr, photos)
+    runs = {"auto": lr, "told": lr, "own": photos}
+    extra = {"told": ("--lens", str(data / "lens.json"))}
+    for name, source in runs.items():
+        assert _run(pipe, source, tmp_path / name, *extra.get(name, ())) == 0, name
+    auto = json.loads((tmp_path / "auto" / REPORT_FILE).read_text())
+    assert auto["lens"] == str(data / "lens.json") and auto["maps"] == "lens"
+    names = sorted(p.name for p in lr.glob("*.png"))
+    for name in names:
+        out = {run: read_image(tmp_path / run / name) for run in runs}
+        assert np.array_equal(out["auto"], out["told"]), name
+        assert np.abs(out["auto"] - out["own"]).max() > 10 * ONE_LEVEL, name
+
+    lens = json.loads((data / "lens.json").read_text())
+    del lens["images"][Path(names[0]).stem]["noise"]       # no longer the simulation's record of every capture
+    (data / "lens.json").write_text(json.dumps(lens))
+    assert _run(pipe, lr, tmp_path / "unlisted") == 0
+    assert "is not used" in capsys.readouterr().err
+    assert json.loads((tmp_path / "unlisted" / REPORT_FILE).read_text())["lens"] is None
+    for name in names:
+        assert np.array_equal(read_image(tmp_path / "unlisted" / name), read_image(tmp_path / "own" / name)), name
 
 
 def test_bad_lens_files_are_refused_by_name_and_nothing_is_written(pipeline_dir, tmp_path, capsys):
