@@ -2,6 +2,7 @@
 downstream (baselines, pseudo pairs), and config files that extend others."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ from dmdiff.data.simulate import simulate_dataset
 from dmdiff.errors import ConfigError, DmdiffError
 from dmdiff.evaluation.baselines import dataset_varying_blur
 from dmdiff.evaluation.family import format_lens_table, format_per_lens, maps_swap, swap_partners
+from dmdiff.imageio import read_image
 from dmdiff.optics.camera import MetalensCamera
 from dmdiff.optics.propagation import LensSpectrum
 from dmdiff.optics.spec import MetalensSpec, SpecError
@@ -259,10 +261,16 @@ def test_family_model_anchors_each_capture_with_its_own_lens(family, tmp_path):
     assert model.anchor_psf is None
     with pytest.raises(DmdiffError, match="lens family"):
         model.input_anchor(train_set[a]["lr"][None])
+    photos = tmp_path / "photos"                         # the captures outside their dataset: no lens known
+    shutil.copytree(family / "lr_test", photos)
     with pytest.raises(ConfigError, match="--lens"):
-        restore(out / "pipeline", family / "lr_test", tmp_path / "no-lens", progress=False)
+        restore(out / "pipeline", photos, tmp_path / "no-lens", progress=False)
     assert not (tmp_path / "no-lens").exists()
     report = restore(out / "pipeline", family / "lr_test", tmp_path / "restored", lens=family / "lens.json",
                      progress=False)
     assert report["failed"] == 0
     assert len(list((tmp_path / "restored").glob("*.png"))) == len(meta["splits"]["test"])
+    implied = restore(out / "pipeline", family / "lr_test", tmp_path / "implied", progress=False)  # in their dataset
+    assert implied["failed"] == 0 and implied["lens"] == str(family / "lens.json")
+    for png in (tmp_path / "restored").glob("*.png"):
+        assert np.array_equal(read_image(png), read_image(tmp_path / "implied" / png.name)), png.name
