@@ -44,7 +44,8 @@ one tile) and writes ``DIR/<name>.png``: this module is the file reading and wri
   sensor at another resolution (a non-square one as its centred crop): the PSF widths are scaled
   (warned once). An image that a family's ``lens.json`` does not list fails alone. A model whose
   colour anchor deconvolves uses each capture's lens's PSF grid for it too, instead of the lens it
-  was trained with (a model trained on a lens family needs ``--lens``: it stores no lens).
+  was trained with (a model trained on a lens family stores no lens: it needs ``--lens``, or a dataset's
+  captures whose ``lens.json`` is found as above).
 * **Colour correction** against the input (:mod:`dmdiff.model.color`), ``"auto"`` by default:
   none for a model with a colour anchor, ``"lowpass"`` for one without.
 * **Self-ensemble** (``self_ensemble=True``, ``--self-ensemble``): each image is restored in its 8
