@@ -206,9 +206,14 @@ def find_maps(image: Path, option: str) -> Path | None:
         return None
     if option != "auto":
         return Path(option)
-    folder = image.parent
-    candidate = folder.parent / "maps" / f"{image.stem}.npy"
-    return candidate if folder.name.startswith("lr_") and candidate.is_file() else None
+    root = _dataset_root(image)
+    candidate = None if root is None else root / "maps" / f"{image.stem}.npy"
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
+def _dataset_root(image: Path) -> Path | None:
+    """``DATA`` for an input ``DATA/lr_<split>/<stem>.*`` (a dmdiff dataset's layout), else None."""
+    return image.parent.parent if image.parent.name.startswith("lr_") else None
 
 
 def _dataset_lens(inputs: list[Path]) -> LensFile | None:
@@ -232,8 +237,8 @@ def _dataset_lens(inputs: list[Path]) -> LensFile | None:
 def dataset_lens_file(inputs: list[Path]) -> Path | None:
     """``DATA/lens.json`` when every input is ``DATA/lr_<split>/<stem>.*`` of one dataset that has
     one (the lens ``--maps auto`` implies: the maps it finds are that lens's), else None."""
-    roots = {image.parent.parent for image in inputs if image.parent.name.startswith("lr_")}
-    if len(roots) != 1 or not all(image.parent.name.startswith("lr_") for image in inputs):
+    roots = {_dataset_root(image) for image in inputs}
+    if len(roots) != 1 or None in roots:
         return None
     lens = roots.pop() / "lens.json"
     return lens if lens.is_file() else None

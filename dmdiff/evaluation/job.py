@@ -354,14 +354,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         for method, (key, _) in BAR_VARIANTS.items():
             if method in methods:
                 metrics[key] = quality_bar(metrics, method=method)
-        table = format_table(metrics)
-        table += _field_sections(metrics, tmp)
+        table = format_table(metrics) + _field_sections(metrics, tmp)
         if external is not None:
             ext = metrics["external"] = _external_split(Path(external), context, lpips, tmp, progress)
             view = {**metrics, **ext}                     # the main split's labels and references
-            table += "\n" + format_table(view) + _field_sections(view, tmp / EXTERNAL_DIR)
-            if "differences" in view:
-                ext["differences"] = view["differences"]
+            table += "\n" + format_table(view) + _field_sections(view, tmp / EXTERNAL_DIR, into=ext)
         metrics["provenance"] = provenance(command="dmdiff evaluate")
         write_json(tmp / METRICS_FILE, metrics)
         atomic_write_text(tmp / CSV_FILE, csv_text(records, methods, references))
@@ -448,16 +445,17 @@ def _lens_spec(data: Path) -> MetalensSpec | None:
     return MetalensSpec.from_dict(lens["spec"]) if lens and "spec" in lens else None
 
 
-def _field_sections(metrics: dict, out: Path) -> str:
+def _field_sections(metrics: Mapping, out: Path, into: dict | None = None) -> str:
     """``table.md``'s per-zone and paired-difference sections of one split's report ``metrics``
-    (the differences also go into ``metrics["differences"]``); draws ``gain_map.png`` into ``out``."""
+    (the differences also go into ``into["differences"]``, ``into`` defaulting to ``metrics``);
+    draws ``gain_map.png`` into ``out``."""
     labels, field = metrics["labels"], metrics["field"]
     gt_methods = [m for m in metrics["methods"] if metrics["references"][m] == "gt" and m != "vae_ceiling"]
     text = "\n## PSNR / SSIM per field zone\n\n" + format_zone_table(field, labels, gt_methods)
     if "dmdiff_a1" in gt_methods:
         rows = differences_table([metrics], "dmdiff_a1", [m for m in gt_methods if m != "dmdiff_a1"],
                                  zones=(None, "edge"))
-        metrics["differences"] = rows
+        (metrics if into is None else into)["differences"] = rows
         text += "\n## Paired PSNR differences to DMDiff α=1\n\n" + format_differences(rows, labels)
     shown = [m for m in gt_methods if m not in ("input", "color_anchor")]   # the anchor is a low-pass: off the scale
     figure = plot_gain_maps(field, shown, [r for r in ("input", "richardson_lucy", "richardson_lucy_sv")
