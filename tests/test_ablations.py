@@ -33,7 +33,7 @@ from dmdiff.train.recipe import recipe_config_path, stage2_config  # noqa: E402
 
 NO_SVDA = {"model.svda": False}
 ONLY_POSITIVE = {"path_probs.positive": 1.0, "path_probs.neutral": 0.0, "path_probs.negative": 0.0}
-NO_DECONVOLUTION = {"model.anchor_wiener_nsr": None, "model.input_wiener_nsr": None}   # the tiny model's
+NO_DECONVOLUTION = {"model.anchor_wiener_nsr": None, "model.input_rl_iterations": None}   # the tiny model's
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -66,7 +66,7 @@ def changed(a, b) -> dict:
       "no_svda": {**NO_SVDA, "init_weights": None}, "no_lens": {**NO_SVDA, **NO_DECONVOLUTION, "init_weights": None},
       "no_pseudo": {"extra_data": []}, "spatial_svda": {"model.svda_spatial": True}}),
     # the central PSF's Richardson–Lucy anchor is lens knowledge too; without SVDA only no_lens removes it
-    ({"model": {"svda": False, "anchor_wiener_nsr": None, "input_wiener_nsr": None, "anchor_rl_iterations": 10}},
+    ({"model": {"svda": False, "anchor_wiener_nsr": None, "input_rl_iterations": None, "anchor_rl_iterations": 10}},
      {"single_path": ONLY_POSITIVE, "no_lens": {"model.anchor_rl_iterations": None}, "no_pseudo": {"extra_data": []}}),
 ])
 def test_each_ablation_changes_exactly_its_keys(main, expected, tmp_path):
@@ -89,7 +89,7 @@ def test_unknown_and_inapplicable_ablations_are_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="^ablation global_svda: stage 2 already trains with"):
         ablation_config(cfg, "global_svda", tmp_path)        # the main model is global already
     plain = load_train_config(recipe_config_path("tiny"), model={"svda": False, "anchor_wiener_nsr": None,
-                                                                 "input_wiener_nsr": None})
+                                                                 "input_rl_iterations": None})
     assert ablation_names(plain) == ("single_path", "no_pseudo")
     with pytest.raises(ConfigError, match="^ablation no_lens: stage 2 already trains with"):
         ablation_config(plain, "no_lens", tmp_path)          # a model never told the lens already
@@ -184,7 +184,7 @@ def test_the_no_lens_model_restores_the_same_whatever_lens_it_is_told(tmp_path):
     for name, told in (("no_lens", False), (None, True)):
         config = ablation_config(cfg, name, tmp_path).model if name else stage2_config(cfg, tmp_path).model
         model = make_model(**{k: getattr(config, k) for k in ("svda", "anchor_sigma_px", "anchor_wiener_nsr",
-                                                              "input_wiener_nsr")})
+                                                              "input_wiener_nsr", "input_rl_iterations")})
         if config.anchor_deconvolves:
             model.set_anchor_psf(lens_like_grid())
         with torch.no_grad():

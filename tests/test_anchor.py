@@ -317,7 +317,12 @@ def test_wiener_anchor_config_validation(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"anchor_wiener_nsr": NSR, "input_wiener_nsr": 0}, "input_wiener_nsr must be"),
     ({"anchor_wiener_nsr": NSR, "input_wiener_nsr": "3e-3"}, "input_wiener_nsr must be"),
-    ({"input_wiener_nsr": 3e-3}, "set anchor_wiener_nsr")])
+    ({"input_wiener_nsr": 3e-3}, "set anchor_wiener_nsr"),
+    ({"anchor_wiener_nsr": NSR, "input_rl_iterations": 0}, "input_rl_iterations must be"),
+    ({"anchor_wiener_nsr": NSR, "input_rl_iterations": 2.5}, "input_rl_iterations must be"),
+    ({"anchor_wiener_nsr": NSR, "input_rl_iterations": True}, "input_rl_iterations must be"),
+    ({"input_rl_iterations": 20}, "set anchor_wiener_nsr"),
+    ({"anchor_wiener_nsr": NSR, "input_rl_iterations": 20, "input_wiener_nsr": 3e-3}, "set one of them")])
 def test_deconvolved_input_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DMDiffConfig(**{"anchor_sigma_px": SIGMA, **kwargs})
@@ -362,15 +367,49 @@ def test_deconvolved_input_keeps_the_captures_fine_detail_and_undoes_the_blur_ab
         assert torch.equal(wiener_varying_with_fine_detail(image, grid, NSR), written_out)
 
 
-def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path):
-    """A model with input_wiener_nsr restores from the deconvolved capture: its latents are those of
-    path_latents on network_input(x), not on x; the anchor still comes from the capture; the tiled
-    restore deconvolves the whole photo before cutting tiles (so its tiles' latents differ from
-    tiling the raw capture); a prepared image carries it; the pipeline keeps the setting."""
+def test_richardson_lucy_input_undoes_the_whole_grids_blur():
+    """The RL network input: with one-pixel PSFs the capture comes back; with the lens-like grid the
+    scene's large scales come back far closer than the capture's, the more so with more iterations;
+    it is the whole-grid Richardson–Lucy baseline's result (same update, sRGB in and out)."""
+    from dmdiff.evaluation.baselines import richardson_lucy_sv, varying_blur
+    from dmdiff.optics.blur import SpatiallyVaryingBlur
+    from dmdiff.optics.deconvolution import check_psf_grid, richardson_lucy_grid_srgb
+    from dmdiff.optics.sensor import linear_to_srgb, srgb_to_linear
+
+    x = torch.from_numpy(np.random.default_rng(5).uniform(0.1, 0.9, (1, 3, 40, 44))).float()
+    sharp = np.zeros((3, 3, 3, 9, 9))
+    sharp[..., 4, 4] = 1
+    assert torch.allclose(richardson_lucy_grid_srgb(x, torch.from_numpy(check_psf_grid(sharp)), 3), x, atol=1e-5)
+    grid = torch.from_numpy(check_psf_grid(lens_like_grid()))
+    scene = smooth_scene()
+    capture = linear_to_srgb(SpatiallyVaryingBlur(grid)(srgb_to_linear(scene).double()).float().clamp(0, 1))
+
+    def error(a):
+        return float((gaussian_lowpass(a, SIGMA) - gaussian_lowpass(scene, SIGMA)).abs().mean())
+    few, more = (richardson_lucy_grid_srgb(capture, grid, n) for n in (3, 20))
+    assert few.shape == capture.shape and few.dtype == capture.dtype
+    assert error(more) < error(few) < 0.8 * error(capture) and error(more) < 0.5 * error(capture)
+    baseline = richardson_lucy_sv(capture[0].numpy().transpose(1, 2, 0), varying_blur(grid.numpy()), 20)
+    assert np.allclose(more[0].numpy().transpose(1, 2, 0), baseline, atol=1e-5)
+    # a large photo goes one colour plane at a time: the same values as all planes at once
+    from dmdiff.optics.deconvolution import BY_PLANE_PX, richardson_lucy_varying
+    wide = torch.from_numpy(np.random.default_rng(7).uniform(0, 1, (2, 3, 12, BY_PLANE_PX + 6))).float()
+    together = linear_to_srgb(richardson_lucy_varying(srgb_to_linear(wide), SpatiallyVaryingBlur(grid), [3])[3]
+                              .clamp(0, 1)).clamp(0, 1)
+    assert torch.allclose(richardson_lucy_grid_srgb(wide, grid, 3), together, atol=1e-6)
+
+
+@pytest.mark.parametrize("deconvolution", [{"input_wiener_nsr": 3e-3}, {"input_rl_iterations": 5}])
+def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path, deconvolution):
+    """A model with a deconvolved input (input_wiener_nsr or input_rl_iterations) restores from the
+    deconvolved capture: its latents are those of path_latents on network_input(x), not on x; the
+    anchor still comes from the capture; the tiled restore deconvolves the whole photo before
+    cutting tiles (so its tiles' latents differ from tiling the raw capture); a prepared image
+    carries it; the pipeline keeps the setting."""
     from dmdiff.model.dmdiff import network_input
     from dmdiff.model.tiling import tiled_latents
 
-    model = make_model(anchor_sigma_px=SIGMA, anchor_wiener_nsr=NSR, input_wiener_nsr=3e-3)
+    model = make_model(anchor_sigma_px=SIGMA, anchor_wiener_nsr=NSR, **deconvolution)
     model.set_anchor_psf(lens_like_grid())
     x, maps = _images(hw=(64, 64)), _maps()
     seen = network_input(x, model.config, model.anchor_psf)
@@ -393,5 +432,5 @@ def test_deconvolved_input_is_what_the_encoder_sees_whole_and_in_tiles(tmp_path)
     assert torch.equal(pipe.latents(prepared, tile=32, overlap=8).z_positive,
                        tiled_latents(model, x[:1], maps[:1], tile=32, overlap=8).z_positive)
     loaded = DMDiffPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "p")).model
-    assert loaded.config.input_wiener_nsr == 3e-3
+    assert all(getattr(loaded.config, k) == v for k, v in deconvolution.items())
     assert torch.allclose(loaded.restore(x, maps), model.restore(x, maps), atol=1e-6)

@@ -189,7 +189,7 @@ def test_maps_swap_refuses_what_it_cannot_swap(family, tmp_path, capsys):
 
 def test_config_files_extend_others(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: tiny\nsteps: 7\n")
-    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_wiener_nsr: null, input_wiener_nsr: null}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {anchor_wiener_nsr: null, input_rl_iterations: null}\n")
     cfg = load_train_config(tmp_path / "child.yaml")
     tiny = load_train_config("configs/tiny.yaml")
     assert cfg.steps == 7 and cfg.model.anchor_wiener_nsr is None and tiny.model.anchor_wiener_nsr is not None

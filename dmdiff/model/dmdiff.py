@@ -56,6 +56,7 @@ from dmdiff.optics.deconvolution import (
     central_psf,
     check_psf,
     check_psf_grid,
+    richardson_lucy_grid_srgb,
     richardson_lucy_srgb,
     wiener_varying_large_scales,
     wiener_varying_with_fine_detail,
@@ -128,6 +129,11 @@ class DMDiffConfig:
         crop. Computed on whole frames, like the anchor (training crops are cut from their frame's,
         tiles from the photo's). The negative path's input, the scene, is never changed. None: the
         capture as it is. Needs ``anchor_wiener_nsr`` (it uses the grid that anchor keeps).
+    input_rl_iterations: deconvolve the network's input with this many Richardson–Lucy iterations
+        with the lens's whole PSF grid instead (:func:`~dmdiff.optics.deconvolution.richardson_lucy_grid_srgb`,
+        full resolution, each part of the field with its own PSF; the default of ``configs/tiny.yaml``,
+        docs/method.md "The deconvolved input"). Computed on whole frames like ``input_wiener_nsr``;
+        needs ``anchor_wiener_nsr`` too; excludes ``input_wiener_nsr``.
     path_modulation: give each path its own learned modulation of the UNet's LoRA in every block
         (``M = M_svda + P_path``, ``P`` zero at initialisation), besides its prompt. The prompt alone
         reaches the UNet through cross-attention only, which the tiny backbone has at its two coarsest
@@ -153,6 +159,7 @@ class DMDiffConfig:
     anchor_rl_iterations: int | None = None
     anchor_wiener_nsr: float | None = None
     input_wiener_nsr: float | None = None
+    input_rl_iterations: int | None = None
     path_modulation: bool = True
     recommended_alpha: float | None = None
     prompts: Prompts = field(default_factory=Prompts)
@@ -190,9 +197,17 @@ class DMDiffConfig:
             v = self.input_wiener_nsr
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6:
                 raise ConfigError(f"input_wiener_nsr must be a positive number or None, got {v!r}")
-            if self.anchor_wiener_nsr is None:
-                raise ConfigError("input_wiener_nsr deconvolves the input with the PSF grid of the Wiener colour "
-                                  "anchor: set anchor_wiener_nsr (and anchor_sigma_px) too, or input_wiener_nsr: null")
+        if self.input_rl_iterations is not None:
+            n = self.input_rl_iterations
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ConfigError(f"input_rl_iterations must be an integer >= 1 or None, got {n!r}")
+            if self.input_wiener_nsr is not None:
+                raise ConfigError("input_rl_iterations and input_wiener_nsr are two ways to deconvolve the "
+                                  "network's input: set one of them (the other null)")
+        for key in ("input_wiener_nsr", "input_rl_iterations"):
+            if getattr(self, key) is not None and self.anchor_wiener_nsr is None:
+                raise ConfigError(f"{key} deconvolves the input with the PSF grid of the Wiener colour anchor: "
+                                  f"set anchor_wiener_nsr (and anchor_sigma_px) too, or {key}: null")
         if self.recommended_alpha is not None:
             try:
                 self.recommended_alpha = check_alpha(self.recommended_alpha)
@@ -212,6 +227,17 @@ class DMDiffConfig:
         return self.anchor_rl_iterations is not None or self.anchor_wiener_nsr is not None
 
     @property
+    def input_deconvolution_key(self) -> str | None:
+        """The key that deconvolves the network's input with the lens's PSF grid (``input_rl_iterations``
+        or ``input_wiener_nsr``); None: the network sees the capture."""
+        return next((k for k in ("input_rl_iterations", "input_wiener_nsr") if getattr(self, k) is not None), None)
+
+    @property
+    def input_deconvolves(self) -> bool:
+        """Whether the network's input is the capture deconvolved with the lens's PSF grid."""
+        return self.input_deconvolution_key is not None
+
+    @property
     def anchor_deconvolution(self) -> str | None:
         """How the colour anchor deconvolves, in words (None: it does not)."""
         if self.anchor_rl_iterations is not None:
@@ -224,9 +250,12 @@ class DMDiffConfig:
 @torch.no_grad()
 def network_input(x: torch.Tensor, config: DMDiffConfig, psf: torch.Tensor | None) -> torch.Tensor:
     """What the positive and neutral paths' network sees of the captures ``x`` ``(B, 3, H, W)`` → same:
-    ``x`` itself, or with ``config.input_wiener_nsr`` the capture deconvolved with the PSF grid ``psf``
-    ``(3, G, G, K, K)`` at large and middle scales (:func:`wiener_varying_with_fine_detail`); no
-    gradient. A function of its arguments alone, so a dataset can compute it on whole training frames."""
+    ``x`` itself, or the capture deconvolved with the PSF grid ``psf`` ``(3, G, G, K, K)``: with
+    ``config.input_rl_iterations`` by Richardson–Lucy (:func:`richardson_lucy_grid_srgb`), with
+    ``config.input_wiener_nsr`` at large and middle scales (:func:`wiener_varying_with_fine_detail`);
+    no gradient. A function of its arguments alone, so a dataset can compute it on whole training frames."""
+    if config.input_rl_iterations is not None:
+        return richardson_lucy_grid_srgb(x, psf, config.input_rl_iterations)
     if config.input_wiener_nsr is None:
         return x
     return wiener_varying_with_fine_detail(x, psf, config.input_wiener_nsr, ANCHOR_WIENER_SCALE_PX)
@@ -354,7 +383,7 @@ class DMDiff(nn.Module):
         ``path`` is one path for the whole batch or a sequence of B paths, one per sample (still one
         VAE-encoder and one UNet call: each sample cross-attends to its own prompt). ``x`` is what the
         network sees: for the positive and neutral paths of a model with a deconvolved input
-        (``config.input_wiener_nsr``), :meth:`network_input` of the capture (training cuts it from
+        (``config.input_deconvolves``), :meth:`network_input` of the capture (training cuts it from
         the whole frame's), else the capture; for the negative path the scene. ``anchor``: the
         colour anchor ``(B, 3, H, W)`` of the capture when the caller has it (a crop's, cut from its
         whole frame's); None: :meth:`input_anchor` of ``x`` (only right when ``x`` is the capture).
@@ -531,14 +560,14 @@ class DMDiff(nn.Module):
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the positive and neutral paths' network sees of the captures ``x`` ``(B, 3, H, W)`` →
-        same: ``x``, or with ``config.input_wiener_nsr`` its deconvolution with the lens's PSF grid
-        at large and middle scales (:func:`network_input`; no gradient). ``x`` is a whole frame (the
+        same: ``x``, or with ``config.input_rl_iterations`` / ``input_wiener_nsr`` its deconvolution
+        with the lens's PSF grid (:func:`network_input`; no gradient). ``x`` is a whole frame (the
         grid spans it).
 
         Raises:
             DmdiffError: the model deconvolves but has no PSF (:meth:`set_anchor_psf`).
         """
-        if self.config.input_wiener_nsr is None:
+        if not self.config.input_deconvolves:
             return x
         self._check_psf()
         return network_input(x, self.config, self.anchor_psf)

@@ -216,7 +216,7 @@ class DMDiffPipeline(DiffusionPipeline):
             with torch.no_grad():
                 on_device = x.to(self.model.device, self.model.dtype)
                 cached = self.model.input_anchor(on_device)
-                if self.model.config.input_wiener_nsr is not None:
+                if self.model.config.input_deconvolves:
                     seen = self.model.network_input(on_device)
         return PreparedImage(x, None if maps is None else maps[None], cached, seen)
 

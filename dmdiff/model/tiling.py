@@ -14,7 +14,7 @@ linearly, so a large photo is restored tile by tile, in two blended passes:
    tile's window of the field (:func:`dmdiff.data.dataset.crop_maps`; the maps describe the full
    image). The x0 latents of both paths are blended into full latent canvases; the colour anchor
    (models with one) is the whole image's, computed once (or given by the caller), and so is a
-   deconvolved network input (``DMDiffConfig.input_wiener_nsr``), which the tiles are cut from.
+   deconvolved network input (``DMDiffConfig.input_deconvolves``), which the tiles are cut from.
 2. **Decoding.** ``z(α) = (1 − α)·z_neutral + α·z_positive`` is decoded in overlapping latent tiles
    of the same layout (``tile / f`` latent cells, f = ``vae_scale_factor``) blended in pixel space,
    then cropped to the image. :func:`tiled_decode` re-decodes the cached canvases at another α
@@ -167,7 +167,7 @@ def tiled_latents(model: DMDiff, image: torch.Tensor, maps: torch.Tensor | None 
         if on_tile:
             on_tile(1, 1)
         return latents
-    if model.config.input_wiener_nsr is not None:     # the network's input, computed whole, then tiled
+    if model.config.input_deconvolves:     # the network's input, computed whole, then tiled
         with torch.no_grad():
             if seen is None:
                 seen = model.network_input(image.to(model.device, model.dtype))

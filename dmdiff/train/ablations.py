@@ -19,9 +19,9 @@ name               what changes against stage 2 (all else — steps, lr, batch, 
 ``no_svda``        ``model.svda`` false (and ``svda_spatial`` false): DMDiff without SVDA. Where the model
                    deconvolves its input or colour anchor with the lens's PSFs it still does: the lens
                    reaches the network that way, only SVDA's maps are gone
-``no_lens``        ``no_svda`` and no deconvolution either (``anchor_rl_iterations``,
-                   ``anchor_wiener_nsr``, ``input_wiener_nsr`` null): the network sees the capture as it
-                   is, its colour anchor is the capture's own low-pass — a model never told the lens
+``no_lens``        ``no_svda`` and no deconvolution either (``anchor_rl_iterations``, ``anchor_wiener_nsr``,
+                   ``input_wiener_nsr``, ``input_rl_iterations`` null): the network sees the capture as
+                   it is, its colour anchor is the capture's own low-pass — a model never told the lens
 ``no_pseudo``      without the stage-1 pseudo pairs (``extra_data`` as the config gives it)
 ``spatial_svda``   ``model.svda_spatial`` true — the SVDA-mode flip of a main model with global SVDA
 ``global_svda``    ``model.svda_spatial`` false — the flip of a main model with spatially varying SVDA
@@ -105,7 +105,7 @@ _OVERRIDES = {
     "single_path": {**_NO_SVDA, "path_probs": {"positive": 1.0, "neutral": 0.0, "negative": 0.0}},
     "no_svda": _NO_SVDA,
     "no_lens": {"model": {**_NO_SVDA["model"], "anchor_rl_iterations": None, "anchor_wiener_nsr": None,
-                          "input_wiener_nsr": None}},
+                          "input_wiener_nsr": None, "input_rl_iterations": None}},
     "spatial_svda": {"model": {"svda_spatial": True}},
     "global_svda": {"model": {"svda_spatial": False}},
 }

@@ -14,7 +14,7 @@ one would have seen. Global micro-batch ``m`` (optimizer step ``m // grad_accum`
 
 Targets (docs/method.md): positive ``lr → gt``; neutral ``lr → gt_blur`` (the ideal-lens image; ``gt``
 where a dataset has none); negative ``gt → lr``. A model with a deconvolved input
-(``DMDiffConfig.input_wiener_nsr``) sees ``lr_input``, its whole frame's network input cropped with
+(``DMDiffConfig.input_deconvolves``) sees ``lr_input``, its whole frame's network input cropped with
 the pair, wherever ``lr`` is the input (:func:`path_input`).
 """
 
@@ -45,6 +45,14 @@ FRAME_PRODUCTS = ("anchor", "lr_input")
 FrameProduct = Callable[[torch.Tensor, str], torch.Tensor]
 
 
+def input_too(model_config: DMDiffConfig) -> str:
+    """``" (and model.KEY: null)"``, KEY the key that deconvolves the network input of a model whose
+    anchor deconvolution an error asks to switch off (the input needs the anchor's grid); ``""`` when
+    its input is the capture."""
+    key = model_config.input_deconvolution_key
+    return "" if key is None else f" (and model.{key}: null)"
+
+
 def lens_grids(root: str | Path) -> LensGrids | None:
     """The true PSF grid of each image's lens in the training set ``root``: its ``lens.json``'s (one
     lens, or each image's in a lens family), or for pseudo pairs the lenses ``pseudo.json`` records
@@ -61,7 +69,7 @@ def frame_products(model_config: DMDiffConfig, root: str | Path) -> dict[str, Fr
     """What the dataset at ``root`` must compute on whole frames and crop with the images, by key
     (:data:`FRAME_PRODUCTS`): the colour anchor (``anchor``) of a model with the Wiener anchor
     (``anchor_wiener_nsr``) and the network input (``lr_input``) of one with a deconvolved input
-    (``input_wiener_nsr``); empty when the model computes its anchor on the training crop itself.
+    (``input_rl_iterations`` or ``input_wiener_nsr``); empty when the model computes its anchor on the training crop itself.
     Both deconvolve with a PSF grid that spans the frame, so a crop's is the part of its frame's that
     the crop covers, as at inference (tiles take the whole photo's). Each frame is deconvolved with
     its own lens's grid (:func:`lens_grids`): the dataset's lens, or in a lens family the image's,
@@ -75,8 +83,8 @@ def frame_products(model_config: DMDiffConfig, root: str | Path) -> dict[str, Fr
     grids = lens_grids(root)
     if grids is None:
         raise DmdiffError(f"model.anchor_wiener_nsr: {root} has no lens.json with a lens spec (real captures?): "
-                          "no PSF grid to deconvolve the colour anchor with; set model.anchor_wiener_nsr: null "
-                          "(and model.input_wiener_nsr: null) to anchor to the capture itself")
+                          "no PSF grid to deconvolve the colour anchor with; set model.anchor_wiener_nsr: null"
+                          f"{input_too(model_config)} to anchor to the capture itself")
     normalised: dict[str, torch.Tensor] = {}
 
     def grid(name: str) -> torch.Tensor:
@@ -86,7 +94,7 @@ def frame_products(model_config: DMDiffConfig, root: str | Path) -> dict[str, Fr
         return normalised[key]
 
     products = {"anchor": lambda frame, name: colour_anchor(frame, model_config, grid(name))}
-    if model_config.input_wiener_nsr is not None:
+    if model_config.input_deconvolves:
         products["lr_input"] = lambda frame, name: network_input(frame, model_config, grid(name))
     return products
 

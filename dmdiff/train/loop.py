@@ -65,7 +65,8 @@ from dmdiff.train.config import (
     TrainWarning,
     check_device_support,
 )
-from dmdiff.train.data import StepBatches, frame_products, lens_grids, open_train_sets, path_input, validation_pairs
+from dmdiff.train.data import (StepBatches, frame_products, input_too, lens_grids, open_train_sets, path_input,
+                               validation_pairs)
 from dmdiff.train.ema import EMA
 from dmdiff.train.losses import MultipathLoss
 from dmdiff.train.processes import use_cpu
@@ -157,8 +158,8 @@ def anchor_psf(cfg: TrainConfig):
         return None
     if grid is None:
         key = "anchor_rl_iterations" if cfg.model.anchor_rl_iterations is not None else "anchor_wiener_nsr"
-        also = " (and model.input_wiener_nsr: null)" if cfg.model.input_wiener_nsr is not None else ""
-        raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null{also} to anchor to the capture itself")
+        raise DmdiffError(f"model.{key}: {reason}; set model.{key}: null{input_too(cfg.model)} "
+                          "to anchor to the capture itself")
     return grid
 
 
