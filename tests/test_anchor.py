@@ -254,22 +254,22 @@ def test_wiener_grid_chunks_and_kept_gains_change_nothing(monkeypatch):
     small, large = smooth_scene(48, 40, seed=1), smooth_scene(60, 52, seed=2)
 
     def fresh(x, grid, nsr=NSR):
-        monkeypatch.setattr(deconvolution, "_wiener_gains", deconvolution._WienerGains())
+        monkeypatch.setattr(deconvolution, "_wiener_gains_kept", deconvolution._KeptResults(2))
         return wiener_varying_large_scales(x, grid, nsr)
 
     expected = {key: fresh(x, grid, nsr) for key, (x, grid, nsr) in
                 {"a": (small, first, NSR), "b": (small, second, NSR), "c": (large, first, NSR),
                  "d": (small, first, 4 * NSR)}.items()}
     assert not torch.equal(expected["a"], expected["b"]) and not torch.equal(expected["a"], expected["d"])
-    kept = deconvolution._WienerGains()
-    monkeypatch.setattr(deconvolution, "_wiener_gains", kept)
+    kept = deconvolution._KeptResults(2)
+    monkeypatch.setattr(deconvolution, "_wiener_gains_kept", kept)
     for key, x, grid, nsr in [("a", small, first, NSR), ("a", small, first, NSR), ("b", small, second, NSR),
                               ("a", small, first, NSR), ("c", large, first, NSR), ("d", small, first, 4 * NSR),
                               ("a", small, first, NSR)]:
         assert torch.equal(wiener_varying_large_scales(x, grid, nsr), expected[key]), key
-    assert len(kept._kept) == deconvolution.KEPT_GAINS
+    assert len(kept._kept) == 2
     monkeypatch.setattr(deconvolution, "WIENER_CHUNK_BYTES", 1)              # one node at a time
-    monkeypatch.setattr(deconvolution, "_wiener_gains", deconvolution._WienerGains())
+    monkeypatch.setattr(deconvolution, "_wiener_gains_kept", deconvolution._KeptResults(2))
     chunked = wiener_varying_large_scales(torch.cat([small, small.flip(-1)]), first, NSR)
     assert torch.allclose(chunked, torch.cat([expected["a"], fresh(small.flip(-1), first)]), rtol=0, atol=1e-6)
 
@@ -397,6 +397,32 @@ def test_richardson_lucy_input_undoes_the_whole_grids_blur():
     together = linear_to_srgb(richardson_lucy_varying(srgb_to_linear(wide), SpatiallyVaryingBlur(grid), [3])[3]
                               .clamp(0, 1)).clamp(0, 1)
     assert torch.allclose(richardson_lucy_grid_srgb(wide, grid, 3), together, atol=1e-6)
+
+
+def test_richardson_lucy_input_is_computed_once_per_capture_grid_and_count(monkeypatch):
+    """The kept results serve only the same images, grid and iteration count, and a caller changing
+    what it got in place does not change what the next caller gets."""
+    from dmdiff.optics import deconvolution
+    from dmdiff.optics.deconvolution import check_psf_grid, richardson_lucy_grid_srgb
+
+    runs, unpatched = [], deconvolution.richardson_lucy_varying
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return unpatched(*args, **kwargs)
+
+    monkeypatch.setattr(deconvolution, "_rl_grid_kept", deconvolution._KeptResults(4))
+    monkeypatch.setattr(deconvolution, "richardson_lucy_varying", counted)
+    grid = torch.from_numpy(check_psf_grid(lens_like_grid()))
+    x = smooth_scene()
+    first = richardson_lucy_grid_srgb(x, grid, 3)
+    first += 1                                                     # the caller's own copy
+    again = richardson_lucy_grid_srgb(x.clone(), grid, 3)
+    assert len(runs) == 1 and float(again.max()) <= 1
+    narrower = torch.from_numpy(check_psf_grid(lens_like_grid() ** 2))
+    for args in ((x, grid, 4), (x, narrower, 3), (x.flip(-1).contiguous(), grid, 3)):
+        richardson_lucy_grid_srgb(*args)
+    assert len(runs) == 4
 
 
 @pytest.mark.parametrize("deconvolution", [{"input_wiener_nsr": 3e-3}, {"input_rl_iterations": 5}])

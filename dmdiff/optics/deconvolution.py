@@ -201,6 +201,42 @@ def richardson_lucy_varying(observed: torch.Tensor, blur, iterations: Sequence[i
     return out
 
 
+def _content_key(t: torch.Tensor) -> tuple:
+    """A key for ``t`` by content: the SHA-1 of its bytes, its shape, dtype and device."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()     # any dtype's bytes
+    return hashlib.sha1(data).hexdigest(), tuple(t.shape), t.dtype, t.device
+
+
+class _KeptResults:
+    """The last ``size`` results of a costly computation, by key (least recently used dropped first).
+    Thread-safe: a folder restore prepares the next photo in a reader thread."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        return None
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        with self._lock:
+            self._kept[key] = value
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
+#: The last results of :func:`richardson_lucy_grid_srgb` are kept, by content of the images and the
+#: grid and by iteration count, for batches of up to this many pixels: the models of one evaluation
+#: (the full model and its ablations) see the same deconvolved capture, computed once.
+KEPT_RL_PIXELS = 1024 ** 2
+_rl_grid_kept = _KeptResults(4)
+
+
 @torch.no_grad()
 def richardson_lucy_grid_srgb(images: torch.Tensor, psf_grid: torch.Tensor, iterations: int) -> torch.Tensor:
     """Richardson–Lucy with a lens's whole PSF grid on sRGB batches: each part of the field deconvolved
@@ -209,7 +245,9 @@ def richardson_lucy_grid_srgb(images: torch.Tensor, psf_grid: torch.Tensor, iter
     The network input of a model with ``DMDiffConfig.input_rl_iterations``. Each colour plane is
     deconvolved on its own (the update does not mix them); photos with a side above
     :data:`BY_PLANE_PX` go one plane of the batch at a time, a third of the temporary memory. Cost on
-    one thread with a 7 × 7 grid of 63-px kernels: about 0.035 s per iteration at 256², 1.4 s at 2048².
+    one thread with a 7 × 7 grid of 63-px kernels: about 0.035 s per iteration at 256², 1.4 s at 2048²;
+    the last few results are kept (:data:`KEPT_RL_PIXELS`), so asking again for the same images and
+    grid costs a hash.
 
     Args:
         images: ``(B, 3, H, W)`` sRGB in ``[0, 1]`` (clipped), a whole frame (the grid spans it).
@@ -219,6 +257,10 @@ def richardson_lucy_grid_srgb(images: torch.Tensor, psf_grid: torch.Tensor, iter
     Returns:
         ``(B, 3, H, W)`` sRGB in ``[0, 1]``, same dtype and device as ``images``.
     """
+    key = ((*_content_key(images), *_content_key(psf_grid), int(iterations))
+           if images.numel() <= KEPT_RL_PIXELS * 3 else None)
+    if key is not None and (kept := _rl_grid_kept.get(key)) is not None:
+        return kept.clone()
     grid = psf_grid.to(torch.float32)
 
     def deconvolved(planes: torch.Tensor, channels: slice) -> torch.Tensor:
@@ -227,9 +269,13 @@ def richardson_lucy_grid_srgb(images: torch.Tensor, psf_grid: torch.Tensor, iter
         return linear_to_srgb(estimate[int(iterations)].clamp(0, 1)).clamp(0, 1).to(images.dtype)
 
     if max(images.shape[-2:]) <= BY_PLANE_PX:
-        return deconvolved(images, slice(None))
-    return torch.cat([torch.cat([deconvolved(images[b:b + 1, c:c + 1], slice(c, c + 1)) for c in range(3)], dim=1)
-                      for b in range(images.shape[0])])
+        result = deconvolved(images, slice(None))
+    else:
+        result = torch.cat([torch.cat([deconvolved(images[b:b + 1, c:c + 1], slice(c, c + 1)) for c in range(3)],
+                                      dim=1) for b in range(images.shape[0])])
+    if key is not None:
+        _rl_grid_kept.put(key, result.clone())
+    return result
 
 
 def _summed_blocks(kernels: torch.Tensor, scale: int) -> torch.Tensor:
@@ -252,47 +298,30 @@ def _laplacian_power(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor
 #: Bytes the spatially varying Wiener filter's per-node FFT arrays may take at once: its nodes are
 #: deconvolved in chunks that fit (all at once for one photo up to about 300 px a side).
 WIENER_CHUNK_BYTES = 64 * 2 ** 20
-#: How many sets of Wiener gains :class:`_WienerGains` keeps: the colour anchor's and the network
-#: input's of one lens and size.
-KEPT_GAINS = 2
+#: Spatially varying Wiener gains, each ``(3, G·G, S, S // 2 + 1)`` complex, kept for later calls with
+#: the same kernels (by content), regulariser and extension shape: a folder of photos of one size from
+#: one lens reuses them (they are 60 % of a 256² photo's anchor), for the colour anchor and the Wiener
+#: network input alike (two regularisers, so two kept). Only gains computed for all nodes at once (in
+#: one chunk) are kept.
+_wiener_gains_kept = _KeptResults(2)
 
 
-class _WienerGains:
-    """The last :data:`KEPT_GAINS` spatially varying Wiener gains computed, each ``(3, G·G, S, S // 2 + 1)``
-    complex, kept for later calls with the same kernels (by content), regulariser and extension shape:
-    a folder of photos of one size from one lens reuses them (they are 60 % of a 256² photo's anchor),
-    for the colour anchor and the deconvolved network input alike (two regularisers). Only gains
-    computed for all nodes at once (in one chunk) are kept. Thread-safe (a reader thread anchors photos)."""
+def _wiener_gains(kernels: torch.Tensor, nsr: float, shape: tuple[int, int], channels: slice,
+                  nodes: slice) -> torch.Tensor:
+    """The gains of ``kernels[channels, nodes]`` (``(3, G·G, k, k)``) on ``shape``,
+    ``conj(H) / (|H|² + nsr·|L|²)``."""
+    whole = channels == slice(0, kernels.shape[0]) and nodes == slice(0, kernels.shape[1])
+    key = (*_content_key(kernels), float(nsr), shape) if whole else None
+    if key is not None and (kept := _wiener_gains_kept.get(key)) is not None:
+        return kept
+    part = kernels[channels, nodes]
+    otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
+    denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
+    gains = otf.conj_physical_().div_(denominator)              # in place: large photos' chunks
+    if key is not None:
+        _wiener_gains_kept.put(key, gains)
+    return gains
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def __call__(self, kernels: torch.Tensor, nsr: float, shape: tuple[int, int], channels: slice,
-                 nodes: slice) -> torch.Tensor:
-        """The gains of ``kernels[channels, nodes]`` (``(3, G·G, k, k)``) on ``shape``,
-        ``conj(H) / (|H|² + nsr·|L|²)``."""
-        whole = channels == slice(0, kernels.shape[0]) and nodes == slice(0, kernels.shape[1])
-        if whole:
-            key = (hashlib.sha1(kernels.detach().cpu().numpy().tobytes()).hexdigest(), tuple(kernels.shape),
-                   kernels.dtype, kernels.device, float(nsr), shape)
-            with self._lock:
-                if key in self._kept:
-                    self._kept.move_to_end(key)
-                    return self._kept[key]
-        part = kernels[channels, nodes]
-        otf = _otf(part.reshape(-1, *part.shape[-2:]), shape).reshape(*part.shape[:2], shape[0], -1)
-        denominator = otf.abs().pow_(2).add_(nsr * _laplacian_power(shape, kernels))
-        gains = otf.conj_physical_().div_(denominator)              # in place: large photos' chunks
-        if whole:
-            with self._lock:
-                self._kept[key] = gains
-                while len(self._kept) > KEPT_GAINS:
-                    self._kept.popitem(last=False)
-        return gains
-
-
-_wiener_gains = _WienerGains()
 
 
 def _wiener_blended(small: torch.Tensor, kernels: torch.Tensor, nsr: float, wy: np.ndarray,
