@@ -173,8 +173,8 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         layout: ``{"unet": config, "vae": config}`` of a random-init tiny backbone to time instead of
             the preset's (e.g. :data:`PREVIOUS_TINY_LAYOUT`).
         anchored: with the colour anchor and deconvolved input of ``configs/tiny.yaml``'s model
-            (Wiener filters of the PSF grid, :func:`dmdiff.bench.restore.tiny_model_config`, on a Gaussian
-            stand-in grid of the default lens's shape), as the default recipe's model restores.
+            (:func:`dmdiff.bench.restore.tiny_model_config`, on a Gaussian stand-in grid of the default
+            lens's shape), as the default recipe's model restores.
 
     Returns:
         ``{"backbone", "build_s", "restore_s", "decode_s", "ratio", "peak_bytes", "peak_rss_bytes",
@@ -183,7 +183,7 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         size (bytes above the usage before it, and the process's peak), the median time per stage of
         a restore, and the time in a restore of the colour anchor and the deconvolved network input
         (0 without them; their filter gains kept from the restore before, as in a folder of photos of
-        one size).
+        one size). Each call restores another random photo, so none reuses a kept network input.
     """
 
     torch.set_num_threads(threads)
@@ -197,13 +197,15 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
     model = model.to(device, torch.float16 if half else torch.float32)
     pipe = DMDiffPipeline.from_model(model)
     build_s = time.perf_counter() - start
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, model.dtype)
-    pipe(x[..., :WARMUP_SIZE, :WARMUP_SIZE], tile=tile)
+    def photo(seed: int) -> torch.Tensor:      # another photo per call: no call reuses a kept network input
+        return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device, model.dtype)
+
+    pipe(photo(0)[..., :WARMUP_SIZE, :WARMUP_SIZE], tile=tile)
     stages = StageTimes({"svda": model.svda, "vae encoder": model.vae.encoder, "unet": model.unet,
                          "vae decoder": model.vae.decoder}, device)
     restore_s, decode_s = [], []
 
-    def timed_restore() -> None:
+    def timed_restore(x: torch.Tensor) -> None:
         with stages.active():
             seconds, output = timed(lambda: pipe(x, tile=tile, overlap=DEFAULT_OVERLAP_PX, return_latents=True),
                                     device)
@@ -212,10 +214,12 @@ def restore_benchmark(preset: str, size: int, repeats: int, threads: int, device
         decode_s.append(timed(lambda: pipe.decode(output, 0.5, tile=tile, overlap=DEFAULT_OVERLAP_PX), device)[0])
 
     with PeakMemory(device) as memory:
-        timed_restore()
-    for _ in range(repeats - 1 if size <= REPEAT_LIMIT else 0):
-        timed_restore()
+        timed_restore(photo(1))
+    calls = repeats if size <= REPEAT_LIMIT else 1
+    for seed in range(2, calls + 1):
+        timed_restore(photo(seed))
     restore, decode = statistics.median(restore_s), statistics.median(decode_s)
+    x = photo(calls + 1)
     anchor_s = timed(lambda: (model.input_anchor(x), model.network_input(x)), device)[0] if anchored else 0.0
     return {"backbone": model.backbone.source, "build_s": build_s, "restore_s": restore, "decode_s": decode,
             "ratio": decode / restore, "peak_bytes": memory.bytes, "peak_rss_bytes": memory.peak,
@@ -271,7 +275,7 @@ def format_tiny(sizes: list[int], results: list[dict], previous: list[dict] | No
     """The tiny-preset part of the report: per size the shipped backbone's row and, when measured,
     the previous layout's and the speed-up; then the targets."""
     tiles = f"{tile}-px tiles, {DEFAULT_OVERLAP_PX} px overlap" if tile else "untiled"
-    lines = [f"tiny preset with configs/tiny.yaml's colour anchor (the Wiener filter of a 7×7 stand-in PSF grid), "
+    lines = [f"tiny preset with configs/tiny.yaml's colour anchor and deconvolved input (a 7×7 stand-in PSF grid), "
              f"restored as `dmdiff restore` does ({tiles}); batch 1, fp32, "
              f"CPU, {threads} thread(s), medians of {repeats} (sizes above {REPEAT_LIMIT} px: one call)",
              f"  shipped:  {results[0]['backbone']}"]

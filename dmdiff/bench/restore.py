@@ -3,9 +3,9 @@ overlapped its stages) against overlapped, in the same process.
 
 One run writes ``images`` generated photos (dead-leaves scenes, :func:`dmdiff.data.sources.dead_leaves`,
 ``size`` px square, 8-bit PNGs) and a pipeline folder of the ``tiny`` preset with the settings of
-``configs/tiny.yaml``'s model (colour anchor σ = 8 px of the Wiener deconvolution with a 7 × 7 PSF
-grid; seeded weights and Gaussian stand-ins for the lens's PSFs: the weights and the PSFs' values do
-not change the time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
+``configs/tiny.yaml``'s model (its colour anchor and deconvolved input with a 7 × 7 PSF grid; seeded
+weights and Gaussian stand-ins for the lens's PSFs: the weights and the PSFs' values do not change the
+time), then times :func:`dmdiff.restore.restore` of the folder, model loading included,
 as the command runs it:
 
 - ``sequential, both paths``: read, restore and write one image after the other with torch's
