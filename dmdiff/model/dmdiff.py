@@ -178,32 +178,23 @@ class DMDiffConfig:
                                                  or not isinstance(self.anchor_sigma_px, numbers.Real)
                                                  or not 0 < self.anchor_sigma_px < 1e4):
             raise ConfigError(f"anchor_sigma_px must be a positive number of pixels or None, got {self.anchor_sigma_px!r}")
-        if self.anchor_rl_iterations is not None:
-            n = self.anchor_rl_iterations
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-                raise ConfigError(f"anchor_rl_iterations must be an integer >= 1 or None, got {n!r}")
-            if self.anchor_sigma_px is None:
-                raise ConfigError("anchor_rl_iterations needs a colour anchor: set anchor_sigma_px too")
-        if self.anchor_wiener_nsr is not None:
-            v = self.anchor_wiener_nsr
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6:
-                raise ConfigError(f"anchor_wiener_nsr must be a positive number or None, got {v!r}")
-            if self.anchor_sigma_px is None:
-                raise ConfigError("anchor_wiener_nsr needs a colour anchor: set anchor_sigma_px too")
-            if self.anchor_rl_iterations is not None:
-                raise ConfigError("anchor_rl_iterations and anchor_wiener_nsr are two ways to deconvolve the "
-                                  "colour anchor: set one of them (the other null)")
-        if self.input_wiener_nsr is not None:
-            v = self.input_wiener_nsr
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6:
-                raise ConfigError(f"input_wiener_nsr must be a positive number or None, got {v!r}")
-        if self.input_rl_iterations is not None:
-            n = self.input_rl_iterations
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-                raise ConfigError(f"input_rl_iterations must be an integer >= 1 or None, got {n!r}")
-            if self.input_wiener_nsr is not None:
-                raise ConfigError("input_rl_iterations and input_wiener_nsr are two ways to deconvolve the "
-                                  "network's input: set one of them (the other null)")
+        for key in ("anchor_rl_iterations", "input_rl_iterations"):     # iteration counts
+            n = getattr(self, key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+                raise ConfigError(f"{key} must be an integer >= 1 or None, got {n!r}")
+        for key in ("anchor_wiener_nsr", "input_wiener_nsr"):            # Wiener regularisation weights
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1e6):
+                raise ConfigError(f"{key} must be a positive number or None, got {v!r}")
+        for key in ("anchor_rl_iterations", "anchor_wiener_nsr"):
+            if getattr(self, key) is not None and self.anchor_sigma_px is None:
+                raise ConfigError(f"{key} needs a colour anchor: set anchor_sigma_px too")
+        if self.anchor_rl_iterations is not None and self.anchor_wiener_nsr is not None:
+            raise ConfigError("anchor_rl_iterations and anchor_wiener_nsr are two ways to deconvolve the "
+                              "colour anchor: set one of them (the other null)")
+        if self.input_rl_iterations is not None and self.input_wiener_nsr is not None:
+            raise ConfigError("input_rl_iterations and input_wiener_nsr are two ways to deconvolve the "
+                              "network's input: set one of them (the other null)")
         for key in ("input_wiener_nsr", "input_rl_iterations"):
             if getattr(self, key) is not None and self.anchor_wiener_nsr is None:
                 raise ConfigError(f"{key} deconvolves the input with the PSF grid of the Wiener colour anchor: "
